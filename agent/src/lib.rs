@@ -1,0 +1,15 @@
+//! The Deployment Engine agent as a library: enrolment ([`enroll`]), the
+//! controller link ([`link`]), the node identity on disk, and hardware
+//! facts. `main.rs` only parses the command line.
+
+mod enroll;
+mod hardware;
+mod identity;
+mod link;
+mod net;
+
+pub use enroll::{EnrollError, EnrollOptions, enroll};
+pub use hardware::{HardwareError, Sampler, hostname};
+pub use identity::{Identity, IdentityError, IdentityMeta};
+pub use link::{LinkError, LinkOptions, backoff, run};
+pub use net::{DEFAULT_QUIC_PORT, NetError};

@@ -1,0 +1,224 @@
+//! Length-delimited, versioned postcard frames.
+//!
+//! A frame is `u32 BE length` then `u16 BE protocol version` then the postcard
+//! body. Decoding never panics: a short, oversized, wrong-version or
+//! malformed frame, or one with bytes left over, is a [`FrameError`].
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::wire::PROTOCOL_VERSION;
+
+/// Largest frame either side accepts (1 MiB): bigger payloads are split by the sender.
+pub const MAX_FRAME_LEN: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes is larger than the {max} bytes allowed")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame of {0} bytes is too short to hold a header")]
+    TooShort(usize),
+    #[error(
+        "peer speaks protocol version {got}, this build speaks {PROTOCOL_VERSION}: upgrade the older side"
+    )]
+    Version { got: u16 },
+    #[error("malformed frame body")]
+    Malformed(#[source] postcard::Error),
+    #[error("frame body has {0} trailing bytes")]
+    Trailing(usize),
+    #[error("could not encode frame")]
+    Encode(#[source] postcard::Error),
+    #[error("stream ended in the middle of a frame")]
+    Truncated,
+    #[error("stream i/o failed")]
+    Io(#[source] std::io::Error),
+}
+
+/// The frame body (version + postcard) of `msg`, without the length prefix.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = PROTOCOL_VERSION.to_be_bytes().to_vec();
+    let body = postcard::to_stdvec(msg).map_err(FrameError::Encode)?;
+    out.extend_from_slice(&body);
+    if out.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge {
+            len: out.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    Ok(out)
+}
+
+/// Decodes a frame body made by [`encode`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
+    let (version, body) = match bytes {
+        [a, b, rest @ ..] => (u16::from_be_bytes([*a, *b]), rest),
+        _ => return Err(FrameError::TooShort(bytes.len())),
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::Version { got: version });
+    }
+    let (msg, rest) = postcard::take_from_bytes(body).map_err(FrameError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Trailing(rest.len()));
+    }
+    Ok(msg)
+}
+
+/// Writes one frame.
+pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let body = encode(msg)?;
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
+        len: body.len(),
+        max: MAX_FRAME_LEN,
+    })?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf).await.map_err(FrameError::Io)?;
+    w.flush().await.map_err(FrameError::Io)
+}
+
+/// Reads one frame; `Ok(None)` when the stream ended cleanly before a frame began.
+pub async fn read_frame<R, T>(r: &mut R) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut len[got..]).await.map_err(FrameError::Io)?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(FrameError::Truncated)
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Truncated
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    decode(&body).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{AgentMsg, EnrollClientMsg, Heartbeat};
+    use crate::{ComponentStatus, Usage};
+
+    fn heartbeat() -> AgentMsg {
+        AgentMsg::Heartbeat(Heartbeat {
+            usage: Usage {
+                cpu_pct: 12.5,
+                mem_pct: 40.0,
+                disk_pct: 7.0,
+            },
+            components: vec![ComponentStatus {
+                name: "nats".into(),
+                status: "RUNNING".into(),
+                pid: Some(42),
+                cpu_pct: Some(0.5),
+                mem_kb: Some(2048),
+            }],
+        })
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_over_a_stream() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let sent = heartbeat();
+        let writer = tokio::spawn(async move {
+            write_frame(&mut a, &heartbeat()).await?;
+            write_frame(&mut a, &EnrollClientMsg::Confirm { mac: vec![7; 32] }).await
+        });
+        let got: Option<AgentMsg> = read_frame(&mut b).await.expect("first frame");
+        assert_eq!(got, Some(sent));
+        let got: Option<EnrollClientMsg> = read_frame(&mut b).await.expect("second frame");
+        assert_eq!(got, Some(EnrollClientMsg::Confirm { mac: vec![7; 32] }));
+        writer.await.expect("join").expect("write");
+        let end: Option<AgentMsg> = read_frame(&mut b).await.expect("clean end");
+        assert_eq!(end, None);
+    }
+
+    #[test]
+    fn wrong_version_and_trailing_bytes_are_named() {
+        let mut body = encode(&heartbeat()).expect("encode");
+        body[1] = 9;
+        assert!(matches!(
+            decode::<AgentMsg>(&body),
+            Err(FrameError::Version { got: 9 })
+        ));
+        let mut body = encode(&heartbeat()).expect("encode");
+        body.push(0);
+        assert!(matches!(
+            decode::<AgentMsg>(&body),
+            Err(FrameError::Trailing(1))
+        ));
+    }
+
+    #[test]
+    fn no_byte_string_makes_decoding_panic() {
+        // Every prefix of a valid frame, and pseudo-random garbage, decode to errors or values, never a panic.
+        let body = encode(&heartbeat()).expect("encode");
+        for end in 0..body.len() {
+            assert!(
+                decode::<AgentMsg>(&body[..end]).is_err(),
+                "prefix {end} decoded"
+            );
+        }
+        let mut x: u32 = 0x1234_5678;
+        for len in 0..512 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    (x & 0xff) as u8
+                })
+                .collect();
+            let mut framed = PROTOCOL_VERSION.to_be_bytes().to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = decode::<AgentMsg>(&framed);
+            let _ = decode::<EnrollClientMsg>(&framed);
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_errors() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            let _ = a.write_all(&(u32::MAX).to_be_bytes()).await;
+        });
+        assert!(matches!(
+            read_frame::<_, AgentMsg>(&mut b).await,
+            Err(FrameError::TooLarge { .. })
+        ));
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            let _ = a.write_all(&[0, 0, 0, 10, 0, 1, 2]).await;
+        });
+        assert!(matches!(
+            read_frame::<_, AgentMsg>(&mut b).await,
+            Err(FrameError::Truncated)
+        ));
+    }
+}

@@ -1,0 +1,20 @@
+//! Deployment Engine's shared protocol crate: the wire messages between agent
+//! and controller, their framing, and the types both sides agree on.
+//!
+//! Architecture invariant: this is the only crate that knows the wire format.
+//! It does no network I/O of its own (framing works on any `AsyncRead` /
+//! `AsyncWrite`) and holds no sled, axum or quinn types.
+
+mod files;
+mod frame;
+mod hardware;
+mod wire;
+
+pub use files::{ensure_private_dir, write_private};
+pub use frame::{FrameError, MAX_FRAME_LEN, decode, encode, read_frame, write_frame};
+pub use hardware::{ComponentStatus, Hardware, Usage};
+pub use wire::{
+    AGENT_ALPN, AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, ENROLL_ALPN, EnrollClientMsg,
+    EnrollGrant, EnrollRefusal, EnrollRequest, EnrollServerMsg, Heartbeat, Hello, LinkRefusal,
+    PROTOCOL_VERSION, Welcome, close_codes,
+};

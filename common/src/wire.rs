@@ -1,0 +1,141 @@
+//! The messages agent and controller exchange, on two QUIC ALPNs:
+//! `de-enroll/1` (install-code enrolment, no client certificate) and
+//! `de-agent/1` (mutual TLS, after enrolment).
+//!
+//! Every enum here is part of the protocol: add variants at the end only, and
+//! bump [`PROTOCOL_VERSION`] when an existing variant changes shape.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hardware::{ComponentStatus, Hardware, Usage};
+
+/// Version carried in every frame header; a peer speaking another version gets a clear error.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// ALPN of an enrolment connection.
+pub const ENROLL_ALPN: &[u8] = b"de-enroll/1";
+/// ALPN of an enrolled agent's mutual-TLS connection.
+pub const AGENT_ALPN: &[u8] = b"de-agent/1";
+/// DNS name every controller certificate carries and every agent checks.
+pub const CONTROLLER_SERVER_NAME: &str = "de-controller";
+
+/// QUIC application close codes, so the other side can tell why it was closed.
+pub mod close_codes {
+    /// Normal shutdown of either side.
+    pub const SHUTDOWN: u32 = 0;
+    /// The node was revoked by an operator.
+    pub const REVOKED: u32 = 1;
+    /// A protocol violation (malformed frame, wrong message).
+    pub const PROTOCOL: u32 = 2;
+    /// The connection is not authenticated (no client certificate on `de-agent/1`).
+    pub const UNAUTHENTICATED: u32 = 3;
+    /// A newer connection from the same node replaced this one.
+    pub const REPLACED: u32 = 4;
+}
+
+/// Agent -> controller on the enrolment stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EnrollClientMsg {
+    /// SPAKE2 message A.
+    Start { spake: Vec<u8> },
+    /// The agent's key confirmation, sent only after it verified the controller's.
+    Confirm { mac: Vec<u8> },
+    /// A postcard [`EnrollRequest`] sealed with the session keys.
+    Request { sealed: Vec<u8> },
+}
+
+/// Controller -> agent on the enrolment stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EnrollServerMsg {
+    /// Refused before any key exchange.
+    Refused(EnrollRefusal),
+    /// SPAKE2 message B followed by the controller's key confirmation.
+    Challenge { reply: Vec<u8> },
+    /// A postcard [`EnrollGrant`] sealed with the session keys.
+    Granted { sealed: Vec<u8> },
+}
+
+/// Why the controller refused an enrolment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollRefusal {
+    NoInstallation,
+    Expired,
+    Burned,
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    WrongCode,
+    /// The request was malformed or could not be served; the text says why.
+    Invalid(String),
+}
+
+/// What the agent asks for once the code is confirmed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// PEM CSR made on the node; its key never leaves the node.
+    pub csr_pem: String,
+    pub hostname: String,
+    pub ips: Vec<String>,
+    pub hardware: Hardware,
+    pub agent_version: String,
+}
+
+/// What the controller returns: the node's identity and the anchors to pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollGrant {
+    pub node_id: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// Ed25519 public key that signs every step this node will run.
+    pub step_public_key: Vec<u8>,
+}
+
+/// First message on an agent's control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub node_id: String,
+    pub agent_version: String,
+    pub hostname: String,
+    pub ips: Vec<String>,
+    pub hardware: Hardware,
+    pub usage: Usage,
+    /// Seconds between heartbeats; the controller calls the node offline after 3 silent intervals.
+    pub heartbeat_secs: u32,
+    /// Highest step sequence number completed, so a restored controller can resynchronise.
+    pub last_done_seq: u64,
+}
+
+/// Periodic report on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub usage: Usage,
+    pub components: Vec<ComponentStatus>,
+}
+
+/// Agent -> controller on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    Hello(Hello),
+    Heartbeat(Heartbeat),
+}
+
+/// The controller accepted the link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub controller_version: String,
+}
+
+/// Why the controller will not keep this link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkRefusal {
+    Revoked,
+    /// The Hello names another node than the certificate does.
+    IdentityMismatch,
+    Invalid(String),
+}
+
+/// Controller -> agent on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerMsg {
+    Welcome(Welcome),
+    Refused(LinkRefusal),
+}

@@ -1,0 +1,250 @@
+//! Enrolled nodes: durable records in the store, live link state in memory.
+//!
+//! Per-node memory on the controller stays small (the last heartbeat and the
+//! connection handle), so one controller can hold thousands of agents.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use de_common::{ComponentStatus, Hardware, Hello, Usage, close_codes};
+
+use crate::store::{Store, StoreError, StoreExt, Tree};
+
+/// What the store keeps about a node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeRecord {
+    pub id: String,
+    pub hostname: String,
+    pub ips: Vec<String>,
+    pub hardware: Hardware,
+    pub agent_version: String,
+    pub enrolled_at: String,
+    #[serde(default)]
+    pub revoked: bool,
+    #[serde(default)]
+    pub last_seen: Option<String>,
+}
+
+/// A node as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeView {
+    pub id: String,
+    pub hostname: String,
+    pub ips: Vec<String>,
+    pub hardware: Hardware,
+    pub usage: Usage,
+    pub online: bool,
+    pub last_seen: Option<String>,
+    pub agent_version: String,
+    pub enrolled_at: String,
+    pub revoked: bool,
+    pub components: Vec<ComponentStatus>,
+}
+
+struct Live {
+    conn: Option<quinn::Connection>,
+    usage: Usage,
+    components: Vec<ComponentStatus>,
+    last_seen: SystemTime,
+    heartbeat: Duration,
+}
+
+/// Revoked node ids, shared with the TLS client-certificate verifier.
+pub(crate) type RevokedSet = Arc<RwLock<HashSet<String>>>;
+
+pub struct Nodes {
+    store: Arc<dyn Store>,
+    records: RwLock<HashMap<String, NodeRecord>>,
+    live: Mutex<HashMap<String, Live>>,
+    revoked: RevokedSet,
+}
+
+impl std::fmt::Debug for Nodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nodes").finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl Nodes {
+    pub fn load(store: Arc<dyn Store>) -> Result<Nodes, StoreError> {
+        let mut records = HashMap::new();
+        let mut revoked = HashSet::new();
+        for (id, rec) in store.list_json::<NodeRecord>(Tree::Nodes)? {
+            if rec.revoked {
+                revoked.insert(id.clone());
+            }
+            records.insert(id, rec);
+        }
+        Ok(Nodes {
+            store,
+            records: RwLock::new(records),
+            live: Mutex::new(HashMap::new()),
+            revoked: Arc::new(RwLock::new(revoked)),
+        })
+    }
+
+    pub fn revoked_set(&self) -> RevokedSet {
+        self.revoked.clone()
+    }
+
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.revoked.read().map(|s| s.contains(id)).unwrap_or(true)
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a newly enrolled node; durable when this returns.
+    pub fn enrolled(&self, rec: NodeRecord) -> Result<(), StoreError> {
+        self.store.put_json(Tree::Nodes, &rec.id, &rec)?;
+        self.records
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.id.clone(), rec);
+        Ok(())
+    }
+
+    pub fn exists(&self, id: &str) -> bool {
+        self.records
+            .read()
+            .map(|r| r.contains_key(id))
+            .unwrap_or(false)
+    }
+
+    /// An agent said Hello on a new connection: refresh its record and take its link.
+    pub fn connected(&self, conn: quinn::Connection, hello: &Hello) -> Result<(), StoreError> {
+        let now = SystemTime::now();
+        let updated = {
+            let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+            records.get(&hello.node_id).map(|r| NodeRecord {
+                hostname: hello.hostname.clone(),
+                ips: hello.ips.clone(),
+                hardware: hello.hardware.clone(),
+                agent_version: hello.agent_version.clone(),
+                last_seen: Some(rfc3339(now)),
+                ..r.clone()
+            })
+        };
+        if let Some(rec) = updated {
+            self.enrolled(rec)?;
+        }
+        let old = self.live().insert(
+            hello.node_id.clone(),
+            Live {
+                conn: Some(conn),
+                usage: hello.usage.clone(),
+                components: Vec::new(),
+                last_seen: now,
+                heartbeat: Duration::from_secs(u64::from(hello.heartbeat_secs.max(1))),
+            },
+        );
+        if let Some(conn) = old.and_then(|l| l.conn) {
+            conn.close(
+                close_codes::REPLACED.into(),
+                b"replaced by a newer connection",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat(&self, id: &str, usage: Usage, components: Vec<ComponentStatus>) {
+        if let Some(l) = self.live().get_mut(id) {
+            l.usage = usage;
+            l.components = components;
+            l.last_seen = SystemTime::now();
+        }
+    }
+
+    /// The link `conn` of node `id` ended (only if it is still that node's current link).
+    pub fn disconnected(&self, id: &str, conn: &quinn::Connection) {
+        if let Some(l) = self.live().get_mut(id)
+            && l.conn.as_ref().map(quinn::Connection::stable_id) == Some(conn.stable_id())
+        {
+            l.conn = None;
+        }
+    }
+
+    /// Revokes a node: its link is dropped and its certificate refused from now on.
+    /// Returns false when there is no such node.
+    pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
+        let rec = {
+            let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+            match records.get(id) {
+                None => return Ok(false),
+                Some(r) => NodeRecord {
+                    revoked: true,
+                    ..r.clone()
+                },
+            }
+        };
+        self.enrolled(rec)?;
+        self.revoked
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned());
+        if let Some(conn) = self.live().get_mut(id).and_then(|l| l.conn.take()) {
+            conn.close(close_codes::REVOKED.into(), b"node revoked by an operator");
+        }
+        Ok(true)
+    }
+
+    fn view(&self, rec: &NodeRecord, live: &HashMap<String, Live>, now: SystemTime) -> NodeView {
+        let l = live.get(&rec.id);
+        let online = l.is_some_and(|l| {
+            l.conn.is_some()
+                && now
+                    .duration_since(l.last_seen)
+                    .map(|d| d < l.heartbeat * 3)
+                    .unwrap_or(true)
+        }) && !rec.revoked;
+        NodeView {
+            id: rec.id.clone(),
+            hostname: rec.hostname.clone(),
+            ips: rec.ips.clone(),
+            hardware: rec.hardware.clone(),
+            usage: l.map(|l| l.usage.clone()).unwrap_or_default(),
+            online,
+            last_seen: l.map(|l| rfc3339(l.last_seen)).or(rec.last_seen.clone()),
+            agent_version: rec.agent_version.clone(),
+            enrolled_at: rec.enrolled_at.clone(),
+            revoked: rec.revoked,
+            components: l.map(|l| l.components.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Every node, sorted by id.
+    pub fn list(&self) -> Vec<NodeView> {
+        let now = SystemTime::now();
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        let live = self.live();
+        let mut out: Vec<NodeView> = records.values().map(|r| self.view(r, &live, now)).collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    pub fn get(&self, id: &str) -> Option<NodeView> {
+        let now = SystemTime::now();
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        let live = self.live();
+        records.get(id).map(|r| self.view(r, &live, now))
+    }
+
+    /// Closes every live link (controller shutdown).
+    pub fn close_all(&self) {
+        for l in self.live().values_mut() {
+            if let Some(c) = l.conn.take() {
+                c.close(close_codes::SHUTDOWN.into(), b"controller shutting down");
+            }
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! The controller's QUIC endpoint: install-code enrolment (`de-enroll/1`) and
+//! the enrolled agents' mutual-TLS links (`de-agent/1`) on one port.
+//!
+//! Invariant: a `de-agent/1` connection is served only if it presented a
+//! certificate of this controller's CA whose node is enrolled and not revoked;
+//! "connected" is never taken for "authorized".
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::DistinguishedName;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use de_common::{
+    AGENT_ALPN, AgentMsg, ControllerMsg, ENROLL_ALPN, EnrollClientMsg, EnrollGrant, EnrollRefusal,
+    EnrollRequest, EnrollServerMsg, LinkRefusal, Welcome, close_codes, decode, encode, read_frame,
+    write_frame,
+};
+use de_install_codes::{ChannelBinding, ControllerHandshake, EKM_LABEL, Refusal};
+
+use crate::Controller;
+use crate::codes::AttemptError;
+use crate::nodes::{NodeRecord, RevokedSet, rfc3339};
+use crate::pki::{Pki, node_id_of, random_hex};
+
+/// How long one enrolment exchange may take before the controller gives up on it.
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an agent has to send its Hello after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicSetupError {
+    #[error("TLS configuration failed")]
+    Tls(#[from] rustls::Error),
+    #[error("client verifier could not be built")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("QUIC crypto configuration failed")]
+    Crypto(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("could not listen for QUIC on {addr}: is the port in use?")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Accepts client certificates of our CA unless their node was revoked.
+#[derive(Debug)]
+struct RevocationAwareVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: RevokedSet,
+}
+
+impl ClientCertVerifier for RevocationAwareVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        // Enrolling agents have no certificate yet; `de-agent/1` links without one are closed after the handshake.
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = node_id_of(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadEncoding,
+        ))?;
+        let revoked = self.revoked.read().map(|s| s.contains(&id)).unwrap_or(true);
+        if revoked {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// QUIC transport settings shared by both ends: keep-alives well inside the idle timeout.
+pub fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
+    Arc::new(t)
+}
+
+/// Binds the controller's QUIC endpoint.
+pub fn endpoint(
+    addr: SocketAddr,
+    pki: &Pki,
+    revoked: RevokedSet,
+) -> Result<quinn::Endpoint, QuicSetupError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der().clone())?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let verifier = Arc::new(RevocationAwareVerifier { inner, revoked });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![pki.server_cert().clone()], pki.server_key())?;
+    tls.alpn_protocols = vec![ENROLL_ALPN.to_vec(), AGENT_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport());
+    let bind = |source| QuicSetupError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, pki.reset_secret());
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // Connection ids are validated with a keyed hash; the key must survive a
+    // restart too, or packets of old connections are dropped instead of reset.
+    let secret = pki.reset_secret();
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&secret[..8]);
+    let cid_key = u64::from_le_bytes(cid_key) ^ 0x6465_2d63_6964_6b79;
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime)).map_err(bind)
+}
+
+/// Accepts connections until `shutdown` fires.
+pub async fn serve(endpoint: quinn::Endpoint, ctl: Arc<Controller>, shutdown: CancellationToken) {
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        let ctl = ctl.clone();
+        tasks.spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => handle(conn, ctl).await,
+                Err(e) => debug!(%remote, error = %e, "QUIC handshake failed"),
+            }
+        });
+    }
+    ctl.nodes.close_all();
+    endpoint.close(close_codes::SHUTDOWN.into(), b"controller shutting down");
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+}
+
+async fn handle(conn: quinn::Connection, ctl: Arc<Controller>) {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    match alpn.as_deref() {
+        Some(p) if p == ENROLL_ALPN => {
+            let remote = conn.remote_address();
+            if let Err(e) = enroll(&conn, &ctl).await {
+                info!(%remote, error = %e, "enrolment ended without a node");
+            }
+            // Let the agent read the last frame before the connection goes.
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        }
+        Some(p) if p == AGENT_ALPN => link(conn, ctl).await,
+        _ => conn.close(close_codes::PROTOCOL.into(), b"unknown ALPN"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum EnrollError {
+    #[error("frame")]
+    Frame(#[from] de_common::FrameError),
+    #[error("connection")]
+    Conn(#[from] quinn::ConnectionError),
+    #[error("timed out")]
+    Timeout,
+    #[error("agent closed the stream early")]
+    Closed,
+    #[error("unexpected message {0}")]
+    Unexpected(&'static str),
+    #[error("refused: {0:?}")]
+    Refused(EnrollRefusal),
+    #[error("handshake")]
+    Handshake(#[from] de_install_codes::HandshakeError),
+    #[error("store")]
+    Store(#[from] crate::store::StoreError),
+}
+
+async fn next<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, EnrollError> {
+    match tokio::time::timeout(ENROLL_TIMEOUT, read_frame(recv)).await {
+        Err(_) => Err(EnrollError::Timeout),
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Ok(None)) => Err(EnrollError::Closed),
+        Ok(Err(e)) => Err(e.into()),
+    }
+}
+
+async fn refuse(send: &mut quinn::SendStream, why: EnrollRefusal) -> Result<(), EnrollError> {
+    write_frame(send, &EnrollServerMsg::Refused(why.clone())).await?;
+    let _ = send.finish();
+    Err(EnrollError::Refused(why))
+}
+
+async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), EnrollError> {
+    let (mut send, mut recv) = tokio::time::timeout(ENROLL_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| EnrollError::Timeout)??;
+    let spake = match next::<EnrollClientMsg>(&mut recv).await? {
+        EnrollClientMsg::Start { spake } => spake,
+        _ => return Err(EnrollError::Unexpected("expected Start")),
+    };
+    let source = conn.remote_address().ip();
+    let attempt = match ctl.codes.begin_attempt(source) {
+        Ok(a) => a,
+        Err(AttemptError::Refused(r)) => {
+            let why = match r {
+                Refusal::NoInstallation => EnrollRefusal::NoInstallation,
+                Refusal::Expired => EnrollRefusal::Expired,
+                Refusal::Burned => EnrollRefusal::Burned,
+                Refusal::RateLimited { retry_after_secs } => {
+                    EnrollRefusal::RateLimited { retry_after_secs }
+                }
+            };
+            return refuse(&mut send, why).await;
+        }
+        Err(AttemptError::Store(e)) => {
+            warn!(error = %e, "install-code book could not be saved; refusing enrolment");
+            return refuse(
+                &mut send,
+                EnrollRefusal::Invalid(
+                    "the controller could not save its state; try again later".into(),
+                ),
+            )
+            .await;
+        }
+    };
+    let mut ekm = [0u8; 32];
+    if conn
+        .export_keying_material(&mut ekm, EKM_LABEL, b"")
+        .is_err()
+    {
+        return refuse(
+            &mut send,
+            EnrollRefusal::Invalid("no channel binding".into()),
+        )
+        .await;
+    }
+    let binding = ChannelBinding {
+        ekm,
+        controller_cert_der: ctl.pki.server_cert().as_ref().to_vec(),
+    };
+    let (state, reply) = match ControllerHandshake::respond(attempt.code(), binding, &spake) {
+        Ok(x) => x,
+        Err(e) => return refuse(&mut send, EnrollRefusal::Invalid(e.to_string())).await,
+    };
+    write_frame(&mut send, &EnrollServerMsg::Challenge { reply }).await?;
+    let mac = match next::<EnrollClientMsg>(&mut recv).await? {
+        EnrollClientMsg::Confirm { mac } => mac,
+        _ => return Err(EnrollError::Unexpected("expected Confirm")),
+    };
+    let mut keys = match state.confirm(&mac) {
+        Ok(k) => k,
+        Err(_) => {
+            warn!(%source, "enrolment with a wrong install code");
+            return refuse(&mut send, EnrollRefusal::WrongCode).await;
+        }
+    };
+    ctl.codes.succeeded(&attempt)?;
+    let sealed = match next::<EnrollClientMsg>(&mut recv).await? {
+        EnrollClientMsg::Request { sealed } => sealed,
+        _ => return Err(EnrollError::Unexpected("expected Request")),
+    };
+    let req: EnrollRequest = decode(&keys.open(&sealed)?)?;
+    let node_id = format!(
+        "n-{}",
+        random_hex(8).map_err(|_| EnrollError::Unexpected("rng"))?
+    );
+    let cert_pem = match ctl.pki.issue_node_cert(&node_id, &req.csr_pem) {
+        Ok(c) => c,
+        Err(e) => {
+            return refuse(&mut send, EnrollRefusal::Invalid(e.to_string())).await;
+        }
+    };
+    ctl.nodes.enrolled(NodeRecord {
+        id: node_id.clone(),
+        hostname: req.hostname.clone(),
+        ips: req.ips.clone(),
+        hardware: req.hardware.clone(),
+        agent_version: req.agent_version.clone(),
+        enrolled_at: rfc3339(SystemTime::now()),
+        revoked: false,
+        last_seen: None,
+    })?;
+    let grant = EnrollGrant {
+        node_id: node_id.clone(),
+        cert_pem,
+        ca_pem: ctl.pki.ca_pem().to_owned(),
+        step_public_key: ctl.pki.step_public_key(),
+    };
+    let sealed = keys.seal(&encode(&grant)?);
+    write_frame(&mut send, &EnrollServerMsg::Granted { sealed }).await?;
+    let _ = send.finish();
+    info!(node = %node_id, hostname = %req.hostname, ips = ?req.ips, %source, "node enrolled");
+    Ok(())
+}
+
+async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
+    let remote = conn.remote_address();
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let Some(node_id) = certs.as_ref().and_then(|c| c.first()).and_then(node_id_of) else {
+        info!(%remote, "agent link without a client certificate refused");
+        conn.close(
+            close_codes::UNAUTHENTICATED.into(),
+            b"client certificate required: enrol this node first",
+        );
+        return;
+    };
+    if ctl.nodes.is_revoked(&node_id) || !ctl.nodes.exists(&node_id) {
+        info!(%remote, node = %node_id, "link from a revoked or unknown node refused");
+        conn.close(close_codes::REVOKED.into(), b"node revoked: enrol again");
+        return;
+    }
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            conn.close(close_codes::PROTOCOL.into(), b"no control stream");
+            return;
+        }
+    };
+    let hello =
+        match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<_, AgentMsg>(&mut recv)).await {
+            Ok(Ok(Some(AgentMsg::Hello(h)))) => h,
+            other => {
+                debug!(%remote, ?other, "agent did not say Hello");
+                conn.close(close_codes::PROTOCOL.into(), b"expected Hello");
+                return;
+            }
+        };
+    if hello.node_id != node_id {
+        let _ = write_frame(
+            &mut send,
+            &ControllerMsg::Refused(LinkRefusal::IdentityMismatch),
+        )
+        .await;
+        conn.close(close_codes::PROTOCOL.into(), b"Hello names another node");
+        return;
+    }
+    if let Err(e) = ctl.nodes.connected(conn.clone(), &hello) {
+        warn!(node = %node_id, error = %e, "could not record the node's link");
+        let _ = write_frame(
+            &mut send,
+            &ControllerMsg::Refused(LinkRefusal::Invalid("controller store unavailable".into())),
+        )
+        .await;
+        conn.close(close_codes::PROTOCOL.into(), b"store unavailable");
+        return;
+    }
+    let welcome = ControllerMsg::Welcome(Welcome {
+        controller_version: env!("CARGO_PKG_VERSION").to_owned(),
+    });
+    if write_frame(&mut send, &welcome).await.is_err() {
+        ctl.nodes.disconnected(&node_id, &conn);
+        return;
+    }
+    info!(node = %node_id, %remote, hostname = %hello.hostname, "agent online");
+    loop {
+        match read_frame::<_, AgentMsg>(&mut recv).await {
+            Ok(Some(AgentMsg::Heartbeat(hb))) => {
+                ctl.nodes.heartbeat(&node_id, hb.usage, hb.components)
+            }
+            Ok(Some(AgentMsg::Hello(_))) => {
+                conn.close(close_codes::PROTOCOL.into(), b"second Hello");
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                debug!(node = %node_id, error = %e, "control stream ended");
+                if matches!(
+                    e,
+                    de_common::FrameError::Io(_) | de_common::FrameError::Truncated
+                ) {
+                    break;
+                }
+                conn.close(close_codes::PROTOCOL.into(), b"malformed frame");
+                break;
+            }
+        }
+    }
+    ctl.nodes.disconnected(&node_id, &conn);
+    info!(node = %node_id, "agent link closed");
+}

@@ -1,0 +1,230 @@
+//! The controller's durable state behind a small trait, with sled as the engine.
+//!
+//! Invariant: `put` and `remove` return only once the change is flushed to
+//! disk, so an API that answers 2xx after them has made the change durable.
+//! Values are JSON so records can gain fields (with serde defaults) across
+//! versions, and a person can read a dump.
+
+use std::path::Path;
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// The key spaces of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tree {
+    /// Singletons: the install-code book, schema version.
+    Meta,
+    /// Enrolled nodes by id.
+    Nodes,
+}
+
+impl Tree {
+    fn name(self) -> &'static str {
+        match self {
+            Tree::Meta => "meta",
+            Tree::Nodes => "nodes",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store engine failed on tree {tree}")]
+    Engine {
+        tree: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("record {key:?} in tree {tree} is not valid JSON for this version")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("could not encode record {key:?} for tree {tree}")]
+    Encode {
+        tree: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("could not open the store at {path}: is another de-controller using this data dir?")]
+    Open {
+        path: String,
+        #[source]
+        source: sled::Error,
+    },
+}
+
+/// Durable key/value storage. Implementations must make `put`/`remove` durable before returning.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, tree: Tree, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put(&self, tree: Tree, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    fn remove(&self, tree: Tree, key: &str) -> Result<(), StoreError>;
+    fn list(&self, tree: Tree) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}
+
+/// Typed JSON access on any [`Store`].
+pub trait StoreExt: Store {
+    fn get_json<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.get(tree, key)? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StoreError::Corrupt {
+                        tree: tree.name(),
+                        key: key.to_owned(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    fn put_json<T: Serialize>(&self, tree: Tree, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+            tree: tree.name(),
+            key: key.to_owned(),
+            source,
+        })?;
+        self.put(tree, key, &bytes)
+    }
+
+    fn list_json<T: DeserializeOwned>(&self, tree: Tree) -> Result<Vec<(String, T)>, StoreError> {
+        self.list(tree)?
+            .into_iter()
+            .map(|(key, bytes)| match serde_json::from_slice(&bytes) {
+                Ok(v) => Ok((key, v)),
+                Err(source) => Err(StoreError::Corrupt {
+                    tree: tree.name(),
+                    key,
+                    source,
+                }),
+            })
+            .collect()
+    }
+}
+
+impl<S: Store + ?Sized> StoreExt for S {}
+
+/// [`Store`] on sled: one sled tree per [`Tree`], flushed on every write.
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    db: sled::Db,
+}
+
+impl SledStore {
+    pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(SledStore { db })
+    }
+
+    fn tree(&self, tree: Tree) -> Result<sled::Tree, StoreError> {
+        self.db
+            .open_tree(tree.name())
+            .map_err(|source| StoreError::Engine {
+                tree: tree.name(),
+                source,
+            })
+    }
+
+    fn flush(&self, tree: Tree) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|source| StoreError::Engine {
+                tree: tree.name(),
+                source,
+            })
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, tree: Tree, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tree(tree)?
+            .get(key.as_bytes())
+            .map(|v| v.map(|iv| iv.to_vec()))
+            .map_err(|source| StoreError::Engine {
+                tree: tree.name(),
+                source,
+            })
+    }
+
+    fn put(&self, tree: Tree, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.tree(tree)?
+            .insert(key.as_bytes(), value)
+            .map_err(|source| StoreError::Engine {
+                tree: tree.name(),
+                source,
+            })?;
+        self.flush(tree)
+    }
+
+    fn remove(&self, tree: Tree, key: &str) -> Result<(), StoreError> {
+        self.tree(tree)?
+            .remove(key.as_bytes())
+            .map_err(|source| StoreError::Engine {
+                tree: tree.name(),
+                source,
+            })?;
+        self.flush(tree)
+    }
+
+    fn list(&self, tree: Tree) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let t = self.tree(tree)?;
+        let mut out = Vec::new();
+        for item in t.iter() {
+            let (k, v) = item.map_err(|source| StoreError::Engine {
+                tree: tree.name(),
+                source,
+            })?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopening_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = SledStore::open(dir.path()).expect("open");
+            s.put_json(Tree::Nodes, "n1", &vec!["a", "b"]).expect("put");
+            s.put_json(Tree::Nodes, "n2", &vec!["c"]).expect("put");
+            s.remove(Tree::Nodes, "n2").expect("remove");
+        }
+        let s = SledStore::open(dir.path()).expect("reopen");
+        let got: Option<Vec<String>> = s.get_json(Tree::Nodes, "n1").expect("get");
+        assert_eq!(got, Some(vec!["a".to_owned(), "b".to_owned()]));
+        let all: Vec<(String, Vec<String>)> = s.list_json(Tree::Nodes).expect("list");
+        assert_eq!(all.len(), 1);
+        assert_eq!(s.get(Tree::Meta, "n1").expect("get"), None);
+    }
+
+    #[test]
+    fn a_corrupt_record_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SledStore::open(dir.path()).expect("open");
+        s.put(Tree::Nodes, "bad", b"{not json").expect("put");
+        let err = s
+            .get_json::<Vec<String>>(Tree::Nodes, "bad")
+            .expect_err("corrupt");
+        assert!(err.to_string().contains("\"bad\""), "{err}");
+    }
+}

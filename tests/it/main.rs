@@ -1,0 +1,5 @@
+//! Integration tests: real `de-controller` and `de-agent` processes talking
+//! over real QUIC on loopback addresses (127.0.0.x).
+
+mod enrolment;
+mod link_security;

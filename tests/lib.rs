@@ -1,0 +1,416 @@
+//! Test harness for Deployment Engine's integration tests: starts the real
+//! `de-controller` and `de-agent` binaries as child processes, waits for them
+//! by polling, and kills every process it started when its handle drops.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Directory holding the binaries of this build profile (built once per test process).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/it-HASH -> target/<profile>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bins", "-p", "de-controller", "-p", "de-agent"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the binaries");
+        assert!(
+            status.success(),
+            "building de-controller and de-agent failed"
+        );
+        dir
+    })
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `limit`.
+pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped; its output goes to log files.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.pid());
+        }
+        self.wait(limit)
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| anyhow!("already reaped"))?;
+        let status = wait_until(limit, &format!("{} to exit", self.name), || {
+            child.try_wait().ok().flatten()
+        })?;
+        self.child = None;
+        Ok(status)
+    }
+
+    /// SIGKILL now.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        // The test harness shows a test's captured output only when it fails:
+        // then the tail of every process log is there to read.
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(60)..];
+        eprintln!(
+            "--- {} ({}) ---\n{}",
+            self.name,
+            self.log.display(),
+            tail.join("\n")
+        );
+    }
+}
+
+/// Spawns `cmd` with stdout and stderr appended to `log`; stdout lines are
+/// also sent to the returned receiver.
+fn spawn(
+    name: &str,
+    mut cmd: Command,
+    log: &Path,
+) -> Result<(Proc, std::sync::mpsc::Receiver<String>)> {
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(err));
+    let mut child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log_path = log.to_owned();
+    std::thread::spawn(move || {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .ok();
+        for line in BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
+            if let Some(f) = file.as_mut() {
+                use std::io::Write;
+                let _ = writeln!(f, "{line}");
+            }
+            let _ = tx.send(line);
+        }
+    });
+    Ok((
+        Proc {
+            child: Some(child),
+            name: name.to_owned(),
+            log: log.to_owned(),
+        },
+        rx,
+    ))
+}
+
+/// A running `de-controller serve` on 127.0.0.1 with ports chosen by the kernel.
+#[derive(Debug)]
+pub struct TestController {
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+    pub api: SocketAddr,
+    pub quic: SocketAddr,
+    pub token: String,
+    /// The first stdout lines (the token line on first start).
+    pub banner: Vec<String>,
+}
+
+/// A JSON answer from the API.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+impl TestController {
+    /// Starts a controller on `data_dir` (created if needed).
+    pub fn start(data_dir: &Path) -> Result<TestController> {
+        Self::start_on(data_dir, "127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    pub fn start_on(data_dir: &Path, api: &str, quic: &str) -> Result<TestController> {
+        let mut cmd = Command::new(bin("de-controller"));
+        cmd.args([
+            "serve",
+            "--api-listen",
+            api,
+            "--quic-listen",
+            quic,
+            "--data-dir",
+        ])
+        .arg(data_dir);
+        let log = data_dir.with_extension("controller.log");
+        let (proc, rx) = spawn("de-controller", cmd, &log)?;
+        let mut api = None;
+        let mut quic = None;
+        let mut banner = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while api.is_none() || quic.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).map_err(|_| {
+                anyhow!(
+                    "controller did not report its listeners; log:\n{}",
+                    proc.log_text()
+                )
+            })?;
+            if let Some(a) = line.strip_prefix("api listening on ") {
+                api = Some(a.parse()?);
+            } else if let Some(q) = line.strip_prefix("quic listening on ") {
+                quic = Some(q.parse()?);
+            }
+            banner.push(line);
+        }
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))?
+            .trim()
+            .to_owned();
+        let ctl = TestController {
+            proc,
+            data_dir: data_dir.to_owned(),
+            api: api.context("api")?,
+            quic: quic.context("quic")?,
+            token,
+            banner,
+        };
+        wait_until(Duration::from_secs(20), "controller /healthz", || {
+            ctl.request("GET", "/healthz", None, None)
+                .ok()
+                .filter(|a| a.status == 200)
+        })?;
+        Ok(ctl)
+    }
+
+    /// One HTTP request; `token` None sends no Authorization header.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<Answer> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let url = format!("http://{}{}", self.api, path);
+        let req = ureq::http::Request::builder().method(method).uri(&url);
+        let req = match token {
+            Some(t) => req.header("Authorization", format!("Bearer {t}")),
+            None => req,
+        };
+        let req = match body {
+            Some(b) => req
+                .header("Content-Type", "application/json")
+                .body(b.to_owned())?,
+            None => req.body(String::new())?,
+        };
+        let mut resp = agent.run(req)?;
+        let status = resp.status().as_u16();
+        let mut text = String::new();
+        resp.body_mut().as_reader().read_to_string(&mut text)?;
+        let body = if text.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+        };
+        Ok(Answer { status, body })
+    }
+
+    /// An authenticated request.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Result<Answer> {
+        self.request(method, path, Some(&self.token), body)
+    }
+
+    /// Creates an install code, returning its digits.
+    pub fn new_code(&self, ttl_secs: Option<u64>) -> Result<String> {
+        let body = ttl_secs.map(|t| format!("{{\"ttl_secs\": {t}}}"));
+        let a = self.api("POST", "/api/v1/install-codes", body.as_deref())?;
+        if a.status != 201 {
+            bail!("POST install-codes: {} {}", a.status, a.body);
+        }
+        Ok(a.body["code"].as_str().context("code")?.to_owned())
+    }
+
+    /// GET /api/v1/nodes.
+    pub fn nodes(&self) -> Result<Vec<serde_json::Value>> {
+        let a = self.api("GET", "/api/v1/nodes", None)?;
+        if a.status != 200 {
+            bail!("GET nodes: {} {}", a.status, a.body);
+        }
+        Ok(a.body.as_array().cloned().unwrap_or_default())
+    }
+
+    /// The node whose `ips` contain `ip`.
+    pub fn node_by_ip(&self, ip: &str) -> Result<Option<serde_json::Value>> {
+        Ok(self.nodes()?.into_iter().find(|n| {
+            n["ips"]
+                .as_array()
+                .is_some_and(|ips| ips.iter().any(|i| i == ip))
+        }))
+    }
+}
+
+/// An agent on one loopback address, with its own state dir and node root.
+#[derive(Debug)]
+pub struct TestAgent {
+    pub ip: String,
+    pub state_dir: PathBuf,
+    pub root: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+/// What a finished `de-agent` command printed.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl TestAgent {
+    /// An agent for node address `ip` (127.0.0.x) under `dir`.
+    pub fn new(dir: &Path, ip: &str) -> Result<TestAgent> {
+        let base = dir.join(format!("agent-{ip}"));
+        let root = base.join("root");
+        std::fs::create_dir_all(&root)?;
+        Ok(TestAgent {
+            ip: ip.to_owned(),
+            state_dir: base.join("state"),
+            root,
+            proc: None,
+        })
+    }
+
+    fn common(&self, cmd: &mut Command) {
+        cmd.arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--root")
+            .arg(&self.root)
+            .args(["--advertise-ip", &self.ip, "--connect-timeout-secs", "5"]);
+    }
+
+    /// Runs `de-agent enroll` to completion (bounded).
+    pub fn enroll(&self, controller: &SocketAddr, code: &str) -> Result<Output> {
+        let mut cmd = Command::new(bin("de-agent"));
+        cmd.args([
+            "enroll",
+            "--controller",
+            &controller.to_string(),
+            "--code",
+            code,
+        ]);
+        self.common(&mut cmd);
+        run_bounded(cmd, Duration::from_secs(60))
+    }
+
+    /// Starts `de-agent run` in the background.
+    pub fn start(&mut self, heartbeat_secs: u64) -> Result<()> {
+        let mut cmd = Command::new(bin("de-agent"));
+        cmd.args([
+            "run",
+            "--heartbeat-secs",
+            &heartbeat_secs.to_string(),
+            "--max-backoff-secs",
+            "2",
+        ]);
+        self.common(&mut cmd);
+        let log = self.state_dir.with_extension("log");
+        let (proc, _rx) = spawn(&format!("de-agent {}", self.ip), cmd, &log)?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+}
+
+/// Runs a command to completion within `limit`, killing it otherwise.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Result<Output> {
+    let dir = tempfile::tempdir()?;
+    let out_path = dir.path().join("out");
+    let err_path = dir.path().join("err");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(std::fs::File::create(&out_path)?))
+        .stderr(Stdio::from(std::fs::File::create(&err_path)?));
+    let mut child = cmd.spawn()?;
+    let status = match wait_until(limit, "command to finish", || {
+        child.try_wait().ok().flatten()
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: std::fs::read_to_string(out_path)?,
+        stderr: std::fs::read_to_string(err_path)?,
+    })
+}
