@@ -166,6 +166,7 @@ async fn session(
         ips: vec![ip.to_string()],
         hardware: sampler.hardware(),
         usage: sampler.usage(),
+        root: opts.root.display().to_string(),
         heartbeat_secs: u32::try_from(opts.heartbeat.as_secs().max(1)).unwrap_or(u32::MAX),
         last_done_seq: 0,
     });

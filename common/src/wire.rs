@@ -98,6 +98,8 @@ pub struct Hello {
     pub ips: Vec<String>,
     pub hardware: Hardware,
     pub usage: Usage,
+    /// The node root under which component files go (`/` on a real node).
+    pub root: String,
     /// Seconds between heartbeats; the controller calls the node offline after 3 silent intervals.
     pub heartbeat_secs: u32,
     /// Highest step sequence number completed, so a restored controller can resynchronise.

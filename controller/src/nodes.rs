@@ -26,6 +26,13 @@ pub struct NodeRecord {
     pub revoked: bool,
     #[serde(default)]
     pub last_seen: Option<String>,
+    /// The node root its agent reported (`/` on a real node).
+    #[serde(default = "default_root")]
+    pub root: String,
+}
+
+fn default_root() -> String {
+    "/".to_owned()
 }
 
 /// A node as the API shows it.
@@ -41,6 +48,7 @@ pub struct NodeView {
     pub agent_version: String,
     pub enrolled_at: String,
     pub revoked: bool,
+    pub root: String,
     pub components: Vec<ComponentStatus>,
 }
 
@@ -132,6 +140,7 @@ impl Nodes {
                 hardware: hello.hardware.clone(),
                 agent_version: hello.agent_version.clone(),
                 last_seen: Some(rfc3339(now)),
+                root: hello.root.clone(),
                 ..r.clone()
             })
         };
@@ -218,6 +227,7 @@ impl Nodes {
             agent_version: rec.agent_version.clone(),
             enrolled_at: rec.enrolled_at.clone(),
             revoked: rec.revoked,
+            root: rec.root.clone(),
             components: l.map(|l| l.components.clone()).unwrap_or_default(),
         }
     }

@@ -328,6 +328,7 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         enrolled_at: rfc3339(SystemTime::now()),
         revoked: false,
         last_seen: None,
+        root: "/".to_owned(),
     })?;
     let grant = EnrollGrant {
         node_id: node_id.clone(),

@@ -57,6 +57,7 @@ async fn try_link(
             ips: vec!["127.0.0.1".into()],
             hardware: Hardware::default(),
             usage: Usage::default(),
+            root: "/".into(),
             heartbeat_secs: 1,
             last_done_seq: 0,
         }),

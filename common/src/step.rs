@@ -1,0 +1,276 @@
+//! Steps: the only things an agent executes, each signed by the controller's
+//! Ed25519 step key and bound to one node, one lane and one sequence number.
+//!
+//! The signature covers `STEP_DOMAIN ‖ postcard(Step)`; the agent verifies it
+//! against the key pinned at enrolment before it looks at anything else.
+
+use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+/// Domain separation for step signatures.
+pub const STEP_DOMAIN: &[u8] = b"de-step/1\0";
+
+/// Independent sequences of steps on one node. Each lane has its own sequence
+/// numbers, so an ad-hoc command can run while a long install runs without
+/// either skipping the other's numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Lane {
+    /// Deployment work: installs, uninstalls, configuration; one at a time.
+    Deploy,
+    /// Operator actions: exec, restart, stop; may run beside a deploy step.
+    Adhoc,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Deploy, Lane::Adhoc];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Deploy => "deploy",
+            Lane::Adhoc => "adhoc",
+        }
+    }
+}
+
+/// What monit should do with a component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MonitOp {
+    Start,
+    Stop,
+    Restart,
+}
+
+/// One action an agent can take.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepAction {
+    /// Run `script` with `/bin/sh -c`, as `user` (root if None), with extra
+    /// environment, killed after `timeout_secs`. Paths inside may use `$DE_ROOT`.
+    Script {
+        script: String,
+        user: Option<String>,
+        env: Vec<(String, String)>,
+        timeout_secs: u32,
+    },
+    /// Write `contents` to `path` (relative paths are under the node root)
+    /// atomically, with `mode` and optional `owner` (user or user:group).
+    WriteFile {
+        path: String,
+        contents: Vec<u8>,
+        mode: u32,
+        owner: Option<String>,
+    },
+    /// Install (or replace) the monit check for component `name` and reload monit.
+    MonitAdd { name: String, check: String },
+    /// Stop monitoring `name`, remove its check and reload monit.
+    MonitRemove { name: String },
+    /// monit start/stop/restart `name`.
+    Monit { name: String, op: MonitOp },
+    /// Return the last `max_bytes` of each file (relative paths are under the node root).
+    CollectLogs { paths: Vec<String>, max_bytes: u64 },
+}
+
+impl StepAction {
+    /// A short name for logs and APIs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StepAction::Script { .. } => "script",
+            StepAction::WriteFile { .. } => "write_file",
+            StepAction::MonitAdd { .. } => "monit_add",
+            StepAction::MonitRemove { .. } => "monit_remove",
+            StepAction::Monit {
+                op: MonitOp::Start, ..
+            } => "monit_start",
+            StepAction::Monit {
+                op: MonitOp::Stop, ..
+            } => "monit_stop",
+            StepAction::Monit {
+                op: MonitOp::Restart,
+                ..
+            } => "monit_restart",
+            StepAction::CollectLogs { .. } => "collect_logs",
+        }
+    }
+}
+
+/// A unit of work for one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Unique id (the controller's), used in events and results.
+    pub id: String,
+    /// The deployment it belongs to, if any.
+    pub deployment_id: Option<String>,
+    pub node_id: String,
+    pub lane: Lane,
+    /// Strictly increasing per (node, lane), starting at 1.
+    pub seq: u64,
+    /// Unix seconds.
+    pub issued_at: u64,
+    /// Unix seconds after which the agent refuses the step.
+    pub not_after: u64,
+    pub action: StepAction,
+}
+
+/// A step as it travels: the exact signed bytes and the signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedStep {
+    pub body: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// Why a step was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum StepRefusal {
+    #[error("signature does not verify with the pinned step key")]
+    BadSignature,
+    #[error("step body is malformed")]
+    Malformed,
+    #[error("step is for node {0}, not this one")]
+    WrongNode(String),
+    #[error("sequence {seq} on lane {lane} was already used (last done {last})")]
+    Replayed { lane: String, seq: u64, last: u64 },
+    #[error("step expired at {not_after} (now {now})")]
+    Expired { not_after: u64, now: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("could not encode the step")]
+pub struct SignError(#[source] postcard::Error);
+
+fn signed_message(body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(STEP_DOMAIN.len() + body.len());
+    m.extend_from_slice(STEP_DOMAIN);
+    m.extend_from_slice(body);
+    m
+}
+
+/// Signs `step` with the controller's step key.
+pub fn sign_step(step: &Step, key: &Ed25519KeyPair) -> Result<SignedStep, SignError> {
+    let body = postcard::to_stdvec(step).map_err(SignError)?;
+    let signature = key.sign(&signed_message(&body)).as_ref().to_vec();
+    Ok(SignedStep { body, signature })
+}
+
+/// Checks the signature with `public_key` and decodes the step. Node, sequence
+/// and expiry are the caller's to check (see [`check_step`]).
+pub fn verify_step(signed: &SignedStep, public_key: &[u8]) -> Result<Step, StepRefusal> {
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(&signed_message(&signed.body), &signed.signature)
+        .map_err(|_| StepRefusal::BadSignature)?;
+    match postcard::take_from_bytes::<Step>(&signed.body) {
+        Ok((step, [])) => Ok(step),
+        _ => Err(StepRefusal::Malformed),
+    }
+}
+
+/// The agent's full check: signature, node, replay and expiry.
+pub fn check_step(
+    signed: &SignedStep,
+    public_key: &[u8],
+    node_id: &str,
+    last_done: u64,
+    now_unix: u64,
+) -> Result<Step, StepRefusal> {
+    let step = verify_step(signed, public_key)?;
+    if step.node_id != node_id {
+        return Err(StepRefusal::WrongNode(step.node_id));
+    }
+    if step.seq <= last_done {
+        return Err(StepRefusal::Replayed {
+            lane: step.lane.as_str().to_owned(),
+            seq: step.seq,
+            last: last_done,
+        });
+    }
+    if now_unix > step.not_after {
+        return Err(StepRefusal::Expired {
+            not_after: step.not_after,
+            now: now_unix,
+        });
+    }
+    Ok(step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::signature::KeyPair;
+
+    fn key() -> Ed25519KeyPair {
+        let doc = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("gen");
+        Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key")
+    }
+
+    fn step(seq: u64) -> Step {
+        Step {
+            id: format!("s-{seq}"),
+            deployment_id: Some("d-1".into()),
+            node_id: "n-1".into(),
+            lane: Lane::Deploy,
+            seq,
+            issued_at: 1_000,
+            not_after: 2_000,
+            action: StepAction::Script {
+                script: "echo hi".into(),
+                user: None,
+                env: vec![],
+                timeout_secs: 10,
+            },
+        }
+    }
+
+    #[test]
+    fn a_signed_step_verifies_and_tampering_is_refused() {
+        let k = key();
+        let pk = k.public_key().as_ref().to_vec();
+        let signed = sign_step(&step(3), &k).expect("sign");
+        assert_eq!(check_step(&signed, &pk, "n-1", 2, 1_500), Ok(step(3)));
+
+        let mut tampered = signed.clone();
+        let last = tampered.body.len() - 1;
+        tampered.body[last] ^= 1;
+        assert_eq!(
+            check_step(&tampered, &pk, "n-1", 2, 1_500),
+            Err(StepRefusal::BadSignature)
+        );
+        let other = key();
+        let forged = sign_step(&step(3), &other).expect("sign");
+        assert_eq!(
+            check_step(&forged, &pk, "n-1", 2, 1_500),
+            Err(StepRefusal::BadSignature)
+        );
+    }
+
+    #[test]
+    fn wrong_node_replay_and_expiry_are_refused() {
+        let k = key();
+        let pk = k.public_key().as_ref().to_vec();
+        let signed = sign_step(&step(3), &k).expect("sign");
+        assert_eq!(
+            check_step(&signed, &pk, "n-2", 2, 1_500),
+            Err(StepRefusal::WrongNode("n-1".into()))
+        );
+        assert!(matches!(
+            check_step(&signed, &pk, "n-1", 3, 1_500),
+            Err(StepRefusal::Replayed {
+                seq: 3,
+                last: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            check_step(&signed, &pk, "n-1", 2, 2_001),
+            Err(StepRefusal::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_bodies_with_valid_signatures_are_malformed_not_panics() {
+        let k = key();
+        let pk = k.public_key().as_ref().to_vec();
+        for body in [vec![], vec![0xff; 7], vec![1, 2, 3]] {
+            let signature = k.sign(&signed_message(&body)).as_ref().to_vec();
+            let s = SignedStep { body, signature };
+            assert_eq!(verify_step(&s, &pk), Err(StepRefusal::Malformed));
+        }
+    }
+}
