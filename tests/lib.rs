@@ -321,6 +321,8 @@ pub struct TestAgent {
     pub state_dir: PathBuf,
     pub root: PathBuf,
     pub proc: Option<Proc>,
+    /// A private monit control file, when the agent runs with one.
+    pub monit_control: Option<PathBuf>,
 }
 
 /// What a finished `de-agent` command printed.
@@ -342,7 +344,22 @@ impl TestAgent {
             state_dir: base.join("state"),
             root,
             proc: None,
+            monit_control: None,
         })
+    }
+
+    /// Gives the agent a private monit instance (created by the agent on start).
+    pub fn with_private_monit(mut self) -> TestAgent {
+        let dir = self.state_dir.with_file_name("monit");
+        self.monit_control = Some(dir.join("monitrc"));
+        self
+    }
+
+    /// The node id from the agent's state dir.
+    pub fn node_id(&self) -> Result<String> {
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.state_dir.join("agent.json"))?)?;
+        Ok(meta["node_id"].as_str().context("node_id")?.to_owned())
     }
 
     fn common(&self, cmd: &mut Command) {
@@ -378,6 +395,9 @@ impl TestAgent {
             "2",
         ]);
         self.common(&mut cmd);
+        if let Some(m) = &self.monit_control {
+            cmd.arg("--monit-control").arg(m);
+        }
         let log = self.state_dir.with_extension("log");
         let (proc, _rx) = spawn(&format!("de-agent {}", self.ip), cmd, &log)?;
         self.proc = Some(proc);
@@ -387,6 +407,56 @@ impl TestAgent {
     pub fn log_text(&self) -> String {
         self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
     }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.kill();
+        }
+        // The agent's private monit and what it supervises outlive the agent: end them too.
+        if let Some(m) = &self.monit_control
+            && m.exists()
+        {
+            let _ = run_bounded(
+                {
+                    let mut c = Command::new("monit");
+                    c.arg("-c").arg(m).arg("quit");
+                    c
+                },
+                Duration::from_secs(20),
+            );
+        }
+        for pid in pid_files(&self.root) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Pids named by `*.pid` files under `dir`.
+fn pid_files(dir: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "pid")
+                && let Some(pid) = std::fs::read_to_string(&p)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+            {
+                out.push(pid);
+            }
+        }
+    }
+    out
 }
 
 /// Runs a command to completion within `limit`, killing it otherwise.
@@ -413,4 +483,46 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> Result<Output> {
         stdout: std::fs::read_to_string(out_path)?,
         stderr: std::fs::read_to_string(err_path)?,
     })
+}
+
+/// A controller and one running agent per address, all enrolled and online.
+pub fn cluster(
+    dir: &Path,
+    ips: &[&str],
+    private_monit: bool,
+) -> Result<(TestController, Vec<TestAgent>)> {
+    let ctl = TestController::start(&dir.join("data"))?;
+    let code = ctl.new_code(None)?;
+    let mut agents = Vec::new();
+    for ip in ips {
+        let mut a = TestAgent::new(dir, ip)?;
+        if private_monit {
+            a = a.with_private_monit();
+        }
+        let out = a.enroll(&ctl.quic, &code)?;
+        if !out.status.success() {
+            bail!("enrol {ip}: {}", out.stderr);
+        }
+        a.start(1)?;
+        agents.push(a);
+    }
+    for a in &agents {
+        wait_until(Duration::from_secs(30), &format!("{} online", a.ip), || {
+            ctl.node_by_ip(&a.ip)
+                .ok()
+                .flatten()
+                .filter(|n| n["online"] == true)
+        })?;
+    }
+    Ok((ctl, agents))
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }

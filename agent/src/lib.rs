@@ -6,10 +6,14 @@ mod enroll;
 mod hardware;
 mod identity;
 mod link;
+mod monit;
 mod net;
+mod steps;
 
 pub use enroll::{EnrollError, EnrollOptions, enroll};
 pub use hardware::{HardwareError, Sampler, hostname};
 pub use identity::{Identity, IdentityError, IdentityMeta};
 pub use link::{LinkError, LinkOptions, backoff, run};
+pub use monit::{Monit, MonitError, parse_status};
 pub use net::{DEFAULT_QUIC_PORT, NetError};
+pub use steps::{Ledger, LedgerError};

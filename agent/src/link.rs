@@ -1,26 +1,40 @@
 //! The agent's link to the controller: one mutual-TLS QUIC connection
-//! (`de-agent/1`), `Hello` then heartbeats, re-established with jittered
-//! exponential backoff whenever it drops, until shutdown.
+//! (`de-agent/1`) carrying a control stream (`Hello`, heartbeats with monit
+//! status), one long-poll pull stream per lane, and an events stream for step
+//! output and results. Re-established with jittered exponential backoff
+//! whenever it drops, until shutdown.
+//!
+//! The lane workers and the reporter outlive any one connection: a step keeps
+//! running through a reconnect, and its result (persisted in the ledger) is
+//! sent again until the controller acknowledges it.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use ring::rand::SecureRandom;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use de_common::{
-    AgentMsg, ControllerMsg, Heartbeat, Hello, LinkRefusal, close_codes, read_frame, write_frame,
+    AgentMsg, ControllerMsg, Heartbeat, Hello, Lane, LinkRefusal, StepEvent, StepEventKind,
+    check_step, close_codes, read_frame, write_frame,
 };
 
 use crate::hardware::{Sampler, hostname};
 use crate::identity::Identity;
+use crate::monit::Monit;
 use crate::net::{self, NetError};
+use crate::steps::{ExecContext, Ledger, LedgerError, execute};
 
 /// How the link behaves.
 #[derive(Debug, Clone)]
 pub struct LinkOptions {
+    pub state_dir: PathBuf,
     pub root: PathBuf,
+    /// A private monit control file; `None` uses the system monit.
+    pub monit_control: Option<PathBuf>,
     pub heartbeat: Duration,
     /// First retry delay; doubles on every failed attempt up to `max_backoff`.
     pub min_backoff: Duration,
@@ -34,6 +48,10 @@ pub enum LinkError {
     Net(#[from] NetError),
     #[error("{0}")]
     Hardware(#[from] crate::hardware::HardwareError),
+    #[error("{0}")]
+    Ledger(#[from] LedgerError),
+    #[error("{0}")]
+    Monit(#[from] crate::monit::MonitError),
 }
 
 /// Why one connection ended.
@@ -48,7 +66,7 @@ enum SessionEnd {
     Revoked,
 }
 
-/// A random factor in [0.5, 1.0) for full-ish jitter.
+/// A random factor in [0.5, 1.0) for jitter.
 fn jitter() -> f64 {
     let mut b = [0u8; 4];
     if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
@@ -63,6 +81,202 @@ pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
     exp.min(max).mul_f64(jitter())
 }
 
+type Conn = watch::Receiver<Option<quinn::Connection>>;
+
+/// Waits until there is a live connection (or shutdown).
+async fn connected(rx: &mut Conn, shutdown: &CancellationToken) -> Option<quinn::Connection> {
+    loop {
+        if let Some(c) = rx.borrow_and_update().clone()
+            && c.close_reason().is_none()
+        {
+            return Some(c);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = rx.changed() => if r.is_err() { return None },
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct Shared {
+    identity: Identity,
+    ledger: Mutex<Ledger>,
+    ctx: ExecContext,
+    events: mpsc::Sender<StepEvent>,
+}
+
+impl Shared {
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Pulls and runs the steps of one lane, one at a time.
+async fn lane_worker(
+    lane: Lane,
+    shared: Arc<Shared>,
+    mut conn_rx: Conn,
+    shutdown: CancellationToken,
+) {
+    'connection: loop {
+        let Some(conn) = connected(&mut conn_rx, &shutdown).await else {
+            return;
+        };
+        let Ok((mut send, mut recv)) = conn.open_bi().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        loop {
+            let after_seq = shared.ledger().last_done(lane);
+            if write_frame(&mut send, &AgentMsg::Pull { lane, after_seq })
+                .await
+                .is_err()
+            {
+                continue 'connection;
+            }
+            let answer = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = read_frame::<_, ControllerMsg>(&mut recv) => a,
+            };
+            let signed = match answer {
+                Ok(Some(ControllerMsg::Step(s))) => s,
+                Ok(Some(ControllerMsg::Idle)) => continue,
+                Ok(Some(other)) => {
+                    warn!(?other, "unexpected answer to a pull");
+                    continue 'connection;
+                }
+                Ok(None) | Err(_) => continue 'connection,
+            };
+            let node = &shared.identity.meta.node_id;
+            match check_step(
+                &signed,
+                &shared.identity.step_public_key,
+                node,
+                after_seq,
+                now_unix(),
+            ) {
+                Err(refusal) => {
+                    // Name what was refused as far as the (possibly untrusted) body says.
+                    let (step_id, seq) = de_common::decode_step_unverified(&signed)
+                        .map(|s| (s.id, s.seq))
+                        .unwrap_or_default();
+                    warn!(lane = lane.as_str(), %step_id, seq, reason = %refusal, "refused a step");
+                    let ev = StepEvent {
+                        step_id,
+                        lane,
+                        seq,
+                        kind: StepEventKind::Refused(refusal),
+                    };
+                    if let Err(e) = shared.ledger().refused(ev.clone()) {
+                        warn!(error = %e, "could not record a refusal");
+                    }
+                    let _ = shared.events.send(ev).await;
+                    // Do not hammer the controller with the same refused step.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(step) => {
+                    let begun = shared.ledger().begin(&step);
+                    if let Err(e) = begun {
+                        warn!(error = %e, "could not record the step start; not running it");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    info!(lane = lane.as_str(), step = %step.id, seq = step.seq, action = step.action.kind(), "running step");
+                    let _ = shared
+                        .events
+                        .send(StepEvent {
+                            step_id: step.id.clone(),
+                            lane,
+                            seq: step.seq,
+                            kind: StepEventKind::Started,
+                        })
+                        .await;
+                    let outcome = execute(&step, &shared.ctx, &shared.events).await;
+                    info!(step = %step.id, exit_code = ?outcome.exit_code, error = ?outcome.error, ms = outcome.duration_ms, "step finished");
+                    let ev = StepEvent {
+                        step_id: step.id.clone(),
+                        lane,
+                        seq: step.seq,
+                        kind: StepEventKind::Finished(outcome),
+                    };
+                    if let Err(e) = shared.ledger().finish(ev.clone()) {
+                        warn!(error = %e, "could not record the step result");
+                    }
+                    let _ = shared.events.send(ev).await;
+                }
+            }
+        }
+    }
+}
+
+/// Sends step events on an events stream, re-sending unacknowledged results after a reconnect.
+async fn reporter(
+    shared: Arc<Shared>,
+    mut events: mpsc::Receiver<StepEvent>,
+    mut conn_rx: Conn,
+    shutdown: CancellationToken,
+) {
+    let mut pending: Option<StepEvent> = None;
+    'connection: loop {
+        let Some(conn) = connected(&mut conn_rx, &shutdown).await else {
+            return;
+        };
+        let Ok((mut send, mut recv)) = conn.open_bi().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let acks = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(ControllerMsg::Ack { step_id })) =
+                    read_frame::<_, ControllerMsg>(&mut recv).await
+                {
+                    if let Err(e) = shared.ledger().acked(&step_id) {
+                        warn!(error = %e, "could not record an acknowledgement");
+                    }
+                }
+            })
+        };
+        let unacked = shared.ledger().unacked();
+        for ev in unacked {
+            if write_frame(&mut send, &AgentMsg::Event(ev)).await.is_err() {
+                acks.abort();
+                continue 'connection;
+            }
+        }
+        loop {
+            let ev = match pending.take() {
+                Some(ev) => ev,
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => { acks.abort(); return; }
+                    ev = events.recv() => match ev { Some(ev) => ev, None => return },
+                },
+            };
+            if write_frame(&mut send, &AgentMsg::Event(ev.clone()))
+                .await
+                .is_err()
+            {
+                // Results are in the ledger and go again from there; output lines are kept for the next link.
+                if matches!(
+                    ev.kind,
+                    StepEventKind::Output { .. } | StepEventKind::Started
+                ) {
+                    pending = Some(ev);
+                }
+                acks.abort();
+                continue 'connection;
+            }
+        }
+    }
+}
+
 /// Keeps the link up until `shutdown` is cancelled.
 pub async fn run(
     identity: Identity,
@@ -74,19 +288,58 @@ pub async fn run(
     let endpoint = net::endpoint(addr, identity.meta.advertise_ip)?;
     let ip = net::node_ip(addr, identity.meta.advertise_ip);
     let mut sampler = Sampler::new(&opts.root)?;
+    let monit = match &opts.monit_control {
+        Some(file) => Monit::private(file)?,
+        None => Monit::system(),
+    };
+    if let Err(e) = monit.ensure_running().await {
+        warn!(error = %e, "monit does not answer; component steps and status need it");
+    }
+    let ledger = Ledger::load(&opts.state_dir)?;
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let shared = Arc::new(Shared {
+        identity: identity.clone(),
+        ledger: Mutex::new(ledger),
+        ctx: ExecContext {
+            root: opts.root.clone(),
+            monit: monit.clone(),
+        },
+        events: events_tx,
+    });
+    let (conn_tx, conn_rx) = watch::channel(None);
+    let workers = tokio_util::task::TaskTracker::new();
+    for lane in Lane::ALL {
+        workers.spawn(lane_worker(
+            lane,
+            shared.clone(),
+            conn_rx.clone(),
+            shutdown.clone(),
+        ));
+    }
+    workers.spawn(reporter(
+        shared.clone(),
+        events_rx,
+        conn_rx.clone(),
+        shutdown.clone(),
+    ));
+    workers.close();
+
     let mut failures: u32 = 0;
     loop {
         let end = session(
             &endpoint,
             &config,
             addr,
-            &identity,
+            &shared,
             ip,
             &opts,
+            &monit,
             &mut sampler,
+            &conn_tx,
             &shutdown,
         )
         .await;
+        let _ = conn_tx.send(None);
         let delay = match end {
             SessionEnd::Shutdown => break,
             SessionEnd::Lost(why) => {
@@ -113,6 +366,9 @@ pub async fn run(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+    shutdown.cancel();
+    // Running steps finish or are cut by their own timeouts; give them a grace period.
+    let _ = tokio::time::timeout(Duration::from_secs(10), workers.wait()).await;
     endpoint.close(close_codes::SHUTDOWN.into(), b"agent stopping");
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     Ok(())
@@ -136,12 +392,15 @@ async fn session(
     endpoint: &quinn::Endpoint,
     config: &quinn::ClientConfig,
     addr: std::net::SocketAddr,
-    identity: &Identity,
+    shared: &Shared,
     ip: std::net::IpAddr,
     opts: &LinkOptions,
+    monit: &Monit,
     sampler: &mut Sampler,
+    conn_tx: &watch::Sender<Option<quinn::Connection>>,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
+    let identity = &shared.identity;
     let connecting =
         match endpoint.connect_with(config.clone(), addr, de_common::CONTROLLER_SERVER_NAME) {
             Ok(c) => c,
@@ -168,7 +427,7 @@ async fn session(
         usage: sampler.usage(),
         root: opts.root.display().to_string(),
         heartbeat_secs: u32::try_from(opts.heartbeat.as_secs().max(1)).unwrap_or(u32::MAX),
-        last_done_seq: 0,
+        last_done: shared.ledger().last_done_all(),
     });
     if write_frame(&mut send, &hello).await.is_err() {
         return conn
@@ -185,8 +444,8 @@ async fn session(
             info!(node = %identity.meta.node_id, controller = %addr, controller_version = %w.controller_version, "online");
         }
         Ok(Ok(Some(ControllerMsg::Refused(LinkRefusal::Revoked)))) => return SessionEnd::Revoked,
-        Ok(Ok(Some(ControllerMsg::Refused(r)))) => {
-            return SessionEnd::Failed(format!("controller refused the link: {r:?}"));
+        Ok(Ok(Some(other))) => {
+            return SessionEnd::Failed(format!("controller refused the link: {other:?}"));
         }
         Ok(Ok(None)) | Ok(Err(_)) => {
             return match tokio::time::timeout(Duration::from_secs(2), conn.closed()).await {
@@ -196,9 +455,11 @@ async fn session(
         }
         Err(_) => return SessionEnd::Failed("the controller did not answer Hello".into()),
     }
+    let _ = conn_tx.send(Some(conn.clone()));
     let mut tick = tokio::time::interval(opts.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut monit_warned = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -213,7 +474,17 @@ async fn session(
                 };
             }
             _ = tick.tick() => {
-                let hb = AgentMsg::Heartbeat(Heartbeat { usage: sampler.usage(), components: Vec::new() });
+                let components = match monit.status().await {
+                    Ok(c) => { monit_warned = false; c }
+                    Err(e) => {
+                        if !monit_warned {
+                            warn!(error = %e, "cannot read monit status");
+                            monit_warned = true;
+                        }
+                        Vec::new()
+                    }
+                };
+                let hb = AgentMsg::Heartbeat(Heartbeat { usage: sampler.usage(), components });
                 if let Err(e) = write_frame(&mut send, &hb).await {
                     return SessionEnd::Lost(format!("heartbeat not sent: {e}"));
                 }

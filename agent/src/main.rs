@@ -58,6 +58,9 @@ enum Command {
         /// Seconds between heartbeats.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
         heartbeat_secs: u64,
+        /// A private monit control file (created with its socket, pid and state files next to it when missing); default: the system monit.
+        #[arg(long, env = "DE_AGENT_MONIT_CONTROL")]
+        monit_control: Option<PathBuf>,
         /// Upper bound of the reconnect backoff, in seconds.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         max_backoff_secs: u64,
@@ -145,6 +148,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             code,
             heartbeat_secs,
             max_backoff_secs,
+            monit_control,
             common,
         } => {
             let identity = if Identity::exists(&common.state_dir) {
@@ -175,6 +179,8 @@ async fn async_main(cli: Cli) -> ExitCode {
                 signal.cancel();
             });
             let opts = LinkOptions {
+                state_dir: common.state_dir.clone(),
+                monit_control,
                 root: common.root.clone(),
                 heartbeat: Duration::from_secs(heartbeat_secs),
                 min_backoff: Duration::from_millis(250),

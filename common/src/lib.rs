@@ -16,10 +16,10 @@ pub use frame::{FrameError, MAX_FRAME_LEN, decode, encode, read_frame, write_fra
 pub use hardware::{ComponentStatus, Hardware, Usage};
 pub use step::{
     Lane, MonitOp, STEP_DOMAIN, SignError, SignedStep, Step, StepAction, StepRefusal, check_step,
-    sign_step, verify_step,
+    decode_step_unverified, sign_step, verify_step,
 };
 pub use wire::{
     AGENT_ALPN, AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, ENROLL_ALPN, EnrollClientMsg,
     EnrollGrant, EnrollRefusal, EnrollRequest, EnrollServerMsg, Heartbeat, Hello, LinkRefusal,
-    PROTOCOL_VERSION, Welcome, close_codes,
+    OutStream, PROTOCOL_VERSION, StepEvent, StepEventKind, StepOutcome, Welcome, close_codes,
 };

@@ -162,6 +162,15 @@ pub fn verify_step(signed: &SignedStep, public_key: &[u8]) -> Result<Step, StepR
     }
 }
 
+/// Decodes a step body WITHOUT checking its signature: only to name a refused
+/// step in a report. Never act on what this returns.
+pub fn decode_step_unverified(signed: &SignedStep) -> Option<Step> {
+    match postcard::take_from_bytes::<Step>(&signed.body) {
+        Ok((step, [])) => Some(step),
+        _ => None,
+    }
+}
+
 /// The agent's full check: signature, node, replay and expiry.
 pub fn check_step(
     signed: &SignedStep,

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::hardware::{ComponentStatus, Hardware, Usage};
+use crate::step::{Lane, SignedStep, StepRefusal};
 
 /// Version carried in every frame header; a peer speaking another version gets a clear error.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -102,8 +103,8 @@ pub struct Hello {
     pub root: String,
     /// Seconds between heartbeats; the controller calls the node offline after 3 silent intervals.
     pub heartbeat_secs: u32,
-    /// Highest step sequence number completed, so a restored controller can resynchronise.
-    pub last_done_seq: u64,
+    /// Highest step sequence number completed per lane, so a restored controller can resynchronise.
+    pub last_done: Vec<(Lane, u64)>,
 }
 
 /// Periodic report on the control stream.
@@ -113,11 +114,70 @@ pub struct Heartbeat {
     pub components: Vec<ComponentStatus>,
 }
 
-/// Agent -> controller on the control stream.
+/// Which output stream a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutStream {
+    Stdout,
+    Stderr,
+}
+
+/// How a step ended on the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StepOutcome {
+    /// The script's exit code; `Some(0)` for other actions that succeeded.
+    pub exit_code: Option<i32>,
+    /// Why it failed when there is no exit code to say so (timeout, spawn error, interrupted).
+    pub error: Option<String>,
+    pub timed_out: bool,
+    pub duration_ms: u64,
+    /// The last bytes of each stream (bounded; the full output went out as `Output` events).
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+    /// Files returned by `CollectLogs`: (path, last bytes).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl StepOutcome {
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == Some(0) && self.error.is_none() && !self.timed_out
+    }
+}
+
+/// What happened to a step, as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StepEventKind {
+    Started,
+    /// Lines of output, batched (each at most 8 KiB; longer lines are cut).
+    Output {
+        stream: OutStream,
+        lines: Vec<String>,
+    },
+    Finished(StepOutcome),
+    /// The agent would not run it.
+    Refused(StepRefusal),
+}
+
+/// An event about one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepEvent {
+    pub step_id: String,
+    pub lane: Lane,
+    pub seq: u64,
+    pub kind: StepEventKind,
+}
+
+/// Agent -> controller. On the control stream: `Hello`, then `Heartbeat`s.
+/// On a lane's pull stream: `Pull`s. On the events stream: `Event`s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMsg {
     Hello(Hello),
     Heartbeat(Heartbeat),
+    /// Long-poll: the next step of `lane` after `after_seq`.
+    Pull {
+        lane: Lane,
+        after_seq: u64,
+    },
+    Event(StepEvent),
 }
 
 /// The controller accepted the link.
@@ -135,9 +195,16 @@ pub enum LinkRefusal {
     Invalid(String),
 }
 
-/// Controller -> agent on the control stream.
+/// Controller -> agent. `Welcome`/`Refused` on the control stream; `Step` or
+/// `Idle` answer a `Pull`; `Ack` confirms a `Finished` or `Refused` event is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControllerMsg {
     Welcome(Welcome),
     Refused(LinkRefusal),
+    Step(SignedStep),
+    /// Nothing queued within the long-poll window; pull again.
+    Idle,
+    Ack {
+        step_id: String,
+    },
 }

@@ -20,6 +20,7 @@ use tracing::error;
 
 use crate::Controller;
 use crate::nodes::{NodeView, rfc3339};
+use crate::steps::{StepRecord, StepState};
 
 /// The longest an install code may live.
 pub const MAX_CODE_TTL_SECS: u64 = 7 * 24 * 3600;
@@ -96,6 +97,9 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         )
         .route("/nodes", get(list_nodes))
         .route("/nodes/{id}", get(get_node).delete(delete_node))
+        .route("/nodes/{id}/steps", axum::routing::post(post_step))
+        .route("/steps/{id}", get(get_step))
+        .route("/exec", axum::routing::post(exec))
         .route_layer(axum::middleware::from_fn_with_state(
             ctl.clone(),
             require_token,
@@ -223,6 +227,243 @@ async fn delete_node(State(ctl): Ctl, Path(id): Path<String>) -> Result<StatusCo
         ))),
         Err(e) => Err(ApiError::internal("could not revoke the node", &e)),
     }
+}
+
+/// The default and largest `timeout_secs` of an ad-hoc command.
+const DEFAULT_EXEC_TIMEOUT: u64 = 60;
+const MAX_EXEC_TIMEOUT: u64 = 3600;
+/// How long past its own timeout a command's result is waited for (delivery, reporting).
+const EXEC_GRACE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecRequest {
+    script: String,
+    #[serde(default)]
+    targets: Option<Vec<String>>,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+/// One target's answer to `POST /api/v1/exec`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExecResult {
+    pub node_id: String,
+    pub ip: String,
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration_ms: u64,
+    pub timed_out: bool,
+    pub error: Option<String>,
+    pub step_id: String,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "body is not valid JSON for this route at line {} column {} ({e}); expected {shape}",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+fn exec_result(
+    node: &NodeView,
+    rec: Option<&StepRecord>,
+    step_id: &str,
+    waited: u64,
+) -> ExecResult {
+    let ip = node.ips.first().cloned().unwrap_or_default();
+    let base = ExecResult {
+        node_id: node.id.clone(),
+        ip,
+        exit_code: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        duration_ms: 0,
+        timed_out: false,
+        error: None,
+        step_id: step_id.to_owned(),
+    };
+    match rec {
+        Some(r) if r.state == StepState::Refused => ExecResult {
+            error: Some(format!(
+                "the agent refused the command: {}",
+                r.refusal.clone().unwrap_or_default()
+            )),
+            ..base
+        },
+        Some(r) if r.state.is_final() => {
+            let o = r.outcome.clone().unwrap_or_default();
+            ExecResult {
+                exit_code: o.exit_code,
+                stdout: o.stdout_tail,
+                stderr: o.stderr_tail,
+                duration_ms: o.duration_ms,
+                timed_out: o.timed_out,
+                error: o.error.or(r.refusal.clone()),
+                ..base
+            }
+        }
+        _ => ExecResult {
+            timed_out: true,
+            error: Some(format!(
+                "no result within {waited} s{}",
+                if node.online {
+                    ""
+                } else {
+                    ": the node is offline"
+                }
+            )),
+            ..base
+        },
+    }
+}
+
+async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>>, ApiError> {
+    let req: ExecRequest = parse_json(
+        &body,
+        r#"{"script": "...", "targets": ["IP or node id", ...], "timeout_secs": N}"#,
+    )?;
+    if req.script.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "script is empty: give the shell command to run",
+        ));
+    }
+    let timeout = req.timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT);
+    if timeout == 0 || timeout > MAX_EXEC_TIMEOUT {
+        return Err(ApiError::bad_request(format!(
+            "timeout_secs must be between 1 and {MAX_EXEC_TIMEOUT}, got {timeout}"
+        )));
+    }
+    let nodes: Vec<NodeView> = match &req.targets {
+        None => ctl.nodes.list().into_iter().filter(|n| n.online).collect(),
+        Some(targets) => {
+            let mut found = Vec::new();
+            let mut unknown = Vec::new();
+            for t in targets {
+                match ctl.nodes.find(t) {
+                    Some(n) if !n.revoked => found.push(n),
+                    _ => unknown.push(t.clone()),
+                }
+            }
+            if !unknown.is_empty() {
+                return Err(ApiError::bad_request(format!(
+                    "no enrolled node for target(s) {}: GET /api/v1/nodes lists them",
+                    unknown.join(", ")
+                )));
+            }
+            found
+        }
+    };
+    if nodes.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_targets",
+            "no node is online to run the command: enrol agents, or name targets",
+        ));
+    }
+    let grace = EXEC_GRACE;
+    let ttl = Duration::from_secs(timeout) + grace;
+    let mut ids = Vec::new();
+    for n in &nodes {
+        let action = de_common::StepAction::Script {
+            script: req.script.clone(),
+            user: req.user.clone(),
+            env: Vec::new(),
+            timeout_secs: u32::try_from(timeout).unwrap_or(u32::MAX),
+        };
+        let r = ctl
+            .steps
+            .enqueue(&n.id, de_common::Lane::Adhoc, action, None, ttl)
+            .map_err(|e| ApiError::internal("could not queue the command", &e))?;
+        ids.push(r.step.id);
+    }
+    tracing::info!(targets = nodes.len(), "exec queued");
+    let deadline = tokio::time::Instant::now() + ttl;
+    let records = ctl
+        .steps
+        .wait_all(&ids, deadline)
+        .await
+        .map_err(|e| ApiError::internal("could not read command results", &e))?;
+    let out = nodes
+        .iter()
+        .zip(&ids)
+        .map(|(n, id)| {
+            let rec = records.iter().find(|r| &r.step.id == id);
+            exec_result(n, rec, id, ttl.as_secs())
+        })
+        .collect();
+    Ok(axum::Json(out))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepRequest {
+    action: de_common::StepAction,
+    #[serde(default)]
+    lane: Option<de_common::Lane>,
+    #[serde(default)]
+    wait_secs: Option<u64>,
+}
+
+/// Queues one raw step for a node and waits (bounded) for it: 200 with the
+/// finished record, or 202 with the record as it stands.
+async fn post_step(
+    State(ctl): Ctl,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: StepRequest = parse_json(
+        &body,
+        r#"{"action": {"Script": {"script": "...", "user": null, "env": [], "timeout_secs": 60}}, "lane": "Adhoc", "wait_secs": 30}"#,
+    )?;
+    let node = ctl.nodes.find(&id).filter(|n| !n.revoked).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no enrolled node {id:?}: GET /api/v1/nodes lists them"
+        ))
+    })?;
+    let wait = Duration::from_secs(req.wait_secs.unwrap_or(30).min(MAX_EXEC_TIMEOUT));
+    let r = ctl
+        .steps
+        .enqueue(
+            &node.id,
+            req.lane.unwrap_or(de_common::Lane::Adhoc),
+            req.action,
+            None,
+            crate::steps::DEFAULT_STEP_TTL,
+        )
+        .map_err(|e| ApiError::internal("could not queue the step", &e))?;
+    let records = ctl
+        .steps
+        .wait_all(
+            std::slice::from_ref(&r.step.id),
+            tokio::time::Instant::now() + wait,
+        )
+        .await
+        .map_err(|e| ApiError::internal("could not read the step", &e))?;
+    let rec = records.into_iter().next().unwrap_or(r);
+    let status = if rec.state.is_final() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, axum::Json(rec)).into_response())
+}
+
+async fn get_step(
+    State(ctl): Ctl,
+    Path(id): Path<String>,
+) -> Result<axum::Json<StepRecord>, ApiError> {
+    ctl.steps
+        .get(&id)
+        .map_err(|e| ApiError::internal("could not read the step", &e))?
+        .map(axum::Json)
+        .ok_or_else(|| ApiError::not_found(format!("no step {id:?}")))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod codes;
 mod nodes;
 mod pki;
 pub mod quic;
+mod steps;
 mod store;
 
 use std::path::Path;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 pub use codes::{Codes, CodesError};
 pub use nodes::{NodeRecord, NodeView, Nodes};
 pub use pki::{Pki, PkiError, TokenOrigin};
+pub use steps::{StepQueue, StepRecord, StepState, StepUpdate, StepsError};
 pub use store::{SledStore, Store, StoreError, StoreExt, Tree};
 
 /// Why the controller could not open its data dir.
@@ -35,6 +37,7 @@ pub struct Controller {
     pub pki: Pki,
     pub codes: Codes,
     pub nodes: Nodes,
+    pub steps: StepQueue,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -52,12 +55,14 @@ impl Controller {
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
         let codes = Codes::load(store.clone())?;
         let nodes = Nodes::load(store.clone())?;
+        let steps = StepQueue::new(store.clone(), pki.step_key());
         Ok((
             Controller {
                 store,
                 pki,
                 codes,
                 nodes,
+                steps,
             },
             origin,
         ))

@@ -249,6 +249,17 @@ impl Nodes {
         records.get(id).map(|r| self.view(r, &live, now))
     }
 
+    /// The node `target` names: its id, or one of its IPs (a live, unrevoked node first).
+    pub fn find(&self, target: &str) -> Option<NodeView> {
+        let mut matches: Vec<NodeView> = self
+            .list()
+            .into_iter()
+            .filter(|n| n.id == target || n.ips.iter().any(|ip| ip == target))
+            .collect();
+        matches.sort_by_key(|n| (n.revoked, !n.online));
+        matches.into_iter().next()
+    }
+
     /// Closes every live link (controller shutdown).
     pub fn close_all(&self) {
         for l in self.live().values_mut() {

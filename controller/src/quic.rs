@@ -386,7 +386,11 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
         conn.close(close_codes::PROTOCOL.into(), b"Hello names another node");
         return;
     }
-    if let Err(e) = ctl.nodes.connected(conn.clone(), &hello) {
+    if let Err(e) = ctl
+        .nodes
+        .connected(conn.clone(), &hello)
+        .and_then(|_| ctl.steps.resync(&node_id, &hello.last_done))
+    {
         warn!(node = %node_id, error = %e, "could not record the node's link");
         let _ = write_frame(
             &mut send,
@@ -404,13 +408,17 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
         return;
     }
     info!(node = %node_id, %remote, hostname = %hello.hostname, "agent online");
+    let streams = tokio::spawn(accept_streams(conn.clone(), node_id.clone(), ctl.clone()));
     loop {
         match read_frame::<_, AgentMsg>(&mut recv).await {
             Ok(Some(AgentMsg::Heartbeat(hb))) => {
                 ctl.nodes.heartbeat(&node_id, hb.usage, hb.components)
             }
-            Ok(Some(AgentMsg::Hello(_))) => {
-                conn.close(close_codes::PROTOCOL.into(), b"second Hello");
+            Ok(Some(AgentMsg::Hello(_) | AgentMsg::Pull { .. } | AgentMsg::Event(_))) => {
+                conn.close(
+                    close_codes::PROTOCOL.into(),
+                    b"unexpected message on the control stream",
+                );
                 break;
             }
             Ok(None) => break,
@@ -427,6 +435,92 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
             }
         }
     }
+    streams.abort();
     ctl.nodes.disconnected(&node_id, &conn);
     info!(node = %node_id, "agent link closed");
+}
+
+/// How long a pull waits for a step before answering `Idle`.
+const PULL_WINDOW: Duration = Duration::from_secs(20);
+
+/// Serves the agent's pull and events streams until the connection ends.
+async fn accept_streams(conn: quinn::Connection, node_id: String, ctl: Arc<Controller>) {
+    let tasks = tokio_util::task::TaskTracker::new();
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tasks.spawn(serve_stream(
+            send,
+            recv,
+            node_id.clone(),
+            ctl.clone(),
+            conn.clone(),
+        ));
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    node_id: String,
+    ctl: Arc<Controller>,
+    conn: quinn::Connection,
+) {
+    loop {
+        let msg = match read_frame::<_, AgentMsg>(&mut recv).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(node = %node_id, error = %e, "agent stream ended");
+                if !matches!(
+                    e,
+                    de_common::FrameError::Io(_) | de_common::FrameError::Truncated
+                ) {
+                    conn.close(close_codes::PROTOCOL.into(), b"malformed frame");
+                }
+                return;
+            }
+        };
+        match msg {
+            AgentMsg::Pull { lane, after_seq } => {
+                let answer = match ctl.steps.pull(&node_id, lane, after_seq, PULL_WINDOW).await {
+                    Ok(Some(step)) => ControllerMsg::Step(step),
+                    Ok(None) => ControllerMsg::Idle,
+                    Err(e) => {
+                        warn!(node = %node_id, error = %e, "cannot read the step queue");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        ControllerMsg::Idle
+                    }
+                };
+                if write_frame(&mut send, &answer).await.is_err() {
+                    return;
+                }
+            }
+            AgentMsg::Event(ev) => {
+                let step_id = ev.step_id.clone();
+                match ctl.steps.on_event(&node_id, ev) {
+                    Ok(true) => {
+                        if write_frame(&mut send, &ControllerMsg::Ack { step_id })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(false) => {}
+                    // No Ack: the agent sends the result again after reconnecting.
+                    Err(e) => {
+                        warn!(node = %node_id, step = %step_id, error = %e, "cannot record a step event")
+                    }
+                }
+            }
+            AgentMsg::Hello(_) | AgentMsg::Heartbeat(_) => {
+                conn.close(
+                    close_codes::PROTOCOL.into(),
+                    b"control message on a work stream",
+                );
+                return;
+            }
+        }
+    }
 }

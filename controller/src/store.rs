@@ -16,6 +16,10 @@ pub enum Tree {
     Meta,
     /// Enrolled nodes by id.
     Nodes,
+    /// Steps by `node/lane/seq` (seq zero-padded, so keys sort by sequence).
+    Steps,
+    /// Step id -> its key in `Steps`.
+    StepIds,
 }
 
 impl Tree {
@@ -23,6 +27,8 @@ impl Tree {
         match self {
             Tree::Meta => "meta",
             Tree::Nodes => "nodes",
+            Tree::Steps => "steps",
+            Tree::StepIds => "step-ids",
         }
     }
 }
@@ -63,6 +69,14 @@ pub trait Store: Send + Sync + 'static {
     fn put(&self, tree: Tree, key: &str, value: &[u8]) -> Result<(), StoreError>;
     fn remove(&self, tree: Tree, key: &str) -> Result<(), StoreError>;
     fn list(&self, tree: Tree) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Records whose key starts with `prefix` and is >= `from`, in key order, at most `limit`.
+    fn scan(
+        &self,
+        tree: Tree,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// Typed JSON access on any [`Store`].
@@ -111,6 +125,28 @@ pub trait StoreExt: Store {
 }
 
 impl<S: Store + ?Sized> StoreExt for S {}
+
+/// Typed JSON scan on any [`Store`].
+pub(crate) fn scan_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    tree: Tree,
+    prefix: &str,
+    from: &str,
+    limit: usize,
+) -> Result<Vec<(String, T)>, StoreError> {
+    store
+        .scan(tree, prefix, from, limit)?
+        .into_iter()
+        .map(|(key, bytes)| match serde_json::from_slice(&bytes) {
+            Ok(v) => Ok((key, v)),
+            Err(source) => Err(StoreError::Corrupt {
+                tree: tree.name(),
+                key,
+                source,
+            }),
+        })
+        .collect()
+}
 
 /// [`Store`] on sled: one sled tree per [`Tree`], flushed on every write.
 #[derive(Debug, Clone)]
@@ -194,6 +230,29 @@ impl Store for SledStore {
         }
         Ok(out)
     }
+
+    fn scan(
+        &self,
+        tree: Tree,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let t = self.tree(tree)?;
+        let start = if from > prefix { from } else { prefix };
+        let mut out = Vec::new();
+        for item in t.range(start.as_bytes()..) {
+            let (k, v) = item.map_err(|source| StoreError::Engine {
+                tree: tree.name(),
+                source,
+            })?;
+            if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +274,26 @@ mod tests {
         let all: Vec<(String, Vec<String>)> = s.list_json(Tree::Nodes).expect("list");
         assert_eq!(all.len(), 1);
         assert_eq!(s.get(Tree::Meta, "n1").expect("get"), None);
+    }
+
+    #[test]
+    fn scans_stay_inside_the_prefix_in_key_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SledStore::open(dir.path()).expect("open");
+        for k in ["a/1", "a/2", "a/3", "ab/1", "b/1"] {
+            s.put(Tree::Steps, k, b"1").expect("put");
+        }
+        let keys = |prefix: &str, from: &str, limit: usize| -> Vec<String> {
+            s.scan(Tree::Steps, prefix, from, limit)
+                .expect("scan")
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(keys("a/", "", 10), ["a/1", "a/2", "a/3"]);
+        assert_eq!(keys("a/", "a/2", 10), ["a/2", "a/3"]);
+        assert_eq!(keys("a/", "a/2", 1), ["a/2"]);
+        assert!(keys("c/", "", 10).is_empty());
     }
 
     #[test]

@@ -59,7 +59,7 @@ async fn try_link(
             usage: Usage::default(),
             root: "/".into(),
             heartbeat_secs: 1,
-            last_done_seq: 0,
+            last_done: vec![],
         }),
     )
     .await?;

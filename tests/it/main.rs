@@ -3,3 +3,5 @@
 
 mod enrolment;
 mod link_security;
+mod monit;
+mod steps;

@@ -1,0 +1,734 @@
+//! Running signed steps: the persisted ledger of what each lane has done, and
+//! the executor for every step action.
+//!
+//! Invariants: a step runs only after `check_step` accepted it (signature,
+//! node, sequence above the lane's last done, not expired); the lane's
+//! "running" marker is on disk before the step starts and its "done" mark with
+//! the result before the result is sent, so an agent killed mid-step reports
+//! that step as interrupted on restart and never runs a completed one again.
+//! Output is read in bounded chunks and batched: memory per step is bounded
+//! however much a step prints.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+
+use de_common::{
+    Lane, OutStream, Step, StepAction, StepEvent, StepEventKind, StepOutcome, write_private,
+};
+
+use crate::monit::Monit;
+
+/// Lines longer than this are cut.
+pub(crate) const MAX_LINE: usize = 8 * 1024;
+/// How much of each stream's end is kept for the result.
+pub(crate) const TAIL_BYTES: usize = 64 * 1024;
+/// Output lines per event at most.
+const BATCH_LINES: usize = 256;
+const BATCH_BYTES: usize = 32 * 1024;
+/// Total bytes `CollectLogs` returns at most.
+const MAX_COLLECT: u64 = 512 * 1024;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct LaneState {
+    last_done: u64,
+    running: Option<(u64, String)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LedgerState {
+    lanes: BTreeMap<String, LaneState>,
+    /// Finished/Refused events not yet acknowledged by the controller.
+    unacked: Vec<StepEvent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("could not save the step ledger {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the step ledger {path} is damaged ({why}): restore it, or remove it and re-enrol this node"
+    )]
+    Damaged { path: PathBuf, why: String },
+}
+
+/// What each lane has done, persisted in `steps.json` in the state dir.
+#[derive(Debug)]
+pub struct Ledger {
+    path: PathBuf,
+    state: LedgerState,
+}
+
+impl Ledger {
+    /// Loads the ledger; a step that was running when the agent stopped is
+    /// marked done as interrupted and queued for reporting.
+    pub fn load(state_dir: &Path) -> Result<Ledger, LedgerError> {
+        let path = state_dir.join("steps.json");
+        let state = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| LedgerError::Damaged {
+                path: path.clone(),
+                why: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => LedgerState::default(),
+            Err(e) => {
+                return Err(LedgerError::Damaged {
+                    path,
+                    why: e.to_string(),
+                });
+            }
+        };
+        let mut l = Ledger { path, state };
+        let mut interrupted = Vec::new();
+        for lane in Lane::ALL {
+            if let Some((seq, id)) = l.lane(lane).running.clone() {
+                interrupted.push((lane, seq, id));
+            }
+        }
+        for (lane, seq, id) in interrupted {
+            let outcome = StepOutcome {
+                error: Some("interrupted: the agent stopped while this step ran".into()),
+                ..StepOutcome::default()
+            };
+            l.finish(StepEvent {
+                step_id: id,
+                lane,
+                seq,
+                kind: StepEventKind::Finished(outcome),
+            })?;
+        }
+        Ok(l)
+    }
+
+    fn lane(&mut self, lane: Lane) -> &mut LaneState {
+        self.state
+            .lanes
+            .entry(lane.as_str().to_owned())
+            .or_default()
+    }
+
+    fn save(&self) -> Result<(), LedgerError> {
+        let bytes = serde_json::to_vec(&self.state).map_err(|e| LedgerError::Damaged {
+            path: self.path.clone(),
+            why: e.to_string(),
+        })?;
+        write_private(&self.path, &bytes).map_err(|source| LedgerError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    pub fn last_done(&self, lane: Lane) -> u64 {
+        self.state
+            .lanes
+            .get(lane.as_str())
+            .map(|l| l.last_done)
+            .unwrap_or(0)
+    }
+
+    pub fn last_done_all(&self) -> Vec<(Lane, u64)> {
+        Lane::ALL.iter().map(|l| (*l, self.last_done(*l))).collect()
+    }
+
+    /// Marks `step` as running, durably, before it starts.
+    pub fn begin(&mut self, step: &Step) -> Result<(), LedgerError> {
+        self.lane(step.lane).running = Some((step.seq, step.id.clone()));
+        self.save()
+    }
+
+    /// Records a finished step (advancing the lane) and keeps its event until acknowledged.
+    pub fn finish(&mut self, event: StepEvent) -> Result<(), LedgerError> {
+        let lane = self.lane(event.lane);
+        lane.last_done = lane.last_done.max(event.seq);
+        lane.running = None;
+        self.state.unacked.push(event);
+        self.save()
+    }
+
+    /// Keeps a refusal until acknowledged (the lane does not advance).
+    pub fn refused(&mut self, event: StepEvent) -> Result<(), LedgerError> {
+        self.state.unacked.push(event);
+        self.save()
+    }
+
+    pub fn acked(&mut self, step_id: &str) -> Result<(), LedgerError> {
+        let before = self.state.unacked.len();
+        self.state.unacked.retain(|e| e.step_id != step_id);
+        if self.state.unacked.len() != before {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    pub fn unacked(&self) -> Vec<StepEvent> {
+        self.state.unacked.clone()
+    }
+}
+
+/// Where steps act.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecContext {
+    pub root: PathBuf,
+    pub monit: Monit,
+}
+
+/// `path` inside the node root; `..` is refused.
+pub(crate) fn under_root(root: &Path, path: &str) -> Result<PathBuf, String> {
+    let p = Path::new(path);
+    let mut out = root.to_owned();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(format!("path {path:?} leaves the node root"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Keeps the last `cap` bytes written to it.
+#[derive(Debug)]
+struct Tail {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Tail {
+        Tail {
+            buf: Vec::new(),
+            cap,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if bytes.len() >= self.cap {
+            self.buf.clear();
+            self.buf.extend_from_slice(&bytes[bytes.len() - self.cap..]);
+            return;
+        }
+        let over = (self.buf.len() + bytes.len()).saturating_sub(self.cap);
+        if over > 0 {
+            self.buf.drain(..over);
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+}
+
+/// Splits a byte stream into lines of at most `MAX_LINE` bytes.
+#[derive(Debug, Default)]
+struct Lines {
+    partial: Vec<u8>,
+    cut: bool,
+}
+
+impl Lines {
+    fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<String>) {
+        while !bytes.is_empty() {
+            match bytes.iter().position(|b| *b == b'\n') {
+                Some(i) => {
+                    self.take(&bytes[..i]);
+                    out.push(self.line());
+                    bytes = &bytes[i + 1..];
+                }
+                None => {
+                    self.take(bytes);
+                    bytes = &[];
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, bytes: &[u8]) {
+        let room = MAX_LINE.saturating_sub(self.partial.len());
+        if bytes.len() > room {
+            self.cut = true;
+        }
+        self.partial
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn line(&mut self) -> String {
+        let mut s = String::from_utf8_lossy(&self.partial).into_owned();
+        if self.cut {
+            s.push_str(" [line cut at 8 KiB]");
+        }
+        self.partial.clear();
+        self.cut = false;
+        s
+    }
+
+    fn finish(&mut self, out: &mut Vec<String>) {
+        if !self.partial.is_empty() || self.cut {
+            out.push(self.line());
+        }
+    }
+}
+
+/// Reads `r` to its end, sending batched lines as events and keeping a tail.
+async fn pump<R: AsyncRead + Unpin>(
+    mut r: R,
+    stream: OutStream,
+    step: (String, Lane, u64),
+    events: mpsc::Sender<StepEvent>,
+) -> String {
+    let mut tail = Tail::new(TAIL_BYTES);
+    let mut lines = Lines::default();
+    let mut batch: Vec<String> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut chunk = vec![0u8; 16 * 1024];
+    let send = |batch: Vec<String>| {
+        let events = events.clone();
+        let (id, lane, seq) = step.clone();
+        async move {
+            let _ = events
+                .send(StepEvent {
+                    step_id: id,
+                    lane,
+                    seq,
+                    kind: StepEventKind::Output {
+                        stream,
+                        lines: batch,
+                    },
+                })
+                .await;
+        }
+    };
+    loop {
+        let n = match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        tail.push(&chunk[..n]);
+        let mut new = Vec::new();
+        lines.feed(&chunk[..n], &mut new);
+        for l in new {
+            batch_bytes += l.len();
+            batch.push(l);
+            if batch.len() >= BATCH_LINES || batch_bytes >= BATCH_BYTES {
+                send(std::mem::take(&mut batch)).await;
+                batch_bytes = 0;
+            }
+        }
+    }
+    lines.finish(&mut batch);
+    if !batch.is_empty() {
+        send(batch).await;
+    }
+    tail.text()
+}
+
+fn ok(stdout: String) -> StepOutcome {
+    StepOutcome {
+        exit_code: Some(0),
+        stdout_tail: stdout,
+        ..StepOutcome::default()
+    }
+}
+
+fn failed(error: String) -> StepOutcome {
+    StepOutcome {
+        exit_code: None,
+        error: Some(error),
+        ..StepOutcome::default()
+    }
+}
+
+async fn run_script(
+    step: &Step,
+    ctx: &ExecContext,
+    script: &str,
+    user: Option<&str>,
+    env: &[(String, String)],
+    timeout: Duration,
+    events: &mpsc::Sender<StepEvent>,
+) -> StepOutcome {
+    let mut cmd = match user {
+        Some(u) if u != "root" => {
+            let mut c = tokio::process::Command::new("runuser");
+            c.args(["-u", u, "--", "/bin/sh", "-c", script]);
+            c
+        }
+        _ => {
+            let mut c = tokio::process::Command::new("/bin/sh");
+            c.args(["-c", script]);
+            c
+        }
+    };
+    let cwd = if ctx.root.is_dir() {
+        ctx.root.clone()
+    } else {
+        PathBuf::from("/")
+    };
+    cmd.current_dir(cwd)
+        .env("DE_ROOT", &ctx.root)
+        .env("DE_STEP_ID", &step.id)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return failed(format!("could not start /bin/sh: {e}")),
+    };
+    let pgid = child.id();
+    let key = (step.id.clone(), step.lane, step.seq);
+    let out = child
+        .stdout
+        .take()
+        .map(|o| tokio::spawn(pump(o, OutStream::Stdout, key.clone(), events.clone())));
+    let err = child
+        .stderr
+        .take()
+        .map(|e| tokio::spawn(pump(e, OutStream::Stderr, key, events.clone())));
+    let (status, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(s) => (s.ok(), false),
+        Err(_) => {
+            if let Some(pgid) = pgid {
+                // Kill the whole process group the script started.
+                let _ = tokio::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pgid}")])
+                    .status()
+                    .await;
+            }
+            (child.wait().await.ok(), true)
+        }
+    };
+    let stdout_tail = match out {
+        Some(h) => h.await.unwrap_or_default(),
+        None => String::new(),
+    };
+    let stderr_tail = match err {
+        Some(h) => h.await.unwrap_or_default(),
+        None => String::new(),
+    };
+    StepOutcome {
+        exit_code: status.and_then(|s| s.code()),
+        error: timed_out.then(|| format!("timed out after {} s and was killed", timeout.as_secs())),
+        timed_out,
+        duration_ms: 0,
+        stdout_tail,
+        stderr_tail,
+        files: Vec::new(),
+    }
+}
+
+fn write_file(
+    ctx: &ExecContext,
+    path: &str,
+    contents: &[u8],
+    mode: u32,
+) -> Result<PathBuf, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let target = under_root(&ctx.root, path)?;
+    let dir = target
+        .parent()
+        .ok_or_else(|| format!("{path:?} has no parent directory"))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| format!("{path:?} names no file"))?;
+    let tmp = dir.join(format!(".{name}.de-tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode & 0o7777)
+        .open(&tmp)
+        .map_err(|e| format!("open {}: {e}", tmp.display()))?;
+    f.write_all(contents)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("write {}: {e}", tmp.display()))?;
+    drop(f);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|e| format!("chmod {}: {e}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, &target).map_err(|e| format!("rename to {}: {e}", target.display()))?;
+    Ok(target)
+}
+
+fn tail_of(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > max {
+        f.seek(SeekFrom::Start(len - max))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let mut out = Vec::new();
+    f.take(max)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(out)
+}
+
+/// Runs one accepted step.
+pub(crate) async fn execute(
+    step: &Step,
+    ctx: &ExecContext,
+    events: &mpsc::Sender<StepEvent>,
+) -> StepOutcome {
+    let started = Instant::now();
+    let mut outcome = match &step.action {
+        StepAction::Script {
+            script,
+            user,
+            env,
+            timeout_secs,
+        } => {
+            let timeout = Duration::from_secs(u64::from((*timeout_secs).max(1)));
+            run_script(step, ctx, script, user.as_deref(), env, timeout, events).await
+        }
+        StepAction::WriteFile {
+            path,
+            contents,
+            mode,
+            owner,
+        } => match write_file(ctx, path, contents, *mode) {
+            Err(e) => failed(e),
+            Ok(target) => match owner {
+                None => ok(format!(
+                    "wrote {} ({} bytes)",
+                    target.display(),
+                    contents.len()
+                )),
+                Some(owner) => match tokio::process::Command::new("chown")
+                    .arg(owner)
+                    .arg(&target)
+                    .output()
+                    .await
+                {
+                    Ok(o) if o.status.success() => {
+                        ok(format!("wrote {} owned by {owner}", target.display()))
+                    }
+                    Ok(o) => failed(format!(
+                        "chown {owner} {}: {}",
+                        target.display(),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    )),
+                    Err(e) => failed(format!("chown: {e}")),
+                },
+            },
+        },
+        StepAction::MonitAdd { name, check } => match ctx.monit.add(name, check).await {
+            Ok(out) => ok(out),
+            Err(e) => failed(e.to_string()),
+        },
+        StepAction::MonitRemove { name } => match ctx.monit.remove(name).await {
+            Ok(out) => ok(out),
+            Err(e) => failed(e.to_string()),
+        },
+        StepAction::Monit { name, op } => match ctx.monit.op(name, *op).await {
+            Ok(out) => ok(out),
+            Err(e) => failed(e.to_string()),
+        },
+        StepAction::CollectLogs { paths, max_bytes } => {
+            let mut budget = MAX_COLLECT;
+            let mut files = Vec::new();
+            let mut errors = Vec::new();
+            for p in paths {
+                let per = (*max_bytes).min(budget);
+                match under_root(&ctx.root, p).and_then(|full| tail_of(&full, per)) {
+                    Ok(bytes) => {
+                        budget = budget.saturating_sub(bytes.len() as u64);
+                        files.push((p.clone(), bytes));
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            StepOutcome {
+                exit_code: Some(0),
+                stderr_tail: errors.join("\n"),
+                files,
+                ..StepOutcome::default()
+            }
+        }
+    };
+    outcome.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(action: StepAction) -> Step {
+        Step {
+            id: "s-1".into(),
+            deployment_id: None,
+            node_id: "n-1".into(),
+            lane: Lane::Adhoc,
+            seq: 1,
+            issued_at: 0,
+            not_after: u64::MAX,
+            action,
+        }
+    }
+
+    fn ctx(root: &Path) -> ExecContext {
+        ExecContext {
+            root: root.to_owned(),
+            monit: Monit::system(),
+        }
+    }
+
+    fn script(s: &str, timeout_secs: u32) -> StepAction {
+        StepAction::Script {
+            script: s.into(),
+            user: None,
+            env: vec![("GREETING".into(), "hello".into())],
+            timeout_secs,
+        }
+    }
+
+    #[tokio::test]
+    async fn scripts_stream_lines_and_report_exit_codes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, mut rx) = mpsc::channel(16);
+        let s = step(script("echo $GREETING; echo oops >&2; pwd; exit 3", 10));
+        let out = execute(&s, &ctx(dir.path()), &tx).await;
+        drop(tx);
+        assert_eq!(out.exit_code, Some(3));
+        assert!(!out.succeeded());
+        let root = std::fs::canonicalize(dir.path()).expect("canon");
+        assert_eq!(out.stdout_tail, format!("hello\n{}\n", root.display()));
+        assert_eq!(out.stderr_tail, "oops\n");
+        let mut lines = Vec::new();
+        while let Some(ev) = rx.recv().await {
+            if let StepEventKind::Output { stream, lines: l } = ev.kind {
+                lines.extend(l.into_iter().map(|x| (stream, x)));
+            }
+        }
+        assert!(lines.contains(&(OutStream::Stdout, "hello".into())));
+        assert!(lines.contains(&(OutStream::Stderr, "oops".into())));
+    }
+
+    #[tokio::test]
+    async fn a_script_past_its_timeout_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, _rx) = mpsc::channel(16);
+        let marker = dir.path().join("child-alive");
+        let s = step(script(
+            &format!("(sleep 3; touch {}) & sleep 30", marker.display()),
+            1,
+        ));
+        let out = execute(&s, &ctx(dir.path()), &tx).await;
+        assert!(out.timed_out, "{out:?}");
+        assert!(
+            out.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("timed out")
+        );
+        assert!(out.duration_ms < 10_000, "{out:?}");
+        // The background child was in the killed process group.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        assert!(!marker.exists(), "the script's child survived the kill");
+    }
+
+    #[test]
+    fn long_lines_are_cut_and_tails_are_bounded() {
+        let mut l = Lines::default();
+        let mut out = Vec::new();
+        let big = vec![b'x'; MAX_LINE * 3];
+        l.feed(&big, &mut out);
+        l.feed(b"\nshort\npart", &mut out);
+        l.finish(&mut out);
+        assert_eq!(out.len(), 3);
+        assert!(out[0].len() < MAX_LINE + 64 && out[0].ends_with("[line cut at 8 KiB]"));
+        assert_eq!(out[1], "short");
+        assert_eq!(out[2], "part");
+        let mut t = Tail::new(4);
+        t.push(b"abc");
+        t.push(b"def");
+        assert_eq!(t.text(), "cdef");
+        t.push(b"0123456789");
+        assert_eq!(t.text(), "6789");
+    }
+
+    #[tokio::test]
+    async fn files_are_written_under_the_root_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, _rx) = mpsc::channel(16);
+        let w = |path: &str| {
+            step(StepAction::WriteFile {
+                path: path.into(),
+                contents: b"data".to_vec(),
+                mode: 0o640,
+                owner: None,
+            })
+        };
+        let out = execute(&w("/etc/app/conf"), &ctx(dir.path()), &tx).await;
+        assert!(out.succeeded(), "{out:?}");
+        let target = dir.path().join("etc/app/conf");
+        assert_eq!(std::fs::read(&target).expect("read"), b"data");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&target)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640);
+        let out = execute(&w("../escape"), &ctx(dir.path()), &tx).await;
+        assert!(!out.succeeded());
+        assert!(
+            out.error
+                .unwrap_or_default()
+                .contains("leaves the node root")
+        );
+        let logs = step(StepAction::CollectLogs {
+            paths: vec!["etc/app/conf".into(), "missing.log".into()],
+            max_bytes: 2,
+        });
+        let out = execute(&logs, &ctx(dir.path()), &tx).await;
+        assert_eq!(out.files, vec![("etc/app/conf".to_owned(), b"ta".to_vec())]);
+        assert!(out.stderr_tail.contains("missing.log"));
+    }
+
+    #[test]
+    fn an_interrupted_step_is_reported_once_and_not_rerun() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut l = Ledger::load(dir.path()).expect("load");
+        let s = step(script("true", 1));
+        l.begin(&s).expect("begin");
+        drop(l);
+        let mut l = Ledger::load(dir.path()).expect("reload");
+        assert_eq!(l.last_done(Lane::Adhoc), 1);
+        let unacked = l.unacked();
+        assert_eq!(unacked.len(), 1);
+        match &unacked[0].kind {
+            StepEventKind::Finished(o) => {
+                assert!(
+                    o.error
+                        .as_deref()
+                        .unwrap_or_default()
+                        .contains("interrupted")
+                )
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        l.acked("s-1").expect("ack");
+        let l = Ledger::load(dir.path()).expect("reload");
+        assert!(l.unacked().is_empty());
+        assert_eq!(l.last_done(Lane::Deploy), 0);
+    }
+}

@@ -1,0 +1,532 @@
+//! Per-node step queues: steps are allocated a sequence number per (node,
+//! lane), signed with the step key, stored, and handed to the node's agent
+//! when it long-polls; the agent's events update them.
+//!
+//! Invariants: a step is on disk before any agent can pull it, and its result
+//! is on disk before the agent gets its `Ack`. Sequence numbers per (node,
+//! lane) only grow (and are raised to what an agent reports having done, so a
+//! controller restored from an older backup resynchronises).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, broadcast};
+
+use de_common::{
+    Lane, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind, StepOutcome, sign_step,
+};
+
+use crate::nodes::rfc3339;
+use crate::pki::random_hex;
+use crate::store::{Store, StoreError, StoreExt, Tree, scan_json};
+
+/// How long a step may wait for its node before the agent refuses it as expired.
+pub(crate) const DEFAULT_STEP_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Refused,
+}
+
+impl StepState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            StepState::Done | StepState::Failed | StepState::Refused
+        )
+    }
+}
+
+/// A step and everything known about it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: Step,
+    pub signed: SignedStep,
+    pub state: StepState,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub outcome: Option<StepOutcome>,
+    /// Why the agent refused it.
+    pub refusal: Option<String>,
+}
+
+/// What happened, for live watchers (the log WebSocket, exec waiters).
+#[derive(Debug, Clone)]
+pub enum StepUpdate {
+    Started {
+        step_id: String,
+        node_id: String,
+    },
+    Output {
+        step_id: String,
+        node_id: String,
+        stream: OutStream,
+        lines: Arc<Vec<String>>,
+    },
+    Finished {
+        step_id: String,
+        node_id: String,
+        state: StepState,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepsError {
+    #[error("step store")]
+    Store(#[from] StoreError),
+    #[error("could not sign the step")]
+    Sign(#[from] de_common::SignError),
+    #[error("no randomness for a step id")]
+    Random,
+}
+
+pub struct StepQueue {
+    store: Arc<dyn Store>,
+    key: Arc<ring::signature::Ed25519KeyPair>,
+    alloc: Mutex<()>,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    updates: broadcast::Sender<StepUpdate>,
+}
+
+impl std::fmt::Debug for StepQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepQueue").finish_non_exhaustive()
+    }
+}
+
+fn key_of(node: &str, lane: Lane, seq: u64) -> String {
+    format!("{node}/{}/{seq:020}", lane.as_str())
+}
+
+fn prefix_of(node: &str, lane: Lane) -> String {
+    format!("{node}/{}/", lane.as_str())
+}
+
+fn seq_key(node: &str, lane: Lane) -> String {
+    format!("seq/{node}/{}", lane.as_str())
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl StepQueue {
+    pub fn new(store: Arc<dyn Store>, key: Arc<ring::signature::Ed25519KeyPair>) -> StepQueue {
+        let (updates, _) = broadcast::channel(4096);
+        StepQueue {
+            store,
+            key,
+            alloc: Mutex::new(()),
+            wakers: Mutex::new(HashMap::new()),
+            updates,
+        }
+    }
+
+    /// Live updates of every step.
+    pub fn subscribe(&self) -> broadcast::Receiver<StepUpdate> {
+        self.updates.subscribe()
+    }
+
+    fn waker(&self, node: &str) -> Arc<Notify> {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Queues `action` for `node` on `lane`; durable (and pullable) when this returns.
+    pub fn enqueue(
+        &self,
+        node: &str,
+        lane: Lane,
+        action: StepAction,
+        deployment_id: Option<String>,
+        ttl: Duration,
+    ) -> Result<StepRecord, StepsError> {
+        let id = format!("s-{}", random_hex(8).map_err(|_| StepsError::Random)?);
+        let now = SystemTime::now();
+        let record = {
+            let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+            let last: u64 = self
+                .store
+                .get_json(Tree::Meta, &seq_key(node, lane))?
+                .unwrap_or(0);
+            let seq = last + 1;
+            let step = Step {
+                id: id.clone(),
+                deployment_id,
+                node_id: node.to_owned(),
+                lane,
+                seq,
+                issued_at: unix(now),
+                not_after: unix(now + ttl),
+                action,
+            };
+            let signed = sign_step(&step, &self.key)?;
+            let record = StepRecord {
+                step,
+                signed,
+                state: StepState::Queued,
+                created_at: rfc3339(now),
+                started_at: None,
+                finished_at: None,
+                outcome: None,
+                refusal: None,
+            };
+            let key = key_of(node, lane, seq);
+            self.store.put_json(Tree::Steps, &key, &record)?;
+            self.store.put_json(Tree::StepIds, &id, &key)?;
+            self.store
+                .put_json(Tree::Meta, &seq_key(node, lane), &seq)?;
+            record
+        };
+        self.waker(node).notify_waiters();
+        Ok(record)
+    }
+
+    pub fn get(&self, step_id: &str) -> Result<Option<StepRecord>, StoreError> {
+        match self.store.get_json::<String>(Tree::StepIds, step_id)? {
+            None => Ok(None),
+            Some(key) => self.store.get_json(Tree::Steps, &key),
+        }
+    }
+
+    /// The next step of (`node`, `lane`) after `after_seq` still to run.
+    pub fn next_for(
+        &self,
+        node: &str,
+        lane: Lane,
+        after_seq: u64,
+    ) -> Result<Option<StepRecord>, StoreError> {
+        let prefix = prefix_of(node, lane);
+        let from = key_of(node, lane, after_seq.saturating_add(1));
+        let mut start = from;
+        loop {
+            let batch: Vec<(String, StepRecord)> =
+                scan_json(&*self.store, Tree::Steps, &prefix, &start, 64)?;
+            let Some((last, _)) = batch.last() else {
+                return Ok(None);
+            };
+            let next_start = format!("{last}\u{0}");
+            if let Some((_, r)) = batch.into_iter().find(|(_, r)| !r.state.is_final()) {
+                return Ok(Some(r));
+            }
+            start = next_start;
+        }
+    }
+
+    /// Long-poll: waits up to `window` for a step of (`node`, `lane`) after `after_seq`.
+    pub async fn pull(
+        &self,
+        node: &str,
+        lane: Lane,
+        after_seq: u64,
+        window: Duration,
+    ) -> Result<Option<SignedStep>, StoreError> {
+        let waker = self.waker(node);
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = self.next_for(node, lane, after_seq)? {
+                return Ok(Some(r.signed));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn update(
+        &self,
+        step_id: &str,
+        f: impl FnOnce(&mut StepRecord),
+    ) -> Result<Option<StepRecord>, StoreError> {
+        let Some(key) = self.store.get_json::<String>(Tree::StepIds, step_id)? else {
+            return Ok(None);
+        };
+        let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut r) = self.store.get_json::<StepRecord>(Tree::Steps, &key)? else {
+            return Ok(None);
+        };
+        f(&mut r);
+        self.store.put_json(Tree::Steps, &key, &r)?;
+        Ok(Some(r))
+    }
+
+    /// Applies an agent's event. Returns whether it must be acknowledged
+    /// (Finished/Refused, once durable).
+    pub fn on_event(&self, node: &str, ev: StepEvent) -> Result<bool, StoreError> {
+        let now = rfc3339(SystemTime::now());
+        match ev.kind {
+            StepEventKind::Started => {
+                let r = self.update(&ev.step_id, |r| {
+                    if r.step.node_id == node && !r.state.is_final() {
+                        r.state = StepState::Running;
+                        r.started_at = Some(now);
+                    }
+                })?;
+                if r.is_some() {
+                    let _ = self.updates.send(StepUpdate::Started {
+                        step_id: ev.step_id,
+                        node_id: node.to_owned(),
+                    });
+                }
+                Ok(false)
+            }
+            StepEventKind::Output { stream, lines } => {
+                let _ = self.updates.send(StepUpdate::Output {
+                    step_id: ev.step_id,
+                    node_id: node.to_owned(),
+                    stream,
+                    lines: Arc::new(lines),
+                });
+                Ok(false)
+            }
+            StepEventKind::Finished(outcome) => {
+                let state = if outcome.succeeded() {
+                    StepState::Done
+                } else {
+                    StepState::Failed
+                };
+                let r = self.update(&ev.step_id, |r| {
+                    if r.step.node_id == node && !r.state.is_final() {
+                        r.state = state;
+                        r.finished_at = Some(now);
+                        r.outcome = Some(outcome);
+                    }
+                })?;
+                if let Some(r) = r {
+                    let _ = self.updates.send(StepUpdate::Finished {
+                        step_id: ev.step_id,
+                        node_id: node.to_owned(),
+                        state: r.state,
+                    });
+                }
+                Ok(true)
+            }
+            StepEventKind::Refused(why) => {
+                let r = self.update(&ev.step_id, |r| {
+                    if r.step.node_id == node && !r.state.is_final() {
+                        r.state = StepState::Refused;
+                        r.finished_at = Some(now);
+                        r.refusal = Some(why.to_string());
+                    }
+                })?;
+                tracing::warn!(node, step = %ev.step_id, reason = %why, "agent refused a step");
+                if let Some(r) = r {
+                    let _ = self.updates.send(StepUpdate::Finished {
+                        step_id: ev.step_id,
+                        node_id: node.to_owned(),
+                        state: r.state,
+                    });
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Aligns the controller's sequence counters with what an agent reports it has done.
+    pub fn resync(&self, node: &str, last_done: &[(Lane, u64)]) -> Result<(), StoreError> {
+        for (lane, done) in last_done {
+            let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+            let last: u64 = self
+                .store
+                .get_json(Tree::Meta, &seq_key(node, *lane))?
+                .unwrap_or(0);
+            if *done > last {
+                tracing::warn!(
+                    node,
+                    lane = lane.as_str(),
+                    agent = done,
+                    controller = last,
+                    "agent has done more steps than this controller issued (restored from backup?); resynchronising"
+                );
+                self.store
+                    .put_json(Tree::Meta, &seq_key(node, *lane), done)?;
+            }
+            // Queued steps the agent can never take (their number is used up) fail now.
+            let stale: Vec<(String, StepRecord)> = scan_json(
+                &*self.store,
+                Tree::Steps,
+                &prefix_of(node, *lane),
+                "",
+                usize::MAX,
+            )?;
+            for (key, mut r) in stale {
+                if r.step.seq <= *done && !r.state.is_final() && r.state == StepState::Queued {
+                    r.state = StepState::Failed;
+                    r.refusal = Some(format!(
+                        "the agent already used sequence {} on lane {}; queue the work again",
+                        r.step.seq,
+                        lane.as_str()
+                    ));
+                    self.store.put_json(Tree::Steps, &key, &r)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every step in `ids` is final or `deadline` passes; returns the records as they are then.
+    pub async fn wait_all(
+        &self,
+        ids: &[String],
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<StepRecord>, StoreError> {
+        let mut rx = self.subscribe();
+        loop {
+            let mut records = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(r) = self.get(id)? {
+                    records.push(r);
+                }
+            }
+            if records.iter().all(|r| r.state.is_final()) {
+                return Ok(records);
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Err(_) => return Ok(records),
+                    Ok(Ok(StepUpdate::Finished { step_id, .. })) if ids.contains(&step_id) => break,
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(records),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+    use ring::signature::KeyPair;
+
+    fn queue() -> (tempfile::TempDir, StepQueue, Vec<u8>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).expect("store"));
+        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .expect("gen");
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
+        let pk = key.public_key().as_ref().to_vec();
+        (dir, StepQueue::new(store, Arc::new(key)), pk)
+    }
+
+    fn echo() -> StepAction {
+        StepAction::Script {
+            script: "echo".into(),
+            user: None,
+            env: vec![],
+            timeout_secs: 5,
+        }
+    }
+
+    #[tokio::test]
+    async fn lanes_have_their_own_sequences_and_steps_come_in_order() {
+        let (_d, q, pk) = queue();
+        let a = q
+            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("a");
+        let b = q
+            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("b");
+        let c = q
+            .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .expect("c");
+        let d = q
+            .enqueue("n2", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("d");
+        assert_eq!(
+            (a.step.seq, b.step.seq, c.step.seq, d.step.seq),
+            (1, 2, 1, 1)
+        );
+        let first = q
+            .pull("n1", Lane::Deploy, 0, Duration::from_millis(10))
+            .await
+            .expect("pull")
+            .expect("step");
+        let step =
+            de_common::check_step(&first, &pk, "n1", 0, unix(SystemTime::now())).expect("valid");
+        assert_eq!(step.id, a.step.id);
+        // Finishing the first makes the second next; a pull past everything waits and times out.
+        q.on_event(
+            "n1",
+            StepEvent {
+                step_id: a.step.id.clone(),
+                lane: Lane::Deploy,
+                seq: 1,
+                kind: StepEventKind::Finished(StepOutcome {
+                    exit_code: Some(0),
+                    ..Default::default()
+                }),
+            },
+        )
+        .expect("event");
+        let second = q
+            .pull("n1", Lane::Deploy, 1, Duration::from_millis(10))
+            .await
+            .expect("pull")
+            .expect("step");
+        assert_eq!(second, b.signed);
+        assert!(
+            q.pull("n1", Lane::Deploy, 2, Duration::from_millis(20))
+                .await
+                .expect("pull")
+                .is_none()
+        );
+        assert_eq!(
+            q.get(&a.step.id).expect("get").expect("rec").state,
+            StepState::Done
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_pull_wakes_as_soon_as_a_step_is_queued() {
+        let (_d, q, _) = queue();
+        let q = Arc::new(q);
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move { q.pull("n1", Lane::Adhoc, 0, Duration::from_secs(20)).await })
+        };
+        tokio::task::yield_now().await;
+        let started = std::time::Instant::now();
+        let r = q
+            .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .expect("enqueue");
+        let got = waiter.await.expect("join").expect("pull").expect("step");
+        assert_eq!(got, r.signed);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn resync_raises_sequences_and_fails_unreachable_steps() {
+        let (_d, q, _) = queue();
+        let old = q
+            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("old");
+        q.resync("n1", &[(Lane::Deploy, 5)]).expect("resync");
+        assert_eq!(
+            q.get(&old.step.id).expect("get").expect("rec").state,
+            StepState::Failed
+        );
+        let new = q
+            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("new");
+        assert_eq!(new.step.seq, 6);
+    }
+}

@@ -1,0 +1,154 @@
+//! Signed steps on real agents: exec on several nodes, bounded memory for
+//! huge output, and no step repeated or skipped when an agent is killed mid-step.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use de_tests::{TestAgent, cluster, peak_rss_kib, wait_until};
+use serde_json::json;
+
+#[test]
+fn exec_runs_on_three_agents_and_returns_each_ones_output() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ctl, agents) = cluster(dir.path(), &["127.0.3.1", "127.0.3.2", "127.0.3.3"], false)?;
+    let body = json!({
+        "script": "echo \"root=$DE_ROOT\"; echo warn >&2; exit 7",
+        "targets": agents.iter().map(|a| a.ip.clone()).collect::<Vec<_>>(),
+        "timeout_secs": 30,
+    });
+    let a = ctl.api("POST", "/api/v1/exec", Some(&body.to_string()))?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let results = a.body.as_array().context("array")?;
+    assert_eq!(results.len(), 3);
+    for agent in &agents {
+        let r = results
+            .iter()
+            .find(|r| r["ip"] == agent.ip.as_str())
+            .with_context(|| format!("no result for {}", agent.ip))?;
+        assert_eq!(r["exit_code"], 7, "{r}");
+        let root = std::fs::canonicalize(&agent.root)?;
+        assert_eq!(
+            r["stdout"],
+            format!("root={}\n", agent.root.display()),
+            "{r} ({})",
+            root.display()
+        );
+        assert_eq!(r["stderr"], "warn\n");
+        assert_eq!(r["timed_out"], false);
+    }
+    // No targets: every online node. A bad target is named.
+    let a = ctl.api("POST", "/api/v1/exec", Some(r#"{"script": "hostname"}"#))?;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.as_array().map(Vec::len), Some(3));
+    let a = ctl.api(
+        "POST",
+        "/api/v1/exec",
+        Some(r#"{"script": "true", "targets": ["127.9.9.9"]}"#),
+    )?;
+    assert_eq!(a.status, 400);
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("127.9.9.9")
+    );
+    let a = ctl.api(
+        "POST",
+        "/api/v1/exec",
+        Some(r#"{"script": "true", "timeout": 5}"#),
+    )?;
+    assert_eq!(a.status, 400, "unknown field is refused: {}", a.body);
+    // A command past its timeout is killed and says so.
+    let body = json!({"script": "sleep 30", "targets": [agents[0].ip], "timeout_secs": 1});
+    let a = ctl.api("POST", "/api/v1/exec", Some(&body.to_string()))?;
+    assert_eq!(a.body[0]["timed_out"], true, "{}", a.body);
+    Ok(())
+}
+
+#[test]
+fn a_step_printing_100_mb_does_not_grow_the_agents_memory() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ctl, agents) = cluster(dir.path(), &["127.0.3.4"], false)?;
+    let pid = agents[0].proc.as_ref().context("proc")?.pid();
+    let before = peak_rss_kib(pid).context("rss")?;
+    // 100 MB in lines of 99 characters, and one 1 MB line without a newline.
+    let script = "head -c 100000000 /dev/zero | tr '\\0' 'x' | fold -w 99; head -c 1000000 /dev/zero | tr '\\0' 'y'";
+    let body = json!({"script": script, "timeout_secs": 600});
+    let a = ctl.api("POST", "/api/v1/exec", Some(&body.to_string()))?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body[0]["exit_code"], 0, "{}", a.body);
+    let tail = a.body[0]["stdout"].as_str().unwrap_or_default();
+    assert_eq!(tail.len(), 64 * 1024, "the result keeps a bounded tail");
+    assert!(tail.ends_with("yyyy"));
+    let after = peak_rss_kib(pid).context("rss")?;
+    assert!(
+        after < before + 48 * 1024,
+        "agent peak memory grew from {before} KiB to {after} KiB while streaming 100 MB"
+    );
+    Ok(())
+}
+
+fn queue(ctl: &de_tests::TestController, node: &str, script: &str) -> Result<String> {
+    let body = json!({
+        "action": {"Script": {"script": script, "user": null, "env": [], "timeout_secs": 120}},
+        "lane": "Deploy",
+        "wait_secs": 0,
+    });
+    let a = ctl.api(
+        "POST",
+        &format!("/api/v1/nodes/{node}/steps"),
+        Some(&body.to_string()),
+    )?;
+    assert!(a.status == 200 || a.status == 202, "{}", a.body);
+    Ok(a.body["step"]["id"].as_str().context("id")?.to_owned())
+}
+
+fn step_state(ctl: &de_tests::TestController, id: &str) -> Option<serde_json::Value> {
+    ctl.api("GET", &format!("/api/v1/steps/{id}"), None)
+        .ok()
+        .map(|a| a.body)
+}
+
+#[test]
+fn an_agent_killed_mid_step_neither_repeats_nor_skips() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ctl, mut agents) = cluster(dir.path(), &["127.0.3.5"], false)?;
+    let agent: &mut TestAgent = &mut agents[0];
+    let node = agent.node_id()?;
+    let log = agent.root.join("steps.log");
+    let one = queue(&ctl, &node, "echo one >> \"$DE_ROOT/steps.log\"")?;
+    let two = queue(
+        &ctl,
+        &node,
+        "echo two-start >> \"$DE_ROOT/steps.log\"; sleep 60; echo two-end >> \"$DE_ROOT/steps.log\"",
+    )?;
+    let three = queue(&ctl, &node, "echo three >> \"$DE_ROOT/steps.log\"")?;
+    wait_until(Duration::from_secs(30), "step two to start", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("two-start"))
+    })?;
+    // SIGKILL the agent in the middle of step two, and kill the script it left behind.
+    agent.proc.as_mut().context("proc")?.kill();
+    let _ = std::process::Command::new("pkill")
+        .args(["-KILL", "-f", "sleep 60; echo two-end"])
+        .status();
+    agent.start(1)?;
+    let done = wait_until(Duration::from_secs(60), "step three to finish", || {
+        step_state(&ctl, &three).filter(|s| s["state"] == "done")
+    })?;
+    assert_eq!(done["outcome"]["exit_code"], 0);
+    assert_eq!(std::fs::read_to_string(&log)?, "one\ntwo-start\nthree\n");
+    let s1 = step_state(&ctl, &one).context("one")?;
+    assert_eq!(s1["state"], "done");
+    let s2 = step_state(&ctl, &two).context("two")?;
+    assert_eq!(s2["state"], "failed", "{s2}");
+    assert!(
+        s2["outcome"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("interrupted"),
+        "{s2}"
+    );
+    Ok(())
+}
