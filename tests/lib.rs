@@ -25,6 +25,19 @@ pub fn bin_dir() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--bins", "-p", "de-controller", "-p", "de-agent"]);
+        // The test process carries cargo's per-crate variables (CARGO_PKG_*,
+        // CARGO_MANIFEST_DIR, ...); passed on, they change build fingerprints
+        // and make every run rebuild the dependencies.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            let keep = matches!(
+                k.as_str(),
+                "CARGO_HOME" | "CARGO_TARGET_DIR" | "CARGO_TERM_COLOR"
+            );
+            if (k.starts_with("CARGO_") && !keep) || k == "OUT_DIR" || k == "RUSTC_BOOTSTRAP" {
+                cmd.env_remove(&k);
+            }
+        }
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

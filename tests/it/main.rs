@@ -4,4 +4,5 @@
 mod enrolment;
 mod link_security;
 mod monit;
+mod step_refusals;
 mod steps;
