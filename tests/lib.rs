@@ -399,6 +399,18 @@ impl TestAgent {
 
     /// Starts `de-agent run` in the background.
     pub fn start(&mut self, heartbeat_secs: u64) -> Result<()> {
+        self.start_with(heartbeat_secs, &[])
+    }
+
+    /// Starts `de-agent run --controller ADDR --code CODE`: enrols first when it has no identity.
+    pub fn start_enrolling(&mut self, controller: &SocketAddr, code: &str) -> Result<()> {
+        self.start_with(
+            1,
+            &["--controller", &controller.to_string(), "--code", code],
+        )
+    }
+
+    fn start_with(&mut self, heartbeat_secs: u64, extra: &[&str]) -> Result<()> {
         let mut cmd = Command::new(bin("de-agent"));
         cmd.args([
             "run",
@@ -407,6 +419,7 @@ impl TestAgent {
             "--max-backoff-secs",
             "2",
         ]);
+        cmd.args(extra);
         self.common(&mut cmd);
         if let Some(m) = &self.monit_control {
             cmd.arg("--monit-control").arg(m);

@@ -32,7 +32,7 @@ fn three_agents_enrol_come_online_and_return_after_a_controller_restart() -> Res
     );
     let code = ctl.new_code(None)?;
     let mut agents = Vec::new();
-    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+    for ip in ["127.0.0.2", "127.0.0.3"] {
         let agent = TestAgent::new(dir.path(), ip)?;
         let out = agent.enroll(&ctl.quic, &code)?;
         assert!(out.status.success(), "enrol {ip}: {}", out.stderr);
@@ -42,6 +42,10 @@ fn three_agents_enrol_come_online_and_return_after_a_controller_restart() -> Res
     for a in &mut agents {
         a.start(1)?;
     }
+    // The systemd path: `run` with a controller and a code enrols first.
+    let mut third = TestAgent::new(dir.path(), "127.0.0.4")?;
+    third.start_enrolling(&ctl.quic, &code)?;
+    agents.push(third);
     let mut ids = Vec::new();
     for a in &agents {
         let node = wait_until(WAIT, &format!("{} online", a.ip), || {
