@@ -16,6 +16,8 @@ pub enum Tree {
     Meta,
     /// Enrolled nodes by id.
     Nodes,
+    /// The current plan, under the key `current`.
+    Plans,
 }
 
 impl Tree {
@@ -23,6 +25,7 @@ impl Tree {
         match self {
             Tree::Meta => "meta",
             Tree::Nodes => "nodes",
+            Tree::Plans => "plans",
         }
     }
 }
