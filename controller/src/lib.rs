@@ -5,10 +5,12 @@
 pub mod api;
 mod catalog;
 mod codes;
+mod compat;
 mod nodes;
 mod oplog;
 mod pki;
 mod plan;
+mod plan_api;
 pub mod quic;
 mod render;
 mod store;
