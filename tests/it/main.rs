@@ -3,3 +3,4 @@
 
 mod enrolment;
 mod link_security;
+mod plans;
