@@ -1,9 +1,11 @@
-//! The HTTP API: `/healthz`, the native `/api/v1` routes, and (later) the
-//! original `/deployment-engine` routes. `app()` builds the whole router so
-//! tests can drive it with `oneshot`.
+//! The HTTP API: `/healthz`, the native `/api/v1` routes (plans and catalogs
+//! in `plan_api.rs`), and the original `/deployment-engine` routes
+//! (`compat.rs`). `app()` builds the whole router so tests can drive it with
+//! `oneshot`.
 //!
-//! Invariant: every error has one JSON shape (`{"error", "message"}`), and a
-//! 2xx is sent only after the change it reports is flushed to disk.
+//! Invariant: every error has one JSON shape (`{"error", "message"}`, plus
+//! `"problems"` when a plan is invalid), and a 2xx is sent only after the
+//! change it reports is flushed to disk.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,18 +23,21 @@ use tracing::error;
 use crate::Controller;
 use crate::nodes::{NodeView, rfc3339};
 use crate::steps::{StepRecord, StepState};
+use crate::validate::Problem;
 
 /// The longest an install code may live.
 pub const MAX_CODE_TTL_SECS: u64 = 7 * 24 * 3600;
 /// The default install-code lifetime (the COS guide's hour).
 pub const DEFAULT_CODE_TTL_SECS: u64 = 3600;
 
-/// One error type for every route, rendered as `{"error": CODE, "message": TEXT}`.
+/// One error type for every route, rendered as `{"error": CODE, "message": TEXT}`
+/// (and `"problems": [...]` for an invalid plan).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    problems: Vec<Problem>,
 }
 
 impl ApiError {
@@ -41,6 +46,25 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// 400 `invalid_plan` listing every problem; nothing was stored.
+    pub fn invalid_plan(problems: Vec<Problem>) -> ApiError {
+        let first = problems
+            .first()
+            .map(|p| p.problem.as_str())
+            .unwrap_or("no details");
+        let message = match problems.len() {
+            1 => format!("the plan was not accepted: {first}"),
+            n => format!(
+                "the plan was not accepted: {n} problems (listed in \"problems\"), the first: {first}"
+            ),
+        };
+        ApiError {
+            problems,
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_plan", message)
         }
     }
 
@@ -74,6 +98,8 @@ impl ApiError {
 struct ErrorBody<'a> {
     error: &'a str,
     message: &'a str,
+    #[serde(skip_serializing_if = "<[Problem]>::is_empty")]
+    problems: &'a [Problem],
 }
 
 impl IntoResponse for ApiError {
@@ -81,6 +107,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: self.code,
             message: &self.message,
+            problems: &self.problems,
         };
         (self.status, axum::Json(body)).into_response()
     }
@@ -100,13 +127,19 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         .route("/nodes/{id}/steps", axum::routing::post(post_step))
         .route("/steps/{id}", get(get_step))
         .route("/exec", axum::routing::post(exec))
+        .merge(crate::plan_api::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             ctl.clone(),
             require_token,
         ));
+    let original = crate::compat::routes().route_layer(axum::middleware::from_fn_with_state(
+        ctl.clone(),
+        require_token_or_query,
+    ));
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/api/v1", v1)
+        .nest("/deployment-engine", original)
         .fallback(not_found)
         .with_state(ctl)
 }
@@ -123,21 +156,45 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 async fn require_token(
     State(ctl): Ctl,
     headers: HeaderMap,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    check_token(&ctl, bearer(&headers), "header")?;
+    Ok(next.run(req).await)
+}
+
+/// The original routes also take `?token=` for clients that cannot set a
+/// header (a browser's WebSocket, scripts with a fixed URL).
+async fn require_token_or_query(
+    State(ctl): Ctl,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let from_query = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(str::to_owned)
+    });
+    let presented = bearer(&headers).map(str::to_owned).or(from_query);
+    check_token(&ctl, presented.as_deref(), "header or ?token= parameter")?;
+    Ok(next.run(req).await)
+}
+
+fn check_token(ctl: &Controller, presented: Option<&str>, how: &str) -> Result<(), ApiError> {
     match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), ctl.pki.token().as_bytes()) => {
-            Ok(next.run(req).await)
-        }
+        Some(t) if constant_time_eq(t.as_bytes(), ctl.pki.token().as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -146,7 +203,9 @@ async fn require_token(
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing 'Authorization: Bearer <token>' header: the token is in the controller's admin.token file",
+            format!(
+                "missing 'Authorization: Bearer <token>' {how}: the token is in the controller's admin.token file"
+            ),
         )),
     }
 }

@@ -3,21 +3,38 @@
 //! only parses the command line and wires these together.
 
 pub mod api;
+mod catalog;
 mod codes;
+mod compat;
 mod nodes;
+mod oplog;
 mod pki;
+mod plan;
+mod plan_api;
 pub mod quic;
+mod render;
 mod steps;
 mod store;
+#[cfg(test)]
+mod testkit;
+mod validate;
 
 use std::path::Path;
 use std::sync::Arc;
 
+pub use catalog::{
+    CATALOG_FILE, Cardinality, Catalog, CatalogError, Catalogs, ComponentDef, DEFAULT_CATALOG,
+    Minimum, STANDARD_PROPERTIES, StepSpec,
+};
 pub use codes::{Codes, CodesError};
 pub use nodes::{NodeRecord, NodeView, Nodes};
+pub use oplog::{OPLOG_FILE, OpLog};
 pub use pki::{Pki, PkiError, TokenOrigin};
+pub use plan::{DnsRecord, Plan, Plans, Properties, REDACTED, Secret, StoredPlan};
+pub use render::{NodeContext, PlanRenderer, RenderError, RenderedComponent};
 pub use steps::{StepQueue, StepRecord, StepState, StepUpdate, StepsError};
 pub use store::{SledStore, Store, StoreError, StoreExt, Tree};
+pub use validate::{Problem, ValidPlan, validate_plan};
 
 /// Why the controller could not open its data dir.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +45,10 @@ pub enum OpenError {
     Pki(#[from] PkiError),
     #[error("could not open the store")]
     Store(#[from] StoreError),
+    #[error("could not load the component catalogs: fix or remove the file named here")]
+    Catalog(#[from] CatalogError),
+    #[error("could not open the operations log in {0}")]
+    OpLog(String, #[source] std::io::Error),
 }
 
 /// Everything the controller's tasks share.
@@ -38,6 +59,11 @@ pub struct Controller {
     pub codes: Codes,
     pub nodes: Nodes,
     pub steps: StepQueue,
+    /// Built-in catalogs and the operator's (`DATA/catalogs/`), loaded at start.
+    pub catalogs: Catalogs,
+    pub plans: Plans,
+    /// `DATA/logs/local.log`.
+    pub oplog: OpLog,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -56,6 +82,11 @@ impl Controller {
         let codes = Codes::load(store.clone())?;
         let nodes = Nodes::load(store.clone())?;
         let steps = StepQueue::new(store.clone(), pki.step_key());
+        let catalogs = Catalogs::load(&data_dir.join("catalogs"))?;
+        let plans = Plans::load(store.clone())?;
+        let logs = data_dir.join("logs");
+        let oplog =
+            OpLog::open(&logs).map_err(|e| OpenError::OpLog(logs.display().to_string(), e))?;
         Ok((
             Controller {
                 store,
@@ -63,8 +94,23 @@ impl Controller {
                 codes,
                 nodes,
                 steps,
+                catalogs,
+                plans,
+                oplog,
             },
             origin,
         ))
     }
+}
+
+/// `err: source: source ...`, for messages that must carry the whole chain.
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut src = err.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }

@@ -20,6 +20,8 @@ pub enum Tree {
     Steps,
     /// Step id -> its key in `Steps`.
     StepIds,
+    /// The current plan, under the key `current`.
+    Plans,
 }
 
 impl Tree {
@@ -29,6 +31,7 @@ impl Tree {
             Tree::Nodes => "nodes",
             Tree::Steps => "steps",
             Tree::StepIds => "step-ids",
+            Tree::Plans => "plans",
         }
     }
 }

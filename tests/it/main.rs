@@ -4,5 +4,6 @@
 mod enrolment;
 mod link_security;
 mod monit;
+mod plans;
 mod step_refusals;
 mod steps;

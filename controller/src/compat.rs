@@ -1,0 +1,487 @@
+//! The original API's routes under `/deployment-engine` (port 50000), with the
+//! original's field names and status codes: `GET/POST /config` and
+//! `GET /hardware`.
+//!
+//! The original clients send JSON with any Content-Type or none (`curl -X GET
+//! -d '{...}'` sends a form type), so bodies are read as bytes and parsed
+//! here, never through axum's `Json` extractor.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+
+use crate::Controller;
+use crate::api::ApiError;
+use crate::nodes::NodeView;
+use crate::plan::StoredPlan;
+use crate::plan_api::{created, submit};
+use crate::validate::find_node;
+
+type Ctl = State<Arc<Controller>>;
+
+pub(crate) fn routes() -> Router<Arc<Controller>> {
+    Router::new()
+        .route("/config", get(get_config).post(post_config))
+        // POST too: browsers' fetch() cannot send a body with GET.
+        .route("/hardware", get(hardware).post(hardware))
+}
+
+async fn get_config(State(ctl): Ctl) -> Result<Response, ApiError> {
+    let cur = ctl.plans.current().ok_or_else(|| {
+        ApiError::not_found(
+            "no plan has been submitted yet: POST the plan JSON to /deployment-engine/config first",
+        )
+    })?;
+    Ok(axum::Json(cur.plan.redacted()).into_response())
+}
+
+async fn post_config(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
+    let accepted = submit(&ctl, body, true).await?;
+    Ok(created(&accepted).into_response())
+}
+
+/// `{"Comp": "nats", "Ip": "10.0.0.1"}`; the original's restart/stop bodies
+/// also say `name` and `ip`, so those spellings are accepted too.
+#[derive(Debug, Deserialize)]
+struct HardwareRequest {
+    #[serde(rename = "Comp", alias = "comp", alias = "name", alias = "Name")]
+    comp: String,
+    #[serde(rename = "Ip", alias = "ip", alias = "IP")]
+    ip: String,
+}
+
+/// One row of the answer: CPU count, RAM in kB and DISK in MB, as the original.
+#[derive(Debug, Serialize, PartialEq)]
+#[allow(non_snake_case)]
+struct HardwareRow {
+    Comp: String,
+    IP: String,
+    CPU: u32,
+    RAM: u64,
+    DISK: u64,
+}
+
+fn row(comp: &str, ip: &str, node: &NodeView) -> HardwareRow {
+    HardwareRow {
+        Comp: comp.to_owned(),
+        IP: ip.to_owned(),
+        CPU: node.hardware.cpus,
+        RAM: node.hardware.ram_mb.saturating_mul(1024),
+        DISK: node.hardware.disk_mb,
+    }
+}
+
+fn lookup(
+    nodes: &[NodeView],
+    plan: &StoredPlan,
+    comp: &str,
+    ip: &str,
+) -> Result<HardwareRow, ApiError> {
+    let node = find_node(nodes, ip).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "the plan (revision {}) places {comp} on {ip}, but no enrolled node has that IP any more: enrol it again or submit a new plan",
+                plan.revision
+            ),
+        )
+    })?;
+    Ok(row(comp, ip, node))
+}
+
+async fn hardware(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
+    let Some(plan) = ctl.plans.current() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "no_plan",
+            "no plan has been submitted yet: POST the plan JSON to /deployment-engine/config first",
+        ));
+    };
+    let req = if body.iter().all(u8::is_ascii_whitespace) {
+        HardwareRequest {
+            comp: "all".into(),
+            ip: "0.0.0.0".into(),
+        }
+    } else {
+        serde_json::from_slice::<HardwareRequest>(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the body must be {{\"Comp\": \"<component>\", \"Ip\": \"<node IP>\"}} (or {{\"Comp\": \"all\", \"Ip\": \"0.0.0.0\"}}): {e}"
+            ))
+        })?
+    };
+    let nodes = ctl.nodes.list();
+    let comp = req.comp.trim();
+    let ip = req.ip.trim();
+    if comp == "all" && ip == "0.0.0.0" {
+        let rows = plan
+            .plan
+            .instances()
+            .map(|(c, i)| lookup(&nodes, &plan, c, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(axum::Json(rows).into_response());
+    }
+    let canonical = ip
+        .parse::<std::net::IpAddr>()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| ip.to_owned());
+    let placed = plan
+        .plan
+        .components
+        .get(comp)
+        .is_some_and(|ips| ips.contains(&canonical));
+    if !placed {
+        let on = plan.plan.components_on(&canonical);
+        let hint = if on.is_empty() {
+            format!("the plan has no node {canonical}")
+        } else {
+            format!("{canonical} runs {}", on.join(", "))
+        };
+        return Err(ApiError::bad_request(format!(
+            "component {comp:?} and IP {ip:?} do not match the plan: {hint} (GET /deployment-engine/config shows the plan)"
+        )));
+    }
+    Ok(axum::Json(lookup(&nodes, &plan, comp, &canonical)?).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use serde_json::{Value, json};
+
+    use crate::testkit::{call, controller, enrol, seed_json};
+
+    fn three_nodes(ctl: &crate::Controller) {
+        for i in 1..=3 {
+            enrol(
+                ctl,
+                &format!("n-{i}"),
+                &format!("10.0.0.{i}"),
+                4,
+                16384,
+                100_000,
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn before_any_plan_config_is_404_and_hardware_is_403() {
+        let (_d, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        let (s, body) = call(&ctl, "GET", "/deployment-engine/config", Some(&t), None, "").await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("no plan"),
+            "{body}"
+        );
+        let (s, body) = call(
+            &ctl,
+            "GET",
+            "/deployment-engine/hardware",
+            Some(&t),
+            None,
+            r#"{"Comp":"all","Ip":"0.0.0.0"}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+        let (s, _) = call(&ctl, "GET", "/api/v1/plan", Some(&t), None, "").await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn the_original_routes_need_the_token_as_header_or_query() {
+        let (_d, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        let (s, body) = call(&ctl, "GET", "/deployment-engine/config", None, None, "").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("?token="),
+            "{body}"
+        );
+        let uri = format!("/deployment-engine/config?token={t}");
+        let (s, _) = call(&ctl, "GET", &uri, None, None, "").await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "authorized, and no plan yet");
+        let (s, _) = call(
+            &ctl,
+            "GET",
+            "/deployment-engine/config?token=nope",
+            None,
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        // The native API takes the header only.
+        let uri = format!("/api/v1/plan?token={t}");
+        let (s, _) = call(&ctl, "GET", &uri, None, None, "").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn a_plan_is_stored_read_back_redacted_and_round_trips() {
+        let (dir, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        three_nodes(&ctl);
+        // As curl -d sends it: a form content type.
+        let (s, body) = call(
+            &ctl,
+            "POST",
+            "/deployment-engine/config",
+            Some(&t),
+            Some("application/x-www-form-urlencoded"),
+            &seed_json(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        assert_eq!(body["revision"], 1);
+        assert_eq!(body["dns"]["name"], "*.cf.local");
+        assert_eq!(body["dns"]["value"], "10.0.0.1");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("*.cf.local"),
+            "{body}"
+        );
+
+        let (s, got) = call(&ctl, "GET", "/deployment-engine/config", Some(&t), None, "").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(got["properties"]["password"], "******");
+        assert_eq!(got["properties"]["root"], "******");
+        assert_eq!(got["properties"]["disksize"], 15);
+        assert_eq!(got["components"]["nats"], json!(["10.0.0.2", "10.0.0.3"]));
+
+        // What GET gave, posted back (no Content-Type at all), keeps the secrets.
+        let (s, body) = call(
+            &ctl,
+            "POST",
+            "/deployment-engine/config",
+            Some(&t),
+            None,
+            &got.to_string(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        assert_eq!(body["revision"], 2);
+        let cur = ctl.plans.current().expect("stored");
+        let p = &cur.plan.properties;
+        assert_eq!(
+            p.password.as_ref().map(crate::Secret::expose),
+            Some("password")
+        );
+        assert_eq!(p.root.as_ref().map(crate::Secret::expose), Some("123456"));
+
+        let (s, native) = call(&ctl, "GET", "/api/v1/plan", Some(&t), None, "").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(native["revision"], 2);
+        assert_eq!(native["plan"]["properties"]["password"], "******");
+        assert_eq!(native["order"].as_array().map(Vec::len), Some(14));
+
+        let log = std::fs::read_to_string(dir.path().join("logs/local.log")).expect("local.log");
+        assert_eq!(
+            log.lines().filter(|l| l.contains("plan stored")).count(),
+            2,
+            "{log}"
+        );
+        assert!(log.contains("*.cf.local A 10.0.0.1"), "{log}");
+        assert!(
+            !log.contains("123456") && !log.contains(":password"),
+            "{log}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invalid_plan_is_400_with_every_problem_and_nothing_stored() {
+        let (dir, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        let mut plan: Value = serde_json::from_str(&seed_json()).expect("seed");
+        plan["components"]["web"] = json!(["10.0.0.1"]);
+        let (s, body) = call(
+            &ctl,
+            "POST",
+            "/deployment-engine/config",
+            Some(&t),
+            Some("application/json"),
+            &plan.to_string(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "invalid_plan");
+        let problems = body["problems"].as_array().cloned().unwrap_or_default();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p["kind"] == "unknown_component" && p["component"] == "web"),
+            "{body}"
+        );
+        // No node is enrolled: every IP is named.
+        for ip in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p["kind"] == "unknown_node" && p["ip"] == ip),
+                "{ip}: {body}"
+            );
+        }
+        for p in &problems {
+            for field in [
+                "kind",
+                "component",
+                "ip",
+                "property",
+                "problem",
+                "found",
+                "needed",
+            ] {
+                assert!(p.get(field).is_some(), "{field} in {p}");
+            }
+        }
+        assert!(ctl.plans.current().is_none());
+        let (s, body) = call(
+            &ctl,
+            "POST",
+            "/deployment-engine/config",
+            Some(&t),
+            None,
+            "{\"components\":",
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(body["problems"][0]["kind"], "malformed_json");
+        let log = std::fs::read_to_string(dir.path().join("logs/local.log")).expect("local.log");
+        assert_eq!(
+            log.lines().filter(|l| l.contains("plan rejected")).count(),
+            2,
+            "{log}"
+        );
+    }
+
+    #[tokio::test]
+    async fn hardware_answers_one_all_and_refuses_a_mismatch() {
+        let (_d, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        three_nodes(&ctl);
+        let (s, _) = call(
+            &ctl,
+            "POST",
+            "/deployment-engine/config",
+            Some(&t),
+            None,
+            &seed_json(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED);
+        let hw = |body: &'static str| {
+            let ctl = ctl.clone();
+            let t = t.clone();
+            async move {
+                call(
+                    &ctl,
+                    "GET",
+                    "/deployment-engine/hardware",
+                    Some(&t),
+                    None,
+                    body,
+                )
+                .await
+            }
+        };
+        let (s, one) = hw(r#"{"Comp":"nats","Ip":"10.0.0.3"}"#).await;
+        assert_eq!(s, StatusCode::OK, "{one}");
+        assert_eq!(
+            one,
+            json!({"Comp": "nats", "IP": "10.0.0.3", "CPU": 4, "RAM": 16384 * 1024, "DISK": 100_000})
+        );
+        let (s, all) = hw(r#"{ "Comp":"all","Ip":"0.0.0.0"}"#).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(
+            all.as_array().map(Vec::len),
+            Some(19),
+            "one row per component instance"
+        );
+        let (s, body) = hw(r#"{"Comp":"nats","Ip":"10.0.0.1"}"#).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("do not match"),
+            "{body}"
+        );
+        let (s, _) = hw(r#"{"Comp":"nats"}"#).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let (s, _) = call(
+            &ctl,
+            "POST",
+            "/deployment-engine/hardware",
+            Some(&t),
+            None,
+            r#"{"Comp":"dea","Ip":"10.0.0.1"}"#,
+        )
+        .await;
+        assert_eq!(
+            s,
+            StatusCode::OK,
+            "POST works for clients that cannot send a GET body"
+        );
+    }
+
+    #[tokio::test]
+    async fn validate_stores_nothing_and_catalogs_are_listed() {
+        let (_d, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        three_nodes(&ctl);
+        let (s, body) = call(
+            &ctl,
+            "POST",
+            "/api/v1/plan/validate",
+            Some(&t),
+            None,
+            &seed_json(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert_eq!(body["valid"], true);
+        assert_eq!(body["plan"]["properties"]["root"], "******");
+        assert!(ctl.plans.current().is_none(), "a dry run stores nothing");
+        let (s, body) = call(&ctl, "POST", "/api/v1/plan/validate", Some(&t), None, "{}").await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "invalid_plan");
+
+        let (s, list) = call(&ctl, "GET", "/api/v1/catalogs", Some(&t), None, "").await;
+        assert_eq!(s, StatusCode::OK);
+        let names: Vec<&str> = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        assert_eq!(names, ["cf-v170", "debian-demo"]);
+        let (s, demo) = call(
+            &ctl,
+            "GET",
+            "/api/v1/catalogs/debian-demo",
+            Some(&t),
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(demo["order"], json!(["nats", "nginx", "haproxy"]));
+        assert!(demo["components"][0]["install"].is_array(), "{demo}");
+        let (s, _) = call(&ctl, "GET", "/api/v1/catalogs/nope", Some(&t), None, "").await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+}
