@@ -30,6 +30,7 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         .route("/config", get(get_config).post(post_config))
         // POST too: browsers' fetch() cannot send a body with GET.
         .route("/hardware", get(hardware).post(hardware))
+        .merge(crate::operate::routes())
 }
 
 async fn get_config(State(ctl): Ctl) -> Result<Response, ApiError> {

@@ -7,6 +7,7 @@ mod catalog;
 mod codes;
 mod compat;
 mod nodes;
+mod operate;
 mod oplog;
 mod pki;
 mod plan;

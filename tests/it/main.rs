@@ -4,6 +4,7 @@
 mod enrolment;
 mod link_security;
 mod monit;
+mod operate;
 mod plans;
 mod step_refusals;
 mod steps;

@@ -1,0 +1,240 @@
+//! The original API's operations on a running plan: `GET /deployment-engine/status`
+//! (one row per component instance, as the original), and `PUT /restart` and
+//! `PUT /stop` through each node's monit, as signed ad-hoc steps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use serde::{Deserialize, Serialize};
+
+use de_common::{Lane, MonitOp, StepAction};
+
+use crate::Controller;
+use crate::api::ApiError;
+use crate::nodes::NodeView;
+use crate::plan::StoredPlan;
+use crate::steps::StepState;
+use crate::validate::find_node;
+
+type Ctl = State<Arc<Controller>>;
+
+/// How long restart/stop wait for the agents' answers.
+const OPERATE_WAIT: Duration = Duration::from_secs(30);
+
+pub(crate) fn routes() -> Router<Arc<Controller>> {
+    Router::new()
+        .route("/status", get(status))
+        .route("/restart", put(restart))
+        .route("/stop", put(stop))
+}
+
+fn no_plan() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "no_plan",
+        "no plan has been submitted yet: POST the plan JSON to /deployment-engine/config first",
+    )
+}
+
+/// One row of `GET /deployment-engine/status`, with the original's field names.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[allow(non_snake_case)]
+pub(crate) struct StatusRow {
+    pub Comp: String,
+    pub Ip: String,
+    pub Cpu: String,
+    pub Mem: String,
+    pub Disk: String,
+    pub Status: String,
+}
+
+fn pct(v: f32) -> String {
+    let r = (f64::from(v) * 100.0).round() / 100.0;
+    format!("{r}%")
+}
+
+fn row(comp: &str, ip: &str, node: Option<&NodeView>) -> StatusRow {
+    let Some(n) = node else {
+        return StatusRow {
+            Comp: comp.to_owned(),
+            Ip: ip.to_owned(),
+            Cpu: String::new(),
+            Mem: String::new(),
+            Disk: String::new(),
+            Status: "UNKNOWN (no enrolled node has this IP)".to_owned(),
+        };
+    };
+    let status = if !n.online {
+        "OFFLINE (the agent is not connected)".to_owned()
+    } else {
+        n.components
+            .iter()
+            .find(|c| c.name == comp)
+            .map(|c| c.status.clone())
+            .unwrap_or_else(|| "NOT_INSTALLED".to_owned())
+    };
+    StatusRow {
+        Comp: comp.to_owned(),
+        Ip: ip.to_owned(),
+        Cpu: pct(n.usage.cpu_pct),
+        Mem: pct(n.usage.mem_pct),
+        Disk: pct(n.usage.disk_pct),
+        Status: status,
+    }
+}
+
+async fn status(State(ctl): Ctl) -> Result<axum::Json<Vec<StatusRow>>, ApiError> {
+    let plan = ctl.plans.current().ok_or_else(no_plan)?;
+    let nodes = ctl.nodes.list();
+    Ok(axum::Json(
+        plan.plan
+            .instances()
+            .map(|(c, ip)| row(c, ip, find_node(&nodes, ip)))
+            .collect(),
+    ))
+}
+
+/// `{"name"|"Comp": "...", "ip"|"Ip": "..."}`; `all` / `0.0.0.0` for everything.
+#[derive(Debug, Deserialize)]
+struct Target {
+    #[serde(rename = "name", alias = "Comp", alias = "comp", alias = "Name")]
+    name: String,
+    #[serde(rename = "ip", alias = "Ip", alias = "IP")]
+    ip: String,
+}
+
+/// One instance's outcome.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[allow(non_snake_case)]
+pub(crate) struct OperateRow {
+    pub Comp: String,
+    pub Ip: String,
+    /// `ok`, or what went wrong.
+    pub Result: String,
+}
+
+fn targets(plan: &StoredPlan, t: &Target) -> Result<Vec<(String, String)>, ApiError> {
+    let name = t.name.trim();
+    let ip = t.ip.trim();
+    let all_names = name == "all";
+    let all_ips = ip == "0.0.0.0";
+    let picked: Vec<(String, String)> = plan
+        .plan
+        .instances()
+        .filter(|(c, i)| (all_names || *c == name) && (all_ips || *i == ip))
+        .map(|(c, i)| (c.to_owned(), i.to_owned()))
+        .collect();
+    if picked.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{name:?} on {ip:?} is not in the plan: give a component and one of its IPs, or \"all\" / \"0.0.0.0\" (GET /deployment-engine/config shows the plan)"
+        )));
+    }
+    Ok(picked)
+}
+
+async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Response, ApiError> {
+    let plan = ctl.plans.current().ok_or_else(no_plan)?;
+    let target: Target = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be {{\"name\": \"<component>\", \"ip\": \"<node IP>\"}} (\"all\" / \"0.0.0.0\" for everything): {e}"
+        ))
+    })?;
+    let picked = targets(&plan, &target)?;
+    let nodes = ctl.nodes.list();
+    let verb = match op {
+        MonitOp::Restart => "restart",
+        MonitOp::Stop => "stop",
+        MonitOp::Start => "start",
+    };
+    let mut rows = Vec::new();
+    let mut waiting = Vec::new();
+    for (comp, ip) in picked {
+        let node = find_node(&nodes, &ip);
+        match node {
+            Some(n) if n.online => {
+                let action = StepAction::Monit {
+                    name: comp.clone(),
+                    op,
+                };
+                let r = ctl
+                    .steps
+                    .enqueue(&n.id, Lane::Adhoc, action, None, OPERATE_WAIT * 2)
+                    .map_err(|e| ApiError::internal("could not queue the operation", &e))?;
+                waiting.push((rows.len(), r.step.id));
+                rows.push(OperateRow {
+                    Comp: comp,
+                    Ip: ip,
+                    Result: String::new(),
+                });
+            }
+            Some(_) => rows.push(OperateRow {
+                Comp: comp,
+                Ip: ip,
+                Result: format!("not done: the node is offline, so it was not asked to {verb}"),
+            }),
+            None => rows.push(OperateRow {
+                Comp: comp,
+                Ip: ip,
+                Result: "not done: no enrolled node has this IP".to_owned(),
+            }),
+        }
+    }
+    ctl.oplog.record(&format!(
+        "{verb} {} on {}: {} instance(s)",
+        target.name.trim(),
+        target.ip.trim(),
+        rows.len()
+    ));
+    let ids: Vec<String> = waiting.iter().map(|(_, id)| id.clone()).collect();
+    let records = ctl
+        .steps
+        .wait_all(&ids, tokio::time::Instant::now() + OPERATE_WAIT)
+        .await
+        .map_err(|e| ApiError::internal("could not read the operation results", &e))?;
+    for (i, id) in waiting {
+        let result = match records.iter().find(|r| r.step.id == id) {
+            Some(r) if r.state == StepState::Done => "ok".to_owned(),
+            Some(r) if r.state.is_final() => {
+                let o = r.outcome.clone().unwrap_or_default();
+                format!(
+                    "failed: {}",
+                    o.error
+                        .or(r.refusal.clone())
+                        .unwrap_or_else(|| o.stderr_tail.trim().to_owned())
+                )
+            }
+            _ => format!(
+                "no answer from the agent within {} s",
+                OPERATE_WAIT.as_secs()
+            ),
+        };
+        rows[i].Result = result;
+    }
+    Ok(axum::Json(rows).into_response())
+}
+
+async fn restart(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
+    operate(ctl, body, MonitOp::Restart).await
+}
+
+async fn stop(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
+    operate(ctl, body, MonitOp::Stop).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_shown_as_the_original_percent_strings() {
+        assert_eq!(pct(8.0), "8%");
+        assert_eq!(pct(81.744), "81.74%");
+        assert_eq!(pct(1.18844), "1.19%");
+    }
+}
