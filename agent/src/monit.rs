@@ -217,7 +217,19 @@ impl Monit {
             return Err(e);
         }
         self.ensure_running().await?;
-        self.cli(&["reload"]).await
+        let out = self.cli(&["reload"]).await?;
+        // monit reloads asynchronously: wait (bounded) until it knows the service,
+        // so a start right after this step finds it.
+        for _ in 0..100 {
+            match self.status().await {
+                Ok(list) if list.iter().any(|c| c.name == name) => return Ok(out),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        Err(MonitError::Failed {
+            args: "reload".into(),
+            output: format!("monit did not load the check {name:?} within 10 s"),
+        })
     }
 
     /// Stops `name`, removes its check and reloads monit.

@@ -127,6 +127,8 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         .route("/nodes/{id}/steps", axum::routing::post(post_step))
         .route("/steps/{id}", get(get_step))
         .route("/exec", axum::routing::post(exec))
+        .route("/deployments", get(list_deployments))
+        .route("/deployments/{id}", get(get_deployment))
         .merge(crate::plan_api::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             ctl.clone(),
@@ -458,6 +460,28 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
         })
         .collect();
     Ok(axum::Json(out))
+}
+
+async fn list_deployments(
+    State(ctl): Ctl,
+) -> Result<axum::Json<Vec<crate::deploy::DeploymentView>>, ApiError> {
+    let all = crate::Deployer::list(&ctl)
+        .map_err(|e| ApiError::internal("could not read deployments", &e))?;
+    Ok(axum::Json(all.iter().map(|d| d.view(false)).collect()))
+}
+
+async fn get_deployment(
+    State(ctl): Ctl,
+    Path(id): Path<String>,
+) -> Result<axum::Json<crate::deploy::DeploymentView>, ApiError> {
+    crate::Deployer::get(&ctl, &id)
+        .map_err(|e| ApiError::internal("could not read the deployment", &e))?
+        .map(|d| axum::Json(d.view(true)))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no deployment {id:?}: GET /api/v1/deployments lists them"
+            ))
+        })
 }
 
 #[derive(Debug, Deserialize)]

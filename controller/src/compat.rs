@@ -30,7 +30,53 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         .route("/config", get(get_config).post(post_config))
         // POST too: browsers' fetch() cannot send a body with GET.
         .route("/hardware", get(hardware).post(hardware))
+        .route("/deploy", get(deploy))
         .merge(crate::operate::routes())
+}
+
+async fn deploy(State(ctl): Ctl) -> Result<Response, ApiError> {
+    use crate::deploy::{DeployError, Deployer};
+    match Deployer::start(&ctl) {
+        Ok(d) => Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({
+                "id": d.id,
+                "state": d.state,
+                "plan_revision": d.plan_revision,
+                "steps": d.steps.len(),
+            })),
+        )
+            .into_response()),
+        Err(e @ DeployError::NoPlan) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "no_plan",
+            e.to_string(),
+        )),
+        Err(e @ DeployError::Busy(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "deployment_running",
+            e.to_string(),
+        )),
+        Err(e @ DeployError::Offline(_)) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "nodes_offline",
+            e.to_string(),
+        )),
+        Err(e @ DeployError::Store(_)) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store",
+            format!(
+                "{}: {}; check the controller's data dir and log",
+                e,
+                crate::error_chain(&e)
+            ),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "plan_unusable",
+            e.to_string(),
+        )),
+    }
 }
 
 async fn get_config(State(ctl): Ctl) -> Result<Response, ApiError> {

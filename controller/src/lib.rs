@@ -6,6 +6,7 @@ pub mod api;
 mod catalog;
 mod codes;
 mod compat;
+mod deploy;
 mod nodes;
 mod operate;
 mod oplog;
@@ -28,6 +29,7 @@ pub use catalog::{
     Minimum, STANDARD_PROPERTIES, StepSpec,
 };
 pub use codes::{Codes, CodesError};
+pub use deploy::{DeployError, DeployState, Deployer, Deployment};
 pub use nodes::{NodeRecord, NodeView, Nodes};
 pub use oplog::{OPLOG_FILE, OpLog};
 pub use pki::{Pki, PkiError, TokenOrigin};
@@ -65,6 +67,7 @@ pub struct Controller {
     pub plans: Plans,
     /// `DATA/logs/local.log`.
     pub oplog: OpLog,
+    pub deployer: Deployer,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -98,6 +101,7 @@ impl Controller {
                 catalogs,
                 plans,
                 oplog,
+                deployer: Deployer::default(),
             },
             origin,
         ))

@@ -82,6 +82,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let ctl = Arc::new(ctl);
+    de_controller::Deployer::resume(&ctl).context("could not resume deployments")?;
     let endpoint = quic::endpoint(quic_listen, &ctl.pki, ctl.nodes.revoked_set())?;
     let quic_addr = endpoint
         .local_addr()

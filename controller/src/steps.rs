@@ -146,6 +146,14 @@ impl StepQueue {
             .clone()
     }
 
+    /// A fresh step id.
+    pub fn new_id() -> Result<String, StepsError> {
+        Ok(format!(
+            "s-{}",
+            random_hex(8).map_err(|_| StepsError::Random)?
+        ))
+    }
+
     /// Queues `action` for `node` on `lane`; durable (and pullable) when this returns.
     pub fn enqueue(
         &self,
@@ -155,10 +163,30 @@ impl StepQueue {
         deployment_id: Option<String>,
         ttl: Duration,
     ) -> Result<StepRecord, StepsError> {
-        let id = format!("s-{}", random_hex(8).map_err(|_| StepsError::Random)?);
+        self.enqueue_with_id(StepQueue::new_id()?, node, lane, action, deployment_id, ttl)
+    }
+
+    /// Like [`StepQueue::enqueue`] with an id chosen (and recorded) by the
+    /// caller beforehand; idempotent: if a step with `id` exists it is
+    /// returned as it is, so a caller that crashed after queueing does not
+    /// queue the same work twice.
+    pub fn enqueue_with_id(
+        &self,
+        id: String,
+        node: &str,
+        lane: Lane,
+        action: StepAction,
+        deployment_id: Option<String>,
+        ttl: Duration,
+    ) -> Result<StepRecord, StepsError> {
         let now = SystemTime::now();
         let record = {
             let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(key) = self.store.get_json::<String>(Tree::StepIds, &id)?
+                && let Some(existing) = self.store.get_json::<StepRecord>(Tree::Steps, &key)?
+            {
+                return Ok(existing);
+            }
             let last: u64 = self
                 .store
                 .get_json(Tree::Meta, &seq_key(node, lane))?

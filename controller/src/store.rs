@@ -20,8 +20,10 @@ pub enum Tree {
     Steps,
     /// Step id -> its key in `Steps`.
     StepIds,
-    /// The current plan, under the key `current`.
+    /// The current plan, under the key `current`; the last applied one under `applied`.
     Plans,
+    /// Deployments by id.
+    Deployments,
 }
 
 impl Tree {
@@ -32,6 +34,7 @@ impl Tree {
             Tree::Steps => "steps",
             Tree::StepIds => "step-ids",
             Tree::Plans => "plans",
+            Tree::Deployments => "deployments",
         }
     }
 }

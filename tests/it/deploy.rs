@@ -1,0 +1,315 @@
+//! Deployments end to end with real agents and private monit (127.0.8.x):
+//! dependency order, retries, failure with output, 409 while running, scale
+//! in and out, and a controller SIGKILLed mid-deployment that resumes
+//! without running any step twice.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use de_tests::{TestController, cluster, wait_until};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A catalog whose steps append to one journal shared by all nodes, so the
+/// test sees the global order and counts how often each step ran.
+fn write_catalog(data: &Path) -> Result<()> {
+    let cat = data.join("catalogs/journal");
+    std::fs::create_dir_all(&cat)?;
+    std::fs::write(
+        cat.join("catalog.toml"),
+        "description = \"Steps that write a journal\"\nentry = \"app\"\n\
+         [properties]\njournal = \"\"\nfail_app = 0\npause = 0\n",
+    )?;
+    std::fs::write(
+        cat.join("base.toml"),
+        r#"
+description = "A supervised process"
+cardinality = "many"
+monit_check = '''
+check process base with pidfile {{ path("run/base.pid") }}
+  start program = "/bin/sh -c 'mkdir -p {{ path("run") }}; nohup sleep 1000 >/dev/null 2>&1 & echo $! > {{ path("run/base.pid") }}'"
+  stop program = "/bin/sh -c 'kill $(cat {{ path("run/base.pid") }})'"
+'''
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+
+[[install]]
+action = "script"
+run = 'sleep {{ properties.pause }}; echo "base-install {{ node.ip }}" >> {{ properties.journal }}'
+
+[[install]]
+action = "monit_add"
+
+[[install]]
+action = "monit_start"
+
+[[uninstall]]
+action = "script"
+run = 'echo "base-uninstall {{ node.ip }}" >> {{ properties.journal }}'
+"#,
+    )?;
+    std::fs::write(
+        cat.join("app.toml"),
+        r#"
+description = "Needs base; its second step fails twice before it works"
+cardinality = "many"
+after = ["base"]
+monit_check = '''
+check process app with pidfile {{ path("run/app.pid") }}
+'''
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+
+[[install]]
+action = "script"
+run = 'echo "app-install {{ node.ip }} members={{ components.base | join(",") }}" >> {{ properties.journal }}'
+
+[[install]]
+action = "script"
+run = '''
+n=$(cat {{ path("flaky.count") }} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {{ path("flaky.count") }}
+echo "app-flaky {{ node.ip }} try $n" >> {{ properties.journal }}
+if [ {{ properties.fail_app }} = 1 ]; then echo "app cannot start: fail_app is set" >&2; exit 9; fi
+[ $n -ge 3 ] || { echo "not yet ($n)" >&2; exit 1; }
+'''
+"#,
+    )?;
+    Ok(())
+}
+
+fn plan(base: &[&str], app: &[&str], journal: &Path, fail_app: u8, pause: u32) -> String {
+    json!({
+        "components": {"base": base, "app": app},
+        "properties": {
+            "domain": "deploy.test", "catalog": "journal",
+            "journal": journal.display().to_string(), "fail_app": fail_app, "pause": pause,
+        },
+    })
+    .to_string()
+}
+
+fn submit(ctl: &TestController, plan: &str) -> Result<()> {
+    let a = ctl.api("POST", "/deployment-engine/config", Some(plan))?;
+    anyhow::ensure!(a.status == 201, "plan refused: {}", a.body);
+    Ok(())
+}
+
+fn deploy(ctl: &TestController) -> Result<String> {
+    let a = ctl.api("GET", "/deployment-engine/deploy", None)?;
+    anyhow::ensure!(a.status == 202, "deploy: {} {}", a.status, a.body);
+    Ok(a.body["id"].as_str().context("id")?.to_owned())
+}
+
+fn finished(ctl: &TestController, id: &str) -> Result<Value> {
+    wait_until(WAIT, &format!("deployment {id} to finish"), || {
+        ctl.api("GET", &format!("/api/v1/deployments/{id}"), None)
+            .ok()
+            .map(|a| a.body)
+            .filter(|d| d["state"] != "running")
+    })
+}
+
+fn journal(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn status_of(ctl: &TestController, comp: &str, ip: &str) -> Option<String> {
+    let a = ctl.api("GET", "/deployment-engine/status", None).ok()?;
+    a.body
+        .as_array()?
+        .iter()
+        .find(|r| r["Comp"] == comp && r["Ip"] == ip)
+        .map(|r| r["Status"].as_str().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    write_catalog(&dir.path().join("data"))?;
+    let ips = ["127.0.8.1", "127.0.8.2", "127.0.8.3"];
+    let (ctl, _agents) = cluster(dir.path(), &ips, true)?;
+    let log = dir.path().join("journal.log");
+
+    assert_eq!(
+        ctl.api("GET", "/deployment-engine/deploy", None)?.status,
+        403,
+        "no plan yet"
+    );
+    submit(&ctl, &plan(&ips[..2], &ips[..2], &log, 0, 0))?;
+    let id = deploy(&ctl)?;
+    let second = ctl.api("GET", "/deployment-engine/deploy", None)?;
+    assert_eq!(second.status, 409, "{}", second.body);
+    let d = finished(&ctl, &id)?;
+    assert_eq!(d["state"], "succeeded", "{d}");
+
+    // base everywhere before any app; each step once; the flaky one three times.
+    let j = journal(&log);
+    let last_base = j
+        .iter()
+        .rposition(|l| l.starts_with("base-install"))
+        .context("base")?;
+    let first_app = j
+        .iter()
+        .position(|l| l.starts_with("app-install"))
+        .context("app")?;
+    assert!(last_base < first_app, "order: {j:?}");
+    for ip in &ips[..2] {
+        assert_eq!(
+            j.iter()
+                .filter(|l| **l == format!("base-install {ip}"))
+                .count(),
+            1,
+            "{j:?}"
+        );
+        assert_eq!(
+            j.iter()
+                .filter(|l| l.starts_with(&format!("app-flaky {ip}")))
+                .count(),
+            3,
+            "{j:?}"
+        );
+    }
+    let steps = d["steps"].as_array().context("steps")?;
+    let flaky = steps
+        .iter()
+        .find(|s| s["component"] == "app" && s["attempts"] == 3)
+        .context("retried step")?;
+    assert_eq!(flaky["state"], "done");
+    assert!(
+        flaky["started_at"].is_string()
+            && flaky["finished_at"].is_string()
+            && flaky["exit_code"] == 0,
+        "{flaky}"
+    );
+    for ip in &ips[..2] {
+        wait_until(WAIT, "base RUNNING", || {
+            status_of(&ctl, "base", ip).filter(|s| s == "RUNNING")
+        })?;
+    }
+
+    // Scale out base to the third node: only it is installed, and app (which lists base) is reconfigured.
+    std::fs::write(&log, "")?;
+    submit(&ctl, &plan(&ips, &ips[..2], &log, 0, 0))?;
+    let d = finished(&ctl, &deploy(&ctl)?)?;
+    assert_eq!(d["state"], "succeeded", "{d}");
+    let j = journal(&log);
+    assert_eq!(
+        j.iter()
+            .filter(|l| l.starts_with("base-install"))
+            .collect::<Vec<_>>(),
+        [&format!("base-install {}", ips[2])],
+        "{j:?}"
+    );
+    assert!(
+        j.iter()
+            .any(|l| l.contains("members=127.0.8.1,127.0.8.2,127.0.8.3")),
+        "app re-rendered: {j:?}"
+    );
+    wait_until(WAIT, "new base RUNNING", || {
+        status_of(&ctl, "base", ips[2]).filter(|s| s == "RUNNING")
+    })?;
+
+    // Scale in: base leaves the third node again, which is stopped and cleaned up.
+    std::fs::write(&log, "")?;
+    submit(&ctl, &plan(&ips[..2], &ips[..2], &log, 0, 0))?;
+    let d = finished(&ctl, &deploy(&ctl)?)?;
+    assert_eq!(d["state"], "succeeded", "{d}");
+    let j = journal(&log);
+    assert!(j.contains(&format!("base-uninstall {}", ips[2])), "{j:?}");
+    assert!(!j.iter().any(|l| l.starts_with("base-install")), "{j:?}");
+    wait_until(WAIT, "base gone from node 3's monit", || {
+        let n = ctl.node_by_ip(ips[2]).ok().flatten()?;
+        let gone = n["components"]
+            .as_array()
+            .is_some_and(|c| !c.iter().any(|c| c["name"] == "base"));
+        gone.then_some(())
+    })?;
+
+    // A step that always fails fails the deployment, with its output, and nothing after it runs.
+    submit(&ctl, &plan(&ips[..2], &ips[..1], &log, 1, 0))?;
+    let d = finished(&ctl, &deploy(&ctl)?)?;
+    assert_eq!(d["state"], "failed", "{d}");
+    let err = d["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("app") && err.contains(ips[0]) && err.contains("fail_app is set"),
+        "{err}"
+    );
+    let failed = d["steps"]
+        .as_array()
+        .context("steps")?
+        .iter()
+        .find(|s| s["state"] == "failed")
+        .context("failed step")?;
+    assert_eq!(failed["attempts"], 3);
+    assert!(
+        failed["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("fail_app is set")
+    );
+    Ok(())
+}
+
+#[test]
+fn a_controller_killed_mid_deployment_resumes_without_repeating_steps() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_catalog(&data)?;
+    let ips = ["127.0.8.11", "127.0.8.12"];
+    let (ctl, _agents) = cluster(dir.path(), &ips, true)?;
+    let log = dir.path().join("journal.log");
+    submit(&ctl, &plan(&ips, &ips, &log, 0, 2))?;
+    let id = deploy(&ctl)?;
+    // Kill it while the base installs are sleeping.
+    let (api, quic) = (ctl.api, ctl.quic);
+    wait_until(WAIT, "a step running", || {
+        ctl.api("GET", &format!("/api/v1/deployments/{id}"), None)
+            .ok()
+            .filter(|a| {
+                a.body["steps"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["state"] == "running"))
+            })
+    })?;
+    drop(ctl); // SIGKILL
+    let ctl = TestController::start_on(&data, &api.to_string(), &quic.to_string())?;
+    let d = finished(&ctl, &id)?;
+    assert_eq!(d["state"], "succeeded", "{d}");
+    let j = journal(&log);
+    for ip in ips {
+        assert_eq!(
+            j.iter()
+                .filter(|l| **l == format!("base-install {ip}"))
+                .count(),
+            1,
+            "{j:?}"
+        );
+        assert_eq!(
+            j.iter()
+                .filter(|l| l.starts_with(&format!("app-install {ip}")))
+                .count(),
+            1,
+            "{j:?}"
+        );
+        assert_eq!(
+            j.iter()
+                .filter(|l| l.starts_with(&format!("app-flaky {ip}")))
+                .count(),
+            3,
+            "{j:?}"
+        );
+    }
+    Ok(())
+}
