@@ -440,20 +440,34 @@ impl Drop for TestAgent {
         if let Some(p) = self.proc.as_mut() {
             p.kill();
         }
-        // The agent's private monit and what it supervises outlive the agent: end them too.
+        // The agent's private monit and what it supervises outlive the agent:
+        // stop the services through monit (their own stop programs), then monit.
+        let monit = |args: &[&str], m: &Path| {
+            let mut c = Command::new("monit");
+            c.arg("-c").arg(m).args(args);
+            let _ = run_bounded(c, Duration::from_secs(20));
+        };
         if let Some(m) = &self.monit_control
             && m.exists()
         {
-            let _ = run_bounded(
-                {
-                    let mut c = Command::new("monit");
-                    c.arg("-c").arg(m).arg("quit");
-                    c
-                },
+            monit(&["stop", "all"], m);
+            let _ = wait_until(
                 Duration::from_secs(20),
+                "supervised processes to stop",
+                || {
+                    pid_files(&self.root)
+                        .iter()
+                        .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+                        .then_some(())
+                },
             );
+            monit(&["quit"], m);
         }
+        // Whatever is left (and its children, e.g. nginx workers holding the port) is killed.
         for pid in pid_files(&self.root) {
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-P", &pid.to_string()])
+                .status();
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();

@@ -220,7 +220,8 @@ impl Monit {
         let out = self.cli(&["reload"]).await?;
         // monit reloads asynchronously: wait (bounded) until it knows the service,
         // so a start right after this step finds it.
-        for _ in 0..100 {
+        // monit can be busy running another service's start program; give it a minute.
+        for _ in 0..600 {
             match self.status().await {
                 Ok(list) if list.iter().any(|c| c.name == name) => return Ok(out),
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -228,7 +229,7 @@ impl Monit {
         }
         Err(MonitError::Failed {
             args: "reload".into(),
-            output: format!("monit did not load the check {name:?} within 10 s"),
+            output: format!("monit did not load the check {name:?} within 60 s"),
         })
     }
 
@@ -347,13 +348,16 @@ pub fn parse_status(xml: &str) -> Result<Vec<ComponentStatus>, String> {
         let pid = pid.filter(|p| *p > 0).and_then(|p| u32::try_from(p).ok());
         // pendingaction is monit's Action_Type: 0 ignored, 1 alert, 2 restart,
         // 3 stop, 4 exec, 5 unmonitor, 6 start, 7 monitor.
+        // A failing check (status bits set) is DOWN even while monit retries the start.
         let state = if matches!(pending, 3 | 5) {
             "STOPPING"
-        } else if matches!(pending, 2 | 6 | 7) || monitor == 2 {
-            "STARTING"
         } else if monitor == 0 {
             "STOPPED"
-        } else if status != 0 || pid.is_none() {
+        } else if status != 0 {
+            "DOWN"
+        } else if matches!(pending, 2 | 6 | 7) || monitor == 2 {
+            "STARTING"
+        } else if pid.is_none() {
             "DOWN"
         } else {
             "RUNNING"

@@ -182,7 +182,9 @@ pub(crate) struct ExecContext {
 
 /// `path` inside the node root; `..` is refused.
 pub(crate) fn under_root(root: &Path, path: &str) -> Result<PathBuf, String> {
+    // Catalog templates render absolute paths that already include the node root.
     let p = Path::new(path);
+    let p = p.strip_prefix(root).unwrap_or(p);
     let mut out = root.to_owned();
     for c in p.components() {
         match c {
@@ -688,6 +690,13 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o640);
+        let inside = format!("{}/etc/app/other", dir.path().display());
+        let out = execute(&w(&inside), &ctx(dir.path()), &tx).await;
+        assert!(out.succeeded(), "{out:?}");
+        assert!(
+            dir.path().join("etc/app/other").exists(),
+            "an absolute path inside the root is kept"
+        );
         let out = execute(&w("../escape"), &ctx(dir.path()), &tx).await;
         assert!(!out.succeeded());
         assert!(

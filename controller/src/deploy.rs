@@ -335,17 +335,7 @@ fn plan_deployment(
             output: None,
         };
     for (r, n) in &removed_nodes {
-        steps.push(step(
-            &r.component,
-            &r.instance,
-            &r.ip,
-            &n.id,
-            TaskKind::Uninstall,
-            0,
-            StepAction::MonitRemove {
-                name: r.monit_name.clone(),
-            },
-        ));
+        // The catalog's uninstall steps (stop, clean up) first, then the check goes.
         for a in &r.uninstall {
             steps.push(step(
                 &r.component,
@@ -357,6 +347,17 @@ fn plan_deployment(
                 a.clone(),
             ));
         }
+        steps.push(step(
+            &r.component,
+            &r.instance,
+            &r.ip,
+            &n.id,
+            TaskKind::Uninstall,
+            0,
+            StepAction::MonitRemove {
+                name: r.monit_name.clone(),
+            },
+        ));
     }
     for (g, component) in catalog.install_order().iter().enumerate() {
         for (c, ip, n) in resolved.iter().filter(|(c, _, _)| c == component) {

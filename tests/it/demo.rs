@@ -1,0 +1,126 @@
+//! The debian-demo catalog deployed for real (nginx, haproxy, nats-server
+//! from Debian packages) on four agents with private monit (127.0.9.x):
+//! haproxy balances to every nginx, nats answers, status is RUNNING, and
+//! nginx scales out and in.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use de_tests::{TestController, cluster, wait_until};
+use serde_json::json;
+
+const DEPLOY_WAIT: Duration = Duration::from_secs(600);
+
+fn http_get(ip: &str) -> Option<String> {
+    let mut s =
+        TcpStream::connect_timeout(&format!("{ip}:80").parse().ok()?, Duration::from_secs(3))
+            .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET / HTTP/1.0\r\nHost: demo.test\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.").then_some(out)
+}
+
+/// The nginx node IPs seen behind haproxy in `tries` requests.
+fn backends(haproxy: &str, tries: usize) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for _ in 0..tries {
+        if let Some(page) = http_get(haproxy)
+            && let Some(ip) = page
+                .split("nginx on node ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+            && !seen.iter().any(|s| s == ip)
+        {
+            seen.push(ip.to_owned());
+        }
+    }
+    seen.sort();
+    seen
+}
+
+fn deploy_and_wait(ctl: &TestController, plan: &serde_json::Value) -> Result<serde_json::Value> {
+    let a = ctl.api("POST", "/deployment-engine/config", Some(&plan.to_string()))?;
+    anyhow::ensure!(a.status == 201, "plan refused: {}", a.body);
+    let a = ctl.api("GET", "/deployment-engine/deploy", None)?;
+    anyhow::ensure!(a.status == 202, "deploy: {} {}", a.status, a.body);
+    let id = a.body["id"].as_str().context("id")?.to_owned();
+    wait_until(DEPLOY_WAIT, "the deployment to finish", || {
+        ctl.api("GET", &format!("/api/v1/deployments/{id}"), None)
+            .ok()
+            .map(|a| a.body)
+            .filter(|d| d["state"] != "running")
+    })
+}
+
+fn all_running(ctl: &TestController, n: usize) -> Result<Vec<serde_json::Value>> {
+    let mut last = serde_json::Value::Null;
+    wait_until(Duration::from_secs(90), "every instance RUNNING", || {
+        let rows = ctl.api("GET", "/deployment-engine/status", None).ok()?.body;
+        last = rows.clone();
+        let rows = rows.as_array()?.clone();
+        (rows.len() == n && rows.iter().all(|r| r["Status"] == "RUNNING")).then_some(rows)
+    })
+    .with_context(|| format!("last status: {last}"))
+}
+
+#[test]
+fn debian_demo_deploys_for_real_and_nginx_scales_out_and_in() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ips = ["127.0.9.1", "127.0.9.2", "127.0.9.3", "127.0.9.4"];
+    let (ctl, _agents) = cluster(dir.path(), &ips, true)?;
+    let plan = |nginx: &[&str]| {
+        json!({
+            "components": {"haproxy": [ips[0]], "nats": [ips[0]], "nginx": nginx},
+            // Node roots live in private temp dirs: let nginx workers run as root to read them.
+            "properties": {"domain": "demo.test", "catalog": "debian-demo", "nginx_user": "root"},
+        })
+    };
+
+    let d = deploy_and_wait(&ctl, &plan(&ips[1..3]))?;
+    assert_eq!(d["state"], "succeeded", "{}", d["error"]);
+    all_running(&ctl, 4)?;
+    let seen = wait_until(
+        Duration::from_secs(60),
+        "haproxy to reach both nginx",
+        || {
+            let b = backends(ips[0], 12);
+            (b == [ips[1], ips[2]]).then_some(b)
+        },
+    )?;
+    assert_eq!(seen, [ips[1], ips[2]]);
+    // nats answers with its INFO line.
+    let mut nats =
+        TcpStream::connect_timeout(&format!("{}:4222", ips[0]).parse()?, Duration::from_secs(5))?;
+    nats.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = [0u8; 5];
+    nats.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"INFO ");
+
+    // Scale out to a third nginx: haproxy is reconfigured and balances to it.
+    let d = deploy_and_wait(&ctl, &plan(&ips[1..4]))?;
+    assert_eq!(d["state"], "succeeded", "{}", d["error"]);
+    wait_until(
+        Duration::from_secs(60),
+        "haproxy to reach three nginx",
+        || (backends(ips[0], 18) == [ips[1], ips[2], ips[3]]).then_some(()),
+    )?;
+    all_running(&ctl, 5)?;
+
+    // Scale in: nginx leaves the fourth node, which stops serving.
+    let d = deploy_and_wait(&ctl, &plan(&ips[1..3]))?;
+    assert_eq!(d["state"], "succeeded", "{}", d["error"]);
+    wait_until(
+        Duration::from_secs(60),
+        "nginx on the fourth node stopped",
+        || http_get(ips[3]).is_none().then_some(()),
+    )?;
+    wait_until(Duration::from_secs(60), "haproxy back to two nginx", || {
+        (backends(ips[0], 12) == [ips[1], ips[2]]).then_some(())
+    })?;
+    all_running(&ctl, 4)?;
+    Ok(())
+}
