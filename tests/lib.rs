@@ -41,6 +41,15 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// A command for binary `name` that never reads the host's config files in
+/// /etc/deployment-engine (as if `--config /dev/null`); a `--config` flag overrides that.
+pub fn command(name: &str) -> Command {
+    let mut cmd = Command::new(bin(name));
+    cmd.env("DE_CONTROLLER_CONFIG", "/dev/null")
+        .env("DE_AGENT_CONFIG", "/dev/null");
+    cmd
+}
+
 /// Polls `f` every 50 ms until it returns `Some`, for at most `limit`.
 pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let start = Instant::now();
@@ -193,7 +202,7 @@ impl TestController {
     }
 
     pub fn start_on(data_dir: &Path, api: &str, quic: &str) -> Result<TestController> {
-        let mut cmd = Command::new(bin("de-controller"));
+        let mut cmd = command("de-controller");
         cmd.args([
             "serve",
             "--api-listen",
@@ -203,6 +212,11 @@ impl TestController {
             "--data-dir",
         ])
         .arg(data_dir);
+        Self::start_cmd(data_dir, cmd)
+    }
+
+    /// Starts `cmd`, a `de-controller serve` whose data dir is `data_dir`.
+    pub fn start_cmd(data_dir: &Path, cmd: Command) -> Result<TestController> {
         let log = data_dir.with_extension("controller.log");
         let (proc, rx) = spawn("de-controller", cmd, &log)?;
         let mut api = None;
@@ -355,7 +369,7 @@ impl TestAgent {
 
     /// Runs `de-agent enroll` to completion (bounded).
     pub fn enroll(&self, controller: &SocketAddr, code: &str) -> Result<Output> {
-        let mut cmd = Command::new(bin("de-agent"));
+        let mut cmd = command("de-agent");
         cmd.args([
             "enroll",
             "--controller",
@@ -369,7 +383,7 @@ impl TestAgent {
 
     /// Starts `de-agent run` in the background.
     pub fn start(&mut self, heartbeat_secs: u64) -> Result<()> {
-        let mut cmd = Command::new(bin("de-agent"));
+        let mut cmd = command("de-agent");
         cmd.args([
             "run",
             "--heartbeat-secs",
