@@ -6,6 +6,7 @@ pub mod api;
 mod codes;
 mod nodes;
 mod pki;
+mod public_addr;
 pub mod quic;
 mod store;
 
@@ -15,7 +16,11 @@ use std::sync::Arc;
 pub use codes::{Codes, CodesError};
 pub use nodes::{NodeRecord, NodeView, Nodes};
 pub use pki::{Pki, PkiError, TokenOrigin};
+pub use public_addr::{PublicAddr, PublicAddrError, agent_address, agent_command, hostname};
 pub use store::{SledStore, Store, StoreError, StoreExt, Tree};
+
+/// The agents' QUIC port unless `--quic-listen` says otherwise.
+pub const DEFAULT_QUIC_PORT: u16 = 50001;
 
 /// Why the controller could not open its data dir.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +40,9 @@ pub struct Controller {
     pub pki: Pki,
     pub codes: Codes,
     pub nodes: Nodes,
+    /// The QUIC address agents are told to dial (in the install command shown with a code).
+    /// `open` guesses `HOSTNAME:50001`; `main.rs` sets it from `--public-addr` or the bound address.
+    pub agent_addr: String,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -58,6 +66,7 @@ impl Controller {
                 pki,
                 codes,
                 nodes,
+                agent_addr: format!("{}:{DEFAULT_QUIC_PORT}", hostname()),
             },
             origin,
         ))

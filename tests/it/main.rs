@@ -1,5 +1,6 @@
 //! Integration tests: real `de-controller` and `de-agent` processes talking
 //! over real QUIC on loopback addresses (127.0.0.x).
 
+mod config;
 mod enrolment;
 mod link_security;
