@@ -135,12 +135,18 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let (mut ctl, origin) = Controller::open(&data_dir)
         .with_context(|| format!("could not open the data dir {}", data_dir.display()))?;
     if let TokenOrigin::Created = origin {
-        // Printed once, at creation; afterwards it is only in the 0600 file.
-        println!(
-            "admin token (saved in {}; it is not shown again): {}",
-            data_dir.join("admin.token").display(),
-            ctl.pki.token()
-        );
+        let path = data_dir.join("admin.token");
+        if stdout_is_the_journal() {
+            // Under systemd stdout is a log: the token stays in its 0600 file only.
+            println!("admin token created in {} (mode 0600)", path.display());
+        } else {
+            // Printed once, at creation; afterwards it is only in the 0600 file.
+            println!(
+                "admin token (saved in {}; it is not shown again): {}",
+                path.display(),
+                ctl.pki.token()
+            );
+        }
     }
     let endpoint = quic::endpoint(quic_listen, &ctl.pki, ctl.nodes.revoked_set())?;
     let quic_addr = endpoint
@@ -178,6 +184,18 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(grace, http_task).await;
     info!("stopped");
     Ok(())
+}
+
+/// Whether stdout is connected to the systemd journal (`JOURNAL_STREAM` names its device and inode).
+fn stdout_is_the_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/1") else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
 }
 
 async fn wait_for_signal() {
