@@ -143,7 +143,7 @@ fn main() -> ExitCode {
             }
         };
     if let Some(path) = from {
-        info!(config = %path.display(), "read the config file");
+        tracing::debug!(config = %path.display(), "read the config file");
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -106,7 +106,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     if let Some(path) = from {
-        info!(config = %path.display(), "read the config file");
+        tracing::debug!(config = %path.display(), "read the config file");
     }
     let settings = Settings::resolve(cli.command, file);
     let rt = match tokio::runtime::Runtime::new() {
