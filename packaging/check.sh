@@ -56,7 +56,14 @@ if [ "$(id -u)" != 0 ]; then
   bad "runs as root (dpkg -i needs it)"
   finish
 fi
-# Never touch a real installation: this script installs and purges.
+# Never touch a real installation: this script installs and purges. Its own
+# packages (revision 0~dev), left by an interrupted run, are purged first.
+for p in "$agent_pkg" "$ctl_pkg"; do
+  if [[ $(dpkg-query -W -f='${Version}' "$p" 2>/dev/null) == *-0~dev ]]; then
+    echo "purging $p $(dpkg-query -W -f='${Version}' "$p"), left by an earlier run"
+    dpkg --purge "$p" >/dev/null
+  fi
+done
 for p in "$ctl_pkg" "$agent_pkg"; do
   if dpkg-query -W "$p" >/dev/null 2>&1; then
     bad "machine is clean" "$p is installed (or not purged) here; check.sh would purge it, so it refuses to run"
@@ -74,6 +81,9 @@ echo "== tools"
 need=()
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v curl >/dev/null || need+=(curl)
+# cargo-deb computes the libc dependency with dpkg-shlibdeps and strips with binutils.
+command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+command -v strip >/dev/null || need+=(binutils)
 installed monit || need+=(monit)
 if [ ${#need[@]} -gt 0 ]; then
   # The agent package depends on monit; dpkg -i does not fetch dependencies.
