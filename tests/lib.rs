@@ -25,17 +25,25 @@ pub fn bin_dir() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--bins", "-p", "de-controller", "-p", "de-agent"]);
-        // The test process carries cargo's per-crate variables (CARGO_PKG_*,
-        // CARGO_MANIFEST_DIR, ...); passed on, they change build fingerprints
-        // and make every run rebuild the dependencies.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy().into_owned();
-            let keep = matches!(
-                k.as_str(),
-                "CARGO_HOME" | "CARGO_TARGET_DIR" | "CARGO_TERM_COLOR"
-            );
-            if (k.starts_with("CARGO_") && !keep) || k == "OUT_DIR" || k == "RUSTC_BOOTSTRAP" {
-                cmd.env_remove(&k);
+        // Cargo gives a test process its package's variables; build scripts
+        // that watch one (ring: CARGO_MANIFEST_DIR) would otherwise see a
+        // change and rebuild ring and everything on it here, and again at
+        // the next top-level build.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_EXE_")
+                || matches!(
+                    &*key,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                )
+            {
+                cmd.env_remove(&*key);
             }
         }
         if dir.file_name().is_some_and(|n| n == "release") {
@@ -52,6 +60,15 @@ pub fn bin_dir() -> &'static Path {
 
 pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
+}
+
+/// A command for binary `name` that never reads the host's config files in
+/// /etc/deployment-engine (as if `--config /dev/null`); a `--config` flag overrides that.
+pub fn command(name: &str) -> Command {
+    let mut cmd = Command::new(bin(name));
+    cmd.env("DE_CONTROLLER_CONFIG", "/dev/null")
+        .env("DE_AGENT_CONFIG", "/dev/null");
+    cmd
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, for at most `limit`.
@@ -206,7 +223,7 @@ impl TestController {
     }
 
     pub fn start_on(data_dir: &Path, api: &str, quic: &str) -> Result<TestController> {
-        let mut cmd = Command::new(bin("de-controller"));
+        let mut cmd = command("de-controller");
         cmd.args([
             "serve",
             "--api-listen",
@@ -216,6 +233,11 @@ impl TestController {
             "--data-dir",
         ])
         .arg(data_dir);
+        Self::start_cmd(data_dir, cmd)
+    }
+
+    /// Starts `cmd`, a `de-controller serve` whose data dir is `data_dir`.
+    pub fn start_cmd(data_dir: &Path, cmd: Command) -> Result<TestController> {
         let log = data_dir.with_extension("controller.log");
         let (proc, rx) = spawn("de-controller", cmd, &log)?;
         let mut api = None;
@@ -385,7 +407,7 @@ impl TestAgent {
 
     /// Runs `de-agent enroll` to completion (bounded).
     pub fn enroll(&self, controller: &SocketAddr, code: &str) -> Result<Output> {
-        let mut cmd = Command::new(bin("de-agent"));
+        let mut cmd = command("de-agent");
         cmd.args([
             "enroll",
             "--controller",
@@ -411,7 +433,7 @@ impl TestAgent {
     }
 
     fn start_with(&mut self, heartbeat_secs: u64, extra: &[&str]) -> Result<()> {
-        let mut cmd = Command::new(bin("de-agent"));
+        let mut cmd = command("de-agent");
         cmd.args([
             "run",
             "--heartbeat-secs",

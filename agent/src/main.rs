@@ -1,7 +1,9 @@
 //! `de-agent`: enrols a node with an install code and keeps it linked to the controller.
 
+mod config;
+
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,62 +13,121 @@ use tracing::info;
 
 use de_agent::{EnrollOptions, Identity, LinkOptions};
 
+use crate::config::{Config, MAX_SECS, PACKAGED_PATH};
+
 const DEFAULT_STATE_DIR: &str = "/var/lib/deployment-engine/agent";
+const DEFAULT_ROOT: &str = "/";
+const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
+const DEFAULT_HEARTBEAT_SECS: u64 = 5;
+const DEFAULT_MAX_BACKOFF_SECS: u64 = 30;
+/// Exit status for a bad command line or config file (sysexits' EX_USAGE).
+const EXIT_USAGE: u8 = 64;
 
 #[derive(Parser, Debug)]
 #[command(name = "de-agent", version, about = "Deployment Engine agent")]
 struct Cli {
+    /// Config file (TOML). Default: /etc/deployment-engine/agent.toml when it exists.
+    /// Flags and environment variables override its values.
+    #[arg(long, global = true, env = "DE_AGENT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
+fn secs(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(v) if (1..=MAX_SECS).contains(&v) => Ok(v),
+        _ => Err(format!("must be a number of seconds from 1 to {MAX_SECS}")),
+    }
+}
+
+/// Options of both commands; each is also a key of the config file.
 #[derive(Args, Debug, Clone)]
 struct Common {
-    /// Where the node's identity lives (files mode 0600).
-    #[arg(long, env = "DE_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
+    /// Where the node's identity lives (files mode 0600) [default: /var/lib/deployment-engine/agent].
+    #[arg(long, env = "DE_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// This node's IP as the controller and plans know it; the agent binds to it when it is local.
     #[arg(long, env = "DE_AGENT_ADVERTISE_IP")]
     advertise_ip: Option<IpAddr>,
-    /// The node root under which component files go; its disk is the node's disk.
-    #[arg(long, env = "DE_AGENT_ROOT", default_value = "/")]
-    root: PathBuf,
-    /// Seconds to wait for the controller to answer a connection.
-    #[arg(long, default_value_t = 10)]
-    connect_timeout_secs: u64,
+    /// The node root under which component files go; its disk is the node's disk [default: /].
+    #[arg(long, env = "DE_AGENT_ROOT")]
+    root: Option<PathBuf>,
+    /// Seconds to wait for the controller to answer a connection [default: 10].
+    #[arg(long, value_parser = secs)]
+    connect_timeout_secs: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Enrol this node with the controller using a 4-digit install code.
     Enroll {
-        /// The controller's QUIC address, HOST:PORT (port 50001 if omitted).
+        /// The controller's QUIC address, HOST:PORT (port 50001 if omitted); also `controller` in the config file.
         #[arg(long, env = "DE_CONTROLLER")]
-        controller: String,
-        /// The 4-digit install code shown in the console.
+        controller: Option<String>,
+        /// The 4-digit install code shown in the console (never read from the config file).
         #[arg(long, env = "DE_INSTALL_CODE")]
         code: String,
         #[command(flatten)]
         common: Common,
     },
-    /// Keep this node linked to the controller (enrolling first if --controller and --code are given and the node has no identity yet).
+    /// Keep this node linked to the controller (enrolling first if --code is given and the node has no identity yet).
     Run {
         #[arg(long, env = "DE_CONTROLLER", requires = "code")]
         controller: Option<String>,
-        #[arg(long, env = "DE_INSTALL_CODE", requires = "controller")]
+        #[arg(long, env = "DE_INSTALL_CODE")]
         code: Option<String>,
-        /// Seconds between heartbeats.
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
-        heartbeat_secs: u64,
-        /// A private monit control file (created with its socket, pid and state files next to it when missing); default: the system monit.
+        /// Seconds between heartbeats [default: 5].
+        #[arg(long, value_parser = secs)]
+        heartbeat_secs: Option<u64>,
+        /// Upper bound of the reconnect backoff, in seconds [default: 30].
+        #[arg(long, value_parser = secs)]
+        max_backoff_secs: Option<u64>,
+        /// A private monit control file (created with its socket, pid and state files next to it when missing) [default: the system monit].
         #[arg(long, env = "DE_AGENT_MONIT_CONTROL")]
         monit_control: Option<PathBuf>,
-        /// Upper bound of the reconnect backoff, in seconds.
-        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-        max_backoff_secs: u64,
         #[command(flatten)]
         common: Common,
     },
+}
+
+/// Every option, resolved: flag > environment variable > config file > built-in default.
+#[derive(Debug, Clone)]
+struct Settings {
+    state_dir: PathBuf,
+    advertise_ip: Option<IpAddr>,
+    root: PathBuf,
+    connect_timeout_secs: u64,
+    heartbeat_secs: u64,
+    max_backoff_secs: u64,
+    controller: Option<String>,
+    monit_control: Option<PathBuf>,
+}
+
+impl Settings {
+    fn resolve(
+        common: Common,
+        controller: Option<String>,
+        heartbeat_secs: Option<u64>,
+        max_backoff_secs: Option<u64>,
+        monit_control: Option<PathBuf>,
+        file: Config,
+    ) -> Settings {
+        Settings {
+            state_dir: (common.state_dir.or(file.state_dir))
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            advertise_ip: common.advertise_ip.or(file.advertise_ip),
+            root: (common.root.or(file.root)).unwrap_or_else(|| DEFAULT_ROOT.into()),
+            connect_timeout_secs: (common.connect_timeout_secs.or(file.connect_timeout_secs))
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT_SECS),
+            heartbeat_secs: (heartbeat_secs.or(file.heartbeat_secs))
+                .unwrap_or(DEFAULT_HEARTBEAT_SECS),
+            max_backoff_secs: (max_backoff_secs.or(file.max_backoff_secs))
+                .unwrap_or(DEFAULT_MAX_BACKOFF_SECS),
+            controller: controller.or(file.controller),
+            monit_control: monit_control.or(file.monit_control),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -79,6 +140,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    let (file, from) =
+        match de_common::load_config::<Config>(cli.config.as_deref(), Path::new(PACKAGED_PATH)) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                eprintln!("de-agent: {}", chain(&e));
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+    if let Some(path) = from {
+        tracing::debug!(config = %path.display(), "read the config file");
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -86,22 +158,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async_main(cli))
+    rt.block_on(async_main(cli.command, file))
 }
 
-async fn do_enroll(
-    controller: String,
-    code: String,
-    common: &Common,
-) -> Result<Identity, ExitCode> {
+async fn do_enroll(code: String, settings: &Settings) -> Result<Identity, ExitCode> {
+    let Some(controller) = settings.controller.clone() else {
+        eprintln!(
+            "de-agent: no controller to enrol with: pass --controller HOST:PORT or set `controller` in the config file"
+        );
+        return Err(ExitCode::from(EXIT_USAGE));
+    };
     let opts = EnrollOptions {
         controller,
         code,
-        advertise_ip: common.advertise_ip,
-        root: common.root.clone(),
-        connect_timeout: Duration::from_secs(common.connect_timeout_secs),
+        advertise_ip: settings.advertise_ip,
+        root: settings.root.clone(),
+        connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
     };
-    match de_agent::enroll(&opts, &common.state_dir).await {
+    match de_agent::enroll(&opts, &settings.state_dir).await {
         Ok(id) => {
             println!("enrolled as node {}", id.meta.node_id);
             Ok(id)
@@ -124,21 +198,22 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn async_main(cli: Cli) -> ExitCode {
-    match cli.command {
+async fn async_main(command: Command, file: Config) -> ExitCode {
+    match command {
         Command::Enroll {
             controller,
             code,
             common,
         } => {
-            if Identity::exists(&common.state_dir) {
+            let settings = Settings::resolve(common, controller, None, None, None, file);
+            if Identity::exists(&settings.state_dir) {
                 eprintln!(
                     "de-agent: {} already holds an identity: this node is enrolled (remove the directory to enrol again)",
-                    common.state_dir.display()
+                    settings.state_dir.display()
                 );
                 return ExitCode::FAILURE;
             }
-            match do_enroll(controller, code, &common).await {
+            match do_enroll(code, &settings).await {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(c) => c,
             }
@@ -151,23 +226,31 @@ async fn async_main(cli: Cli) -> ExitCode {
             monit_control,
             common,
         } => {
-            let identity = if Identity::exists(&common.state_dir) {
-                match Identity::load(&common.state_dir) {
+            let settings = Settings::resolve(
+                common,
+                controller,
+                heartbeat_secs,
+                max_backoff_secs,
+                monit_control,
+                file,
+            );
+            let identity = if Identity::exists(&settings.state_dir) {
+                match Identity::load(&settings.state_dir) {
                     Ok(id) => id,
                     Err(e) => {
                         eprintln!("de-agent: {}", chain(&e));
                         return ExitCode::FAILURE;
                     }
                 }
-            } else if let (Some(controller), Some(code)) = (controller, code) {
-                match do_enroll(controller, code, &common).await {
+            } else if let Some(code) = code {
+                match do_enroll(code, &settings).await {
                     Ok(id) => id,
                     Err(c) => return c,
                 }
             } else {
                 eprintln!(
-                    "de-agent: {} holds no identity: enrol first with 'de-agent enroll --controller HOST:PORT --code NNNN' or pass --controller and --code to run",
-                    common.state_dir.display()
+                    "de-agent: {} holds no identity: enrol first with 'de-agent enroll --controller HOST:PORT --code NNNN' or pass --code to run (with --controller, or `controller` in the config file)",
+                    settings.state_dir.display()
                 );
                 return ExitCode::FAILURE;
             };
@@ -179,13 +262,13 @@ async fn async_main(cli: Cli) -> ExitCode {
                 signal.cancel();
             });
             let opts = LinkOptions {
-                state_dir: common.state_dir.clone(),
-                monit_control,
-                root: common.root.clone(),
-                heartbeat: Duration::from_secs(heartbeat_secs),
+                state_dir: settings.state_dir.clone(),
+                monit_control: settings.monit_control.clone(),
+                root: settings.root.clone(),
+                heartbeat: Duration::from_secs(settings.heartbeat_secs),
                 min_backoff: Duration::from_millis(250),
-                max_backoff: Duration::from_secs(max_backoff_secs),
-                connect_timeout: Duration::from_secs(common.connect_timeout_secs),
+                max_backoff: Duration::from_secs(settings.max_backoff_secs),
+                connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
             };
             info!(node = %identity.meta.node_id, controller = %identity.meta.controller, "starting");
             match de_agent::run(identity, opts, shutdown).await {

@@ -1,16 +1,19 @@
 //! Deployment Engine's shared protocol crate: the wire messages between agent
-//! and controller, their framing, and the types both sides agree on.
+//! and controller, their framing, the types both sides agree on, and how both
+//! binaries read their config files.
 //!
 //! Architecture invariant: this is the only crate that knows the wire format.
 //! It does no network I/O of its own (framing works on any `AsyncRead` /
 //! `AsyncWrite`) and holds no sled, axum or quinn types.
 
+mod config;
 mod files;
 mod frame;
 mod hardware;
 mod step;
 mod wire;
 
+pub use config::{ConfigError, load_config, load_toml, parse_toml};
 pub use files::{ensure_private_dir, write_private};
 pub use frame::{FrameError, MAX_FRAME_LEN, decode, encode, read_frame, write_frame};
 pub use hardware::{ComponentStatus, Hardware, Usage};

@@ -216,6 +216,18 @@ fn check_token(ctl: &Controller, presented: Option<&str>, how: &str) -> Result<(
 pub struct CodeView {
     pub code: String,
     pub expires_at: String,
+    /// The one line that joins a node with this code (`packaging/install-agent.sh ...`).
+    pub agent_command: String,
+}
+
+impl CodeView {
+    fn new(ctl: &Controller, issued: &de_install_codes::IssuedCode) -> CodeView {
+        CodeView {
+            code: issued.code.as_str().to_owned(),
+            expires_at: rfc3339(issued.expires_at),
+            agent_command: crate::agent_command(&ctl.agent_addr, issued.code.as_str()),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -242,10 +254,7 @@ async fn post_code(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
         .codes
         .issue(Duration::from_secs(ttl))
         .map_err(|e| ApiError::internal("could not create the install code", &e))?;
-    let view = CodeView {
-        code: issued.code.as_str().to_owned(),
-        expires_at: rfc3339(issued.expires_at),
-    };
+    let view = CodeView::new(&ctl, &issued);
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
@@ -253,10 +262,7 @@ async fn get_code(State(ctl): Ctl) -> Result<axum::Json<CodeView>, ApiError> {
     let issued = ctl.codes.active().ok_or_else(|| {
         ApiError::not_found("no install code is active: create one with POST /api/v1/install-codes")
     })?;
-    Ok(axum::Json(CodeView {
-        code: issued.code.as_str().to_owned(),
-        expires_at: rfc3339(issued.expires_at),
-    }))
+    Ok(axum::Json(CodeView::new(&ctl, &issued)))
 }
 
 async fn delete_code(State(ctl): Ctl) -> Result<StatusCode, ApiError> {
@@ -558,7 +564,8 @@ mod tests {
 
     fn controller() -> (tempfile::TempDir, Arc<Controller>) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (ctl, _) = Controller::open(dir.path()).expect("open");
+        let (mut ctl, _) = Controller::open(dir.path()).expect("open");
+        ctl.agent_addr = "ctl.example:50001".to_owned();
         (dir, Arc::new(ctl))
     }
 
@@ -615,6 +622,10 @@ mod tests {
         let code = first["code"].as_str().expect("code");
         assert!(code.len() == 4 && code.bytes().all(|b| b.is_ascii_digit()));
         assert!(first["expires_at"].as_str().expect("expiry").ends_with('Z'));
+        assert_eq!(
+            first["agent_command"],
+            format!("packaging/install-agent.sh --controller ctl.example:50001 --code {code}")
+        );
         let (s, shown) = call(&ctl, "GET", "/api/v1/install-codes", Some(&t), "").await;
         assert_eq!((s, &shown), (StatusCode::OK, &first));
         let (s, second) = call(

@@ -13,6 +13,7 @@ mod oplog;
 mod pki;
 mod plan;
 mod plan_api;
+mod public_addr;
 pub mod quic;
 mod render;
 mod steps;
@@ -34,10 +35,14 @@ pub use nodes::{NodeRecord, NodeView, Nodes};
 pub use oplog::{OPLOG_FILE, OpLog};
 pub use pki::{Pki, PkiError, TokenOrigin};
 pub use plan::{DnsRecord, Plan, Plans, Properties, REDACTED, Secret, StoredPlan};
+pub use public_addr::{PublicAddr, PublicAddrError, agent_address, agent_command, hostname};
 pub use render::{NodeContext, PlanRenderer, RenderError, RenderedComponent};
 pub use steps::{StepQueue, StepRecord, StepState, StepUpdate, StepsError};
 pub use store::{SledStore, Store, StoreError, StoreExt, Tree};
 pub use validate::{Problem, ValidPlan, validate_plan};
+
+/// The agents' QUIC port unless `--quic-listen` says otherwise.
+pub const DEFAULT_QUIC_PORT: u16 = 50001;
 
 /// Why the controller could not open its data dir.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +73,9 @@ pub struct Controller {
     /// `DATA/logs/local.log`.
     pub oplog: OpLog,
     pub deployer: Deployer,
+    /// The QUIC address agents are told to dial (in the install command shown with a code).
+    /// `open` guesses `HOSTNAME:50001`; `main.rs` sets it from `--public-addr` or the bound address.
+    pub agent_addr: String,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -102,6 +110,7 @@ impl Controller {
                 plans,
                 oplog,
                 deployer: Deployer::default(),
+                agent_addr: format!("{}:{DEFAULT_QUIC_PORT}", hostname()),
             },
             origin,
         ))

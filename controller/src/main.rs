@@ -1,16 +1,30 @@
 //! `de-controller`: parses the command line and runs the controller.
 
+mod config;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
-use de_controller::{Controller, TokenOrigin, api, quic};
+use de_controller::{Controller, PublicAddr, TokenOrigin, api, quic};
+
+use crate::config::{Config, PACKAGED_PATH};
+
+const DEFAULT_DATA_DIR: &str = "./de-data";
+const DEFAULT_API_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 50000);
+const DEFAULT_QUIC_LISTEN: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    de_controller::DEFAULT_QUIC_PORT,
+);
+/// Exit status for a bad command line or config file (sysexits' EX_USAGE).
+const EXIT_USAGE: u8 = 64;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,6 +33,10 @@ use de_controller::{Controller, TokenOrigin, api, quic};
     about = "Deployment Engine controller"
 )]
 struct Cli {
+    /// Config file (TOML). Default: /etc/deployment-engine/controller.toml when it exists.
+    /// Flags and environment variables override its values.
+    #[arg(long, global = true, env = "DE_CONTROLLER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,16 +45,46 @@ struct Cli {
 enum Command {
     /// Run the controller: REST/WebSocket API and the agents' QUIC endpoint.
     Serve {
-        /// Where the store, keys and token live (created on first start, mode 0700).
-        #[arg(long, env = "DE_DATA_DIR", default_value = "./de-data")]
-        data_dir: PathBuf,
-        /// Address of the HTTP API and console.
-        #[arg(long, env = "DE_API_LISTEN", default_value = "0.0.0.0:50000")]
-        api_listen: SocketAddr,
-        /// Address of the QUIC endpoint agents connect to.
-        #[arg(long, env = "DE_QUIC_LISTEN", default_value = "0.0.0.0:50001")]
-        quic_listen: SocketAddr,
+        /// Where the store, keys and token live (created on first start, mode 0700) [default: ./de-data].
+        #[arg(long, env = "DE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Address of the HTTP API and console [default: 0.0.0.0:50000].
+        #[arg(long, env = "DE_API_LISTEN")]
+        api_listen: Option<SocketAddr>,
+        /// Address of the QUIC endpoint agents connect to [default: 0.0.0.0:50001].
+        #[arg(long, env = "DE_QUIC_LISTEN")]
+        quic_listen: Option<SocketAddr>,
+        /// HOST[:PORT] that nodes dial, shown in the install command [default: the QUIC
+        /// listen address, or this machine's host name when that is 0.0.0.0].
+        #[arg(long, env = "DE_PUBLIC_ADDR")]
+        public_addr: Option<PublicAddr>,
     },
+}
+
+/// Every option, resolved: flag > environment variable > config file > built-in default.
+#[derive(Debug)]
+struct Settings {
+    data_dir: PathBuf,
+    api_listen: SocketAddr,
+    quic_listen: SocketAddr,
+    public_addr: Option<PublicAddr>,
+}
+
+impl Settings {
+    fn resolve(command: Command, file: Config) -> Settings {
+        let Command::Serve {
+            data_dir,
+            api_listen,
+            quic_listen,
+            public_addr,
+        } = command;
+        Settings {
+            data_dir: (data_dir.or(file.data_dir)).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            api_listen: (api_listen.or(file.api_listen)).unwrap_or(DEFAULT_API_LISTEN),
+            quic_listen: (quic_listen.or(file.quic_listen)).unwrap_or(DEFAULT_QUIC_LISTEN),
+            public_addr: public_addr.or(file.public_addr),
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +97,18 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    let (file, from) =
+        match de_common::load_config::<Config>(cli.config.as_deref(), Path::new(PACKAGED_PATH)) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                eprintln!("de-controller: {:#}", anyhow::Error::new(e));
+                return std::process::ExitCode::from(EXIT_USAGE);
+            }
+        };
+    if let Some(path) = from {
+        tracing::debug!(config = %path.display(), "read the config file");
+    }
+    let settings = Settings::resolve(cli.command, file);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -56,7 +116,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(settings)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("de-controller: {e:#}");
@@ -65,28 +125,42 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Serve {
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let Settings {
         data_dir,
         api_listen,
         quic_listen,
-    } = cli.command;
-    let (ctl, origin) = Controller::open(&data_dir)
+        public_addr,
+    } = settings;
+    let (mut ctl, origin) = Controller::open(&data_dir)
         .with_context(|| format!("could not open the data dir {}", data_dir.display()))?;
     if let TokenOrigin::Created = origin {
-        // Printed once, at creation; afterwards it is only in the 0600 file.
-        println!(
-            "admin token (saved in {}; it is not shown again): {}",
-            data_dir.join("admin.token").display(),
-            ctl.pki.token()
-        );
+        let path = data_dir.join("admin.token");
+        if stdout_is_the_journal() {
+            // Under systemd stdout is a log: the token stays in its 0600 file only.
+            println!("admin token created in {} (mode 0600)", path.display());
+        } else {
+            // Printed once, at creation; afterwards it is only in the 0600 file.
+            println!(
+                "admin token (saved in {}; it is not shown again): {}",
+                path.display(),
+                ctl.pki.token()
+            );
+        }
     }
-    let ctl = Arc::new(ctl);
-    de_controller::Deployer::resume(&ctl).context("could not resume deployments")?;
     let endpoint = quic::endpoint(quic_listen, &ctl.pki, ctl.nodes.revoked_set())?;
     let quic_addr = endpoint
         .local_addr()
         .context("QUIC endpoint has no address")?;
+    ctl.agent_addr =
+        de_controller::agent_address(public_addr.as_ref(), quic_addr, &de_controller::hostname());
+    if public_addr.is_none() && quic_addr.ip().is_unspecified() {
+        warn!(agent_addr = %ctl.agent_addr, "agents are told to dial this host's name; set public_addr if nodes reach the controller by another name");
+    } else {
+        info!(agent_addr = %ctl.agent_addr, "agents are told to dial");
+    }
+    let ctl = Arc::new(ctl);
+    de_controller::Deployer::resume(&ctl).context("could not resume deployments")?;
     let listener = tokio::net::TcpListener::bind(api_listen)
         .await
         .with_context(|| {
@@ -111,6 +185,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(grace, http_task).await;
     info!("stopped");
     Ok(())
+}
+
+/// Whether stdout is connected to the systemd journal (`JOURNAL_STREAM` names its device and inode).
+fn stdout_is_the_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/1") else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
 }
 
 async fn wait_for_signal() {
