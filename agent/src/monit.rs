@@ -185,8 +185,8 @@ impl Monit {
                 output: format!("exited with {status}; see its log next to the control file"),
             });
         }
-        // Wait (bounded) for its socket to answer.
-        for _ in 0..50 {
+        // Wait (bounded) for its socket to answer; a loaded machine can take a while.
+        for _ in 0..300 {
             if self.status_xml().await.is_ok() {
                 return Ok(());
             }

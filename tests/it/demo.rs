@@ -76,12 +76,14 @@ fn debian_demo_deploys_for_real_and_nginx_scales_out_and_in() -> Result<()> {
         json!({
             "components": {"haproxy": [ips[0]], "nats": [ips[0]], "nginx": nginx},
             // Node roots live in private temp dirs: let nginx workers run as root to read them.
-            "properties": {"domain": "demo.test", "catalog": "debian-demo", "nginx_user": "root"},
+            "properties": {"domain": "demo.test", "catalog": "debian-demo", "nginx_user": "root", "checkdisk": 1, "disksize": 1},
         })
     };
 
     let d = deploy_and_wait(&ctl, &plan(&ips[1..3]))?;
     assert_eq!(d["state"], "succeeded", "{}", d["error"]);
+    let outputs: Vec<&str> = d["steps"].as_array().into_iter().flatten().filter_map(|s| s["output"].as_str()).collect();
+    assert!(outputs.iter().any(|o| o.contains(&format!("disk check on {}", ips[1]))), "checkdisk ran: {outputs:?}");
     all_running(&ctl, 4)?;
     let seen = wait_until(
         Duration::from_secs(60),
