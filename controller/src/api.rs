@@ -128,6 +128,7 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         .route("/steps/{id}", get(get_step))
         .route("/exec", axum::routing::post(exec))
         .merge(crate::plan_api::routes())
+        .merge(crate::log_api::native_routes())
         .route_layer(axum::middleware::from_fn_with_state(
             ctl.clone(),
             require_token,

@@ -1,6 +1,6 @@
 //! The original API's routes under `/deployment-engine` (port 50000), with the
 //! original's field names and status codes: `GET/POST /config` and
-//! `GET /hardware`.
+//! `GET /hardware` (and, merged in, `/log` and `/download` from `log_api.rs`).
 //!
 //! The original clients send JSON with any Content-Type or none (`curl -X GET
 //! -d '{...}'` sends a form type), so bodies are read as bytes and parsed
@@ -31,6 +31,7 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         // POST too: browsers' fetch() cannot send a body with GET.
         .route("/hardware", get(hardware).post(hardware))
         .merge(crate::operate::routes())
+        .merge(crate::log_api::compat_routes())
 }
 
 async fn get_config(State(ctl): Ctl) -> Result<Response, ApiError> {
