@@ -356,6 +356,30 @@ mod tests {
         }
     }
 
+    /// Reads up to the line ending in ` END`: (lines reported dropped, lines
+    /// received before END, the last of them). Checks each notice's wording.
+    async fn drain_until_end(ws: &mut Client) -> (usize, usize, String) {
+        let (mut missed, mut got, mut last) = (0, 0, String::new());
+        loop {
+            let line = next_text(ws).await;
+            if line.ends_with(" END") {
+                return (missed, got, last);
+            }
+            if let Some(rest) = line.strip_prefix("[de] ") {
+                let n: u64 = rest
+                    .split(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("a malformed notice {line:?}"));
+                assert_eq!(line, dropped_notice(n));
+                missed += n as usize;
+            } else {
+                got += 1;
+                last = line;
+            }
+        }
+    }
+
     #[tokio::test]
     async fn every_client_gets_each_line_live_and_needs_the_token() {
         let (_d, ctl) = controller();
@@ -407,23 +431,8 @@ mod tests {
         println!("{LINES} lines written in {took:?} with a client reading nothing");
         assert!(took < WAIT, "writing {LINES} lines took {took:?}");
 
-        let notice = next_text(&mut ws).await;
-        let missed: usize = notice
-            .strip_prefix("[de] ")
-            .and_then(|n| n.split(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("a dropped-lines notice first, got {notice:?}"));
-        assert_eq!(notice, dropped_notice(missed as u64));
-        let mut got = 0;
-        let mut last = String::new();
-        loop {
-            let line = next_text(&mut ws).await;
-            if line.ends_with(" END") {
-                break;
-            }
-            last = line;
-            got += 1;
-        }
+        let (missed, got, last) = drain_until_end(&mut ws).await;
+        assert!(missed > 0, "the client cannot have kept up");
         assert_eq!(missed + got, LINES, "every line is delivered or counted");
         assert!(
             last.ends_with(&format!(" output line {} of the install step", LINES - 1)),
@@ -434,5 +443,31 @@ mod tests {
         assert_eq!(nats0.lines().count(), LINES);
         let local = std::fs::read_to_string(dir.path().join("logs/local.log")).expect("local");
         assert_eq!(local.lines().count(), LINES + 1);
+    }
+
+    /// Two threads, and lines big enough to fill the client's TCP window: the
+    /// server's send to this client stalls while the writer goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_connection_does_not_slow_the_writer() {
+        const LINES: usize = 20_000;
+        let (dir, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        let addr = serve(&ctl).await;
+        let mut ws = connect(addr, &t).await;
+        let filler = "x".repeat(1000);
+        let started = Instant::now();
+        for i in 0..LINES {
+            ctl.logs.line(Some("dea_0"), &format!("{i} {filler}"));
+        }
+        ctl.logs.record("END");
+        let took = started.elapsed();
+        let (missed, got, _) = drain_until_end(&mut ws).await;
+        println!(
+            "{LINES} lines of 1 kB written in {took:?}; the stalled client got {got}, {missed} reported dropped"
+        );
+        assert!(took < WAIT, "writing {LINES} lines took {took:?}");
+        assert_eq!(missed + got, LINES, "every line is delivered or counted");
+        let dea0 = std::fs::read_to_string(dir.path().join("logs/dea_0.log")).expect("dea_0");
+        assert_eq!(dea0.lines().count(), LINES);
     }
 }
