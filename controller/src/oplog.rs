@@ -122,23 +122,44 @@ impl LogHub {
     /// instance is no usable file name (not `[A-Za-z0-9_.-]+`, starting with a
     /// dot, or `local`) goes to `local.log` only, with a warning.
     pub fn line(&self, instance: Option<&str>, text: &str) {
-        let now = rfc3339(SystemTime::now());
-        let text = text.replace(['\n', '\r'], " ");
-        let shared: Arc<str> = match instance {
-            Some(i) => format!("{now} [{i}] {text}"),
-            None => format!("{now} {text}"),
+        self.lines(instance, &[text]);
+    }
+
+    /// As [`LogHub::line`] for each of `texts` (a step's `Output` batch), with
+    /// one write per file for the whole batch.
+    pub fn lines<S: AsRef<str>>(&self, instance: Option<&str>, texts: &[S]) {
+        if texts.is_empty() {
+            return;
         }
-        .into();
+        let now = rfc3339(SystemTime::now());
+        let mut local = String::new();
+        let mut own = String::new();
+        let mut shared: Vec<Arc<str>> = Vec::with_capacity(texts.len());
+        for text in texts {
+            let text = text.as_ref().replace(['\n', '\r'], " ");
+            let line = match instance {
+                Some(i) => format!("{now} [{i}] {text}"),
+                None => format!("{now} {text}"),
+            };
+            local.push_str(&line);
+            local.push('\n');
+            if instance.is_some() {
+                own.push_str(&format!("{now} {text}\n"));
+            }
+            shared.push(line.into());
+        }
         if let Some(instance) = instance {
-            self.write_instance(instance, &format!("{now} {text}\n"));
+            self.write_instance(instance, &own);
         }
         let mut f = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(format!("{shared}\n").as_bytes()) {
+        if let Err(e) = f.write_all(local.as_bytes()) {
             warn!(path = %self.path.display(), error = %e, "could not write the operations log");
         }
         // Under the same lock, so clients see lines in local.log's order.
         // Err only means that no client is connected.
-        let _ = self.live.send(shared);
+        for line in shared {
+            let _ = self.live.send(line);
+        }
     }
 
     fn write_instance(&self, instance: &str, line: &str) {
@@ -270,6 +291,30 @@ mod tests {
         );
         let first = live.try_recv().expect("a live line");
         assert!(first.ends_with(" [nats_0] starting nats"), "{first}");
+    }
+
+    #[test]
+    fn a_batch_is_written_in_order_to_both_files_and_the_feed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = LogHub::open(dir.path()).expect("open");
+        let mut live = hub.subscribe();
+        let batch = vec!["one".to_owned(), "two".to_owned(), "three".to_owned()];
+        hub.lines(Some("uaa_0"), &batch);
+        hub.lines::<&str>(Some("uaa_0"), &[]);
+        let own = std::fs::read_to_string(dir.path().join("uaa_0.log")).expect("uaa_0.log");
+        let local = std::fs::read_to_string(hub.path()).expect("local.log");
+        for (text, want) in [(&own, " "), (&local, " [uaa_0] ")] {
+            let got: Vec<&str> = text.lines().collect();
+            assert_eq!(got.len(), 3, "{text}");
+            for (line, word) in got.iter().zip(&batch) {
+                assert!(line.ends_with(&format!("{want}{word}")), "{text}");
+            }
+        }
+        for word in &batch {
+            let line = live.try_recv().expect("a live line");
+            assert!(line.ends_with(&format!(" [uaa_0] {word}")), "{line}");
+        }
+        assert!(live.try_recv().is_err(), "an empty batch sends nothing");
     }
 
     #[test]
