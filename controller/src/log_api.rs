@@ -65,8 +65,7 @@ async fn live(
             r.status(),
             "websocket_required",
             format!(
-                "{} is a WebSocket: connect with ws://HOST:PORT/deployment-engine/log?token=TOKEN ({})",
-                "/deployment-engine/log",
+                "/deployment-engine/log is a WebSocket: connect with ws://HOST:PORT/deployment-engine/log?token=TOKEN ({})",
                 r.body_text()
             ),
         )
@@ -84,7 +83,8 @@ async fn feed(mut socket: WebSocket, mut rx: broadcast::Receiver<Arc<str>>) {
                     Err(RecvError::Lagged(missed)) => dropped_notice(missed),
                     Err(RecvError::Closed) => break,
                 };
-                let sent = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await;
+                let frame = Message::Text(text.into());
+                let sent = tokio::time::timeout(SEND_TIMEOUT, socket.send(frame)).await;
                 if !matches!(sent, Ok(Ok(()))) {
                     break;
                 }
