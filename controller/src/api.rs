@@ -130,6 +130,7 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         .route("/deployments", get(list_deployments))
         .route("/deployments/{id}", get(get_deployment))
         .merge(crate::plan_api::routes())
+        .merge(crate::log_api::native_routes())
         .route_layer(axum::middleware::from_fn_with_state(
             ctl.clone(),
             require_token,

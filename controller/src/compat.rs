@@ -1,6 +1,6 @@
 //! The original API's routes under `/deployment-engine` (port 50000), with the
 //! original's field names and status codes: `GET/POST /config` and
-//! `GET /hardware`.
+//! `GET /hardware` (and, merged in, `/log` and `/download` from `log_api.rs`).
 //!
 //! The original clients send JSON with any Content-Type or none (`curl -X GET
 //! -d '{...}'` sends a form type), so bodies are read as bytes and parsed
@@ -32,6 +32,7 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         .route("/hardware", get(hardware).post(hardware))
         .route("/deploy", get(deploy))
         .merge(crate::operate::routes())
+        .merge(crate::log_api::compat_routes())
 }
 
 async fn deploy(State(ctl): Ctl) -> Result<Response, ApiError> {

@@ -175,10 +175,7 @@ impl Default for Deployer {
 
 /// Writes one log line for `instance` (or the controller) — the operations log and the instance's log.
 pub(crate) fn log_line(ctl: &Controller, instance: Option<&str>, text: &str) {
-    match instance {
-        Some(i) => ctl.oplog.record(&format!("[{i}] {text}")),
-        None => ctl.oplog.record(text),
-    }
+    ctl.logs.line(instance, text);
 }
 
 impl Deployer {
@@ -699,10 +696,13 @@ async fn forward_output(ctl: Arc<Controller>) {
                     .get(&step_id)
                     .cloned();
                 if let Some(inst) = inst {
-                    let tag = if stream == OutStream::Stderr { "!" } else { "" };
-                    for l in lines.iter() {
-                        log_line(&ctl, Some(&inst), &format!("{inst}{tag}| {l}"));
-                    }
+                    let tag = if stream == OutStream::Stderr {
+                        "stderr"
+                    } else {
+                        "stdout"
+                    };
+                    let tagged: Vec<String> = lines.iter().map(|l| format!("{tag}| {l}")).collect();
+                    ctl.logs.lines(Some(&inst), &tagged);
                 }
             }
             Ok(_) => {}

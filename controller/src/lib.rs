@@ -7,6 +7,7 @@ mod catalog;
 mod codes;
 mod compat;
 mod deploy;
+mod log_api;
 mod nodes;
 mod operate;
 mod oplog;
@@ -32,7 +33,7 @@ pub use catalog::{
 pub use codes::{Codes, CodesError};
 pub use deploy::{DeployError, DeployState, Deployer, Deployment};
 pub use nodes::{NodeRecord, NodeView, Nodes};
-pub use oplog::{OPLOG_FILE, OpLog};
+pub use oplog::{LogFileError, LogHub, OPLOG_FILE};
 pub use pki::{Pki, PkiError, TokenOrigin};
 pub use plan::{DnsRecord, Plan, Plans, Properties, REDACTED, Secret, StoredPlan};
 pub use public_addr::{PublicAddr, PublicAddrError, agent_address, agent_command, hostname};
@@ -55,8 +56,8 @@ pub enum OpenError {
     Store(#[from] StoreError),
     #[error("could not load the component catalogs: fix or remove the file named here")]
     Catalog(#[from] CatalogError),
-    #[error("could not open the operations log in {0}")]
-    OpLog(String, #[source] std::io::Error),
+    #[error("could not open the log dir {0}")]
+    Logs(String, #[source] std::io::Error),
 }
 
 /// Everything the controller's tasks share.
@@ -70,8 +71,9 @@ pub struct Controller {
     /// Built-in catalogs and the operator's (`DATA/catalogs/`), loaded at start.
     pub catalogs: Catalogs,
     pub plans: Plans,
-    /// `DATA/logs/local.log`.
-    pub oplog: OpLog,
+    /// `DATA/logs/`: `local.log`, one file per component instance, and the
+    /// live feed of the `/deployment-engine/log` WebSocket.
+    pub logs: LogHub,
     pub deployer: Deployer,
     /// The QUIC address agents are told to dial (in the install command shown with a code).
     /// `open` guesses `HOSTNAME:50001`; `main.rs` sets it from `--public-addr` or the bound address.
@@ -96,9 +98,9 @@ impl Controller {
         let steps = StepQueue::new(store.clone(), pki.step_key());
         let catalogs = Catalogs::load(&data_dir.join("catalogs"))?;
         let plans = Plans::load(store.clone())?;
-        let logs = data_dir.join("logs");
-        let oplog =
-            OpLog::open(&logs).map_err(|e| OpenError::OpLog(logs.display().to_string(), e))?;
+        let log_dir = data_dir.join("logs");
+        let logs = LogHub::open(&log_dir)
+            .map_err(|e| OpenError::Logs(log_dir.display().to_string(), e))?;
         Ok((
             Controller {
                 store,
@@ -108,7 +110,7 @@ impl Controller {
                 steps,
                 catalogs,
                 plans,
-                oplog,
+                logs,
                 deployer: Deployer::default(),
                 agent_addr: format!("{}:{DEFAULT_QUIC_PORT}", hostname()),
             },

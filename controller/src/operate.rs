@@ -185,7 +185,7 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
             }),
         }
     }
-    ctl.oplog.record(&format!(
+    ctl.logs.record(&format!(
         "{verb} {} on {}: {} instance(s)",
         target.name.trim(),
         target.ip.trim(),

@@ -1,12 +1,21 @@
-//! The operations log, `DATA/logs/local.log` (the original's `local.log`): one
-//! line per operation with a UTC timestamp, appended, for operators to read
-//! and download. Never holds secrets: callers write summaries, not plans.
+//! The log hub: every operation and every line of step output goes to
+//! `DATA/logs/local.log` (the original's operations log), to one file per
+//! component instance (`DATA/logs/nats_0.log`, ...) and, live, to every
+//! client of the `/deployment-engine/log` WebSocket.
+//!
+//! Invariants: writing a line never waits for a WebSocket client (a
+//! `broadcast` ring: a client that falls behind loses the oldest lines and is
+//! told how many, the files keep everything); nothing outside the log dir is
+//! ever opened by name (`open` checks the name and the canonical parent);
+//! files hold summaries and output, never plans or secrets.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use tokio::sync::broadcast;
 use tracing::warn;
 
 use crate::nodes::rfc3339;
@@ -14,44 +23,219 @@ use crate::nodes::rfc3339;
 /// The operations log's file name, as the original's log list shows it.
 pub const OPLOG_FILE: &str = "local.log";
 
-/// An append-only operations log.
-#[derive(Debug)]
-pub struct OpLog {
-    path: PathBuf,
-    file: Mutex<std::fs::File>,
+/// How many lines wait for a slow WebSocket client before it starts losing
+/// the oldest ones (it is told how many; the files keep all of them).
+pub(crate) const LIVE_CAPACITY: usize = 4096;
+
+/// The most per-instance files kept open at once; past it, all are closed and
+/// reopened on their next line (a plan has far fewer instances).
+const MAX_OPEN_FILES: usize = 512;
+
+/// Why a log file could not be opened by name.
+#[derive(Debug, thiserror::Error)]
+pub enum LogFileError {
+    #[error(
+        "{0:?} is not a log file name: use a name from GET /deployment-engine/download (letters, digits, '_', '-', '.', not starting with '.')"
+    )]
+    InvalidName(String),
+    #[error(
+        "there is no log file named {0:?}: GET /deployment-engine/download lists the files there are"
+    )]
+    NotFound(String),
+    #[error("could not read the log file {0}")]
+    Io(String, #[source] std::io::Error),
 }
 
-impl OpLog {
+/// Whether `name` may name a file in the log dir: `[A-Za-z0-9_.-]+`, not
+/// starting with a dot (so no `.`, `..` or hidden files), at most 255 bytes.
+pub(crate) fn valid_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// The operations log, the per-instance logs and the live feed. Cheap to
+/// share: callers hold it inside the `Controller`.
+#[derive(Debug)]
+pub struct LogHub {
+    dir: PathBuf,
+    path: PathBuf,
+    local: Mutex<std::fs::File>,
+    instances: Mutex<HashMap<String, std::fs::File>>,
+    live: broadcast::Sender<Arc<str>>,
+}
+
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
+impl LogHub {
     /// Opens (creating if needed) `dir/local.log` for appending; creates `dir`.
-    pub fn open(dir: &Path) -> std::io::Result<OpLog> {
+    pub fn open(dir: &Path) -> std::io::Result<LogHub> {
+        LogHub::with_capacity(dir, LIVE_CAPACITY)
+    }
+
+    /// As [`LogHub::open`], with `capacity` lines buffered per live client.
+    pub(crate) fn with_capacity(dir: &Path, capacity: usize) -> std::io::Result<LogHub> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(OPLOG_FILE);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        Ok(OpLog {
+        let file = open_append(&path)?;
+        let (live, _) = broadcast::channel(capacity.max(1));
+        Ok(LogHub {
+            dir: dir.to_owned(),
             path,
-            file: Mutex::new(file),
+            local: Mutex::new(file),
+            instances: Mutex::new(HashMap::new()),
+            live,
         })
     }
 
+    /// `DATA/logs/local.log`.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Appends `<RFC 3339 time> <what>` as one line. A failure to write is
-    /// logged, not returned: the operation itself already happened.
+    /// `DATA/logs`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// An operation, as one line of `local.log` and the live feed: the same as
+    /// `line(None, what)`.
     pub fn record(&self, what: &str) {
-        let line = format!(
-            "{} {}\n",
-            rfc3339(SystemTime::now()),
-            what.replace(['\n', '\r'], " ")
-        );
-        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(line.as_bytes()) {
+        self.line(None, what);
+    }
+
+    /// Appends `<RFC 3339 time> [<instance>] <text>` to `local.log` and, with
+    /// an instance (`"nats_0"`), `<time> <text>` to `<instance>.log`; then
+    /// sends the `local.log` line to every live client. Newlines in `text`
+    /// become spaces. Never waits for a client and never fails: a write error
+    /// is logged (the operation itself already happened). A line whose
+    /// instance is no usable file name (not `[A-Za-z0-9_.-]+`, starting with a
+    /// dot, or `local`) goes to `local.log` only, with a warning.
+    pub fn line(&self, instance: Option<&str>, text: &str) {
+        self.lines(instance, &[text]);
+    }
+
+    /// As [`LogHub::line`] for each of `texts` (a step's `Output` batch), with
+    /// one write per file for the whole batch.
+    pub fn lines<S: AsRef<str>>(&self, instance: Option<&str>, texts: &[S]) {
+        if texts.is_empty() {
+            return;
+        }
+        let now = rfc3339(SystemTime::now());
+        let mut local = String::new();
+        let mut own = String::new();
+        let mut shared: Vec<Arc<str>> = Vec::with_capacity(texts.len());
+        for text in texts {
+            let text = text.as_ref().replace(['\n', '\r'], " ");
+            let line = match instance {
+                Some(i) => format!("{now} [{i}] {text}"),
+                None => format!("{now} {text}"),
+            };
+            local.push_str(&line);
+            local.push('\n');
+            if instance.is_some() {
+                own.push_str(&format!("{now} {text}\n"));
+            }
+            shared.push(line.into());
+        }
+        if let Some(instance) = instance {
+            self.write_instance(instance, &own);
+        }
+        let mut f = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(local.as_bytes()) {
             warn!(path = %self.path.display(), error = %e, "could not write the operations log");
         }
+        // Under the same lock, so clients see lines in local.log's order.
+        // Err only means that no client is connected.
+        for line in shared {
+            let _ = self.live.send(line);
+        }
+    }
+
+    fn write_instance(&self, instance: &str, line: &str) {
+        if !valid_file_name(instance) || instance == "local" {
+            warn!(
+                instance,
+                "not a usable log file name: the line went to local.log only"
+            );
+            return;
+        }
+        let mut files = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        if !files.contains_key(instance) {
+            if files.len() >= MAX_OPEN_FILES {
+                files.clear();
+            }
+            let path = self.dir.join(format!("{instance}.log"));
+            match open_append(&path) {
+                Ok(f) => {
+                    files.insert(instance.to_owned(), f);
+                }
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "could not open an instance log");
+                    return;
+                }
+            }
+        }
+        if let Some(f) = files.get_mut(instance)
+            && let Err(e) = f.write_all(line.as_bytes())
+        {
+            warn!(instance, error = %e, "could not write an instance log");
+            // Reopened on the next line, in case the file was moved away.
+            files.remove(instance);
+        }
+    }
+
+    /// A live feed of every line from now on (nothing older).
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.live.subscribe()
+    }
+
+    /// The log files there are, sorted by name.
+    pub fn files(&self) -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if !entry.file_type()?.is_file() {
+                continue;
+            }
+            if let Some(name) = entry.file_name().to_str()
+                && valid_file_name(name)
+            {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Opens the log file `name` for reading, refusing any name that is not a
+    /// plain file name and anything that resolves outside the log dir.
+    pub fn open_file(&self, name: &str) -> Result<(PathBuf, std::fs::File), LogFileError> {
+        if !valid_file_name(name) {
+            return Err(LogFileError::InvalidName(name.to_owned()));
+        }
+        let io = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::NotFound => LogFileError::NotFound(name.to_owned()),
+            _ => LogFileError::Io(self.dir.join(name).display().to_string(), e),
+        };
+        let dir = self.dir.canonicalize().map_err(io)?;
+        let path = self.dir.join(name).canonicalize().map_err(io)?;
+        if path.parent() != Some(dir.as_path()) || !path.is_file() {
+            // A symlink leading out, or a directory: not a log file.
+            return Err(LogFileError::NotFound(name.to_owned()));
+        }
+        let file = std::fs::File::open(&path).map_err(io)?;
+        Ok((path, file))
     }
 }
 
@@ -63,8 +247,8 @@ mod tests {
     fn lines_are_appended_with_a_timestamp_and_stay_one_line() {
         let dir = tempfile::tempdir().expect("tempdir");
         let logs = dir.path().join("logs");
-        OpLog::open(&logs).expect("open").record("first");
-        let log = OpLog::open(&logs).expect("reopen");
+        LogHub::open(&logs).expect("open").record("first");
+        let log = LogHub::open(&logs).expect("reopen");
         log.record("second\nline");
         let text = std::fs::read_to_string(logs.join(OPLOG_FILE)).expect("read");
         let lines: Vec<&str> = text.lines().collect();
@@ -74,5 +258,114 @@ mod tests {
             "{text}"
         );
         assert!(lines[1].ends_with(" second line"), "{text}");
+    }
+
+    #[test]
+    fn instance_lines_go_to_local_log_and_their_own_file_mode_0640() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = LogHub::open(dir.path()).expect("open");
+        let mut live = hub.subscribe();
+        hub.line(Some("nats_0"), "starting nats");
+        hub.line(Some("nats_1"), "starting nats");
+        hub.line(Some("nats_0"), "nats is up");
+        hub.line(Some("../evil"), "refused as a file name");
+        hub.line(Some("local"), "would be local.log twice");
+        let local = std::fs::read_to_string(hub.path()).expect("local.log");
+        assert_eq!(local.lines().count(), 5, "{local}");
+        assert!(local.contains(" [nats_0] nats is up\n"), "{local}");
+        assert!(local.contains(" [../evil] refused"), "{local}");
+        let nats0 = std::fs::read_to_string(dir.path().join("nats_0.log")).expect("nats_0.log");
+        let lines: Vec<&str> = nats0.lines().collect();
+        assert_eq!(lines.len(), 2, "{nats0}");
+        assert!(lines[1].ends_with(" nats is up") && !lines[1].contains('['));
+        let mode = std::fs::metadata(dir.path().join("nats_1.log"))
+            .expect("nats_1.log")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640);
+        assert!(!dir.path().join("../evil.log").exists());
+        assert_eq!(
+            hub.files().expect("files"),
+            ["local.log", "nats_0.log", "nats_1.log"]
+        );
+        let first = live.try_recv().expect("a live line");
+        assert!(first.ends_with(" [nats_0] starting nats"), "{first}");
+    }
+
+    #[test]
+    fn a_batch_is_written_in_order_to_both_files_and_the_feed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = LogHub::open(dir.path()).expect("open");
+        let mut live = hub.subscribe();
+        let batch = vec!["one".to_owned(), "two".to_owned(), "three".to_owned()];
+        hub.lines(Some("uaa_0"), &batch);
+        hub.lines::<&str>(Some("uaa_0"), &[]);
+        let own = std::fs::read_to_string(dir.path().join("uaa_0.log")).expect("uaa_0.log");
+        let local = std::fs::read_to_string(hub.path()).expect("local.log");
+        for (text, want) in [(&own, " "), (&local, " [uaa_0] ")] {
+            let got: Vec<&str> = text.lines().collect();
+            assert_eq!(got.len(), 3, "{text}");
+            for (line, word) in got.iter().zip(&batch) {
+                assert!(line.ends_with(&format!("{want}{word}")), "{text}");
+            }
+        }
+        for word in &batch {
+            let line = live.try_recv().expect("a live line");
+            assert!(line.ends_with(&format!(" [uaa_0] {word}")), "{line}");
+        }
+        assert!(live.try_recv().is_err(), "an empty batch sends nothing");
+    }
+
+    #[test]
+    fn the_list_is_sorted_and_shows_only_plain_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = LogHub::open(dir.path()).expect("open");
+        for i in ["router_1", "dea_0", "uaa_0"] {
+            hub.line(Some(i), "x");
+        }
+        std::fs::write(dir.path().join(".hidden"), "x").expect("write");
+        std::fs::create_dir(dir.path().join("sub.log")).expect("mkdir");
+        assert_eq!(
+            hub.files().expect("files"),
+            ["dea_0.log", "local.log", "router_1.log", "uaa_0.log"]
+        );
+    }
+
+    #[test]
+    fn names_that_could_reach_outside_the_log_dir_are_refused() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let logs = parent.path().join("logs");
+        let hub = LogHub::open(&logs).expect("open");
+        std::fs::write(parent.path().join("secret.txt"), "secret").expect("write");
+        std::os::unix::fs::symlink(parent.path().join("secret.txt"), logs.join("link.log"))
+            .expect("symlink");
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../secret.txt",
+            "/etc/passwd",
+            "a/b",
+            ".hidden",
+            "nul\0.log",
+            "sp ace.log",
+            "é.log",
+        ] {
+            assert!(
+                matches!(hub.open_file(bad), Err(LogFileError::InvalidName(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            hub.open_file("link.log"),
+            Err(LogFileError::NotFound(_))
+        ));
+        assert!(matches!(
+            hub.open_file("nats_9.log"),
+            Err(LogFileError::NotFound(_))
+        ));
+        let (path, _) = hub.open_file("local.log").expect("local.log");
+        assert_eq!(path, logs.canonicalize().expect("dir").join("local.log"));
     }
 }

@@ -82,7 +82,7 @@ fn submit_blocking(ctl: &Controller, body: &[u8], store: bool) -> Result<Accepte
                     .first()
                     .map(|p| p.problem.as_str())
                     .unwrap_or_default();
-                ctl.oplog.record(&format!(
+                ctl.logs.record(&format!(
                     "plan rejected: {} problem(s), the first: {first}",
                     problems.len()
                 ));
@@ -102,7 +102,7 @@ fn submit_blocking(ctl: &Controller, body: &[u8], store: bool) -> Result<Accepte
     let accepted = Accepted { valid, stored };
     if let Some(s) = &accepted.stored {
         let p = &accepted.valid;
-        ctl.oplog.record(&format!(
+        ctl.logs.record(&format!(
             "plan stored: revision {}, catalog {}, {} component(s) on {} node(s), domain {}; {}",
             s.revision,
             p.catalog.name(),

@@ -82,8 +82,18 @@ fn debian_demo_deploys_for_real_and_nginx_scales_out_and_in() -> Result<()> {
 
     let d = deploy_and_wait(&ctl, &plan(&ips[1..3]))?;
     assert_eq!(d["state"], "succeeded", "{}", d["error"]);
-    let outputs: Vec<&str> = d["steps"].as_array().into_iter().flatten().filter_map(|s| s["output"].as_str()).collect();
-    assert!(outputs.iter().any(|o| o.contains(&format!("disk check on {}", ips[1]))), "checkdisk ran: {outputs:?}");
+    let outputs: Vec<&str> = d["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["output"].as_str())
+        .collect();
+    assert!(
+        outputs
+            .iter()
+            .any(|o| o.contains(&format!("disk check on {}", ips[1]))),
+        "checkdisk ran: {outputs:?}"
+    );
     all_running(&ctl, 4)?;
     let seen = wait_until(
         Duration::from_secs(60),

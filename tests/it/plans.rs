@@ -44,6 +44,7 @@ fn raw(
             .force_send_body()
             .send(body)?,
         "POST" => headers(agent.post(&url), &ctl.token, content_type).send(body)?,
+        "PUT" => headers(agent.put(&url), &ctl.token, content_type).send(body)?,
         other => anyhow::bail!("raw() does not send {other}"),
     };
     let status = resp.status().as_u16();
@@ -298,6 +299,39 @@ fn the_original_example_is_accepted_redacted_and_its_hardware_answered() -> Resu
         !ctl.proc.log_text().contains("123456"),
         "the controller's own log holds no secret"
     );
+
+    // The same log through the original download routes, as curl sends them.
+    let list = raw(&ctl, "GET", "/deployment-engine/download", None, "")?;
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert!(
+        list.body
+            .as_array()
+            .is_some_and(|l| l.iter().any(|n| n == "local.log")),
+        "{}",
+        list.body
+    );
+    let form = Some("application/x-www-form-urlencoded");
+    let file = raw(
+        &ctl,
+        "PUT",
+        "/deployment-engine/download",
+        form,
+        "local.log",
+    )?;
+    assert_eq!(file.status, 200, "{}", file.body);
+    assert!(
+        file.body.as_str().is_some_and(|t| t.starts_with(&log)),
+        "{}",
+        file.body
+    );
+    let evil = raw(
+        &ctl,
+        "PUT",
+        "/deployment-engine/download",
+        form,
+        "../admin.token",
+    )?;
+    assert_eq!(evil.status, 400, "{}", evil.body);
 
     // The plan survives a controller restart.
     let (api, quic) = (ctl.api, ctl.quic);
