@@ -6,6 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use anyhow::{Context, Result};
 use de_tests::{TestController, cluster, wait_until};
 use serde_json::{Value, json};
@@ -134,6 +137,44 @@ fn status_of(ctl: &TestController, comp: &str, ip: &str) -> Option<String> {
         .map(|r| r["Status"].as_str().unwrap_or_default().to_owned())
 }
 
+/// A `/deployment-engine/log` client collecting lines in the background until `stop`.
+fn watch_log(ctl: &TestController, stop: Arc<AtomicBool>) -> Result<Arc<Mutex<Vec<String>>>> {
+    let url = format!("ws://{}/deployment-engine/log?token={}", ctl.api, ctl.token);
+    let (mut ws, _) = tungstenite::connect(url.as_str())?;
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    }
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    if let Ok(mut l) = sink.lock() {
+                        l.push(t.to_string());
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(lines)
+}
+
+fn download(ctl: &TestController, name: &str) -> Result<de_tests::Answer> {
+    ctl.api(
+        "PUT",
+        "/deployment-engine/download",
+        Some(&serde_json::to_string(name)?),
+    )
+}
+
 #[test]
 fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -148,6 +189,8 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
         "no plan yet"
     );
     submit(&ctl, &plan(&ips[..2], &ips[..2], &log, 0, 0))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = watch_log(&ctl, stop.clone())?;
     let id = deploy(&ctl)?;
     let second = ctl.api("GET", "/deployment-engine/deploy", None)?;
     assert_eq!(second.status, 409, "{}", second.body);
@@ -198,6 +241,43 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
             status_of(&ctl, "base", ip).filter(|s| s == "RUNNING")
         })?;
     }
+
+    // The WebSocket client saw the deployment live, step output included.
+    let seen = wait_until(WAIT, "log lines on the WebSocket", || {
+        let l = live.lock().ok()?.clone();
+        (l.iter()
+            .any(|x| x.contains(&format!("deployment {id} succeeded"))))
+        .then_some(l)
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("[app_0]") && l.contains("not yet (1)")),
+        "{seen:?}"
+    );
+    // Every line is also in the files, which are listed and downloadable.
+    let files = ctl.api("GET", "/deployment-engine/download", None)?.body;
+    for f in [
+        "local.log",
+        "base_0.log",
+        "base_1.log",
+        "app_0.log",
+        "app_1.log",
+    ] {
+        assert!(
+            files.as_array().is_some_and(|a| a.iter().any(|x| x == f)),
+            "{f} in {files}"
+        );
+    }
+    let app = download(&ctl, "app_0.log")?;
+    assert_eq!(app.status, 200);
+    let text = app.body.as_str().unwrap_or_default();
+    assert!(
+        text.contains("not yet (1)") && text.contains("not yet (2)"),
+        "{text}"
+    );
+    assert_eq!(download(&ctl, "nope.log")?.status, 404);
+    assert_eq!(download(&ctl, "../../admin.token")?.status, 400);
 
     // Scale out base to the third node: only it is installed, and app (which lists base) is reconfigured.
     std::fs::write(&log, "")?;
