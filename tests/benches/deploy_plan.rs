@@ -1,0 +1,114 @@
+//! Benchmark: plan-to-done time of a deployment on N real agents (10 and 30,
+//! on loopback addresses, private monit each): a catalog of two components
+//! (`base` on every node with a script, a monit check and a monit start;
+//! `app` after it on every node with two scripts), so 5 steps per node in two
+//! ordered groups. Measures `GET /deployment-engine/deploy` until the
+//! deployment is `succeeded`. Run with
+//! `cargo bench -p de-tests --bench deploy_plan`; figures in docs/BENCHMARKS.md.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use de_tests::{TestAgent, TestController, wait_until};
+
+const BASE: &str = r#"
+description = "base"
+cardinality = "many"
+monit_check = '''
+check process base with pidfile {{ path("run/base.pid") }}
+  start program = "/bin/sh -c 'mkdir -p {{ path("run") }}; nohup sleep 1000 >/dev/null 2>&1 & echo $! > {{ path("run/base.pid") }}'"
+  stop program = "/bin/sh -c 'kill $(cat {{ path("run/base.pid") }})'"
+'''
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+[[install]]
+action = "script"
+run = 'echo installing base on {{ node.ip }}'
+[[install]]
+action = "monit_add"
+[[install]]
+action = "monit_start"
+"#;
+
+const APP: &str = r#"
+description = "app"
+cardinality = "many"
+after = ["base"]
+monit_check = '''
+check process app with pidfile {{ path("run/app.pid") }}
+'''
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+[[install]]
+action = "script"
+run = 'echo app one'
+[[install]]
+action = "script"
+run = 'echo app two'
+"#;
+
+fn run(n: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let cat = data.join("catalogs/bench");
+    std::fs::create_dir_all(&cat)?;
+    std::fs::write(cat.join("catalog.toml"), "description = \"bench\"\nentry = \"app\"\n")?;
+    std::fs::write(cat.join("base.toml"), BASE)?;
+    std::fs::write(cat.join("app.toml"), APP)?;
+    let ctl = TestController::start(&data)?;
+    let code = ctl.new_code(None)?;
+    let mut agents = Vec::new();
+    let mut ips = Vec::new();
+    for i in 0..n {
+        let ip = format!("127.0.{}.{}", 80 + i / 200, 1 + i % 200);
+        let mut a = TestAgent::new(dir.path(), &ip)?.with_private_monit();
+        let out = a.enroll(&ctl.quic, &code)?;
+        anyhow::ensure!(out.status.success(), "enrol {ip}: {}", out.stderr);
+        a.start(5)?;
+        agents.push(a);
+        ips.push(ip);
+    }
+    wait_until(Duration::from_secs(120), "all agents online", || {
+        ctl.nodes()
+            .ok()
+            .filter(|ns| ns.iter().filter(|x| x["online"] == true).count() == n)
+    })?;
+    let plan = serde_json::json!({
+        "components": {"base": ips, "app": ips},
+        "properties": {"domain": "bench.test", "catalog": "bench"},
+    });
+    let a = ctl.api("POST", "/deployment-engine/config", Some(&plan.to_string()))?;
+    anyhow::ensure!(a.status == 201, "{}", a.body);
+    let t = Instant::now();
+    let a = ctl.api("GET", "/deployment-engine/deploy", None)?;
+    anyhow::ensure!(a.status == 202, "{}", a.body);
+    let id = a.body["id"].as_str().context("id")?.to_owned();
+    let d = wait_until(Duration::from_secs(600), "deployment done", || {
+        ctl.api("GET", &format!("/api/v1/deployments/{id}"), None)
+            .ok()
+            .map(|a| a.body)
+            .filter(|d| d["state"] != "running")
+    })?;
+    let took = t.elapsed();
+    anyhow::ensure!(d["state"] == "succeeded", "{}", d["error"]);
+    println!(
+        "plan to done, {n:>2} nodes, {} steps: {:>7.2} s ({:.1} steps/s)",
+        d["steps_total"],
+        took.as_secs_f64(),
+        d["steps_total"].as_f64().unwrap_or(0.0) / took.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    for n in [10, 30] {
+        run(n)?;
+    }
+    Ok(())
+}
