@@ -489,9 +489,11 @@ impl Drop for TestAgent {
         for pid in pid_files(&self.root) {
             let _ = Command::new("pkill")
                 .args(["-KILL", "-P", &pid.to_string()])
+                .stderr(Stdio::null())
                 .status();
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
                 .status();
         }
     }

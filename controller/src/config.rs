@@ -25,6 +25,8 @@ pub(crate) struct Config {
     pub(crate) api_listen: Option<SocketAddr>,
     pub(crate) quic_listen: Option<SocketAddr>,
     pub(crate) public_addr: Option<PublicAddr>,
+    /// How many times a deployment step is tried in all (1-20).
+    pub(crate) step_attempts: Option<u32>,
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use crate::store::{StoreError, StoreExt, Tree};
 use crate::validate::find_node;
 
 /// How many times a failed step is tried in all (1 = no retry).
-pub(crate) const DEFAULT_ATTEMPTS: u32 = 3;
+pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
 /// Deploy steps may wait this long for their node.
 const STEP_TTL: Duration = Duration::from_secs(24 * 3600);
 const APPLIED_KEY: &str = "applied";
@@ -153,6 +153,7 @@ fn key(component: &str, ip: &str) -> String {
 
 /// The deployment engine: starts deployments and drives running ones.
 pub struct Deployer {
+    attempts: std::sync::atomic::AtomicU32,
     running: Mutex<Option<String>>,
     /// queue step id -> instance, for routing output to the instance's log.
     instances: Mutex<HashMap<String, String>>,
@@ -167,6 +168,7 @@ impl std::fmt::Debug for Deployer {
 impl Default for Deployer {
     fn default() -> Self {
         Deployer {
+            attempts: std::sync::atomic::AtomicU32::new(DEFAULT_STEP_ATTEMPTS),
             running: Mutex::new(None),
             instances: Mutex::new(HashMap::new()),
         }
@@ -181,6 +183,12 @@ pub(crate) fn log_line(ctl: &Controller, instance: Option<&str>, text: &str) {
 impl Deployer {
     fn lock_running(&self) -> std::sync::MutexGuard<'_, Option<String>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times new deployments try a failing step in all (at least 1).
+    pub fn set_attempts(&self, n: u32) {
+        self.attempts
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn running(&self) -> Option<String> {
@@ -422,7 +430,10 @@ fn plan_deployment(
         created_at: rfc3339(SystemTime::now()),
         finished_at: None,
         error: None,
-        max_attempts: DEFAULT_ATTEMPTS,
+        max_attempts: ctl
+            .deployer
+            .attempts
+            .load(std::sync::atomic::Ordering::Relaxed),
         steps,
         target,
     })

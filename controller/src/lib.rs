@@ -31,7 +31,7 @@ pub use catalog::{
     Minimum, STANDARD_PROPERTIES, StepSpec,
 };
 pub use codes::{Codes, CodesError};
-pub use deploy::{DeployError, DeployState, Deployer, Deployment};
+pub use deploy::{DEFAULT_STEP_ATTEMPTS, DeployError, DeployState, Deployer, Deployment};
 pub use nodes::{NodeRecord, NodeView, Nodes};
 pub use oplog::{LogFileError, LogHub, OPLOG_FILE};
 pub use pki::{Pki, PkiError, TokenOrigin};

@@ -58,6 +58,9 @@ enum Command {
         /// listen address, or this machine's host name when that is 0.0.0.0].
         #[arg(long, env = "DE_PUBLIC_ADDR")]
         public_addr: Option<PublicAddr>,
+        /// How many times a failing deployment step is tried in all, 1-20 [default: 3].
+        #[arg(long, env = "DE_STEP_ATTEMPTS", value_parser = clap::value_parser!(u32).range(1..=20))]
+        step_attempts: Option<u32>,
     },
 }
 
@@ -68,6 +71,7 @@ struct Settings {
     api_listen: SocketAddr,
     quic_listen: SocketAddr,
     public_addr: Option<PublicAddr>,
+    step_attempts: u32,
 }
 
 impl Settings {
@@ -77,12 +81,17 @@ impl Settings {
             api_listen,
             quic_listen,
             public_addr,
+            step_attempts,
         } = command;
         Settings {
             data_dir: (data_dir.or(file.data_dir)).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             api_listen: (api_listen.or(file.api_listen)).unwrap_or(DEFAULT_API_LISTEN),
             quic_listen: (quic_listen.or(file.quic_listen)).unwrap_or(DEFAULT_QUIC_LISTEN),
             public_addr: public_addr.or(file.public_addr),
+            step_attempts: step_attempts
+                .or(file.step_attempts)
+                .unwrap_or(de_controller::DEFAULT_STEP_ATTEMPTS)
+                .clamp(1, 20),
         }
     }
 }
@@ -131,6 +140,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         api_listen,
         quic_listen,
         public_addr,
+        step_attempts,
     } = settings;
     let (mut ctl, origin) = Controller::open(&data_dir)
         .with_context(|| format!("could not open the data dir {}", data_dir.display()))?;
@@ -148,6 +158,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             );
         }
     }
+    ctl.deployer.set_attempts(step_attempts);
     let endpoint = quic::endpoint(quic_listen, &ctl.pki, ctl.nodes.revoked_set())?;
     let quic_addr = endpoint
         .local_addr()

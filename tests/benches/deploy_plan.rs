@@ -58,7 +58,10 @@ fn run(n: usize) -> Result<()> {
     let data = dir.path().join("data");
     let cat = data.join("catalogs/bench");
     std::fs::create_dir_all(&cat)?;
-    std::fs::write(cat.join("catalog.toml"), "description = \"bench\"\nentry = \"app\"\n")?;
+    std::fs::write(
+        cat.join("catalog.toml"),
+        "description = \"bench\"\nentry = \"app\"\n",
+    )?;
     std::fs::write(cat.join("base.toml"), BASE)?;
     std::fs::write(cat.join("app.toml"), APP)?;
     let ctl = TestController::start(&data)?;

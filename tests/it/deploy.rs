@@ -180,7 +180,7 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
     let dir = tempfile::tempdir()?;
     write_catalog(&dir.path().join("data"))?;
     let ips = ["127.0.8.1", "127.0.8.2", "127.0.8.3"];
-    let (ctl, _agents) = cluster(dir.path(), &ips, true)?;
+    let (ctl, mut agents) = cluster(dir.path(), &ips, true)?;
     let log = dir.path().join("journal.log");
 
     assert_eq!(
@@ -338,6 +338,27 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
             .as_str()
             .unwrap_or_default()
             .contains("fail_app is set")
+    );
+
+    // A node of the plan is offline: 502, naming it, and nothing starts.
+    if let Some(p) = agents[1].proc.as_mut() {
+        p.terminate(Duration::from_secs(10))?;
+    }
+    wait_until(WAIT, "node 2 offline", || {
+        ctl.node_by_ip(ips[1])
+            .ok()
+            .flatten()
+            .filter(|n| n["online"] == false)
+    })?;
+    let a = ctl.api("GET", "/deployment-engine/deploy", None)?;
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(ips[1]),
+        "{}",
+        a.body
     );
     Ok(())
 }
