@@ -257,7 +257,7 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                de_common::shutdown_signal().await;
                 info!("stopping");
                 signal.cancel();
             });
@@ -279,22 +279,5 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
                 }
             }
         }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let term = async {
-        match term.as_mut() {
-            Some(s) => {
-                s.recv().await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

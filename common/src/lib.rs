@@ -10,6 +10,7 @@ mod config;
 mod files;
 mod frame;
 mod hardware;
+mod signal;
 mod step;
 mod wire;
 
@@ -17,6 +18,7 @@ pub use config::{ConfigError, load_config, load_toml, parse_toml};
 pub use files::{ensure_private_dir, write_private};
 pub use frame::{FrameError, MAX_FRAME_LEN, decode, encode, read_frame, write_frame};
 pub use hardware::{ComponentStatus, Hardware, Usage};
+pub use signal::shutdown_signal;
 pub use step::{
     Lane, MonitOp, STEP_DOMAIN, SignError, SignedStep, Step, StepAction, StepRefusal, check_step,
     decode_step_unverified, sign_step, verify_step,

@@ -188,7 +188,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
     let http_task = tokio::spawn(async move { http.await });
 
-    wait_for_signal().await;
+    de_common::shutdown_signal().await;
     info!("shutting down");
     shutdown.cancel();
     let grace = Duration::from_secs(10);
@@ -208,21 +208,4 @@ fn stdout_is_the_journal() -> bool {
         return false;
     };
     stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let term = async {
-        match term.as_mut() {
-            Some(s) => {
-                s.recv().await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
