@@ -129,6 +129,7 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         .route("/exec", axum::routing::post(exec))
         .route("/deployments", get(list_deployments))
         .route("/deployments/{id}", get(get_deployment))
+        .route("/deployments/{id}/log", get(get_deployment_log))
         .merge(crate::plan_api::routes())
         .merge(crate::log_api::native_routes())
         .route_layer(axum::middleware::from_fn_with_state(
@@ -489,6 +490,22 @@ async fn get_deployment(
                 "no deployment {id:?}: GET /api/v1/deployments lists them"
             ))
         })
+}
+
+/// The deployment's log as text: every step in order with its state and the end of its output.
+async fn get_deployment_log(State(ctl): Ctl, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let d = crate::Deployer::get(&ctl, &id)
+        .map_err(|e| ApiError::internal("could not read the deployment", &e))?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no deployment {id:?}: GET /api/v1/deployments lists them"
+            ))
+        })?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        d.log_text(),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]

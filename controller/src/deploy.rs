@@ -763,6 +763,48 @@ pub struct DeploymentView {
 }
 
 impl Deployment {
+    /// The deployment as a readable log: a header, then every step in order
+    /// with its state, attempts and the end of its output.
+    pub fn log_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "deployment {} of plan revision {}: {:?}, created {}, finished {}",
+            self.id,
+            self.plan_revision,
+            self.state,
+            self.created_at,
+            self.finished_at.as_deref().unwrap_or("-")
+        );
+        if let Some(e) = &self.error {
+            let _ = writeln!(out, "error: {e}");
+        }
+        for s in &self.steps {
+            let _ = writeln!(
+                out,
+                "[{}] {} {:?} {}: {:?}, attempts {}, exit {:?}{}",
+                s.instance,
+                s.ip,
+                s.kind,
+                describe(&s.action),
+                s.state,
+                s.attempts,
+                s.exit_code,
+                s.error
+                    .as_deref()
+                    .map(|e| format!(", {e}"))
+                    .unwrap_or_default()
+            );
+            if let Some(o) = s.output.as_deref().filter(|o| !o.trim().is_empty()) {
+                for l in o.lines() {
+                    let _ = writeln!(out, "    {l}");
+                }
+            }
+        }
+        out
+    }
+
     pub fn view(&self, with_steps: bool) -> DeploymentView {
         DeploymentView {
             id: self.id.clone(),

@@ -277,6 +277,15 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
         "{text}"
     );
     assert_eq!(download(&ctl, "nope.log")?.status, 404);
+    let dlog = ctl.api("GET", &format!("/api/v1/deployments/{id}/log"), None)?;
+    assert_eq!(dlog.status, 200);
+    let dlog = dlog.body.as_str().unwrap_or_default().to_owned();
+    assert!(
+        dlog.contains(&format!("deployment {id}"))
+            && dlog.contains("[app_0]")
+            && dlog.contains("attempts 3"),
+        "{dlog}"
+    );
     assert_eq!(download(&ctl, "../../admin.token")?.status, 400);
 
     // Scale out base to the third node: only it is installed, and app (which lists base) is reconfigured.
