@@ -559,17 +559,17 @@ async fn post_step(
     } else {
         StatusCode::ACCEPTED
     };
-    Ok((status, axum::Json(rec)).into_response())
+    Ok((status, axum::Json(rec.redacted())).into_response())
 }
 
 async fn get_step(
     State(ctl): Ctl,
     Path(id): Path<String>,
-) -> Result<axum::Json<StepRecord>, ApiError> {
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     ctl.steps
         .get(&id)
         .map_err(|e| ApiError::internal("could not read the step", &e))?
-        .map(axum::Json)
+        .map(|r| axum::Json(r.redacted()))
         .ok_or_else(|| ApiError::not_found(format!("no step {id:?}")))
 }
 

@@ -58,6 +58,24 @@ pub struct StepRecord {
     pub refusal: Option<String>,
 }
 
+impl StepRecord {
+    /// The record as the API shows it: without the signed bytes, and with
+    /// script environment values (where plans pass passwords) as `******`.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut r = self.clone();
+        if let StepAction::Script { env, .. } = &mut r.step.action {
+            for (_, v) in env.iter_mut() {
+                *v = "******".to_owned();
+            }
+        }
+        let mut v = serde_json::to_value(&r).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("signed");
+        }
+        v
+    }
+}
+
 /// What happened, for live watchers (the log WebSocket, exec waiters).
 #[derive(Debug, Clone)]
 pub enum StepUpdate {
@@ -539,6 +557,27 @@ mod tests {
         let got = waiter.await.expect("join").expect("pull").expect("step");
         assert_eq!(got, r.signed);
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_api_view_hides_script_environment_values_and_signed_bytes() {
+        let (_d, q, _) = queue();
+        let action = StepAction::Script {
+            script: "useradd vcap".into(),
+            user: None,
+            env: vec![("DE_PASSWORD".into(), "s3cret".into())],
+            timeout_secs: 5,
+        };
+        let r = q
+            .enqueue("n1", Lane::Deploy, action, None, DEFAULT_STEP_TTL)
+            .expect("enqueue");
+        let shown = r.redacted().to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("DE_PASSWORD") && shown.contains("******"),
+            "{shown}"
+        );
+        assert!(!shown.contains("\"signed\""), "{shown}");
     }
 
     #[tokio::test]
