@@ -1,0 +1,195 @@
+//! The real `dectl` against a real controller and agents (127.0.10.x):
+//! codes, nodes, plans (with the API's own problems), deploy --follow, status,
+//! restart, exec, logs, --json, and clear failures.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use de_tests::{Output, TestAgent, TestController, bin, run_bounded, wait_until};
+
+fn dectl(ctl: &TestController, args: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(bin("dectl"));
+    cmd.arg("--controller")
+        .arg(format!("http://{}", ctl.api))
+        .arg("--token-file")
+        .arg(ctl.data_dir.join("admin.token"))
+        .args(args);
+    run_bounded(cmd, Duration::from_secs(300))
+}
+
+fn ok(o: &Output) -> bool {
+    o.status.success()
+}
+
+#[test]
+fn dectl_drives_a_controller_from_codes_to_a_deployment() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let cat = data.join("catalogs/tiny");
+    std::fs::create_dir_all(&cat)?;
+    std::fs::write(
+        cat.join("catalog.toml"),
+        "description = \"tiny\"\nentry = \"hello\"\n",
+    )?;
+    std::fs::write(
+        cat.join("hello.toml"),
+        r#"
+description = "writes a greeting"
+cardinality = "many"
+monit_check = '''
+check process hello with pidfile {{ path("run/hello.pid") }}
+'''
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+[[install]]
+action = "script"
+run = 'echo "hello from {{ node.ip }}"'
+"#,
+    )?;
+    let ctl = TestController::start(&data)?;
+
+    // Codes.
+    let o = dectl(&ctl, &["codes", "show"])?;
+    assert!(
+        !ok(&o) && o.stderr.contains("no install code is active"),
+        "{o:?}"
+    );
+    let o = dectl(&ctl, &["codes", "new"])?;
+    assert!(ok(&o), "{o:?}");
+    let code = o
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(code.len(), 4, "{}", o.stdout);
+    assert!(
+        o.stdout.contains("install-agent.sh --controller"),
+        "{}",
+        o.stdout
+    );
+    let o = dectl(&ctl, &["--json", "codes", "show"])?;
+    let shown: serde_json::Value = serde_json::from_str(&o.stdout)?;
+    assert_eq!(shown["code"], code.as_str());
+
+    // Nodes.
+    let mut agents = Vec::new();
+    for ip in ["127.0.10.1", "127.0.10.2"] {
+        let mut a = TestAgent::new(dir.path(), ip)?;
+        assert!(a.enroll(&ctl.quic, &code)?.status.success());
+        a.start(1)?;
+        agents.push(a);
+    }
+    let table = wait_until(
+        Duration::from_secs(30),
+        "both online in dectl nodes",
+        || {
+            let o = dectl(&ctl, &["nodes"]).ok()?;
+            (o.stdout.matches("online").count() == 2).then_some(o.stdout)
+        },
+    )?;
+    assert!(
+        table.starts_with("ID") && table.contains("127.0.10.1") && table.contains("127.0.10.2"),
+        "{table}"
+    );
+
+    // Plans: the API's problems are printed as it words them; exit 1.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"components": {"hello": ["127.0.10.9"]}, "properties": {"domain": "t.test", "catalog": "tiny"}}"#,
+    )?;
+    let o = dectl(
+        &ctl,
+        &["plan", "validate", bad.to_str().unwrap_or_default()],
+    )?;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        o.stderr.contains("127.0.10.9") && o.stderr.contains("HTTP 400"),
+        "{}",
+        o.stderr
+    );
+    let good = dir.path().join("good.json");
+    std::fs::write(
+        &good,
+        r#"{"components": {"hello": ["127.0.10.1", "127.0.10.2"]}, "properties": {"domain": "t.test", "catalog": "tiny"}}"#,
+    )?;
+    assert!(ok(&dectl(
+        &ctl,
+        &["plan", "validate", good.to_str().unwrap_or_default()]
+    )?));
+    let o = dectl(&ctl, &["status"])?;
+    assert!(!ok(&o) && o.stderr.contains("no plan"), "{o:?}");
+    let o = dectl(&ctl, &["plan", "apply", good.to_str().unwrap_or_default()])?;
+    assert!(ok(&o) && o.stdout.contains("revision 1"), "{o:?}");
+
+    // Deploy and follow to the end.
+    let o = dectl(&ctl, &["deploy", "--follow"])?;
+    assert!(ok(&o), "{o:?}");
+    assert!(
+        o.stdout.contains("succeeded") && o.stdout.contains("hello_0 127.0.10.1"),
+        "{}",
+        o.stdout
+    );
+    let o = dectl(&ctl, &["deployments"])?;
+    assert!(o.stdout.contains("succeeded"), "{}", o.stdout);
+
+    let o = dectl(&ctl, &["status"])?;
+    assert!(
+        ok(&o) && o.stdout.starts_with("COMPONENT") && o.stdout.contains("127.0.10.2"),
+        "{o:?}"
+    );
+
+    // Exec prints each node's output; a failing command exits 1.
+    let o = dectl(
+        &ctl,
+        &["exec", "echo hi from $DE_ROOT", "--targets", "127.0.10.1"],
+    )?;
+    assert!(
+        ok(&o) && o.stdout.contains("== 127.0.10.1") && o.stdout.contains("hi from"),
+        "{o:?}"
+    );
+    let o = dectl(&ctl, &["exec", "exit 3"])?;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(o.stdout.contains("exit 3"), "{}", o.stdout);
+
+    // Logs.
+    let o = dectl(&ctl, &["logs", "list"])?;
+    assert!(o.stdout.lines().any(|l| l == "hello_0.log"), "{}", o.stdout);
+    let o = dectl(&ctl, &["logs", "get", "hello_0.log"])?;
+    assert!(o.stdout.contains("hello from 127.0.10.1"), "{}", o.stdout);
+    let o = dectl(&ctl, &["logs", "get", "../admin.token"])?;
+    assert_eq!(o.status.code(), Some(1));
+
+    // Restart a component that is not supervised: the agent's answer is shown, exit 1.
+    let o = dectl(&ctl, &["restart", "hello", "127.0.10.1"])?;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        o.stdout.contains("hello 127.0.10.1: failed"),
+        "{}",
+        o.stdout
+    );
+
+    // No controller / no token: exit 2 with what to do.
+    let mut cmd = Command::new(bin("dectl"));
+    cmd.args(["--controller", "http://127.0.0.1:9", "--token-file"])
+        .arg(ctl.data_dir.join("admin.token"))
+        .arg("nodes");
+    let o = run_bounded(cmd, Duration::from_secs(60))?;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        o.stderr.contains("cannot reach the controller"),
+        "{}",
+        o.stderr
+    );
+    let mut cmd = Command::new(bin("dectl"));
+    cmd.args(["--token-file", "/nonexistent/token", "nodes"]);
+    let o = run_bounded(cmd, Duration::from_secs(60))?;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stderr.contains("--token-file"), "{}", o.stderr);
+    Ok(())
+}
