@@ -115,6 +115,7 @@ has() {
 # same DEB PATH SOURCE: the packaged file is the repository's file.
 same() { dpkg-deb --fsys-tarfile "$1" | tar -xOf - "./$2" | cmp - "$3"; }
 check "controller: /usr/bin/de-controller, 0755" has "$ctl_deb" -rwxr-xr-x usr/bin/de-controller
+check "controller: /usr/bin/dectl (the CLI), 0755" has "$ctl_deb" -rwxr-xr-x usr/bin/dectl
 check "controller: its systemd unit" has "$ctl_deb" -rw-r--r-- usr/lib/systemd/system/$ctl_pkg.service
 check "controller: the unit is packaging/'s" same "$ctl_deb" usr/lib/systemd/system/$ctl_pkg.service packaging/controller/$ctl_pkg.service
 check "controller: /etc/deployment-engine/controller.toml, 0644" has "$ctl_deb" -rw-r--r-- etc/deployment-engine/controller.toml
@@ -140,6 +141,7 @@ if ! out=$(dpkg -i "$ctl_deb" "$agent_deb" 2>&1); then
 fi
 ok "dpkg -i installs both packages"
 check "de-controller --version runs from /usr/bin" sh -c '[ "$(command -v de-controller)" = /usr/bin/de-controller ] && de-controller --version | grep -Eqx "de-controller [0-9]+\.[0-9]+\.[0-9]+"'
+check "dectl --version runs from /usr/bin" sh -c '[ "$(command -v dectl)" = /usr/bin/dectl ] && dectl --version | grep -Eqx "dectl [0-9]+\.[0-9]+\.[0-9]+"'
 check "de-agent --version runs from /usr/bin" sh -c '[ "$(command -v de-agent)" = /usr/bin/de-agent ] && de-agent --version | grep -Eqx "de-agent [0-9]+\.[0-9]+\.[0-9]+"'
 check "the system user deployment-engine exists, with no login shell" sh -c 'u=$(getent passwd deployment-engine) && [ "$(echo "$u" | cut -d: -f3)" -lt 1000 ] && case $(echo "$u" | cut -d: -f7) in */nologin | */false) ;; *) exit 1 ;; esac'
 # mode OWNER:GROUP PATH
