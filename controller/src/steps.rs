@@ -386,6 +386,13 @@ impl StepQueue {
     }
 
     /// Aligns the controller's sequence counters with what an agent reports it has done.
+    ///
+    /// Only when the agent is *ahead* of this controller (the store was
+    /// restored from an older backup) are queued steps with numbers the agent
+    /// has already used failed: the agent will never take them. When the
+    /// counters agree, a queued step at or below the agent's mark is one it
+    /// ran whose `Started` never got stored; its result is still in the
+    /// agent's ledger and arrives on the events stream, so it is left alone.
     pub fn resync(&self, node: &str, last_done: &[(Lane, u64)]) -> Result<(), StoreError> {
         for (lane, done) in last_done {
             let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
@@ -393,18 +400,19 @@ impl StepQueue {
                 .store
                 .get_json(Tree::Meta, &seq_key(node, *lane))?
                 .unwrap_or(0);
-            if *done > last {
-                tracing::warn!(
-                    node,
-                    lane = lane.as_str(),
-                    agent = done,
-                    controller = last,
-                    "agent has done more steps than this controller issued (restored from backup?); resynchronising"
-                );
-                self.store
-                    .put_json(Tree::Meta, &seq_key(node, *lane), done)?;
+            if *done <= last {
+                continue;
             }
-            // Queued steps the agent can never take (their number is used up) fail now.
+            tracing::warn!(
+                node,
+                lane = lane.as_str(),
+                agent = done,
+                controller = last,
+                "agent has done more steps than this controller issued (restored from backup?); resynchronising"
+            );
+            self.store
+                .put_json(Tree::Meta, &seq_key(node, *lane), done)?;
+            // Every step this controller knows on the lane has seq <= last < done.
             let stale: Vec<(String, StepRecord)> = scan_json(
                 &*self.store,
                 Tree::Steps,
@@ -413,10 +421,10 @@ impl StepQueue {
                 usize::MAX,
             )?;
             for (key, mut r) in stale {
-                if r.step.seq <= *done && !r.state.is_final() && r.state == StepState::Queued {
+                if r.state == StepState::Queued {
                     r.state = StepState::Failed;
                     r.refusal = Some(format!(
-                        "the agent already used sequence {} on lane {}; queue the work again",
+                        "the agent already used sequence {} on lane {} (the controller was restored from an older backup); queue the work again",
                         r.step.seq,
                         lane.as_str()
                     ));
@@ -595,5 +603,12 @@ mod tests {
             .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
             .expect("new");
         assert_eq!(new.step.seq, 6);
+        // An agent that is not ahead changes nothing: a queued step it ran
+        // keeps waiting for the result the agent still holds.
+        q.resync("n1", &[(Lane::Deploy, 6)]).expect("resync");
+        assert_eq!(
+            q.get(&new.step.id).expect("get").expect("rec").state,
+            StepState::Queued
+        );
     }
 }
