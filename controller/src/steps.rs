@@ -232,10 +232,14 @@ impl StepQueue {
                 refusal: None,
             };
             let key = key_of(node, lane, seq);
-            self.store.put_json(Tree::Steps, &key, &record)?;
-            self.store.put_json(Tree::StepIds, &id, &key)?;
+            // Order matters: the counter first (a crash then leaves a gap, never
+            // a reused number), the id index next, and the step itself last,
+            // because a pull scanning `Steps` may hand it out at once and the
+            // agent's events must find it by id.
             self.store
                 .put_json(Tree::Meta, &seq_key(node, lane), &seq)?;
+            self.store.put_json(Tree::StepIds, &id, &key)?;
+            self.store.put_json(Tree::Steps, &key, &record)?;
             record
         };
         self.waker(node).notify_waiters();

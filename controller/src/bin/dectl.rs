@@ -220,6 +220,15 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// Table rows from a JSON array of objects: the named fields of each, in order.
+fn rows(list: &Value, fields: &[&str]) -> Vec<Vec<String>> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|item| fields.iter().map(|f| s(&item[*f])).collect())
+        .collect()
+}
+
 fn read_plan(file: &PathBuf) -> Result<String, Failure> {
     std::fs::read_to_string(file).map_err(|e| {
         Failure(
@@ -433,22 +442,18 @@ fn run(cli: Cli, api: &Api) -> Outcome {
             if json_out {
                 print(&v);
             } else if id.is_some() {
-                let rows: Vec<Vec<String>> = v["steps"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|st| {
-                        vec![
-                            s(&st["instance"]),
-                            s(&st["ip"]),
-                            s(&st["kind"]),
-                            s(&st["action"]),
-                            s(&st["state"]),
-                            s(&st["attempts"]),
-                            s(&st["exit_code"]),
-                        ]
-                    })
-                    .collect();
+                let rows = rows(
+                    &v["steps"],
+                    &[
+                        "instance",
+                        "ip",
+                        "kind",
+                        "action",
+                        "state",
+                        "attempts",
+                        "exit_code",
+                    ],
+                );
                 println!(
                     "deployment {} {} (plan revision {})",
                     s(&v["id"]),
@@ -487,21 +492,7 @@ fn run(cli: Cli, api: &Api) -> Outcome {
             if json_out {
                 print(&v);
             } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|r| {
-                        vec![
-                            s(&r["Comp"]),
-                            s(&r["Ip"]),
-                            s(&r["Status"]),
-                            s(&r["Cpu"]),
-                            s(&r["Mem"]),
-                            s(&r["Disk"]),
-                        ]
-                    })
-                    .collect();
+                let rows = rows(&v, &["Comp", "Ip", "Status", "Cpu", "Mem", "Disk"]);
                 table(&["COMPONENT", "IP", "STATUS", "CPU", "MEM", "DISK"], &rows);
             }
         }
