@@ -270,7 +270,8 @@ mod tests {
             assert_eq!(plans.store(sample()).expect("store").revision, 1);
             assert_eq!(plans.store(sample()).expect("store").revision, 2);
         }
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).expect("reopen"));
+        let store: Arc<dyn Store> =
+            Arc::new(crate::testkit::reopen(|| SledStore::open(dir.path())));
         let plans = Plans::load(store).expect("load");
         let cur = plans.current().expect("current");
         assert_eq!(cur.revision, 2);

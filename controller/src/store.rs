@@ -274,7 +274,7 @@ mod tests {
             s.put_json(Tree::Nodes, "n2", &vec!["c"]).expect("put");
             s.remove(Tree::Nodes, "n2").expect("remove");
         }
-        let s = SledStore::open(dir.path()).expect("reopen");
+        let s = crate::testkit::reopen(|| SledStore::open(dir.path()));
         let got: Option<Vec<String>> = s.get_json(Tree::Nodes, "n1").expect("get");
         assert_eq!(got, Some(vec!["a".to_owned(), "b".to_owned()]));
         let all: Vec<(String, Vec<String>)> = s.list_json(Tree::Nodes).expect("list");

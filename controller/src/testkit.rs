@@ -140,3 +140,25 @@ pub(crate) fn seed_json() -> String {
     }
     text
 }
+
+/// Reopens something backed by a sled store that this process has just
+/// closed. sled lets go of its file lock only when its background flusher
+/// drops the last handle, which on a loaded machine can be a moment after the
+/// `Db` itself is dropped ("could not acquire lock ... WouldBlock"). Retries
+/// while that is the error, for at most 10 s; any other error fails at once.
+pub(crate) fn reopen<T, E: std::fmt::Debug>(mut open: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open() {
+            Ok(v) => return v,
+            Err(e) => {
+                let text = format!("{e:?}");
+                if !text.contains("could not acquire lock") || std::time::Instant::now() > deadline
+                {
+                    panic!("reopen: {text}");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
