@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub mod webdriver;
+
 /// Directory holding the binaries of this build profile (built once per test process).
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -158,7 +160,7 @@ impl Drop for Proc {
 
 /// Spawns `cmd` with stdout and stderr appended to `log`; stdout lines are
 /// also sent to the returned receiver.
-fn spawn(
+pub(crate) fn spawn(
     name: &str,
     mut cmd: Command,
     log: &Path,
