@@ -109,6 +109,6 @@ JSON
   for _ in 1 2; do curl -s "http://${nodes[0]}/" | grep -o 'nginx on node [0-9.]*' || true; done
 fi
 echo
-echo "The controller's API is on http://$api (token in $demo/controller/admin.token)."
+echo "The console and the API are on http://$api/ (sign in with the token in $demo/controller/admin.token)."
 echo "Logs: $demo/controller.log, $demo/controller/logs/, $demo/node-*/agent.log. Ctrl-C stops the demo."
 wait

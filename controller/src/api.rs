@@ -144,6 +144,7 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         .route("/healthz", get(healthz))
         .nest("/api/v1", v1)
         .nest("/deployment-engine", original)
+        .merge(crate::console::routes())
         .fallback(not_found)
         .with_state(ctl)
 }
@@ -220,6 +221,9 @@ pub struct CodeView {
     pub expires_at: String,
     /// The one line that joins a node with this code (`packaging/install-agent.sh ...`).
     pub agent_command: String,
+    /// Seconds the code has left, by the controller's clock (a console's
+    /// countdown must not trust the browser's clock).
+    pub expires_in_secs: u64,
 }
 
 impl CodeView {
@@ -228,6 +232,11 @@ impl CodeView {
             code: issued.code.as_str().to_owned(),
             expires_at: rfc3339(issued.expires_at),
             agent_command: crate::agent_command(&ctl.agent_addr, issued.code.as_str()),
+            expires_in_secs: issued
+                .expires_at
+                .duration_since(std::time::SystemTime::now())
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
         }
     }
 }
@@ -687,12 +696,20 @@ mod tests {
             assert_eq!(s, StatusCode::CREATED);
             body
         };
-        let (ctl, _) = Controller::open(dir.path()).expect("reopen");
+        let (ctl, _) = crate::testkit::reopen(|| Controller::open(dir.path()));
         let ctl = Arc::new(ctl);
         let t = ctl.pki.token().to_owned();
         let (s, body) = call(&ctl, "GET", "/api/v1/install-codes", Some(&t), "").await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(body, code);
+        for field in ["code", "expires_at", "agent_command"] {
+            assert_eq!(body[field], code[field], "{field}");
+        }
+        // Counted down by the controller's clock.
+        let left = body["expires_in_secs"].as_u64().expect("expires_in_secs");
+        assert!(
+            left <= code["expires_in_secs"].as_u64().expect("first") && left > 3500,
+            "{body}"
+        );
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@ pub mod api;
 mod catalog;
 mod codes;
 mod compat;
+mod console;
 mod deploy;
 mod log_api;
 mod nodes;

@@ -2,6 +2,7 @@
 //! over real QUIC on loopback addresses (127.0.0.x).
 
 mod config;
+mod console;
 mod dectl;
 mod demo;
 mod deploy;

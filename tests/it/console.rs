@@ -1,0 +1,279 @@
+//! The web console in a real headless Chromium against a real controller and
+//! real agents with private monit (127.0.11.x): sign in, generate a code that
+//! agents then enrol with (the nodes appear without a reload), a plan with
+//! problems shown next to what they concern, a deployment followed live, a
+//! restart from the status page, and the log files.
+//!
+//! With `DE_CONSOLE_SCREENSHOTS=DIR` it saves a screenshot of every page
+//! there (docs/console/ is made that way; see docs/CONSOLE.md).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use de_tests::webdriver::Browser;
+use de_tests::{TestAgent, TestController, wait_until};
+
+const WAIT: Duration = Duration::from_secs(60);
+const IPS: [&str; 2] = ["127.0.11.1", "127.0.11.2"];
+
+/// One supervised process per node; its install step prints a line the live
+/// log must show.
+const SLEEPER: &str = r#"
+description = "A process that sleeps, supervised by monit"
+cardinality = "many"
+monit_check = '''
+check process sleeper with pidfile {{ path("run/sleeper.pid") }}
+  start program = "/bin/sh -c 'mkdir -p {{ path("run") }}; nohup sleep 1000 >/dev/null 2>&1 & echo $! > {{ path("run/sleeper.pid") }}'"
+  stop program = "/bin/sh -c 'kill $(cat {{ path("run/sleeper.pid") }})'"
+'''
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+
+[[install]]
+action = "script"
+run = 'echo "installing sleeper on {{ node.ip }}"'
+
+[[install]]
+action = "monit_add"
+
+[[install]]
+action = "monit_start"
+"#;
+
+fn write_catalog(data: &Path) -> Result<()> {
+    let cat = data.join("catalogs/sleepers");
+    std::fs::create_dir_all(&cat)?;
+    std::fs::write(
+        cat.join("catalog.toml"),
+        "description = \"Sleepers: one supervised process per node\"\nentry = \"sleeper\"\n",
+    )?;
+    std::fs::write(cat.join("sleeper.toml"), SLEEPER)?;
+    Ok(())
+}
+
+/// Saves a screenshot as NAME.png in `DE_CONSOLE_SCREENSHOTS`, or in `scratch`.
+fn shot(b: &Browser, scratch: &Path, name: &str) -> Result<PathBuf> {
+    let dir = std::env::var_os("DE_CONSOLE_SCREENSHOTS")
+        .map_or_else(|| scratch.to_owned(), PathBuf::from);
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.png"));
+    b.exec("window.scrollTo(0, 0); return null;", &[])?;
+    b.screenshot(&path)?;
+    Ok(path)
+}
+
+fn click(b: &Browser, css: &str) -> Result<()> {
+    b.wait_for(css, WAIT)?
+        .click()
+        .with_context(|| format!("click {css}"))
+}
+
+fn pid_of(agent: &TestAgent) -> Option<u32> {
+    std::fs::read_to_string(agent.root.join("run/sleeper.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn the_console_enrols_plans_deploys_and_restarts_in_a_real_browser() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let scratch = dir.path().join("screens");
+    let data = dir.path().join("data");
+    write_catalog(&data)?;
+    let ctl = TestController::start(&data)?;
+    let b = Browser::start()?;
+    b.set_window_size(1360, 1000)?;
+    let result = walk_through(&b, &ctl, dir.path(), &scratch);
+    if result.is_err() {
+        // What the page showed when it went wrong.
+        let text = b.exec("return document.body.innerText;", &[]);
+        eprintln!("--- the page when the test failed ---\n{text:?}");
+        if let Ok(p) = shot(&b, &scratch, "failure") {
+            let keep = std::env::temp_dir().join("de-console-failure.png");
+            let _ = std::fs::copy(p, &keep);
+            eprintln!("screenshot: {}", keep.display());
+        }
+    }
+    result
+}
+
+fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -> Result<()> {
+    let base = format!("http://{}", ctl.api);
+
+    // Sign in: a wrong token is refused with a hint, the right one opens the console.
+    b.goto(&format!("{base}/"))?;
+    b.wait_for("#token", WAIT)?.send_keys("not-the-token")?;
+    click(b, "#signin-submit")?;
+    b.wait_for_text("#signin-error", "refused", WAIT)?;
+    shot(b, scratch, "signin")?;
+    let token = b.find("#token")?;
+    token.clear()?;
+    token.send_keys(&ctl.token)?;
+    click(b, "#signin-submit")?;
+
+    // Install: generate a code; the page shows it with the command to run.
+    click(b, "#new-code")?;
+    let code = b.wait_for("#install-code", WAIT)?.text()?;
+    ensure!(
+        code.len() == 4 && code.chars().all(|c| c.is_ascii_digit()),
+        "{code:?}"
+    );
+    let command = b.wait_for_text("#agent-command", &code, WAIT)?;
+    b.wait_for_text("#code-remaining", "expires in", WAIT)?;
+    // Enrol with exactly what the page told the operator to run.
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let arg = |flag: &str| {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .and_then(|i| words.get(i + 1))
+            .copied()
+            .with_context(|| format!("{flag} in {command:?}"))
+    };
+    ensure!(arg("--code")? == code, "{command}");
+    let controller: std::net::SocketAddr = arg("--controller")?.parse()?;
+    ensure!(controller == ctl.quic, "{command} vs {}", ctl.quic);
+
+    // The nodes appear on the page as they join, without a reload.
+    b.exec("window.__sameDocument = true; return null;", &[])?;
+    let mut agents = Vec::new();
+    for ip in IPS {
+        let mut a = TestAgent::new(dir, ip)?.with_private_monit();
+        a.start_enrolling(&controller, &code)?;
+        agents.push(a);
+        b.wait_for_text("#install-nodes-table", ip, WAIT)?;
+    }
+    b.wait_for_text("#install-nodes-table", "just joined", WAIT)?;
+    ensure!(
+        b.exec("return window.__sameDocument === true;", &[])? == true,
+        "the page was reloaded"
+    );
+    shot(b, scratch, "install")?;
+
+    // Nodes: both online, with hardware; revoke is there.
+    click(b, "#nav-nodes")?;
+    wait_until(WAIT, "both nodes online on the nodes page", || {
+        let t = b.find("#nodes-table").ok()?.text().ok()?;
+        (t.matches("online").count() == 2).then_some(t)
+    })?;
+    let table = b.find("#nodes-table")?.text()?;
+    ensure!(table.contains("CPU") && table.contains("RAM"), "{table}");
+    ensure!(
+        b.find_all("#nodes-table button[data-action=revoke]")?.len() == 2,
+        "{table}"
+    );
+    shot(b, scratch, "nodes")?;
+
+    // Plan: an invalid plan gets every problem, each next to what it concerns.
+    click(b, "#nav-plan")?;
+    click(b, "#catalog option[value=sleepers]")?;
+    b.wait_for_text("#catalog-components", "sleeper", WAIT)?;
+    let editor = b.wait_for("#plan-json", WAIT)?;
+    editor.clear()?;
+    editor.send_keys(
+        r#"{"components": {"sleeper": ["127.0.11.1", "127.0.11.9"]}, "properties": {"domain": "web.test", "catalog": "sleepers", "colour": "blue"}}"#,
+    )?;
+    click(b, "#validate")?;
+    let problems = b.wait_for_text("#problems", "127.0.11.9", WAIT)?;
+    ensure!(problems.contains("colour"), "{problems}");
+    b.wait_for_text(
+        "#catalog-components tr[data-component=sleeper] .problems-cell",
+        "127.0.11.9",
+        WAIT,
+    )?;
+    b.wait_for_text("#property-problems", "colour", WAIT)?;
+    shot(b, scratch, "plan")?;
+    // Nothing was stored.
+    ensure!(
+        ctl.api("GET", "/deployment-engine/config", None)?.status == 404,
+        "an invalid plan was stored"
+    );
+    let editor = b.find("#plan-json")?;
+    editor.clear()?;
+    editor.send_keys(
+        r#"{"components": {"sleeper": ["127.0.11.1", "127.0.11.2"]}, "properties": {"domain": "web.test", "catalog": "sleepers"}}"#,
+    )?;
+    click(b, "#save-plan")?;
+    b.wait_for_text("#plan-result", "Saved as revision 1", WAIT)?;
+
+    // Deploy: start it from the page and follow it live.
+    click(b, "#nav-deploy")?;
+    b.wait_for_text("#live-log-state", "live", WAIT)?;
+    click(b, "#start-deploy")?;
+    b.wait_for_text("#deploy-msg", "started", WAIT)?;
+    for ip in IPS {
+        b.wait_for_text("#live-log", &format!("installing sleeper on {ip}"), WAIT)?;
+    }
+    b.wait_for_text("#deployment-state", "succeeded", WAIT)?;
+    let progress = b.wait_for_text("#progress", "done", WAIT)?;
+    ensure!(
+        IPS.iter().all(|ip| progress.contains(ip)) && progress.contains("3/3"),
+        "{progress}"
+    );
+    b.wait_for_text("#history-table", "succeeded", WAIT)?;
+    shot(b, scratch, "deploy")?;
+
+    // Status: both running; restart one instance from its row.
+    click(b, "#nav-status")?;
+    wait_until(WAIT, "both instances RUNNING on the status page", || {
+        let t = b.find("#status-table").ok()?.text().ok()?;
+        (t.matches("RUNNING").count() == 2).then_some(t)
+    })?;
+    let before = pid_of(&agents[0]).context("sleeper pid on node 1")?;
+    let other = pid_of(&agents[1]).context("sleeper pid on node 2")?;
+    click(
+        b,
+        "#status-table tr[data-comp=sleeper][data-ip='127.0.11.1'] button[data-op=restart]",
+    )?;
+    b.wait_for_text("#op-result", "ok on 1 instance", WAIT)?;
+    let after = wait_until(WAIT, "a new sleeper pid on node 1", || {
+        pid_of(&agents[0]).filter(|p| *p != before)
+    })?;
+    ensure!(after != before);
+    ensure!(
+        pid_of(&agents[1]) == Some(other),
+        "node 2 was restarted too"
+    );
+    wait_until(WAIT, "node 1 RUNNING again", || {
+        let t = b.find("#status-table").ok()?.text().ok()?;
+        (t.matches("RUNNING").count() == 2).then_some(t)
+    })?;
+    shot(b, scratch, "status")?;
+
+    // Logs: the files are listed; local.log holds the deployment's output.
+    click(b, "#nav-logs")?;
+    b.wait_for_text("#logs-table", "local.log", WAIT)?;
+    click(b, "#logs-table tr[data-log='local.log'] button")?;
+    b.wait_for_text("#log-text", "installing sleeper on 127.0.11.2", WAIT)?;
+    shot(b, scratch, "logs")?;
+    // Download saves the file itself, through the browser's own download.
+    click(
+        b,
+        "#logs-table tr[data-log='local.log'] button[data-download]",
+    )?;
+    let saved = wait_until(WAIT, "local.log in the browser's downloads", || {
+        std::fs::read_to_string(b.downloads().join("local.log")).ok()
+    })?;
+    let on_disk = std::fs::read_to_string(ctl.data_dir.join("logs/local.log"))?;
+    ensure!(
+        saved.contains("installing sleeper on 127.0.11.1") && on_disk.starts_with(saved.trim_end()),
+        "downloaded:\n{saved}\non disk:\n{on_disk}"
+    );
+
+    // Signing out forgets the token.
+    click(b, "#sign-out")?;
+    b.wait_for("#token", WAIT)?;
+    ensure!(
+        b.exec("return sessionStorage.getItem('de.token');", &[])?
+            .is_null(),
+        "the token is still stored"
+    );
+    drop(agents);
+    Ok(())
+}
