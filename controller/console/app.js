@@ -9,6 +9,9 @@
 const TOKEN_KEY = 'de.token';
 const POLL_MS = 2000;
 const LOG_LINES_KEPT = 2000;
+// Lines of a file the Logs page shows, and of local.log the Deploy page starts with.
+const VIEW_LINES = 500;
+const BACKLOG_LINES = 200;
 
 // ---------------------------------------------------------------- helpers
 
@@ -167,7 +170,8 @@ const session = {
 
 /** One API call; resolves to the parsed JSON (or text), rejects with ApiError. */
 async function api(method, path, body, opts) {
-  const headers = {Authorization: `Bearer ${(opts && opts.token) || session.token}`};
+  const used = (opts && opts.token) || session.token;
+  const headers = {Authorization: `Bearer ${used}`};
   const init = {method, headers, cache: 'no-store'};
   if (body !== undefined) {
     init.body = typeof body === 'string' ? body : JSON.stringify(body);
@@ -182,7 +186,9 @@ async function api(method, path, body, opts) {
   const text = await res.text();
   let data = text;
   try { data = text ? JSON.parse(text) : null; } catch (_) { /* plain text answer */ }
-  if (res.status === 401 && !(opts && opts.token)) {
+  // Only the first refusal signs out: the other requests of the page that
+  // were under way must not redraw the sign-in form while it is being used.
+  if (res.status === 401 && !(opts && opts.token) && used === session.token) {
     session.signOut('The controller refused the token (was it rotated?). Sign in again.');
   }
   if (!res.ok) throw new ApiError(res.status, data, text);
@@ -280,8 +286,9 @@ function renderSignIn(why) {
     }
     session.token = token;
     sessionStorage.setItem(TOKEN_KEY, token);
+    // Setting the hash routes (hashchange); an unchanged one needs a nudge.
     if (!location.hash || location.hash === '#/') location.hash = '#/install';
-    route();
+    else route();
   });
   clear(app, h('main', {class: 'signin-page'}, form));
   document.title = 'Sign in · Deployment Engine';
@@ -504,7 +511,6 @@ function renderPlan(main) {
   const nodesBox = h('div', {id: 'plan-nodes'});
   let catalogs = [];
   let problems = [];
-  let stored = null;
 
   const current = () => catalogs.find((c) => c.name === catSelect.value);
 
@@ -553,7 +559,16 @@ function renderPlan(main) {
     drawCatalog();
   };
 
+  // Problems are shown against the catalog the plan names.
+  const followPlanCatalog = () => {
+    let plan = null;
+    try { plan = JSON.parse(editor.value); } catch (_) { return; }
+    const name = (plan && plan.properties && plan.properties.catalog) || 'cf-v170';
+    if (catalogs.some((c) => c.name === name)) catSelect.value = name;
+  };
+
   const validate = async () => {
+    followPlanCatalog();
     clear(result, notice('info', 'Checking the plan…'));
     try {
       const v = await api('POST', '/api/v1/plan/validate', editor.value);
@@ -567,13 +582,13 @@ function renderPlan(main) {
   };
 
   const save = async () => {
+    followPlanCatalog();
     clear(result, notice('info', 'Saving the plan…'));
     try {
       const v = await api('POST', '/deployment-engine/config', editor.value);
       problems = [];
       clear(result, notice('good', h('strong', {}, `Saved as revision ${v.revision}. `), v.message || '',
         h('div', {}, 'Next: ', h('a', {href: '#/deploy'}, 'deploy it'), '.')));
-      stored = v;
     } catch (e) {
       if (e.status === 400) showProblems(e); else clear(result, notice('bad', e.message));
     }
@@ -612,16 +627,15 @@ function renderPlan(main) {
     try {
       const plan = await api('GET', '/deployment-engine/config');
       editor.value = JSON.stringify(plan, null, 2);
-      const name = plan.properties && plan.properties.catalog;
+      // A plan without a catalog uses the controller's default, cf-v170.
+      const name = (plan.properties && plan.properties.catalog) || 'cf-v170';
       if (name && catalogs.some((c) => c.name === name)) catSelect.value = name;
-      stored = plan;
     } catch (e) {
       if (e.status !== 404) clear(result, notice('bad', e.message));
       const cat = catalogs.find((c) => c.name === 'debian-demo') || catalogs[0];
       if (cat) { catSelect.value = cat.name; editor.value = planTemplate(cat); }
       clear(result, notice('info', 'No plan is stored yet: this is a template from the catalog. Put node IPs into the components, then validate and save.'));
     }
-    void stored;
     drawCatalog();
   })();
 
@@ -640,6 +654,12 @@ function renderPlan(main) {
 
 // ---------------------------------------------------------------- deploy
 
+/**
+ * Feeds onLine with local.log as it grows: the live WebSocket, preceded on
+ * every (re)connection by the file's last lines, so a page opened in the
+ * middle of a deployment shows what came before. Lines that arrive while the
+ * backlog loads wait for it; the caller drops the ones it already shows.
+ */
 function openLogSocket(onLine, onState) {
   const gen = page.gen;
   let delay = 500;
@@ -647,10 +667,22 @@ function openLogSocket(onLine, onState) {
     if (!page.alive(gen)) return;
     const proto = location.protocol === 'https:' ? 'wss' : 'ws';
     const ws = new WebSocket(`${proto}://${location.host}/deployment-engine/log?token=${encodeURIComponent(session.token)}`);
+    let waiting = [];
     page.sockets.push(ws);
     onState('connecting');
-    ws.onopen = () => { delay = 500; onState('live'); };
-    ws.onmessage = (ev) => onLine(String(ev.data));
+    ws.onopen = async () => {
+      delay = 500;
+      try {
+        const text = String(await api('GET', `/api/v1/logs/local.log?tail=${BACKLOG_LINES}`) || '');
+        if (!page.alive(gen)) return;
+        text.split('\n').filter((l) => l).forEach(onLine);
+      } catch (_) { /* no backlog: the live lines still come */ }
+      const held = waiting;
+      waiting = null;
+      held.forEach(onLine);
+      onState('live');
+    };
+    ws.onmessage = (ev) => { if (waiting) waiting.push(String(ev.data)); else onLine(String(ev.data)); };
     ws.onclose = () => {
       page.sockets = page.sockets.filter((s) => s !== ws);
       if (!page.alive(gen)) return;
@@ -713,12 +745,17 @@ function renderDeploy(main, selected) {
     h('section', {class: 'card'}, h('h2', {}, 'Live log ', logState), log),
     h('section', {class: 'card'}, h('h2', {}, 'History'), historyBox));
 
+  // Each line starts with its time to the nanosecond, so a line already
+  // shown (from the backlog, or before a reconnection) is recognised.
+  const shown = new Set();
   openLogSocket((line) => {
+    if (!line.startsWith('[de]') && shown.has(line)) return;
+    shown.add(line);
     const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
     const el = h('div', {class: line.startsWith('[de]') ? 'line note' : 'line'}, line);
     log.append(el);
     lines += 1;
-    if (lines > LOG_LINES_KEPT) { log.firstChild.remove(); lines -= 1; }
+    if (lines > LOG_LINES_KEPT) { shown.delete(log.firstChild.textContent); log.firstChild.remove(); lines -= 1; }
     if (atBottom) log.scrollTop = log.scrollHeight;
   }, (s) => { logState.textContent = s; logState.className = `badge ${s === 'live' ? 'good' : 'warn'}`; });
 
@@ -873,12 +910,12 @@ function renderLogs(main) {
     view);
   const show = async (name) => {
     try {
-      const text = await api('GET', `/api/v1/logs/${encodeURIComponent(name)}`);
-      const all = String(text || '').replace(/\n$/, '').split('\n');
-      const tail = all.slice(-500).join('\n');
+      const text = String(await api('GET', `/api/v1/logs/${encodeURIComponent(name)}?tail=${VIEW_LINES}`) || '');
+      const count = text ? text.replace(/\n$/, '').split('\n').length : 0;
       clear(view, h('section', {class: 'card'},
-        h('div', {class: 'row spread'}, h('h2', {}, name), h('span', {class: 'small muted'}, all.length > 500 ? `last 500 of ${all.length} lines` : `${all.length} lines`)),
-        h('pre', {class: 'log', id: 'log-text'}, tail)));
+        h('div', {class: 'row spread'}, h('h2', {}, name),
+          h('span', {class: 'small muted'}, count >= VIEW_LINES ? `the last ${VIEW_LINES} lines (Download has them all)` : `${count} lines`)),
+        h('pre', {class: 'log', id: 'log-text'}, text)));
     } catch (e) { clear(view, notice('bad', e.message)); }
   };
   (async () => {

@@ -15,7 +15,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -140,17 +140,52 @@ async fn download_named_in_body(State(ctl): Ctl, body: Bytes) -> Result<Response
     download(&ctl, &name)
 }
 
-async fn download_by_path(State(ctl): Ctl, Path(name): Path<String>) -> Result<Response, ApiError> {
-    download(&ctl, &name)
+/// The most lines `?tail=` may ask for.
+pub(crate) const MAX_TAIL_LINES: usize = 10_000;
+
+/// `GET /api/v1/logs/{name}`: the whole file, or with `?tail=N` its last N
+/// lines (1..=10000, and at most 4 MiB), read from the end of the file.
+async fn download_by_path(
+    State(ctl): Ctl,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let tail = query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("tail="));
+    let Some(tail) = tail else {
+        return download(&ctl, &name);
+    };
+    let n = tail
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_TAIL_LINES).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "tail must be a number of lines from 1 to {MAX_TAIL_LINES}, got {tail:?}; leave it out for the whole file"
+            ))
+        })?;
+    let (_, mut file) = ctl.logs.open_file(&name).map_err(file_error)?;
+    let text = tokio::task::spawn_blocking(move || crate::oplog::tail_lines(&mut file, n))
+        .await
+        .map_err(|e| ApiError::internal("could not read the log file", &e))?
+        .map_err(|e| ApiError::internal("could not read the log file", &e))?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+fn file_error(e: LogFileError) -> ApiError {
+    match e {
+        LogFileError::InvalidName(_) => ApiError::bad_request(e.to_string()),
+        LogFileError::NotFound(_) => ApiError::not_found(e.to_string()),
+        LogFileError::Io(..) => ApiError::internal("could not read the log file", &e),
+    }
 }
 
 /// The file's contents as `text/plain`, streamed (a log may be large).
 fn download(ctl: &Controller, name: &str) -> Result<Response, ApiError> {
-    let (_, file) = ctl.logs.open_file(name).map_err(|e| match e {
-        LogFileError::InvalidName(_) => ApiError::bad_request(e.to_string()),
-        LogFileError::NotFound(_) => ApiError::not_found(e.to_string()),
-        LogFileError::Io(..) => ApiError::internal("could not read the log file", &e),
-    })?;
+    let (_, file) = ctl.logs.open_file(name).map_err(file_error)?;
     let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
     Ok((
         [
@@ -246,6 +281,56 @@ mod tests {
 
         let (s, _) = call(&ctl, "GET", "/api/v1/logs", None, None, "").await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn tail_answers_the_last_lines_and_refuses_a_bad_count() {
+        let (_d, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        for i in 0..50 {
+            ctl.logs.line(Some("nats_0"), &format!("line {i}"));
+        }
+        let (s, text) = call(
+            &ctl,
+            "GET",
+            "/api/v1/logs/nats_0.log?tail=3",
+            Some(&t),
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+        let text = text.as_str().unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text:?}");
+        assert!(
+            lines[0].ends_with(" line 47") && lines[2].ends_with(" line 49"),
+            "{text:?}"
+        );
+        for bad in ["0", "x", "10001", ""] {
+            let uri = format!("/api/v1/logs/nats_0.log?tail={bad}");
+            let (s, body) = call(&ctl, "GET", &uri, Some(&t), None, "").await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {body}");
+            assert!(
+                body["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("tail must be"),
+                "{body}"
+            );
+        }
+        let (s, _) = call(&ctl, "GET", "/api/v1/logs/..?tail=3", Some(&t), None, "").await;
+        assert_ne!(s, StatusCode::OK);
+        let (s, _) = call(
+            &ctl,
+            "GET",
+            "/api/v1/logs/nope.log?tail=3",
+            Some(&t),
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

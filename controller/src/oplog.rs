@@ -239,9 +239,111 @@ impl LogHub {
     }
 }
 
+/// The most bytes [`tail_lines`] reads, whatever the line count asked for.
+pub(crate) const TAIL_MAX_BYTES: u64 = 4 << 20;
+
+/// The last `n` lines of `file` (each ending in `\n`, as in the file), read
+/// backwards from its end in blocks, so a large log costs only what is asked
+/// for: at most [`TAIL_MAX_BYTES`], cut at a line start.
+pub(crate) fn tail_lines(file: &mut std::fs::File, n: usize) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK: u64 = 64 * 1024;
+    let len = file.seek(SeekFrom::End(0))?;
+    let floor = len.saturating_sub(TAIL_MAX_BYTES);
+    let mut start = len;
+    let mut buf: Vec<u8> = Vec::new();
+    // A final line without its newline still counts as a line.
+    let mut wanted_newlines = n;
+    loop {
+        if start == floor {
+            break;
+        }
+        let from = start.saturating_sub(BLOCK).max(floor);
+        let mut block = vec![0u8; (start - from) as usize];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut block)?;
+        block.extend_from_slice(&buf);
+        buf = block;
+        start = from;
+        let trailing = buf.last() == Some(&b'\n') && start + (buf.len() as u64) == len;
+        let count = buf.iter().filter(|b| **b == b'\n').count();
+        wanted_newlines = if trailing { n + 1 } else { n };
+        if count >= wanted_newlines {
+            break;
+        }
+    }
+    // Keep what follows the newline that ends the line before the n-th last.
+    let mut seen = 0;
+    let mut cut = None;
+    for (i, b) in buf.iter().enumerate().rev() {
+        if *b == b'\n' {
+            seen += 1;
+            if seen == wanted_newlines {
+                cut = Some(i + 1);
+                break;
+            }
+        }
+    }
+    let cut = match cut {
+        Some(c) => c,
+        // Began mid-file at the byte cap: drop the partial first line.
+        None if start > 0 => buf
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(buf.len(), |p| p + 1),
+        None => 0,
+    };
+    Ok(String::from_utf8_lossy(&buf[cut..]).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tail_is_the_last_lines_whatever_the_block_boundaries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.log");
+        // Lines of varying length, enough to span several 64 KiB blocks.
+        let lines: Vec<String> = (0..20_000)
+            .map(|i| format!("line {i} {}", "x".repeat(i % 37)))
+            .collect();
+        let text = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+        std::fs::write(&path, &text).expect("write");
+        let mut f = std::fs::File::open(&path).expect("open");
+        for n in [0, 1, 2, 10, 500, 4_000, 19_999, 20_000, 30_000] {
+            let got = tail_lines(&mut f, n).expect("tail");
+            let want: String = lines[lines.len().saturating_sub(n)..]
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect();
+            assert_eq!(got, want, "n = {n}");
+        }
+        // Without a final newline, the last partial line is one of the n.
+        std::fs::write(&path, "a\nb\nc").expect("write");
+        let mut f = std::fs::File::open(&path).expect("open");
+        assert_eq!(tail_lines(&mut f, 2).expect("tail"), "b\nc");
+        assert_eq!(tail_lines(&mut f, 5).expect("tail"), "a\nb\nc");
+        std::fs::write(&path, "").expect("write");
+        let mut f = std::fs::File::open(&path).expect("open");
+        assert_eq!(tail_lines(&mut f, 3).expect("tail"), "");
+    }
+
+    #[test]
+    fn the_tail_of_a_huge_file_is_capped_at_a_line_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("big.log");
+        let line = format!("{}\n", "y".repeat(999));
+        let count = (TAIL_MAX_BYTES as usize / line.len()) * 2;
+        std::fs::write(&path, line.repeat(count)).expect("write");
+        let mut f = std::fs::File::open(&path).expect("open");
+        let got = tail_lines(&mut f, count).expect("tail");
+        assert!(got.len() as u64 <= TAIL_MAX_BYTES, "{}", got.len());
+        assert!(
+            !got.is_empty() && got.len().is_multiple_of(line.len()),
+            "whole lines only"
+        );
+    }
 
     #[test]
     fn lines_are_appended_with_a_timestamp_and_stay_one_line() {

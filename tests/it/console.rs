@@ -266,6 +266,43 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
         "downloaded:\n{saved}\non disk:\n{on_disk}"
     );
 
+    // The deploy page opened later starts with local.log's last lines, and
+    // any deployment of the history opens.
+    click(b, "#nav-deploy")?;
+    b.wait_for_text("#live-log", "installing sleeper on 127.0.11.1", WAIT)?;
+    let id = b
+        .wait_for("#history-table tr[data-deployment] a", WAIT)?
+        .text()?;
+    click(b, "#history-table tr[data-deployment] a")?;
+    b.wait_for_text("#deployment-id", &id, WAIT)?;
+    ensure!(
+        b.url()?.ends_with(&format!("#/deploy/{id}")),
+        "{}",
+        b.url()?
+    );
+
+    // Nodes: revoking takes a second click, and the node is refused from then on.
+    click(b, "#nav-nodes")?;
+    let revoke = "#nodes-table tr[data-node-id] button[data-action=revoke]";
+    b.wait_for(revoke, WAIT)?;
+    let row = format!("#nodes-table tr[data-node-id='{}']", agents[1].node_id()?);
+    click(b, &format!("{row} button[data-action=revoke]"))?;
+    b.wait_for_text(
+        &format!("{row} button[data-action=revoke]"),
+        "Confirm",
+        WAIT,
+    )?;
+    ensure!(
+        ctl.node_by_ip(IPS[1])?.context("node 2")?["revoked"] == false,
+        "revoked on the first click"
+    );
+    click(b, &format!("{row} button[data-action=revoke]"))?;
+    b.wait_for_text(&row, "revoked", WAIT)?;
+    ensure!(
+        ctl.node_by_ip(IPS[1])?.context("node 2")?["revoked"] == true,
+        "not revoked in the API"
+    );
+
     // Signing out forgets the token.
     click(b, "#sign-out")?;
     b.wait_for("#token", WAIT)?;
