@@ -587,6 +587,63 @@ pub fn cluster(
     Ok((ctl, agents))
 }
 
+/// A catalog component (TOML) named `name`: a `sleep` that monit supervises
+/// (pidfile, start and stop programs under the node root), installed by a
+/// script that prints `installing NAME on IP`, then a monit add and a start.
+pub fn supervised_sleeper(name: &str) -> String {
+    r#"
+description = "A process that sleeps, supervised by monit"
+cardinality = "many"
+monit_check = '''
+check process NAME with pidfile {{ path("run/NAME.pid") }}
+  start program = "/bin/sh -c 'mkdir -p {{ path("run") }}; nohup sleep 1000 >/dev/null 2>&1 & echo $! > {{ path("run/NAME.pid") }}'"
+  stop program = "/bin/sh -c 'kill $(cat {{ path("run/NAME.pid") }})'"
+'''
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+
+[[install]]
+action = "script"
+run = 'echo "installing NAME on {{ node.ip }}"'
+
+[[install]]
+action = "monit_add"
+
+[[install]]
+action = "monit_start"
+"#
+    .replace("NAME", name)
+}
+
+/// Writes the operator catalog `name` into `DATA/catalogs/name/`: its
+/// `catalog.toml` and one `<component>.toml` per `(component, toml)`.
+pub fn write_catalog(
+    data: &Path,
+    name: &str,
+    catalog_toml: &str,
+    components: &[(&str, &str)],
+) -> Result<()> {
+    let dir = data.join("catalogs").join(name);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("catalog.toml"), catalog_toml)?;
+    for (component, toml) in components {
+        std::fs::write(dir.join(format!("{component}.toml")), toml)?;
+    }
+    Ok(())
+}
+
+/// The pid in `run/<name>.pid` under the agent's node root.
+pub fn pidfile(agent: &TestAgent, name: &str) -> Option<u32> {
+    std::fs::read_to_string(agent.root.join(format!("run/{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Peak resident memory (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

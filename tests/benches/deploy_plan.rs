@@ -9,29 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use de_tests::{TestAgent, TestController, wait_until};
-
-const BASE: &str = r#"
-description = "base"
-cardinality = "many"
-monit_check = '''
-check process base with pidfile {{ path("run/base.pid") }}
-  start program = "/bin/sh -c 'mkdir -p {{ path("run") }}; nohup sleep 1000 >/dev/null 2>&1 & echo $! > {{ path("run/base.pid") }}'"
-  stop program = "/bin/sh -c 'kill $(cat {{ path("run/base.pid") }})'"
-'''
-logs = []
-[minimum]
-cpus = 1
-ram_mb = 1
-disk_mb = 1
-[[install]]
-action = "script"
-run = 'echo installing base on {{ node.ip }}'
-[[install]]
-action = "monit_add"
-[[install]]
-action = "monit_start"
-"#;
+use de_tests::{TestAgent, TestController, supervised_sleeper, wait_until, write_catalog};
 
 const APP: &str = r#"
 description = "app"
@@ -56,14 +34,12 @@ run = 'echo app two'
 fn run(n: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let cat = data.join("catalogs/bench");
-    std::fs::create_dir_all(&cat)?;
-    std::fs::write(
-        cat.join("catalog.toml"),
+    write_catalog(
+        &data,
+        "bench",
         "description = \"bench\"\nentry = \"app\"\n",
+        &[("base", &supervised_sleeper("base")), ("app", APP)],
     )?;
-    std::fs::write(cat.join("base.toml"), BASE)?;
-    std::fs::write(cat.join("app.toml"), APP)?;
     let ctl = TestController::start(&data)?;
     let code = ctl.new_code(None)?;
     let mut agents = Vec::new();

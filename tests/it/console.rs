@@ -12,47 +12,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use de_tests::webdriver::Browser;
-use de_tests::{TestAgent, TestController, wait_until};
+use de_tests::{TestAgent, TestController, pidfile, supervised_sleeper, wait_until, write_catalog};
 
 const WAIT: Duration = Duration::from_secs(60);
 const IPS: [&str; 2] = ["127.0.11.1", "127.0.11.2"];
 
-/// One supervised process per node; its install step prints a line the live
-/// log must show.
-const SLEEPER: &str = r#"
-description = "A process that sleeps, supervised by monit"
-cardinality = "many"
-monit_check = '''
-check process sleeper with pidfile {{ path("run/sleeper.pid") }}
-  start program = "/bin/sh -c 'mkdir -p {{ path("run") }}; nohup sleep 1000 >/dev/null 2>&1 & echo $! > {{ path("run/sleeper.pid") }}'"
-  stop program = "/bin/sh -c 'kill $(cat {{ path("run/sleeper.pid") }})'"
-'''
-logs = []
-[minimum]
-cpus = 1
-ram_mb = 1
-disk_mb = 1
-
-[[install]]
-action = "script"
-run = 'echo "installing sleeper on {{ node.ip }}"'
-
-[[install]]
-action = "monit_add"
-
-[[install]]
-action = "monit_start"
-"#;
-
-fn write_catalog(data: &Path) -> Result<()> {
-    let cat = data.join("catalogs/sleepers");
-    std::fs::create_dir_all(&cat)?;
-    std::fs::write(
-        cat.join("catalog.toml"),
+fn write_sleepers(data: &Path) -> Result<()> {
+    // One supervised process per node; its install step prints a line the
+    // live log must show.
+    write_catalog(
+        data,
+        "sleepers",
         "description = \"Sleepers: one supervised process per node\"\nentry = \"sleeper\"\n",
-    )?;
-    std::fs::write(cat.join("sleeper.toml"), SLEEPER)?;
-    Ok(())
+        &[("sleeper", &supervised_sleeper("sleeper"))],
+    )
 }
 
 /// Saves a screenshot as NAME.png in `DE_CONSOLE_SCREENSHOTS`, or in `scratch`.
@@ -73,11 +46,7 @@ fn click(b: &Browser, css: &str) -> Result<()> {
 }
 
 fn pid_of(agent: &TestAgent) -> Option<u32> {
-    std::fs::read_to_string(agent.root.join("run/sleeper.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    pidfile(agent, "sleeper")
 }
 
 #[test]
@@ -85,7 +54,7 @@ fn the_console_enrols_plans_deploys_and_restarts_in_a_real_browser() -> Result<(
     let dir = tempfile::tempdir()?;
     let scratch = dir.path().join("screens");
     let data = dir.path().join("data");
-    write_catalog(&data)?;
+    write_sleepers(&data)?;
     let ctl = TestController::start(&data)?;
     let b = Browser::start()?;
     b.set_window_size(1360, 1000)?;

@@ -73,11 +73,7 @@ fn row<'a>(rows: &'a [Value], ip: &str) -> Option<&'a Value> {
 }
 
 fn pid_of(agent: &TestAgent) -> Option<u32> {
-    std::fs::read_to_string(agent.root.join("run/sleeper.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    de_tests::pidfile(agent, "sleeper")
 }
 
 #[test]
