@@ -317,8 +317,12 @@ function renderInstall(main) {
   const remaining = () => (code ? Math.max(0, code.expires_in_secs - Math.floor((Date.now() - fetchedAt) / 1000)) : 0);
 
   const setCode = (c) => { code = c; fetchedAt = Date.now(); draw(); };
+  // Bumped by every change made here, so a poll that was under way when the
+  // operator generated or ended a code cannot put the old state back.
+  let epoch = 0;
 
   const newCode = async () => {
+    epoch += 1;
     try {
       setCode(await api('POST', '/api/v1/install-codes', {ttl_secs: Number(ttl.value)}));
       clear(msg);
@@ -328,6 +332,7 @@ function renderInstall(main) {
   };
 
   const endInstall = async () => {
+    epoch += 1;
     try {
       await api('DELETE', '/api/v1/install-codes');
       setCode(null);
@@ -390,12 +395,13 @@ function renderInstall(main) {
   const gen = page.gen;
   page.every(POLL_MS, async () => {
     let c = null;
+    const at = epoch;
     try {
       c = await api('GET', '/api/v1/install-codes');
     } catch (e) {
       if (e.status !== 404) { clear(msg, notice('bad', e.message)); return; }
     }
-    if (page.alive(gen)) setCode(c);
+    if (page.alive(gen) && at === epoch) setCode(c);
   });
   page.timers.push(setInterval(tick, 1000));
 
@@ -619,23 +625,35 @@ function renderPlan(main) {
   catSelect.addEventListener('change', drawCatalog);
   editor.addEventListener('change', drawCatalog);
 
+  // The page becomes usable only once both the catalogs and the stored plan
+  // are in, so nothing the operator picks or types is overwritten by them.
+  editor.readOnly = true;
+  editor.value = 'Loading…';
   (async () => {
+    let loaded;
+    let plan = null;
     try {
-      catalogs = await api('GET', '/api/v1/catalogs');
-    } catch (e) { clear(catInfo, notice('bad', e.message)); return; }
-    clear(catSelect, catalogs.map((c) => h('option', {value: c.name}, `${c.name}${c.builtin ? '' : ' (local)'}`)));
-    try {
-      const plan = await api('GET', '/deployment-engine/config');
-      editor.value = JSON.stringify(plan, null, 2);
-      // A plan without a catalog uses the controller's default, cf-v170.
-      const name = (plan.properties && plan.properties.catalog) || 'cf-v170';
-      if (name && catalogs.some((c) => c.name === name)) catSelect.value = name;
+      loaded = await api('GET', '/api/v1/catalogs');
+      plan = await api('GET', '/deployment-engine/config');
     } catch (e) {
-      if (e.status !== 404) clear(result, notice('bad', e.message));
+      if (!loaded || e.status !== 404) {
+        clear(result, notice('bad', e.message));
+        if (!loaded) { editor.value = ''; return; }
+      }
+    }
+    catalogs = loaded;
+    clear(catSelect, catalogs.map((c) => h('option', {value: c.name}, `${c.name}${c.builtin ? '' : ' (local)'}`)));
+    if (plan) {
+      editor.value = JSON.stringify(plan, null, 2);
+      followPlanCatalog();
+    } else {
       const cat = catalogs.find((c) => c.name === 'debian-demo') || catalogs[0];
       if (cat) { catSelect.value = cat.name; editor.value = planTemplate(cat); }
-      clear(result, notice('info', 'No plan is stored yet: this is a template from the catalog. Put node IPs into the components, then validate and save.'));
+      if (!result.firstChild) {
+        clear(result, notice('info', 'No plan is stored yet: this is a template from the catalog. Put node IPs into the components, then validate and save.'));
+      }
     }
+    editor.readOnly = false;
     drawCatalog();
   })();
 
