@@ -27,6 +27,10 @@ pub(crate) struct Config {
     pub(crate) public_addr: Option<PublicAddr>,
     /// How many times a deployment step is tried in all (1-20).
     pub(crate) step_attempts: Option<u32>,
+    /// Rotate a log file when it would pass this many MiB (0: never).
+    pub(crate) log_max_mb: Option<u64>,
+    /// Rotated files kept per log (0-100).
+    pub(crate) log_keep: Option<u32>,
 }
 
 #[cfg(test)]
@@ -81,6 +85,9 @@ mod tests {
             all.public_addr.map(|a| a.to_string()).as_deref(),
             Some("controller.example:50001")
         );
+        assert_eq!(all.step_attempts, Some(3));
+        assert_eq!(all.log_max_mb, Some(de_controller::DEFAULT_LOG_MAX_MB));
+        assert_eq!(all.log_keep, Some(de_controller::DEFAULT_LOG_KEEP));
     }
 
     #[test]

@@ -34,7 +34,9 @@ pub use catalog::{
 pub use codes::{Codes, CodesError};
 pub use deploy::{DEFAULT_STEP_ATTEMPTS, DeployError, DeployState, Deployer, Deployment};
 pub use nodes::{NodeRecord, NodeView, Nodes};
-pub use oplog::{LogFileError, LogHub, OPLOG_FILE};
+pub use oplog::{
+    DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_MB, LogFileError, LogHub, LogLimits, OPLOG_FILE,
+};
 pub use pki::{Pki, PkiError, TokenOrigin};
 pub use plan::{DnsRecord, Plan, Plans, Properties, REDACTED, Secret, StoredPlan};
 pub use public_addr::{PublicAddr, PublicAddrError, agent_address, agent_command, hostname};

@@ -61,6 +61,12 @@ enum Command {
         /// How many times a failing deployment step is tried in all, 1-20 [default: 3].
         #[arg(long, env = "DE_STEP_ATTEMPTS", value_parser = clap::value_parser!(u32).range(1..=20))]
         step_attempts: Option<u32>,
+        /// Rotate each log file when a write would take it past this many MiB; 0: never [default: 64].
+        #[arg(long, env = "DE_LOG_MAX_MB", value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+        log_max_mb: Option<u64>,
+        /// How many rotated files to keep per log (NAME.1 ... NAME.N), 0-100 [default: 4].
+        #[arg(long, env = "DE_LOG_KEEP", value_parser = clap::value_parser!(u32).range(0..=100))]
+        log_keep: Option<u32>,
     },
 }
 
@@ -72,6 +78,7 @@ struct Settings {
     quic_listen: SocketAddr,
     public_addr: Option<PublicAddr>,
     step_attempts: u32,
+    log_limits: de_controller::LogLimits,
 }
 
 impl Settings {
@@ -82,6 +89,8 @@ impl Settings {
             quic_listen,
             public_addr,
             step_attempts,
+            log_max_mb,
+            log_keep,
         } = command;
         Settings {
             data_dir: (data_dir.or(file.data_dir)).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
@@ -92,6 +101,17 @@ impl Settings {
                 .or(file.step_attempts)
                 .unwrap_or(de_controller::DEFAULT_STEP_ATTEMPTS)
                 .clamp(1, 20),
+            log_limits: de_controller::LogLimits {
+                max_bytes: log_max_mb
+                    .or(file.log_max_mb)
+                    .unwrap_or(de_controller::DEFAULT_LOG_MAX_MB)
+                    .min(1_048_576)
+                    << 20,
+                keep: log_keep
+                    .or(file.log_keep)
+                    .unwrap_or(de_controller::DEFAULT_LOG_KEEP)
+                    .min(100),
+            },
         }
     }
 }
@@ -141,6 +161,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         quic_listen,
         public_addr,
         step_attempts,
+        log_limits,
     } = settings;
     let (mut ctl, origin) = Controller::open(&data_dir)
         .with_context(|| format!("could not open the data dir {}", data_dir.display()))?;
@@ -159,6 +180,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     }
     ctl.deployer.set_attempts(step_attempts);
+    ctl.logs.set_limits(log_limits);
     let endpoint = quic::endpoint(quic_listen, &ctl.pki, ctl.nodes.revoked_set())?;
     let quic_addr = endpoint
         .local_addr()

@@ -31,6 +31,80 @@ pub(crate) const LIVE_CAPACITY: usize = 4096;
 /// reopened on their next line (a plan has far fewer instances).
 const MAX_OPEN_FILES: usize = 512;
 
+/// When a log file is rotated: once a write would take it past `max_bytes`
+/// (0: never), it becomes `NAME.1` (the older ones `NAME.2` ... `NAME.<keep>`,
+/// the oldest beyond that deleted) and a new `NAME` is begun. A batch of lines
+/// is never split across two files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
+/// The default rotation size of each log file, in MiB.
+pub const DEFAULT_LOG_MAX_MB: u64 = 64;
+/// The default number of rotated files kept per log.
+pub const DEFAULT_LOG_KEEP: u32 = 4;
+
+impl Default for LogLimits {
+    fn default() -> LogLimits {
+        LogLimits {
+            max_bytes: DEFAULT_LOG_MAX_MB << 20,
+            keep: DEFAULT_LOG_KEEP,
+        }
+    }
+}
+
+/// One log file open for appending, with its size, rotated by [`LogLimits`].
+#[derive(Debug)]
+struct Sink {
+    path: PathBuf,
+    file: std::fs::File,
+    size: u64,
+}
+
+impl Sink {
+    fn open(path: PathBuf) -> std::io::Result<Sink> {
+        let file = open_append(&path)?;
+        let size = file.metadata()?.len();
+        Ok(Sink { path, file, size })
+    }
+
+    /// Appends `text`, rotating first when it would pass the limit.
+    fn write(&mut self, text: &[u8], limits: LogLimits) -> std::io::Result<()> {
+        let len = text.len() as u64;
+        if limits.max_bytes > 0 && self.size > 0 && self.size + len > limits.max_bytes {
+            self.rotate(limits.keep)?;
+        }
+        self.file.write_all(text)?;
+        self.size += len;
+        Ok(())
+    }
+
+    fn rotate(&mut self, keep: u32) -> std::io::Result<()> {
+        let numbered = |i: u32| {
+            let mut name = self.path.clone().into_os_string();
+            name.push(format!(".{i}"));
+            PathBuf::from(name)
+        };
+        let gone_ok = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        gone_ok(std::fs::remove_file(numbered(keep.max(1))))?;
+        for i in (1..keep).rev() {
+            gone_ok(std::fs::rename(numbered(i), numbered(i + 1)))?;
+        }
+        if keep == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            std::fs::rename(&self.path, numbered(1))?;
+        }
+        *self = Sink::open(self.path.clone())?;
+        Ok(())
+    }
+}
+
 /// Why a log file could not be opened by name.
 #[derive(Debug, thiserror::Error)]
 pub enum LogFileError {
@@ -63,8 +137,9 @@ pub(crate) fn valid_file_name(name: &str) -> bool {
 pub struct LogHub {
     dir: PathBuf,
     path: PathBuf,
-    local: Mutex<std::fs::File>,
-    instances: Mutex<HashMap<String, std::fs::File>>,
+    limits: LogLimits,
+    local: Mutex<Sink>,
+    instances: Mutex<HashMap<String, Sink>>,
     live: broadcast::Sender<Arc<str>>,
 }
 
@@ -87,15 +162,22 @@ impl LogHub {
     pub(crate) fn with_capacity(dir: &Path, capacity: usize) -> std::io::Result<LogHub> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(OPLOG_FILE);
-        let file = open_append(&path)?;
+        let local = Sink::open(path.clone())?;
         let (live, _) = broadcast::channel(capacity.max(1));
         Ok(LogHub {
             dir: dir.to_owned(),
             path,
-            local: Mutex::new(file),
+            limits: LogLimits::default(),
+            local: Mutex::new(local),
             instances: Mutex::new(HashMap::new()),
             live,
         })
+    }
+
+    /// Sets when the files are rotated (the controller's `--log-max-mb` and
+    /// `--log-keep`).
+    pub fn set_limits(&mut self, limits: LogLimits) {
+        self.limits = limits;
     }
 
     /// `DATA/logs/local.log`.
@@ -152,7 +234,7 @@ impl LogHub {
             self.write_instance(instance, &own);
         }
         let mut f = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(local.as_bytes()) {
+        if let Err(e) = f.write(local.as_bytes(), self.limits) {
             warn!(path = %self.path.display(), error = %e, "could not write the operations log");
         }
         // Under the same lock, so clients see lines in local.log's order.
@@ -176,7 +258,7 @@ impl LogHub {
                 files.clear();
             }
             let path = self.dir.join(format!("{instance}.log"));
-            match open_append(&path) {
+            match Sink::open(path.clone()) {
                 Ok(f) => {
                     files.insert(instance.to_owned(), f);
                 }
@@ -187,7 +269,7 @@ impl LogHub {
             }
         }
         if let Some(f) = files.get_mut(instance)
-            && let Err(e) = f.write_all(line.as_bytes())
+            && let Err(e) = f.write(line.as_bytes(), self.limits)
         {
             warn!(instance, error = %e, "could not write an instance log");
             // Reopened on the next line, in case the file was moved away.
@@ -299,6 +381,133 @@ pub(crate) fn tail_lines(file: &mut std::fs::File, n: usize) -> std::io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every line in the files of one log, oldest first (`NAME.keep` ... `NAME`).
+    fn all_lines(dir: &Path, name: &str, keep: u32) -> Vec<String> {
+        let mut files: Vec<PathBuf> = (1..=keep)
+            .rev()
+            .map(|i| dir.join(format!("{name}.{i}")))
+            .collect();
+        files.push(dir.join(name));
+        files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
+            .collect()
+    }
+
+    #[test]
+    fn files_rotate_at_the_limit_and_keep_every_line_that_fits_the_kept_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = dir.path().join("logs");
+        let mut hub = LogHub::open(&logs).expect("open");
+        hub.set_limits(LogLimits {
+            max_bytes: 4096,
+            keep: 3,
+        });
+        // About 60 bytes a line: a few hundred lines fill the 4 files (3 kept + current).
+        for i in 0..200 {
+            hub.line(
+                Some("nats_0"),
+                &format!("line {i:04} of the first instance"),
+            );
+        }
+        let names = hub.files().expect("files");
+        for want in [
+            "local.log",
+            "local.log.1",
+            "local.log.2",
+            "local.log.3",
+            "nats_0.log",
+            "nats_0.log.1",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+        }
+        assert!(
+            !names.iter().any(|n| n.ends_with(".4")),
+            "kept only 3: {names:?}"
+        );
+        for name in &names {
+            let len = std::fs::metadata(logs.join(name)).expect("meta").len();
+            assert!(len <= 4096, "{name} is {len} bytes");
+        }
+        // What the kept files hold is the newest lines, in order, none missing.
+        let lines = all_lines(&logs, "local.log", 3);
+        let numbers: Vec<u32> = lines
+            .iter()
+            .map(|l| {
+                l.split("line ")
+                    .nth(1)
+                    .and_then(|r| r[..4].parse().ok())
+                    .expect("numbered")
+            })
+            .collect();
+        assert_eq!(numbers.last(), Some(&199));
+        assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+        assert!(numbers.len() > 100, "{} lines kept", numbers.len());
+        // The live feed and the opened files still work by name after rotation.
+        assert!(hub.open_file("local.log.2").is_ok());
+    }
+
+    #[test]
+    fn a_reopened_hub_counts_what_is_already_in_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = dir.path().join("logs");
+        // Ten lines (about 470 bytes) fit; twenty do not.
+        let limits = LogLimits {
+            max_bytes: 600,
+            keep: 1,
+        };
+        {
+            let mut hub = LogHub::open(&logs).expect("open");
+            hub.set_limits(limits);
+            for i in 0..10 {
+                hub.record(&format!("before restart {i}"));
+            }
+        }
+        let mut hub = LogHub::open(&logs).expect("reopen");
+        hub.set_limits(limits);
+        for i in 0..10 {
+            hub.record(&format!("after restart {i}"));
+        }
+        let len = std::fs::metadata(logs.join("local.log"))
+            .expect("meta")
+            .len();
+        assert!(len <= 600, "{len}");
+        assert!(logs.join("local.log.1").exists());
+    }
+
+    #[test]
+    fn no_limit_and_keep_zero_behave() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = dir.path().join("logs");
+        let mut hub = LogHub::open(&logs).expect("open");
+        hub.set_limits(LogLimits {
+            max_bytes: 0,
+            keep: 3,
+        });
+        for i in 0..100 {
+            hub.record(&format!("unlimited {i}"));
+        }
+        assert_eq!(hub.files().expect("files"), ["local.log"]);
+        hub.set_limits(LogLimits {
+            max_bytes: 500,
+            keep: 0,
+        });
+        for i in 0..100 {
+            hub.record(&format!("limited {i}"));
+        }
+        assert_eq!(
+            hub.files().expect("files"),
+            ["local.log"],
+            "keep 0: no old files"
+        );
+        let text = std::fs::read_to_string(logs.join("local.log")).expect("read");
+        assert!(
+            text.len() <= 500 && text.ends_with("limited 99\n"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn the_tail_is_the_last_lines_whatever_the_block_boundaries() {

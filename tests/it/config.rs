@@ -42,6 +42,47 @@ fn controller_settings_come_from_flag_then_env_then_file_then_default() -> Resul
 }
 
 #[test]
+fn log_files_rotate_at_the_size_the_config_file_sets() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    // A local.log already past 1 MiB, as a controller that ran for long leaves it.
+    std::fs::create_dir_all(data.join("logs"))?;
+    let old = "2026-01-01T00:00:00Z an old line\n".repeat(40_000);
+    std::fs::write(data.join("logs/local.log"), &old)?;
+    let file = dir.path().join("controller.toml");
+    std::fs::write(&file, "log_max_mb = 1\nlog_keep = 2\n")?;
+    let mut cmd = command("de-controller");
+    cmd.args([
+        "serve",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--quic-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(&data)
+    .arg("--config")
+    .arg(&file);
+    let ctl = TestController::start_cmd(&data, cmd)?;
+    // Any operation writes a line: a rejected plan does.
+    let a = ctl.api("POST", "/deployment-engine/config", Some("{}"))?;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(
+        std::fs::read_to_string(data.join("logs/local.log.1"))?,
+        old,
+        "the full file moved to local.log.1 whole"
+    );
+    let now = std::fs::read_to_string(data.join("logs/local.log"))?;
+    assert!(
+        now.lines().count() == 1 && now.contains("plan rejected"),
+        "{now}"
+    );
+    let names = ctl.api("GET", "/api/v1/logs", None)?;
+    assert_eq!(names.body, serde_json::json!(["local.log", "local.log.1"]));
+    Ok(())
+}
+
+#[test]
 fn the_install_command_names_the_bound_quic_address_when_no_public_address_is_set() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let ctl = TestController::start(&dir.path().join("data"))?;
