@@ -72,6 +72,12 @@ run = 'echo "hello from {{ node.ip }}"'
         "{}",
         o.stdout
     );
+    // The time left, by the controller's clock (the default hour).
+    assert!(
+        o.stdout.contains(", in 0:59:") || o.stdout.contains(", in 1:00:00"),
+        "{}",
+        o.stdout
+    );
     let o = dectl(&ctl, &["--json", "codes", "show"])?;
     let shown: serde_json::Value = serde_json::from_str(&o.stdout)?;
     assert_eq!(shown["code"], code.as_str());

@@ -341,7 +341,15 @@ fn run(cli: Cli, api: &Api) -> Outcome {
             if json_out {
                 print(&v);
             } else {
-                println!("code {} (expires {})", s(&v["code"]), s(&v["expires_at"]));
+                let left = v["expires_in_secs"].as_u64().unwrap_or(0);
+                println!(
+                    "code {} (expires {}, in {}:{:02}:{:02})",
+                    s(&v["code"]),
+                    s(&v["expires_at"]),
+                    left / 3600,
+                    left % 3600 / 60,
+                    left % 60
+                );
                 if let Some(cmd) = v["agent_command"].as_str() {
                     println!("on each node: {cmd}");
                 }
