@@ -684,7 +684,15 @@ function openLogSocket(onLine, onState) {
   const connect = () => {
     if (!page.alive(gen)) return;
     const proto = location.protocol === 'https:' ? 'wss' : 'ws';
-    const ws = new WebSocket(`${proto}://${location.host}/deployment-engine/log?token=${encodeURIComponent(session.token)}`);
+    const base = `${proto}://${location.host}/deployment-engine/log`;
+    let ws;
+    try {
+      // The token rides as a subprotocol, so it never appears in a URL.
+      ws = new WebSocket(base, ['de.log', `de.token.${session.token}`]);
+    } catch (_) {
+      // A token with characters a subprotocol cannot hold: the query string.
+      ws = new WebSocket(`${base}?token=${encodeURIComponent(session.token)}`);
+    }
     let waiting = [];
     page.sockets.push(ws);
     onState('connecting');

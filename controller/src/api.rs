@@ -179,8 +179,25 @@ async fn require_token(
     Ok(next.run(req).await)
 }
 
-/// The original routes also take `?token=` for clients that cannot set a
-/// header (a browser's WebSocket, scripts with a fixed URL).
+/// The WebSocket subprotocol prefix that carries the token: a browser cannot
+/// set headers on a WebSocket but can offer subprotocols, so the console
+/// offers `de.log` and `de.token.<token>` and the token stays out of the URL
+/// (and so out of proxies' access logs and browser history).
+pub(crate) const WS_TOKEN_PROTOCOL: &str = "de.token.";
+
+fn token_in_ws_protocols(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(WS_TOKEN_PROTOCOL))
+        .map(str::to_owned)
+}
+
+/// The original routes also take the token as a WebSocket subprotocol
+/// (`de.token.<token>`, for browsers) or as `?token=` (clients that can set
+/// neither, scripts with a fixed URL).
 async fn require_token_or_query(
     State(ctl): Ctl,
     headers: HeaderMap,
@@ -192,7 +209,10 @@ async fn require_token_or_query(
             .find_map(|kv| kv.strip_prefix("token="))
             .map(str::to_owned)
     });
-    let presented = bearer(&headers).map(str::to_owned).or(from_query);
+    let presented = bearer(&headers)
+        .map(str::to_owned)
+        .or_else(|| token_in_ws_protocols(&headers))
+        .or(from_query);
     check_token(&ctl, presented.as_deref(), "header or ?token= parameter")?;
     Ok(next.run(req).await)
 }

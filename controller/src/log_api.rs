@@ -28,6 +28,9 @@ use crate::oplog::{LogFileError, OPLOG_FILE};
 
 type Ctl = State<Arc<Controller>>;
 
+/// The subprotocol of the live log, for clients that name one.
+pub(crate) const LOG_PROTOCOL: &str = "de.log";
+
 /// How long one frame may wait for a client that reads nothing before the
 /// controller gives up on that client and closes its connection.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -71,7 +74,12 @@ async fn live(
         )
     })?;
     let rx = ctl.logs.subscribe();
-    Ok(ws.on_upgrade(move |socket| feed(socket, rx)))
+    // A client that offered subprotocols (the console: `de.log` and its
+    // token, see `api::WS_TOKEN_PROTOCOL`) is answered with `de.log`; the
+    // token itself is never echoed.
+    Ok(ws
+        .protocols([LOG_PROTOCOL])
+        .on_upgrade(move |socket| feed(socket, rx)))
 }
 
 async fn feed(mut socket: WebSocket, mut rx: broadcast::Receiver<Arc<str>>) {
@@ -492,6 +500,50 @@ mod tests {
         drop(a);
         ctl.logs.line(Some("nats_0"), "nats is up");
         assert!(next_text(&mut b).await.ends_with(" nats is up"));
+    }
+
+    /// What the console does: the token as a subprotocol, not in the URL.
+    #[tokio::test]
+    async fn a_browser_passes_the_token_as_a_subprotocol_and_gets_de_log_back() {
+        use tungstenite::client::IntoClientRequest;
+        let (_d, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        let addr = serve(&ctl).await;
+        let request = |offer: String| {
+            let mut req = format!("ws://{addr}/deployment-engine/log")
+                .into_client_request()
+                .expect("request");
+            req.headers_mut().insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                offer.parse().expect("header value"),
+            );
+            req
+        };
+        let offer = format!("{LOG_PROTOCOL}, {}wrong", crate::api::WS_TOKEN_PROTOCOL);
+        match tokio_tungstenite::connect_async(request(offer)).await {
+            Err(tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED)
+            }
+            other => panic!("a wrong token must be refused, got {other:?}"),
+        }
+        let offer = format!("{LOG_PROTOCOL}, {}{t}", crate::api::WS_TOKEN_PROTOCOL);
+        let (mut ws, resp) =
+            tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request(offer)))
+                .await
+                .expect("connected in time")
+                .expect("connected");
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            resp.headers()[header::SEC_WEBSOCKET_PROTOCOL],
+            LOG_PROTOCOL,
+            "the chosen protocol, never the token"
+        );
+        ctl.logs.record("through the subprotocol");
+        assert!(
+            next_text(&mut ws)
+                .await
+                .ends_with(" through the subprotocol")
+        );
     }
 
     /// One thread: the client cannot read (nor the server send) while the
