@@ -752,7 +752,7 @@ function renderDeploy(main, selected) {
     b.disabled = true;
     try {
       const d = await api('GET', '/deployment-engine/deploy');
-      clear(startMsg, notice('good', `Deployment ${d.id} started: ${d.steps} steps.`));
+      clear(startMsg, notice('good', `Deployment ${d.id} started: ${d.steps} step${d.steps === 1 ? '' : 's'}.`));
       shownId = d.id;
       window.history.replaceState(null, '', `#/deploy/${d.id}`);
       await refresh();

@@ -486,11 +486,14 @@ fn reconcile(ctl: &Controller, d: &mut Deployment) -> Result<bool, StoreError> {
                 &format!("{} on {}: {} done", s.instance, s.ip, describe(&s.action)),
             );
         } else {
-            let why = o
-                .error
-                .clone()
-                .or(rec.refusal.clone())
-                .unwrap_or_else(|| format!("exit code {:?}", o.exit_code));
+            let why =
+                o.error
+                    .clone()
+                    .or(rec.refusal.clone())
+                    .unwrap_or_else(|| match o.exit_code {
+                        Some(code) => format!("exit code {code}"),
+                        None => "ended without an exit code (killed by a signal)".to_owned(),
+                    });
             s.error = Some(why.clone());
             if s.attempts < d.max_attempts {
                 log_line(
@@ -783,14 +786,15 @@ impl Deployment {
         for s in &self.steps {
             let _ = writeln!(
                 out,
-                "[{}] {} {:?} {}: {:?}, attempts {}, exit {:?}{}",
+                "[{}] {} {:?} {}: {:?}, attempts {}, exit {}{}",
                 s.instance,
                 s.ip,
                 s.kind,
                 describe(&s.action),
                 s.state,
                 s.attempts,
-                s.exit_code,
+                s.exit_code
+                    .map_or_else(|| "-".to_owned(), |c| c.to_string()),
                 s.error
                     .as_deref()
                     .map(|e| format!(", {e}"))

@@ -17,6 +17,23 @@ use de_tests::{TestAgent, TestController, pidfile, supervised_sleeper, wait_unti
 const WAIT: Duration = Duration::from_secs(60);
 const IPS: [&str; 2] = ["127.0.11.1", "127.0.11.2"];
 
+/// A component whose install always fails, saying why on stderr.
+const BROKEN: &str = r#"
+description = "Never installs"
+cardinality = "many"
+monit_check = """
+check process broken with pidfile {{ path("run/broken.pid") }}
+"""
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+[[install]]
+action = "script"
+run = 'echo "cannot start: no licence" >&2; exit 3'
+"#;
+
 fn write_sleepers(data: &Path) -> Result<()> {
     // One supervised process per node; its install step prints a line the
     // live log must show.
@@ -24,7 +41,10 @@ fn write_sleepers(data: &Path) -> Result<()> {
         data,
         "sleepers",
         "description = \"Sleepers: one supervised process per node\"\nentry = \"sleeper\"\n",
-        &[("sleeper", &supervised_sleeper("sleeper"))],
+        &[
+            ("sleeper", &supervised_sleeper("sleeper")),
+            ("broken", BROKEN),
+        ],
     )
 }
 
@@ -233,6 +253,54 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
     ensure!(
         saved.contains("installing sleeper on 127.0.11.1") && on_disk.starts_with(saved.trim_end()),
         "downloaded:\n{saved}\non disk:\n{on_disk}"
+    );
+
+    // A deployment that fails shows which step, where, and its output.
+    click(b, "#nav-plan")?;
+    let editor = b.wait_for("#plan-json", WAIT)?;
+    wait_until(WAIT, "the stored plan in the editor", || {
+        (editor.prop("readOnly").ok()? == false).then_some(())
+    })?;
+    ensure!(
+        editor
+            .prop("value")?
+            .as_str()
+            .unwrap_or_default()
+            .contains("127.0.11.2"),
+        "the editor starts with the stored plan"
+    );
+    editor.clear()?;
+    editor.send_keys(
+        r#"{"components": {"sleeper": ["127.0.11.1", "127.0.11.2"], "broken": ["127.0.11.2"]}, "properties": {"domain": "web.test", "catalog": "sleepers"}}"#,
+    )?;
+    click(b, "#save-plan")?;
+    b.wait_for_text("#plan-result", "Saved as revision 2", WAIT)?;
+    click(b, "#nav-deploy")?;
+    b.wait_for_text("#live-log-state", "live", WAIT)?;
+    click(b, "#start-deploy")?;
+    b.wait_for_text("#deployment-state", "failed", WAIT)?;
+    let failure = b.wait_for_text(".failures", "broken_0 on 127.0.11.2", WAIT)?;
+    ensure!(
+        failure.contains("exit 3") && failure.contains("cannot start: no licence"),
+        "{failure}"
+    );
+    let error = b.find("#deployment .notice.bad")?.text()?;
+    ensure!(
+        error.contains("script failed after 3 attempts: exit code 3;"),
+        "{error}"
+    );
+    b.wait_for_text("#live-log", "cannot start: no licence", WAIT)?;
+    b.wait_for_text("#progress tr[data-instance=broken_0]", "failed", WAIT)?;
+    shot(b, scratch, "deploy-failed")?;
+    // Its log, downloaded from the page, says the same in plain words.
+    let failed_id = b.find("#deployment-id")?.text()?;
+    click(b, "#download-deployment-log")?;
+    let log = wait_until(WAIT, "the deployment's log in the downloads", || {
+        std::fs::read_to_string(b.downloads().join(format!("{failed_id}.log"))).ok()
+    })?;
+    ensure!(
+        log.contains("attempts 3, exit 3, exit code 3") && !log.contains("Some("),
+        "{log}"
     );
 
     // The deploy page opened later starts with local.log's last lines, and
