@@ -767,16 +767,23 @@ pub struct DeploymentView {
 
 impl Deployment {
     /// The deployment as a readable log: a header, then every step in order
-    /// with its state, attempts and the end of its output.
+    /// with its state, attempts and the end of its output; states and kinds
+    /// are the API's words (`failed`, `install`).
     pub fn log_text(&self) -> String {
+        fn word<T: Serialize>(v: &T) -> String {
+            match serde_json::to_value(v) {
+                Ok(serde_json::Value::String(s)) => s,
+                _ => "-".to_owned(),
+            }
+        }
         use std::fmt::Write as _;
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "deployment {} of plan revision {}: {:?}, created {}, finished {}",
+            "deployment {} of plan revision {}: {}, created {}, finished {}",
             self.id,
             self.plan_revision,
-            self.state,
+            word(&self.state),
             self.created_at,
             self.finished_at.as_deref().unwrap_or("-")
         );
@@ -786,12 +793,12 @@ impl Deployment {
         for s in &self.steps {
             let _ = writeln!(
                 out,
-                "[{}] {} {:?} {}: {:?}, attempts {}, exit {}{}",
+                "[{}] {} {} {}: {}, attempts {}, exit {}{}",
                 s.instance,
                 s.ip,
-                s.kind,
+                word(&s.kind),
                 describe(&s.action),
-                s.state,
+                word(&s.state),
                 s.attempts,
                 s.exit_code
                     .map_or_else(|| "-".to_owned(), |c| c.to_string()),

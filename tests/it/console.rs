@@ -299,7 +299,8 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
         std::fs::read_to_string(b.downloads().join(format!("{failed_id}.log"))).ok()
     })?;
     ensure!(
-        log.contains("attempts 3, exit 3, exit code 3") && !log.contains("Some("),
+        log.contains("install script: failed, attempts 3, exit 3, exit code 3")
+            && !log.contains("Some("),
         "{log}"
     );
 
