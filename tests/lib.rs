@@ -160,7 +160,7 @@ impl Drop for Proc {
 
 /// Spawns `cmd` with stdout and stderr appended to `log`; stdout lines are
 /// also sent to the returned receiver.
-pub(crate) fn spawn(
+pub fn spawn(
     name: &str,
     mut cmd: Command,
     log: &Path,

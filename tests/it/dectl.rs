@@ -5,8 +5,9 @@
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::Context;
 use anyhow::Result;
-use de_tests::{Output, TestAgent, TestController, bin, run_bounded, wait_until};
+use de_tests::{Output, TestAgent, TestController, bin, run_bounded, spawn, wait_until};
 
 fn dectl(ctl: &TestController, args: &[&str]) -> Result<Output> {
     let mut cmd = Command::new(bin("dectl"));
@@ -170,6 +171,48 @@ run = 'echo "hello from {{ node.ip }}"'
     assert!(o.stdout.contains("hello from 127.0.10.1"), "{}", o.stdout);
     let o = dectl(&ctl, &["logs", "get", "../admin.token"])?;
     assert_eq!(o.status.code(), Some(1));
+    let o = dectl(&ctl, &["logs", "get", "local.log", "--tail", "2"])?;
+    assert!(ok(&o) && o.stdout.lines().count() == 2, "{o:?}");
+    let whole = dectl(&ctl, &["logs", "get", "local.log"])?.stdout;
+    assert!(whole.ends_with(&o.stdout), "the last lines of {whole}");
+
+    // Follow: the last lines, then each new one as it is written.
+    let mut cmd = Command::new(bin("dectl"));
+    cmd.arg("--controller")
+        .arg(format!("http://{}", ctl.api))
+        .arg("--token-file")
+        .arg(ctl.data_dir.join("admin.token"))
+        .args(["logs", "follow", "--tail", "3"]);
+    let (follower, lines) = spawn("dectl logs follow", cmd, &dir.path().join("follow.log"))?;
+    let mut seen = Vec::new();
+    let next_line = |seen: &mut Vec<String>| -> Result<String> {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .with_context(|| format!("a line from dectl logs follow after {seen:?}"))?;
+        seen.push(line.clone());
+        Ok(line)
+    };
+    let backlog: Vec<String> = (0..3)
+        .map(|_| next_line(&mut seen))
+        .collect::<Result<_>>()?;
+    assert_eq!(
+        backlog.join("\n"),
+        whole
+            .lines()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Something happens: a rejected plan is one line of local.log.
+    let a = ctl.api("POST", "/deployment-engine/config", Some("{}"))?;
+    assert_eq!(a.status, 400);
+    let line = next_line(&mut seen)?;
+    assert!(line.contains("plan rejected"), "{line}");
+    drop(follower);
 
     // Restart a component that is not supervised: the agent's answer is shown, exit 1.
     let o = dectl(&ctl, &["restart", "hello", "127.0.10.1"])?;

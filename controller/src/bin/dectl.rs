@@ -73,7 +73,7 @@ enum Command {
         component: String,
         ip: Option<String>,
     },
-    /// Log files: `list`, `get NAME`.
+    /// Log files: `list`, `get NAME [--tail N]`, `follow [--tail N]`.
     Logs {
         #[command(subcommand)]
         what: Logs,
@@ -108,8 +108,19 @@ enum Plan {
 
 #[derive(Subcommand, Debug)]
 enum Logs {
+    /// The log file names.
     List,
-    Get { name: String },
+    /// One file, whole or its last N lines.
+    Get {
+        name: String,
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        tail: Option<u32>,
+    },
+    /// local.log live, as it is written (after its last N lines); Ctrl-C stops.
+    Follow {
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+        tail: u32,
+    },
 }
 
 /// Why a command failed: the line to print and the exit code.
@@ -519,16 +530,22 @@ fn run(cli: Cli, api: &Api) -> Outcome {
                     }
                 }
             }
-            Logs::Get { name } => {
-                let r = api
-                    .call(
-                        "PUT",
-                        "/deployment-engine/download",
-                        Some(json!(name).to_string()),
-                    )?
-                    .check()?;
+            Logs::Get { name, tail } => {
+                let r = match tail {
+                    Some(n) => api
+                        .call("GET", &format!("/api/v1/logs/{name}?tail={n}"), None)?
+                        .check()?,
+                    None => api
+                        .call(
+                            "PUT",
+                            "/deployment-engine/download",
+                            Some(json!(name).to_string()),
+                        )?
+                        .check()?,
+                };
                 print!("{}", r.text);
             }
+            Logs::Follow { tail } => return follow_log(api, tail),
         },
         Command::Exec {
             command,
@@ -576,6 +593,89 @@ fn run(cli: Cli, api: &Api) -> Outcome {
         }
     }
     Ok(())
+}
+
+/// Prints local.log's last `tail` lines, then every line as it is written,
+/// from the `/deployment-engine/log` WebSocket (the token as a subprotocol,
+/// never in the URL). Lines written between the two are printed once.
+fn follow_log(api: &Api, tail: u32) -> Outcome {
+    use std::io::Write;
+    use tungstenite::client::IntoClientRequest;
+    let ws_url = match api.base.split_once("://") {
+        Some(("https", rest)) => format!("wss://{rest}/deployment-engine/log"),
+        Some((_, rest)) => format!("ws://{rest}/deployment-engine/log"),
+        None => format!("ws://{}/deployment-engine/log", api.base),
+    };
+    if ws_url.starts_with("wss://") {
+        return Err(Failure(
+            "dectl logs follow speaks plain ws:// only; reach the controller's port directly (or use logs get --tail)".into(),
+            2,
+        ));
+    }
+    let unreachable =
+        |e: &dyn std::fmt::Display| Failure(format!("cannot follow the log at {ws_url}: {e}"), 2);
+    let mut req = ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| unreachable(&e))?;
+    let offer = format!("de.log, de.token.{}", api.token);
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        offer
+            .parse()
+            .map_err(|_| Failure("the token holds characters a header cannot carry".into(), 2))?,
+    );
+    let host = ws_url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let stream = std::net::TcpStream::connect(&host).map_err(|e| unreachable(&e))?;
+    let (mut ws, _) = tungstenite::client(req, stream).map_err(|e| match e {
+        tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))
+            if resp.status() == 401 =>
+        {
+            Failure("the controller refused the token (HTTP 401)".into(), 1)
+        }
+        other => unreachable(&other),
+    })?;
+    // Subscribed: now the backlog, then what came in meanwhile, skipping
+    // lines already printed (each starts with its time to the nanosecond).
+    let mut printed = std::collections::HashSet::new();
+    let out = std::io::stdout();
+    if tail > 0 {
+        let text = api
+            .call("GET", &format!("/api/v1/logs/local.log?tail={tail}"), None)?
+            .check()?
+            .text;
+        let mut o = out.lock();
+        for line in text.lines() {
+            printed.insert(line.to_owned());
+            let _ = writeln!(o, "{line}");
+        }
+        let _ = o.flush();
+    }
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(line)) => {
+                let line = line.as_str();
+                if printed.remove(line) {
+                    continue;
+                }
+                let mut o = out.lock();
+                if writeln!(o, "{line}").and_then(|()| o.flush()).is_err() {
+                    // stdout closed (| head): done.
+                    return Ok(());
+                }
+            }
+            Ok(tungstenite::Message::Close(_)) | Err(tungstenite::Error::ConnectionClosed) => {
+                return Err(Failure("the controller closed the log stream".into(), 2));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(unreachable(&e)),
+        }
+    }
 }
 
 fn operate(api: &Api, verb: &str, component: &str, ip: Option<String>, json_out: bool) -> Outcome {
