@@ -65,6 +65,18 @@ fn click(b: &Browser, css: &str) -> Result<()> {
         .with_context(|| format!("click {css}"))
 }
 
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|rest| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
 fn pid_of(agent: &TestAgent) -> Option<u32> {
     pidfile(agent, "sleeper")
 }
@@ -144,6 +156,18 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
         "the page was reloaded"
     );
     shot(b, scratch, "install")?;
+    // End install: the code is gone, here and for the API.
+    click(b, "#end-install")?;
+    b.wait_for("#new-code", WAIT)?;
+    b.wait_for_text("#page", "Installation ended", WAIT)?;
+    ensure!(
+        b.find_all("#install-code")?.is_empty(),
+        "the code is still shown"
+    );
+    ensure!(
+        ctl.api("GET", "/api/v1/install-codes", None)?.status == 404,
+        "the code is still open"
+    );
 
     // Nodes: both online, with hardware; revoke is there.
     click(b, "#nav-nodes")?;
@@ -234,6 +258,21 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
         (t.matches("RUNNING").count() == 2).then_some(t)
     })?;
     shot(b, scratch, "status")?;
+    // Stop takes a second click; then monit stops node 2's process.
+    let stop = "#status-table tr[data-comp=sleeper][data-ip='127.0.11.2'] button[data-op=stop]";
+    click(b, stop)?;
+    b.wait_for_text(stop, "Confirm stop", WAIT)?;
+    ensure!(process_alive(other), "stopped on the first click");
+    click(b, stop)?;
+    b.wait_for_text("#op-result", "stop done: ok on 1 instance", WAIT)?;
+    wait_until(WAIT, "node 2's sleeper to exit", || {
+        (!process_alive(other)).then_some(())
+    })?;
+    b.wait_for_text(
+        "#status-table tr[data-comp=sleeper][data-ip='127.0.11.2']",
+        "STOPPED",
+        WAIT,
+    )?;
 
     // Logs: the files are listed; local.log holds the deployment's output.
     click(b, "#nav-logs")?;
