@@ -230,6 +230,7 @@ const ROUTES = [
   ['plan', 'Plan', renderPlan],
   ['deploy', 'Deploy', renderDeploy],
   ['status', 'Status', renderStatus],
+  ['run', 'Run', renderRun],
   ['logs', 'Logs', renderLogs],
 ];
 
@@ -922,6 +923,71 @@ function renderStatus(main) {
     ], (r) => ({'data-comp': r.Comp, 'data-ip': r.Ip}));
   };
   page.every(POLL_MS, refresh);
+}
+
+// ---------------------------------------------------------------- run
+
+function renderRun(main) {
+  const script = h('textarea', {id: 'run-script', rows: 4, spellcheck: 'false', 'aria-label': 'command',
+    placeholder: 'uptime; df -h /'});
+  const timeout = h('input', {id: 'run-timeout', type: 'number', min: 1, max: 3600, value: 60, 'aria-label': 'timeout in seconds'});
+  const user = h('input', {id: 'run-user', type: 'text', placeholder: 'root', 'aria-label': 'user', autocomplete: 'off'});
+  const targets = h('div', {id: 'run-targets', class: 'targets'});
+  const results = h('div', {id: 'run-results'});
+  const runButton = h('button', {type: 'button', id: 'run-command', class: 'primary'}, 'Run');
+
+  const run = async () => {
+    const chosen = [...targets.querySelectorAll('input[type=checkbox]:checked')].map((c) => c.value);
+    if (!script.value.trim()) { clear(results, notice('bad', 'Write the command to run first.')); return; }
+    if (!chosen.length) { clear(results, notice('bad', 'Pick at least one node.')); return; }
+    const body = {script: script.value, targets: chosen, timeout_secs: Number(timeout.value) || 60};
+    if (user.value.trim()) body.user = user.value.trim();
+    runButton.disabled = true;
+    clear(results, notice('info', `Running on ${chosen.length} node(s)…`));
+    try {
+      const rows = await api('POST', '/api/v1/exec', body);
+      const failed = rows.filter((r) => r.exit_code !== 0).length;
+      clear(results,
+        notice(failed ? 'bad' : 'good', failed ? `Failed on ${failed} of ${rows.length} node(s).` : `Done on ${rows.length} node(s).`),
+        rows.map((r) => h('div', {class: 'run-result', 'data-ip': r.ip},
+          h('div', {class: 'row'},
+            h('strong', {class: 'mono'}, r.ip),
+            badge(typeof r.exit_code === 'number' ? `exit ${r.exit_code}` : (r.timed_out ? 'timed out' : 'no exit code'), r.exit_code === 0 ? 'good' : 'bad'),
+            h('span', {class: 'small muted'}, `${r.duration_ms} ms`),
+            r.error ? h('span', {class: 'small'}, r.error) : null),
+          r.stdout ? h('pre', {class: 'log small run-stdout'}, r.stdout) : null,
+          r.stderr ? h('pre', {class: 'log small run-stderr'}, r.stderr) : null,
+          !r.stdout && !r.stderr ? h('p', {class: 'small muted'}, 'no output') : null)));
+    } catch (e) {
+      clear(results, notice('bad', e.message));
+    } finally { runButton.disabled = false; }
+  };
+  runButton.addEventListener('click', run);
+
+  append(main,
+    h('section', {class: 'card'},
+      h('h2', {}, 'Run a command'),
+      h('p', {class: 'muted'}, 'Runs a shell command (/bin/sh -c) on the nodes you pick, as root unless you name a user, as a signed step; waits for every node. The last 64 KiB of each output is shown.'),
+      script,
+      h('div', {class: 'row'},
+        h('label', {}, 'Timeout (s) ', timeout), h('label', {}, 'User ', user), runButton),
+      h('h3', {}, 'Nodes'),
+      targets),
+    h('section', {class: 'card'}, h('h2', {}, 'Results'), results));
+  clear(results, h('p', {class: 'muted'}, 'Nothing run yet.'));
+
+  (async () => {
+    let nodes;
+    try { nodes = await api('GET', '/api/v1/nodes'); } catch (e) { clear(targets, notice('bad', e.message)); return; }
+    const usable = nodes.filter((n) => !n.revoked);
+    if (!usable.length) {
+      clear(targets, h('p', {class: 'muted'}, 'No node yet: enrol nodes on the ', h('a', {href: '#/install'}, 'Install'), ' page.'));
+      return;
+    }
+    clear(targets, usable.map((n) => h('label', {class: 'target'},
+      h('input', {type: 'checkbox', value: n.id, 'data-ip': n.ips[0] || '', checked: n.online}),
+      ' ', h('span', {class: 'mono'}, n.ips.join(', ')), ' ', nodeState(n), ' ', h('span', {class: 'small muted'}, n.hostname))));
+  })();
 }
 
 // ---------------------------------------------------------------- logs

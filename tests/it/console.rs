@@ -274,6 +274,30 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
         WAIT,
     )?;
 
+    // Run: a command on the nodes picked (node 1 only), each one's output.
+    click(b, "#nav-run")?;
+    click(b, "#run-targets input[data-ip='127.0.11.2']")?;
+    b.wait_for("#run-script", WAIT)?
+        .send_keys("echo \"from the console in $DE_ROOT\"; echo careful >&2; exit 4")?;
+    click(b, "#run-command")?;
+    let result = b.wait_for_text(
+        "#run-results .run-result[data-ip='127.0.11.1']",
+        "exit 4",
+        WAIT,
+    )?;
+    let root = std::fs::canonicalize(&agents[0].root)?;
+    ensure!(
+        result.contains(&format!("from the console in {}", root.display()))
+            && result.contains("careful"),
+        "{result}"
+    );
+    ensure!(
+        b.find_all("#run-results .run-result")?.len() == 1,
+        "ran on a node that was not picked"
+    );
+    b.wait_for_text("#run-results", "Failed on 1 of 1", WAIT)?;
+    shot(b, scratch, "run")?;
+
     // Logs: the files are listed; local.log holds the deployment's output.
     click(b, "#nav-logs")?;
     b.wait_for_text("#logs-table", "local.log", WAIT)?;
