@@ -70,11 +70,17 @@ impl Sink {
         Ok(Sink { path, file, size })
     }
 
-    /// Appends `text`, rotating first when it would pass the limit.
+    /// Appends `text`, rotating first when it would pass the limit. A
+    /// rotation that fails (a full or read-only disk) is logged and the text
+    /// still appended: a file past its limit is better than a lost line.
     fn write(&mut self, text: &[u8], limits: LogLimits) -> std::io::Result<()> {
         let len = text.len() as u64;
-        if limits.max_bytes > 0 && self.size > 0 && self.size + len > limits.max_bytes {
-            self.rotate(limits.keep)?;
+        if limits.max_bytes > 0
+            && self.size > 0
+            && self.size + len > limits.max_bytes
+            && let Err(e) = self.rotate(limits.keep)
+        {
+            warn!(path = %self.path.display(), error = %e, "could not rotate a log file; appending to it");
         }
         self.file.write_all(text)?;
         self.size += len;
