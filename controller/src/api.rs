@@ -467,20 +467,30 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
     }
     let grace = EXEC_GRACE;
     let ttl = Duration::from_secs(timeout) + grace;
-    let mut ids = Vec::new();
-    for n in &nodes {
-        let action = de_common::StepAction::Script {
-            script: req.script.clone(),
-            user: req.user.clone(),
-            env: Vec::new(),
-            timeout_secs: u32::try_from(timeout).unwrap_or(u32::MAX),
-        };
-        let r = ctl
-            .steps
-            .enqueue(&n.id, de_common::Lane::Adhoc, action, None, ttl)
-            .map_err(|e| ApiError::internal("could not queue the command", &e))?;
-        ids.push(r.step.id);
-    }
+    let steps = nodes
+        .iter()
+        .map(|n| crate::steps::NewStep {
+            id: None,
+            node: n.id.clone(),
+            lane: de_common::Lane::Adhoc,
+            action: de_common::StepAction::Script {
+                script: req.script.clone(),
+                user: req.user.clone(),
+                env: Vec::new(),
+                timeout_secs: u32::try_from(timeout).unwrap_or(u32::MAX),
+            },
+            deployment_id: None,
+            ttl,
+        })
+        .collect();
+    // One flush for the whole fan-out.
+    let ids: Vec<String> = ctl
+        .steps
+        .enqueue_many(steps)
+        .map_err(|e| ApiError::internal("could not queue the command", &e))?
+        .into_iter()
+        .map(|r| r.step.id)
+        .collect();
     tracing::info!(targets = nodes.len(), "exec queued");
     let deadline = tokio::time::Instant::now() + ttl;
     let records = ctl

@@ -583,8 +583,11 @@ fn reconcile(ctl: &Controller, d: &mut Deployment) -> Result<bool, StoreError> {
     Ok(changed)
 }
 
-/// Queues every chosen-but-not-queued step (after the record holding their ids is on disk).
+/// Queues every chosen-but-not-queued step (after the record holding their
+/// ids is on disk), all with one flush; those already queued are left as
+/// they are (queueing is idempotent on the id).
 fn queue_chosen(ctl: &Controller, d: &Deployment) {
+    let mut steps = Vec::new();
     for s in d.steps.iter().filter(|s| s.state == PhaseState::Running) {
         let Some(id) = &s.step_id else { continue };
         ctl.deployer
@@ -592,16 +595,21 @@ fn queue_chosen(ctl: &Controller, d: &Deployment) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), s.instance.clone());
-        if let Err(e) = ctl.steps.enqueue_with_id(
-            id.clone(),
-            &s.node_id,
-            Lane::Deploy,
-            s.action.clone(),
-            Some(d.id.clone()),
-            STEP_TTL,
-        ) {
-            warn!(deployment = %d.id, step = %id, error = %e, "could not queue a deployment step");
-        }
+        steps.push(crate::steps::NewStep {
+            id: Some(id.clone()),
+            node: s.node_id.clone(),
+            lane: Lane::Deploy,
+            action: s.action.clone(),
+            deployment_id: Some(d.id.clone()),
+            ttl: STEP_TTL,
+        });
+    }
+    if steps.is_empty() {
+        return;
+    }
+    let count = steps.len();
+    if let Err(e) = ctl.steps.enqueue_many(steps) {
+        warn!(deployment = %d.id, steps = count, error = %e, "could not queue deployment steps");
     }
 }
 

@@ -153,20 +153,26 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
         MonitOp::Start => "start",
     };
     let mut rows = Vec::new();
-    let mut waiting = Vec::new();
+    // (row, step) for the instances whose node is asked; queued together below.
+    let mut asked: Vec<(usize, crate::steps::NewStep)> = Vec::new();
     for (comp, ip) in picked {
         let node = find_node(&nodes, &ip);
         match node {
             Some(n) if n.online => {
-                let action = StepAction::Monit {
-                    name: comp.clone(),
-                    op,
-                };
-                let r = ctl
-                    .steps
-                    .enqueue(&n.id, Lane::Adhoc, action, None, OPERATE_WAIT * 2)
-                    .map_err(|e| ApiError::internal("could not queue the operation", &e))?;
-                waiting.push((rows.len(), r.step.id));
+                asked.push((
+                    rows.len(),
+                    crate::steps::NewStep {
+                        id: None,
+                        node: n.id.clone(),
+                        lane: Lane::Adhoc,
+                        action: StepAction::Monit {
+                            name: comp.clone(),
+                            op,
+                        },
+                        deployment_id: None,
+                        ttl: OPERATE_WAIT * 2,
+                    },
+                ));
                 rows.push(OperateRow {
                     Comp: comp,
                     Ip: ip,
@@ -185,6 +191,16 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
             }),
         }
     }
+    let (indexes, steps): (Vec<usize>, Vec<_>) = asked.into_iter().unzip();
+    let queued = ctl
+        .steps
+        .enqueue_many(steps)
+        .map_err(|e| ApiError::internal("could not queue the operation", &e))?;
+    let waiting: Vec<(usize, String)> = indexes
+        .into_iter()
+        .zip(queued)
+        .map(|(i, r)| (i, r.step.id))
+        .collect();
     ctl.logs.record(&format!(
         "{verb} {} on {}: {} instance(s)",
         target.name.trim(),

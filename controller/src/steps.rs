@@ -2,7 +2,9 @@
 //! lane), signed with the step key, stored, and handed to the node's agent
 //! when it long-polls; the agent's events update them.
 //!
-//! Invariants: a step is on disk before any agent can pull it, and its result
+//! Invariants: a step is on disk before any agent can pull it (`enqueue_many`
+//! holds the allocation lock until its one flush, and `next_for` takes that
+//! lock before it looks), and its result
 //! is on disk before the agent gets its `Ack`. Sequence numbers per (node,
 //! lane) only grow (and are raised to what an agent reports having done, so a
 //! controller restored from an older backup resynchronises).
@@ -106,6 +108,25 @@ pub enum StepsError {
     Random,
 }
 
+/// One step for [`StepQueue::enqueue_many`]; `id` None picks a fresh one.
+#[derive(Debug, Clone)]
+pub struct NewStep {
+    pub id: Option<String>,
+    pub node: String,
+    pub lane: Lane,
+    pub action: StepAction,
+    pub deployment_id: Option<String>,
+    pub ttl: Duration,
+}
+
+fn json<T: Serialize>(tree: Tree, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+        tree: tree.name(),
+        key: "a queued step".into(),
+        source,
+    })
+}
+
 pub struct StepQueue {
     store: Arc<dyn Store>,
     key: Arc<ring::signature::Ed25519KeyPair>,
@@ -197,53 +218,111 @@ impl StepQueue {
         deployment_id: Option<String>,
         ttl: Duration,
     ) -> Result<StepRecord, StepsError> {
+        let mut records = self.enqueue_many(vec![NewStep {
+            id: Some(id),
+            node: node.to_owned(),
+            lane,
+            action,
+            deployment_id,
+            ttl,
+        }])?;
+        match records.pop() {
+            Some(r) => Ok(r),
+            None => unreachable!("enqueue_many answers one record per step given"),
+        }
+    }
+
+    /// Queues several steps (an exec's fan-out, a deployment's next steps)
+    /// with one flush of the store for all of them instead of three each;
+    /// the records come back in the order given. Durable, and only then
+    /// pullable, when this returns. As [`StepQueue::enqueue_with_id`], a step
+    /// whose id exists already is returned as it is, not queued again.
+    pub fn enqueue_many(&self, steps: Vec<NewStep>) -> Result<Vec<StepRecord>, StepsError> {
         let now = SystemTime::now();
-        let record = {
+        let mut records = Vec::with_capacity(steps.len());
+        let mut writes: Vec<(Tree, String, Vec<u8>)> = Vec::new();
+        let mut nodes: Vec<String> = Vec::new();
+        {
+            // Held until the writes are flushed: `next_for` takes it too, so
+            // no pull can see a step that is not on disk yet.
             let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(key) = self.store.get_json::<String>(Tree::StepIds, &id)?
-                && let Some(existing) = self.store.get_json::<StepRecord>(Tree::Steps, &key)?
-            {
-                return Ok(existing);
+            let mut seqs: HashMap<(String, Lane), u64> = HashMap::new();
+            let mut batch: HashMap<String, usize> = HashMap::new();
+            for new in steps {
+                let id = match new.id {
+                    Some(id) => id,
+                    None => StepQueue::new_id()?,
+                };
+                if let Some(i) = batch.get(&id) {
+                    let again: &StepRecord = &records[*i];
+                    records.push(again.clone());
+                    continue;
+                }
+                if let Some(key) = self.store.get_json::<String>(Tree::StepIds, &id)?
+                    && let Some(existing) = self.store.get_json::<StepRecord>(Tree::Steps, &key)?
+                {
+                    records.push(existing);
+                    continue;
+                }
+                let NewStep {
+                    node,
+                    lane,
+                    action,
+                    deployment_id,
+                    ttl,
+                    ..
+                } = new;
+                let seq = match seqs.get(&(node.clone(), lane)) {
+                    Some(last) => last + 1,
+                    None => {
+                        let last: u64 = self
+                            .store
+                            .get_json(Tree::Meta, &seq_key(&node, lane))?
+                            .unwrap_or(0);
+                        last + 1
+                    }
+                };
+                seqs.insert((node.clone(), lane), seq);
+                let step = Step {
+                    id: id.clone(),
+                    deployment_id,
+                    node_id: node.clone(),
+                    lane,
+                    seq,
+                    issued_at: unix(now),
+                    not_after: unix(now + ttl),
+                    action,
+                };
+                let signed = sign_step(&step, &self.key)?;
+                let record = StepRecord {
+                    step,
+                    signed,
+                    state: StepState::Queued,
+                    created_at: rfc3339(now),
+                    started_at: None,
+                    finished_at: None,
+                    outcome: None,
+                    refusal: None,
+                };
+                let key = key_of(&node, lane, seq);
+                // Order matters: the counter first (a crash then leaves a gap,
+                // never a reused number), the id index next, and the step
+                // itself last, so that the agent's events find it by id.
+                writes.push((Tree::Meta, seq_key(&node, lane), json(Tree::Meta, &seq)?));
+                writes.push((Tree::StepIds, id.clone(), json(Tree::StepIds, &key)?));
+                writes.push((Tree::Steps, key, json(Tree::Steps, &record)?));
+                batch.insert(id, records.len());
+                records.push(record);
+                if !nodes.contains(&node) {
+                    nodes.push(node);
+                }
             }
-            let last: u64 = self
-                .store
-                .get_json(Tree::Meta, &seq_key(node, lane))?
-                .unwrap_or(0);
-            let seq = last + 1;
-            let step = Step {
-                id: id.clone(),
-                deployment_id,
-                node_id: node.to_owned(),
-                lane,
-                seq,
-                issued_at: unix(now),
-                not_after: unix(now + ttl),
-                action,
-            };
-            let signed = sign_step(&step, &self.key)?;
-            let record = StepRecord {
-                step,
-                signed,
-                state: StepState::Queued,
-                created_at: rfc3339(now),
-                started_at: None,
-                finished_at: None,
-                outcome: None,
-                refusal: None,
-            };
-            let key = key_of(node, lane, seq);
-            // Order matters: the counter first (a crash then leaves a gap, never
-            // a reused number), the id index next, and the step itself last,
-            // because a pull scanning `Steps` may hand it out at once and the
-            // agent's events must find it by id.
-            self.store
-                .put_json(Tree::Meta, &seq_key(node, lane), &seq)?;
-            self.store.put_json(Tree::StepIds, &id, &key)?;
-            self.store.put_json(Tree::Steps, &key, &record)?;
-            record
-        };
-        self.waker(node).notify_waiters();
-        Ok(record)
+            self.store.put_many(&writes)?;
+        }
+        for node in &nodes {
+            self.waker(node).notify_waiters();
+        }
+        Ok(records)
     }
 
     pub fn get(&self, step_id: &str) -> Result<Option<StepRecord>, StoreError> {
@@ -260,6 +339,8 @@ impl StepQueue {
         lane: Lane,
         after_seq: u64,
     ) -> Result<Option<StepRecord>, StoreError> {
+        // Not while an enqueue is between its writes and its flush.
+        drop(self.alloc.lock().unwrap_or_else(|p| p.into_inner()));
         let prefix = prefix_of(node, lane);
         let from = key_of(node, lane, after_seq.saturating_add(1));
         let mut start = from;
@@ -551,6 +632,76 @@ mod tests {
             q.get(&a.step.id).expect("get").expect("rec").state,
             StepState::Done
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_continues_each_queue_in_order_and_is_idempotent_on_ids() {
+        let (dir, q, pk) = queue();
+        let before = q
+            .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .expect("before");
+        let new = |id: Option<&str>, node: &str, lane| NewStep {
+            id: id.map(str::to_owned),
+            node: node.to_owned(),
+            lane,
+            action: echo(),
+            deployment_id: None,
+            ttl: DEFAULT_STEP_TTL,
+        };
+        let got = q
+            .enqueue_many(vec![
+                new(Some("s-a"), "n1", Lane::Adhoc),
+                new(Some("s-b"), "n2", Lane::Adhoc),
+                new(Some("s-c"), "n1", Lane::Adhoc),
+                new(Some("s-a"), "n1", Lane::Adhoc),
+                new(Some(&before.step.id), "n1", Lane::Adhoc),
+                new(None, "n1", Lane::Deploy),
+            ])
+            .expect("batch");
+        let seqs: Vec<(&str, u64)> = got
+            .iter()
+            .map(|r| (r.step.node_id.as_str(), r.step.seq))
+            .collect();
+        assert_eq!(
+            seqs,
+            [
+                ("n1", 2),
+                ("n2", 1),
+                ("n1", 3),
+                ("n1", 2),
+                ("n1", 1),
+                ("n1", 1)
+            ],
+            "per-queue sequences go on; a repeated id is the step already queued"
+        );
+        assert_eq!(got[3].signed, got[0].signed);
+        assert_eq!(got[4].step.id, before.step.id);
+        // Each is signed, findable by id, and pullable in order.
+        for r in &got {
+            let stored = q.get(&r.step.id).expect("get").expect("stored");
+            assert_eq!(stored.signed, r.signed);
+            de_common::check_step(&r.signed, &pk, &r.step.node_id, 0, unix(SystemTime::now()))
+                .expect("valid");
+        }
+        let next = q
+            .pull("n1", Lane::Adhoc, 1, Duration::from_millis(10))
+            .await
+            .expect("pull")
+            .expect("step");
+        assert_eq!(next, got[0].signed);
+        // And all of it is on disk: a reopened queue continues the sequences.
+        drop(q);
+        let store: Arc<dyn Store> =
+            Arc::new(crate::testkit::reopen(|| SledStore::open(dir.path())));
+        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .expect("gen");
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
+        let q = StepQueue::new(store, Arc::new(key));
+        assert_eq!(q.get("s-c").expect("get").map(|r| r.step.seq), Some(3));
+        let after = q
+            .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .expect("after");
+        assert_eq!(after.step.seq, 4);
     }
 
     #[tokio::test]

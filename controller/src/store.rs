@@ -27,7 +27,7 @@ pub enum Tree {
 }
 
 impl Tree {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Tree::Meta => "meta",
             Tree::Nodes => "nodes",
@@ -69,10 +69,13 @@ pub enum StoreError {
     },
 }
 
-/// Durable key/value storage. Implementations must make `put`/`remove` durable before returning.
+/// Durable key/value storage. Implementations must make `put`/`put_many`/`remove` durable before returning.
 pub trait Store: Send + Sync + 'static {
     fn get(&self, tree: Tree, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn put(&self, tree: Tree, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Writes every record in order, then makes them all durable at once:
+    /// one flush for the lot, where `put` would flush each.
+    fn put_many(&self, records: &[(Tree, String, Vec<u8>)]) -> Result<(), StoreError>;
     fn remove(&self, tree: Tree, key: &str) -> Result<(), StoreError>;
     fn list(&self, tree: Tree) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Records whose key starts with `prefix` and is >= `from`, in key order, at most `limit`.
@@ -212,6 +215,21 @@ impl Store for SledStore {
                 source,
             })?;
         self.flush(tree)
+    }
+
+    fn put_many(&self, records: &[(Tree, String, Vec<u8>)]) -> Result<(), StoreError> {
+        let Some((first, _, _)) = records.first() else {
+            return Ok(());
+        };
+        for (tree, key, value) in records {
+            self.tree(*tree)?
+                .insert(key.as_bytes(), value.as_slice())
+                .map_err(|source| StoreError::Engine {
+                    tree: tree.name(),
+                    source,
+                })?;
+        }
+        self.flush(*first)
     }
 
     fn remove(&self, tree: Tree, key: &str) -> Result<(), StoreError> {
