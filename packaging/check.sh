@@ -176,7 +176,7 @@ else
   check "its token file: deployment-engine, 0600" owned 600 deployment-engine:deployment-engine "$token_file"
   auth="Authorization: Bearer $(cat "$token_file")"
   check "the packaged controller serves the web console at / (assets compiled in)" \
-    sh -c "curl -fsS 'http://$api/' | grep -q '/console/app.js' && curl -fsS 'http://$api/console/app.js' | grep -q 'Authorization'"
+    sh -c "curl -fsS 'http://$api/' | grep -q 'console/app.js' && curl -fsS 'http://$api/console/app.js' | grep -q 'Authorization'"
   answer=$(curl -fsS -X POST -H "$auth" "http://$api/api/v1/install-codes")
   code=$(echo "$answer" | sed -E 's/.*"code":"([0-9]{4})".*/\1/')
   line=$(echo "$answer" | sed -E 's/.*"agent_command":"([^"]*)".*/\1/')

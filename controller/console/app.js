@@ -3,7 +3,9 @@
 // One script, no framework and no build step: it is compiled into the
 // controller binary and must work offline. Every page talks to the same API
 // as dectl (docs/API.md) with the operator's token. Values from the API are
-// only ever put into the page as text (textContent), never as markup.
+// only ever put into the page as text (textContent), never as markup. Paths
+// are relative to the page (served at the root), so a reverse proxy may
+// serve the console under a prefix.
 'use strict';
 
 const TOKEN_KEY = 'de.token';
@@ -249,9 +251,9 @@ function route() {
 
 function shell(active) {
   const version = h('span', {class: 'version'});
-  api('GET', '/healthz').then((v) => { version.textContent = `controller ${v.version}`; }).catch(() => {});
+  api('GET', 'healthz').then((v) => { version.textContent = `controller ${v.version}`; }).catch(() => {});
   return h('header', {class: 'top'},
-    h('a', {class: 'brand', href: '#/install'}, h('img', {src: '/favicon.ico', alt: ''}), 'Deployment Engine'),
+    h('a', {class: 'brand', href: '#/install'}, h('img', {src: 'favicon.ico', alt: ''}), 'Deployment Engine'),
     h('nav', {}, ROUTES.map(([name, label]) =>
       h('a', {href: `#/${name}`, id: `nav-${name}`, class: name === active ? 'active' : null}, label))),
     h('div', {class: 'right'}, version,
@@ -267,7 +269,7 @@ function renderSignIn(why) {
   const error = h('div', {id: 'signin-error'});
   if (why) clear(error, notice('warn', why));
   const form = h('form', {id: 'signin', class: 'card signin'},
-    h('h1', {}, h('img', {src: '/favicon.ico', alt: ''}), 'Deployment Engine'),
+    h('h1', {}, h('img', {src: 'favicon.ico', alt: ''}), 'Deployment Engine'),
     h('p', {}, 'Sign in with the controller\'s API token. It is in the file ',
       h('code', {}, 'admin.token'), ' in the controller\'s data directory (printed once when the controller first started).'),
     input,
@@ -278,7 +280,7 @@ function renderSignIn(why) {
     const token = input.value.trim();
     if (!token) return;
     try {
-      await api('GET', '/api/v1/nodes', undefined, {token});
+      await api('GET', 'api/v1/nodes', undefined, {token});
     } catch (e) {
       clear(error, notice('bad', e.status === 401
         ? 'That token was refused: copy it again from admin.token in the controller\'s data directory.'
@@ -325,7 +327,7 @@ function renderInstall(main) {
   const newCode = async () => {
     epoch += 1;
     try {
-      setCode(await api('POST', '/api/v1/install-codes', {ttl_secs: Number(ttl.value)}));
+      setCode(await api('POST', 'api/v1/install-codes', {ttl_secs: Number(ttl.value)}));
       clear(msg);
     } catch (e) {
       clear(msg, notice('bad', e.message));
@@ -335,7 +337,7 @@ function renderInstall(main) {
   const endInstall = async () => {
     epoch += 1;
     try {
-      await api('DELETE', '/api/v1/install-codes');
+      await api('DELETE', 'api/v1/install-codes');
       setCode(null);
       clear(msg, notice('good', 'Installation ended: no code is open, nodes can no longer enrol.'));
     } catch (e) {
@@ -398,7 +400,7 @@ function renderInstall(main) {
     let c = null;
     const at = epoch;
     try {
-      c = await api('GET', '/api/v1/install-codes');
+      c = await api('GET', 'api/v1/install-codes');
     } catch (e) {
       if (e.status !== 404) { clear(msg, notice('bad', e.message)); return; }
     }
@@ -408,7 +410,7 @@ function renderInstall(main) {
 
   page.every(POLL_MS, async () => {
     let nodes;
-    try { nodes = await api('GET', '/api/v1/nodes'); } catch (e) { clear(nodesBox, notice('bad', e.message)); return; }
+    try { nodes = await api('GET', 'api/v1/nodes'); } catch (e) { clear(nodesBox, notice('bad', e.message)); return; }
     if (!page.alive(gen)) return;
     if (seen === null) seen = new Set(nodes.map((n) => n.id));
     nodes.forEach((n) => { if (!seen.has(n.id)) joined.add(n.id); });
@@ -463,7 +465,7 @@ function renderNodes(main) {
   const gen = page.gen;
   const refresh = async () => {
     let nodes;
-    try { nodes = await api('GET', '/api/v1/nodes'); } catch (e) { clear(box, notice('bad', e.message)); return; }
+    try { nodes = await api('GET', 'api/v1/nodes'); } catch (e) { clear(box, notice('bad', e.message)); return; }
     if (!page.alive(gen)) return;
     if (!nodes.length) {
       clear(box, h('p', {class: 'muted'}, 'No node has enrolled yet: generate a code on the ', h('a', {href: '#/install'}, 'Install'), ' page.'));
@@ -486,7 +488,7 @@ function renderNodes(main) {
       ];
     }, (n) => (n.revoked ? null : confirmButton('Revoke', 'Confirm revoke', {class: 'danger small', 'data-action': 'revoke'}, async () => {
       try {
-        await api('DELETE', `/api/v1/nodes/${encodeURIComponent(n.id)}`);
+        await api('DELETE', `api/v1/nodes/${encodeURIComponent(n.id)}`);
         clear(msg, notice('good', `Node ${n.hostname} (${n.ips.join(', ')}) is revoked.`));
       } catch (e) { clear(msg, notice('bad', e.message)); }
       refresh();
@@ -578,7 +580,7 @@ function renderPlan(main) {
     followPlanCatalog();
     clear(result, notice('info', 'Checking the plan…'));
     try {
-      const v = await api('POST', '/api/v1/plan/validate', editor.value);
+      const v = await api('POST', 'api/v1/plan/validate', editor.value);
       problems = [];
       clear(result, notice('good', h('strong', {}, 'The plan is valid. '), v.message || '',
         h('div', {class: 'small'}, `Install order: ${(v.order || []).join(' → ')}`)));
@@ -592,7 +594,7 @@ function renderPlan(main) {
     followPlanCatalog();
     clear(result, notice('info', 'Saving the plan…'));
     try {
-      const v = await api('POST', '/deployment-engine/config', editor.value);
+      const v = await api('POST', 'deployment-engine/config', editor.value);
       problems = [];
       clear(result, notice('good', h('strong', {}, `Saved as revision ${v.revision}. `), v.message || '',
         h('div', {}, 'Next: ', h('a', {href: '#/deploy'}, 'deploy it'), '.')));
@@ -634,8 +636,8 @@ function renderPlan(main) {
     let loaded;
     let plan = null;
     try {
-      loaded = await api('GET', '/api/v1/catalogs');
-      plan = await api('GET', '/deployment-engine/config');
+      loaded = await api('GET', 'api/v1/catalogs');
+      plan = await api('GET', 'deployment-engine/config');
     } catch (e) {
       if (!loaded || e.status !== 404) {
         clear(result, notice('bad', e.message));
@@ -661,7 +663,7 @@ function renderPlan(main) {
   const gen = page.gen;
   page.every(5000, async () => {
     let nodes;
-    try { nodes = await api('GET', '/api/v1/nodes'); } catch (_) { return; }
+    try { nodes = await api('GET', 'api/v1/nodes'); } catch (_) { return; }
     if (!page.alive(gen)) return;
     const live = nodes.filter((n) => !n.revoked);
     clear(nodesBox, live.length ? h('ul', {class: 'plain'}, live.map((n) => h('li', {},
@@ -684,8 +686,13 @@ function openLogSocket(onLine, onState) {
   let delay = 500;
   const connect = () => {
     if (!page.alive(gen)) return;
-    const proto = location.protocol === 'https:' ? 'wss' : 'ws';
-    const base = `${proto}://${location.host}/deployment-engine/log`;
+    // Relative to the page, like every other path here, so the console also
+    // works behind a reverse proxy that serves it under a path prefix.
+    const url = new URL('deployment-engine/log', location.href);
+    url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    url.search = '';
+    url.hash = '';
+    const base = url.href;
     let ws;
     try {
       // The token rides as a subprotocol, so it never appears in a URL.
@@ -700,7 +707,7 @@ function openLogSocket(onLine, onState) {
     ws.onopen = async () => {
       delay = 500;
       try {
-        const text = String(await api('GET', `/api/v1/logs/local.log?tail=${BACKLOG_LINES}`) || '');
+        const text = String(await api('GET', `api/v1/logs/local.log?tail=${BACKLOG_LINES}`) || '');
         if (!page.alive(gen)) return;
         text.split('\n').filter((l) => l).forEach(onLine);
       } catch (_) { /* no backlog: the live lines still come */ }
@@ -752,7 +759,7 @@ function renderDeploy(main, selected) {
   const start = async (b) => {
     b.disabled = true;
     try {
-      const d = await api('GET', '/deployment-engine/deploy');
+      const d = await api('GET', 'deployment-engine/deploy');
       clear(startMsg, notice('good', `Deployment ${d.id} started: ${d.steps} step${d.steps === 1 ? '' : 's'}.`));
       shownId = d.id;
       window.history.replaceState(null, '', `#/deploy/${d.id}`);
@@ -799,7 +806,7 @@ function renderDeploy(main, selected) {
       h('div', {class: 'small muted', id: 'deployment-when'}),
       h('button', {type: 'button', class: 'small', id: 'download-deployment-log', onclick: async () => {
         try {
-          download(`${d.id}.log`, await api('GET', `/api/v1/deployments/${encodeURIComponent(d.id)}/log`));
+          download(`${d.id}.log`, await api('GET', `api/v1/deployments/${encodeURIComponent(d.id)}/log`));
         } catch (e) { clear(startMsg, notice('bad', e.message)); }
       }}, 'Download log'));
   };
@@ -836,7 +843,7 @@ function renderDeploy(main, selected) {
 
   const refresh = async () => {
     let list;
-    try { list = await api('GET', '/api/v1/deployments'); } catch (e) { clear(historyBox, notice('bad', e.message)); return; }
+    try { list = await api('GET', 'api/v1/deployments'); } catch (e) { clear(historyBox, notice('bad', e.message)); return; }
     const id = shownId || (list[0] && list[0].id);
     if (changed(memo, 'history', [id, list])) {
       clear(historyBox, list.length ? h('table', {class: 'grid', id: 'history-table'},
@@ -851,7 +858,7 @@ function renderDeploy(main, selected) {
         : h('p', {class: 'muted'}, 'No deployment yet.'));
     }
     if (!id) { clear(detail, h('p', {class: 'muted'}, 'No deployment yet: save a plan, then start one here.')); return; }
-    try { drawDetail(await api('GET', `/api/v1/deployments/${encodeURIComponent(id)}`)); } catch (e) { clear(detail, notice('bad', e.message)); }
+    try { drawDetail(await api('GET', `api/v1/deployments/${encodeURIComponent(id)}`)); } catch (e) { clear(detail, notice('bad', e.message)); }
   };
   page.every(1000, refresh);
 }
@@ -879,7 +886,7 @@ function renderStatus(main) {
     const what = comp === 'all' ? 'every component' : `${comp} on ${ip}`;
     clear(msg, notice('info', `${verb === 'restart' ? 'Restarting' : 'Stopping'} ${what}…`));
     try {
-      const rows = await api('PUT', `/deployment-engine/${verb}`, {name: comp, ip});
+      const rows = await api('PUT', `deployment-engine/${verb}`, {name: comp, ip});
       const bad = rows.filter((r) => r.Result !== 'ok');
       clear(msg, notice(bad.length ? 'bad' : 'good',
         h('strong', {}, bad.length ? `${verb} failed on ${bad.length} of ${rows.length}:` : `${verb} done: ok on ${rows.length} instance(s)`),
@@ -903,7 +910,7 @@ function renderStatus(main) {
   const gen = page.gen;
   const refresh = async () => {
     let rows;
-    try { rows = await api('GET', '/deployment-engine/status'); } catch (e) {
+    try { rows = await api('GET', 'deployment-engine/status'); } catch (e) {
       clear(box, e.status === 403
         ? notice('info', 'No plan is stored yet: write one on the ', h('a', {href: '#/plan'}, 'Plan'), ' page.')
         : notice('bad', e.message));
@@ -945,7 +952,7 @@ function renderRun(main) {
     runButton.disabled = true;
     clear(results, notice('info', `Running on ${chosen.length} node(s)…`));
     try {
-      const rows = await api('POST', '/api/v1/exec', body);
+      const rows = await api('POST', 'api/v1/exec', body);
       const failed = rows.filter((r) => r.exit_code !== 0).length;
       clear(results,
         notice(failed ? 'bad' : 'good', failed ? `Failed on ${failed} of ${rows.length} node(s).` : `Done on ${rows.length} node(s).`),
@@ -978,7 +985,7 @@ function renderRun(main) {
 
   (async () => {
     let nodes;
-    try { nodes = await api('GET', '/api/v1/nodes'); } catch (e) { clear(targets, notice('bad', e.message)); return; }
+    try { nodes = await api('GET', 'api/v1/nodes'); } catch (e) { clear(targets, notice('bad', e.message)); return; }
     const usable = nodes.filter((n) => !n.revoked);
     if (!usable.length) {
       clear(targets, h('p', {class: 'muted'}, 'No node yet: enrol nodes on the ', h('a', {href: '#/install'}, 'Install'), ' page.'));
@@ -1002,7 +1009,7 @@ function renderLogs(main) {
     view);
   const show = async (name) => {
     try {
-      const text = String(await api('GET', `/api/v1/logs/${encodeURIComponent(name)}?tail=${VIEW_LINES}`) || '');
+      const text = String(await api('GET', `api/v1/logs/${encodeURIComponent(name)}?tail=${VIEW_LINES}`) || '');
       const count = text ? text.replace(/\n$/, '').split('\n').length : 0;
       clear(view, h('section', {class: 'card'},
         h('div', {class: 'row spread'}, h('h2', {}, name),
@@ -1012,14 +1019,14 @@ function renderLogs(main) {
   };
   (async () => {
     let names;
-    try { names = await api('GET', '/api/v1/logs'); } catch (e) { clear(box, notice('bad', e.message)); return; }
+    try { names = await api('GET', 'api/v1/logs'); } catch (e) { clear(box, notice('bad', e.message)); return; }
     clear(box, names.length ? h('table', {class: 'grid', id: 'logs-table'},
       h('tbody', {}, names.map((n) => h('tr', {'data-log': n},
         h('td', {class: 'mono'}, n),
         h('td', {class: 'actions'},
           h('button', {type: 'button', class: 'small', onclick: () => show(n)}, 'View'),
           h('button', {type: 'button', class: 'small', 'data-download': n, onclick: async () => {
-            try { download(n, await api('GET', `/api/v1/logs/${encodeURIComponent(n)}`)); } catch (e) { clear(view, notice('bad', e.message)); }
+            try { download(n, await api('GET', `api/v1/logs/${encodeURIComponent(n)}`)); } catch (e) { clear(view, notice('bad', e.message)); }
           }}, 'Download'))))))
       : h('p', {class: 'muted'}, 'No log file yet.'));
   })();

@@ -36,8 +36,9 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
             "/",
             get(|h: HeaderMap| async move { asset(&h, Asset::Index) }),
         )
-        .route("/console", get(|| async { Redirect::permanent("/") }))
-        .route("/console/", get(|| async { Redirect::permanent("/") }))
+        // Relative, so that under a proxy's path prefix they stay under it.
+        .route("/console", get(|| async { Redirect::permanent("./") }))
+        .route("/console/", get(|| async { Redirect::permanent("../") }))
         .route(
             "/console/app.js",
             get(|h: HeaderMap| async move { asset(&h, Asset::Script) }),
@@ -159,7 +160,7 @@ mod tests {
         let (_dir, ctl) = crate::testkit::controller();
         let (status, headers, body) = get(&ctl, "/", None).await;
         assert_eq!(status, StatusCode::OK);
-        assert!(body.contains("<script src=\"/console/app.js\""), "{body}");
+        assert!(body.contains("<script src=\"console/app.js\""), "{body}");
         assert!(!body.contains("<script>"), "no inline script: {body}");
         let csp = headers[header::CONTENT_SECURITY_POLICY]
             .to_str()
@@ -189,6 +190,19 @@ mod tests {
         assert!(body.is_empty());
         let (status, _, _) = get(&ctl, "/console/style.css", Some("\"other\"")).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn console_paths_redirect_relatively_so_a_proxy_prefix_is_kept() {
+        let (_dir, ctl) = crate::testkit::controller();
+        for (path, to) in [("/console", "./"), ("/console/", "../")] {
+            let (status, headers, _) = get(&ctl, path, None).await;
+            assert_eq!(status, StatusCode::PERMANENT_REDIRECT, "{path}");
+            assert_eq!(headers[header::LOCATION], to, "{path}");
+        }
+        // And the page names its assets relatively.
+        let (_, _, body) = get(&ctl, "/", None).await;
+        assert!(!body.contains("=\"/"), "an absolute path in {body}");
     }
 
     #[tokio::test]

@@ -223,6 +223,22 @@ run = 'echo "hello from {{ node.ip }}"'
         o.stdout
     );
 
+    // Revoke by IP: the node is refused from then on; again, nothing to revoke.
+    let o = dectl(&ctl, &["revoke", "127.0.10.2"])?;
+    assert!(ok(&o) && o.stdout.contains("revoked node n-"), "{o:?}");
+    let n = ctl.node_by_ip("127.0.10.2")?.context("node 2")?;
+    assert_eq!(n["revoked"], true, "{n}");
+    let table = dectl(&ctl, &["nodes"])?.stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("127.0.10.2") && l.contains("revoked")),
+        "{table}"
+    );
+    let o = dectl(&ctl, &["revoke", "127.0.10.2"])?;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(o.stderr.contains("no enrolled node"), "{}", o.stderr);
+
     // No controller / no token: exit 2 with what to do.
     let mut cmd = Command::new(bin("dectl"));
     cmd.args(["--controller", "http://127.0.0.1:9", "--token-file"])

@@ -49,6 +49,9 @@ enum Command {
     },
     /// Enrolled nodes with hardware, usage and online state.
     Nodes,
+    /// Revoke a node (by id or IP): its link is dropped and its certificate
+    /// refused from then on; enrol it again with a new code to use it.
+    Revoke { node: String },
     /// Plans: `validate FILE`, `apply FILE`, `show`.
     Plan {
         #[command(subcommand)]
@@ -364,6 +367,49 @@ fn run(cli: Cli, api: &Api) -> Outcome {
                 if let Some(cmd) = v["agent_command"].as_str() {
                     println!("on each node: {cmd}");
                 }
+            }
+        }
+        Command::Revoke { node } => {
+            let all = api.get("/api/v1/nodes")?;
+            let matches: Vec<&Value> = all
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| {
+                    n["revoked"] != true
+                        && (n["id"] == node.as_str()
+                            || n["ips"]
+                                .as_array()
+                                .is_some_and(|ips| ips.iter().any(|ip| ip == node.as_str())))
+                })
+                .collect();
+            let id = match matches.as_slice() {
+                [one] => s(&one["id"]),
+                [] => {
+                    return Err(Failure(
+                        format!(
+                            "no enrolled node that is not revoked has the id or IP {node:?}; dectl nodes lists them"
+                        ),
+                        1,
+                    ));
+                }
+                many => {
+                    let ids: Vec<String> = many.iter().map(|n| s(&n["id"])).collect();
+                    return Err(Failure(
+                        format!(
+                            "several nodes have the IP {node}: {}; revoke one by its id",
+                            ids.join(", ")
+                        ),
+                        1,
+                    ));
+                }
+            };
+            api.call("DELETE", &format!("/api/v1/nodes/{id}"), None)?
+                .check()?;
+            if !json_out {
+                println!(
+                    "revoked node {id} ({node}): its link is closed and its certificate refused"
+                );
             }
         }
         Command::Nodes => {
