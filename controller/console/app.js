@@ -794,6 +794,7 @@ function renderDeploy(main, selected) {
   }, (s) => { logState.textContent = s; logState.className = `badge ${s === 'live' ? 'good' : 'warn'}`; });
 
   const memo = {};
+  let finishedShown = null;
   const head = h('div', {class: 'row spread'});
   const body = h('div');
   let headFor = null;
@@ -858,7 +859,13 @@ function renderDeploy(main, selected) {
         : h('p', {class: 'muted'}, 'No deployment yet.'));
     }
     if (!id) { clear(detail, h('p', {class: 'muted'}, 'No deployment yet: save a plan, then start one here.')); return; }
-    try { drawDetail(await api('GET', `api/v1/deployments/${encodeURIComponent(id)}`)); } catch (e) { clear(detail, notice('bad', e.message)); }
+    // A finished deployment no longer changes: fetched once, not every second.
+    if (id === finishedShown) return;
+    try {
+      const d = await api('GET', `api/v1/deployments/${encodeURIComponent(id)}`);
+      drawDetail(d);
+      if (d.state !== 'running') finishedShown = d.id;
+    } catch (e) { clear(detail, notice('bad', e.message)); }
   };
   page.every(1000, refresh);
 }

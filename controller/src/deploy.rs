@@ -474,7 +474,7 @@ fn reconcile(ctl: &Controller, d: &mut Deployment) -> Result<bool, StoreError> {
         let o = rec.outcome.clone().unwrap_or_default();
         let s = &mut d.steps[i];
         s.exit_code = o.exit_code;
-        s.output = Some(format!("{}{}", o.stdout_tail, o.stderr_tail));
+        s.output = Some(output_tail(&o.stdout_tail, &o.stderr_tail));
         changed = true;
         if rec.state == StepState::Done {
             s.state = PhaseState::Done;
@@ -699,6 +699,28 @@ async fn drive(ctl: Arc<Controller>, id: String) {
     }
 }
 
+/// How much of a step's output the deployment record keeps: enough to say
+/// why it failed. The record is rewritten as steps progress, so keeping the
+/// step's full 64 KiB tails here would make a large deployment's every update
+/// megabytes; they stay in the step (`GET /api/v1/steps/{id}`) and every line
+/// is in the instance's log file.
+pub(crate) const OUTPUT_KEPT: usize = 2048;
+
+/// The last [`OUTPUT_KEPT`] bytes of stdout then stderr (cut at a character
+/// boundary); stderr, usually the reason, is kept first.
+fn output_tail(stdout: &str, stderr: &str) -> String {
+    let last = |s: &str, max: usize| -> String {
+        let mut from = s.len().saturating_sub(max);
+        while !s.is_char_boundary(from) {
+            from += 1;
+        }
+        s[from..].to_owned()
+    };
+    let err = last(stderr, OUTPUT_KEPT);
+    let out = last(stdout, OUTPUT_KEPT - err.len());
+    format!("{out}{err}")
+}
+
 /// Sends deployment steps' output lines to their instance's log.
 async fn forward_output(ctl: Arc<Controller>) {
     let mut updates = ctl.steps.subscribe();
@@ -860,5 +882,28 @@ impl Deployment {
                     .collect()
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_records_output_is_its_last_bytes_with_stderr_kept_first() {
+        assert_eq!(output_tail("out\n", "err\n"), "out\nerr\n");
+        let long_out = "o".repeat(10_000);
+        let got = output_tail(&long_out, "the reason\n");
+        assert_eq!(got.len(), OUTPUT_KEPT);
+        assert!(
+            got.ends_with("ooo\nthe reason\n") || got.ends_with("othe reason\n"),
+            "{got}"
+        );
+        let long_err = "é".repeat(5_000);
+        let got = output_tail("lost", &long_err);
+        assert!(
+            got.len() <= OUTPUT_KEPT && got.chars().all(|c| c == 'é'),
+            "cut at a char boundary"
+        );
     }
 }
