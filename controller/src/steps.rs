@@ -558,12 +558,19 @@ mod tests {
 
     fn queue() -> (tempfile::TempDir, StepQueue, Vec<u8>) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).expect("store"));
+        let (q, pk) = queue_on(dir.path());
+        (dir, q, pk)
+    }
+
+    /// A queue on the store in `dir` (reopened if this process just closed
+    /// it), with a fresh step key; the key's public half.
+    fn queue_on(dir: &std::path::Path) -> (StepQueue, Vec<u8>) {
+        let store: Arc<dyn Store> = Arc::new(crate::testkit::reopen(|| SledStore::open(dir)));
         let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
             .expect("gen");
         let key = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
         let pk = key.public_key().as_ref().to_vec();
-        (dir, StepQueue::new(store, Arc::new(key)), pk)
+        (StepQueue::new(store, Arc::new(key)), pk)
     }
 
     fn echo() -> StepAction {
@@ -691,12 +698,7 @@ mod tests {
         assert_eq!(next, got[0].signed);
         // And all of it is on disk: a reopened queue continues the sequences.
         drop(q);
-        let store: Arc<dyn Store> =
-            Arc::new(crate::testkit::reopen(|| SledStore::open(dir.path())));
-        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-            .expect("gen");
-        let key = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
-        let q = StepQueue::new(store, Arc::new(key));
+        let (q, _) = queue_on(dir.path());
         assert_eq!(q.get("s-c").expect("get").map(|r| r.step.seq), Some(3));
         let after = q
             .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
