@@ -1,49 +1,37 @@
 //! The Deployment Engine controller as a library: its state ([`Controller`]),
-//! the HTTP API ([`api::app`]) and the QUIC endpoint ([`quic`]). `main.rs`
+//! the HTTP API ([`http::app`]) and the QUIC endpoint ([`quic`]). `main.rs`
 //! only parses the command line and wires these together.
 
-pub mod api;
-mod catalog;
-mod codes;
-mod compat;
-mod console;
-mod deploy;
-mod log_api;
-mod nodes;
-mod operate;
+pub mod agents;
+pub mod deploy;
+pub mod http;
 mod oplog;
-mod pki;
-mod plan;
-mod plan_api;
-mod public_addr;
-pub mod quic;
-mod render;
-mod steps;
+pub mod plan;
 mod store;
 #[cfg(test)]
 mod testkit;
-mod validate;
+pub mod util;
 
+pub use agents::quic;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use catalog::{
-    CATALOG_FILE, Cardinality, Catalog, CatalogError, Catalogs, ComponentDef, DEFAULT_CATALOG,
-    Minimum, STANDARD_PROPERTIES, StepSpec,
+pub use agents::{
+    Codes, CodesError, NodeRecord, NodeView, Nodes, Pki, PkiError, PublicAddr, PublicAddrError,
+    StepQueue, StepRecord, StepState, StepUpdate, StepsError, TokenOrigin, agent_address,
+    agent_command, hostname,
 };
-pub use codes::{Codes, CodesError};
 pub use deploy::{DEFAULT_STEP_ATTEMPTS, DeployError, DeployState, Deployer, Deployment};
-pub use nodes::{NodeRecord, NodeView, Nodes};
 pub use oplog::{
     DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_MB, LogFileError, LogHub, LogLimits, OPLOG_FILE,
 };
-pub use pki::{Pki, PkiError, TokenOrigin};
-pub use plan::{DnsRecord, Plan, Plans, Properties, REDACTED, Secret, StoredPlan};
-pub use public_addr::{PublicAddr, PublicAddrError, agent_address, agent_command, hostname};
-pub use render::{NodeContext, PlanRenderer, RenderError, RenderedComponent};
-pub use steps::{StepQueue, StepRecord, StepState, StepUpdate, StepsError};
+pub use plan::{
+    CATALOG_FILE, Cardinality, Catalog, CatalogError, Catalogs, ComponentDef, DEFAULT_CATALOG,
+    DnsRecord, Minimum, NodeContext, Plan, PlanRenderer, Plans, Problem, Properties, REDACTED,
+    RenderError, RenderedComponent, STANDARD_PROPERTIES, Secret, StepSpec, StoredPlan, ValidPlan,
+    validate_plan,
+};
 pub use store::{SledStore, Store, StoreError, StoreExt, Tree};
-pub use validate::{Problem, ValidPlan, validate_plan};
 
 /// The agents' QUIC port unless `--quic-listen` says otherwise.
 pub const DEFAULT_QUIC_PORT: u16 = 50001;

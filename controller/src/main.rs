@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use de_controller::{Controller, PublicAddr, TokenOrigin, api, quic};
+use de_controller::{Controller, PublicAddr, TokenOrigin, http, quic};
 
 use crate::config::{Config, PACKAGED_PATH};
 
@@ -206,7 +206,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let quic_task = tokio::spawn(quic::serve(endpoint, ctl.clone(), shutdown.clone()));
     let http_shutdown = shutdown.clone();
-    let http = axum::serve(listener, api::app(ctl.clone()))
+    let http = axum::serve(listener, http::app(ctl.clone()))
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
     let http_task = tokio::spawn(async move { http.await });
 

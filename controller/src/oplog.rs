@@ -18,7 +18,7 @@ use std::time::SystemTime;
 use tokio::sync::broadcast;
 use tracing::warn;
 
-use crate::nodes::rfc3339;
+use crate::util::rfc3339;
 
 /// The operations log's file name, as the original's log list shows it.
 pub const OPLOG_FILE: &str = "local.log";

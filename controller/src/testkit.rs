@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use de_common::{Hardware, Usage};
 
-use crate::nodes::NodeView;
+use crate::agents::nodes::NodeView;
 use crate::plan::{Plan, Properties, Secret};
 
 /// An online, enrolled node with one IP and the given hardware (MB).
@@ -73,7 +73,7 @@ pub(crate) fn enrol(
     disk_mb: u64,
 ) {
     ctl.nodes
-        .enrolled(crate::nodes::NodeRecord {
+        .enrolled(crate::agents::nodes::NodeRecord {
             id: id.to_owned(),
             hostname: format!("host-{id}"),
             ips: vec![ip.to_owned()],
@@ -110,7 +110,7 @@ pub(crate) async fn call(
     if let Some(c) = content_type {
         req = req.header("content-type", c);
     }
-    let resp = crate::api::app(ctl.clone())
+    let resp = crate::http::app(ctl.clone())
         .oneshot(
             req.body(axum::body::Body::from(body.to_owned()))
                 .expect("request"),

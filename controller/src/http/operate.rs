@@ -15,12 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use de_common::{Lane, MonitOp, StepAction};
 
+use super::error::ApiError;
 use crate::Controller;
-use crate::api::ApiError;
-use crate::nodes::NodeView;
+use crate::agents::nodes::NodeView;
+use crate::agents::steps::StepState;
 use crate::plan::StoredPlan;
-use crate::steps::StepState;
-use crate::validate::find_node;
+use crate::plan::validate::find_node;
 
 type Ctl = State<Arc<Controller>>;
 
@@ -154,14 +154,14 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
     };
     let mut rows = Vec::new();
     // (row, step) for the instances whose node is asked; queued together below.
-    let mut asked: Vec<(usize, crate::steps::NewStep)> = Vec::new();
+    let mut asked: Vec<(usize, crate::agents::steps::NewStep)> = Vec::new();
     for (comp, ip) in picked {
         let node = find_node(&nodes, &ip);
         match node {
             Some(n) if n.online => {
                 asked.push((
                     rows.len(),
-                    crate::steps::NewStep {
+                    crate::agents::steps::NewStep {
                         id: None,
                         node: n.id.clone(),
                         lane: Lane::Adhoc,

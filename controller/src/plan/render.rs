@@ -14,9 +14,9 @@ use serde::Serialize;
 
 use de_common::{Hardware, MonitOp, StepAction};
 
-use crate::catalog::{Catalog, StepSpec};
-use crate::nodes::NodeView;
+use crate::agents::nodes::NodeView;
 use crate::plan::Plan;
+use crate::plan::catalog::{Catalog, StepSpec};
 
 /// The node a component is rendered for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -339,7 +339,7 @@ fn check_monit_name(component: &str, check: &str) -> Result<(), RenderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::Catalogs;
+    use crate::plan::catalog::Catalogs;
     use crate::testkit;
 
     fn ctx(id: &str, ip: &str, root: &str) -> NodeContext {
@@ -380,8 +380,8 @@ mod tests {
                 .components()
                 .map(|c| {
                     let list: &[&str] = match c.cardinality {
-                        crate::catalog::Cardinality::One => &ips[..1],
-                        crate::catalog::Cardinality::Many => &ips[..],
+                        crate::plan::catalog::Cardinality::One => &ips[..1],
+                        crate::plan::catalog::Cardinality::Many => &ips[..],
                     };
                     (c.name.as_str(), list)
                 })

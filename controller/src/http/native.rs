@@ -1,242 +1,48 @@
-//! The HTTP API: `/healthz`, the native `/api/v1` routes (plans and catalogs
-//! in `plan_api.rs`), and the original `/deployment-engine` routes
-//! (`compat.rs`). `app()` builds the whole router so tests can drive it with
-//! `oneshot`.
-//!
-//! Invariant: every error has one JSON shape (`{"error", "message"}`, plus
-//! `"problems"` when a plan is invalid), and a 2xx is sent only after the
-//! change it reports is flushed to disk.
+//! The native `/api/v1` routes for install codes, nodes, ad-hoc commands,
+//! raw steps and deployments (plans and catalogs are in `plan.rs`, logs in
+//! `logs.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
-use tracing::error;
 
+use super::error::{ApiError, parse_json};
 use crate::Controller;
-use crate::nodes::{NodeView, rfc3339};
-use crate::steps::{StepRecord, StepState};
-use crate::validate::Problem;
+use crate::agents::{NodeView, StepRecord, StepState};
+use crate::util::rfc3339;
+
+type Ctl = State<Arc<Controller>>;
 
 /// The longest an install code may live.
 pub const MAX_CODE_TTL_SECS: u64 = 7 * 24 * 3600;
 /// The default install-code lifetime (the COS guide's hour).
 pub const DEFAULT_CODE_TTL_SECS: u64 = 3600;
 
-/// One error type for every route, rendered as `{"error": CODE, "message": TEXT}`
-/// (and `"problems": [...]` for an invalid plan).
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    problems: Vec<Problem>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            problems: Vec::new(),
-        }
-    }
-
-    /// 400 `invalid_plan` listing every problem; nothing was stored.
-    pub fn invalid_plan(problems: Vec<Problem>) -> ApiError {
-        let first = problems
-            .first()
-            .map(|p| p.problem.as_str())
-            .unwrap_or("no details");
-        let message = match problems.len() {
-            1 => format!("the plan was not accepted: {first}"),
-            n => format!(
-                "the plan was not accepted: {n} problems (listed in \"problems\"), the first: {first}"
-            ),
-        };
-        ApiError {
-            problems,
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_plan", message)
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    /// A server-side failure: the full chain is logged, the client gets a short text.
-    pub fn internal(what: &str, err: &(dyn std::error::Error + 'static)) -> ApiError {
-        let mut chain = err.to_string();
-        let mut src = err.source();
-        while let Some(s) = src {
-            chain.push_str(": ");
-            chain.push_str(&s.to_string());
-            src = s.source();
-        }
-        error!(error = %chain, "{what}");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("{what}; see the controller's log"),
-        )
-    }
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    message: &'a str,
-    #[serde(skip_serializing_if = "<[Problem]>::is_empty")]
-    problems: &'a [Problem],
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: self.code,
-            message: &self.message,
-            problems: &self.problems,
-        };
-        (self.status, axum::Json(body)).into_response()
-    }
-}
-
-type Ctl = State<Arc<Controller>>;
-
-/// The whole HTTP router.
-pub fn app(ctl: Arc<Controller>) -> Router {
-    let v1 = Router::new()
+pub(super) fn routes() -> Router<Arc<Controller>> {
+    Router::new()
         .route(
             "/install-codes",
             get(get_code).post(post_code).delete(delete_code),
         )
         .route("/nodes", get(list_nodes))
         .route("/nodes/{id}", get(get_node).delete(delete_node))
-        .route("/nodes/{id}/steps", axum::routing::post(post_step))
+        .route("/nodes/{id}/steps", post(post_step))
         .route("/steps/{id}", get(get_step))
-        .route("/exec", axum::routing::post(exec))
+        .route("/exec", post(exec))
         .route("/deployments", get(list_deployments))
         .route("/deployments/{id}", get(get_deployment))
         .route("/deployments/{id}/log", get(get_deployment_log))
-        .merge(crate::plan_api::routes())
-        .merge(crate::log_api::native_routes())
-        .route_layer(axum::middleware::from_fn_with_state(
-            ctl.clone(),
-            require_token,
-        ));
-    let original = crate::compat::routes().route_layer(axum::middleware::from_fn_with_state(
-        ctl.clone(),
-        require_token_or_query,
-    ));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .nest("/api/v1", v1)
-        .nest("/deployment-engine", original)
-        .merge(crate::console::routes())
-        .fallback(not_found)
-        .with_state(ctl)
-}
-
-async fn not_found() -> ApiError {
-    ApiError::not_found("no such route; the API is under /api/v1 and /deployment-engine")
-}
-
-async fn healthz() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-}
-
-async fn require_token(
-    State(ctl): Ctl,
-    headers: HeaderMap,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    check_token(&ctl, bearer(&headers), "header")?;
-    Ok(next.run(req).await)
-}
-
-/// The WebSocket subprotocol prefix that carries the token: a browser cannot
-/// set headers on a WebSocket but can offer subprotocols, so the console
-/// offers `de.log` and `de.token.<token>` and the token stays out of the URL
-/// (and so out of proxies' access logs and browser history).
-pub(crate) const WS_TOKEN_PROTOCOL: &str = "de.token.";
-
-fn token_in_ws_protocols(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix(WS_TOKEN_PROTOCOL))
-        .map(str::to_owned)
-}
-
-/// The original routes also take the token as a WebSocket subprotocol
-/// (`de.token.<token>`, for browsers) or as `?token=` (clients that can set
-/// neither, scripts with a fixed URL).
-async fn require_token_or_query(
-    State(ctl): Ctl,
-    headers: HeaderMap,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let from_query = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("token="))
-            .map(str::to_owned)
-    });
-    let presented = bearer(&headers)
-        .map(str::to_owned)
-        .or_else(|| token_in_ws_protocols(&headers))
-        .or(from_query);
-    check_token(&ctl, presented.as_deref(), "header or ?token= parameter")?;
-    Ok(next.run(req).await)
-}
-
-fn check_token(ctl: &Controller, presented: Option<&str>, how: &str) -> Result<(), ApiError> {
-    match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), ctl.pki.token().as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the bearer token is not valid: use the token in the controller's admin.token file",
-        )),
-        None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            format!(
-                "missing 'Authorization: Bearer <token>' {how}: the token is in the controller's admin.token file"
-            ),
-        )),
-    }
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct CodeView {
+pub(crate) struct CodeView {
     pub code: String,
     pub expires_at: String,
     /// The one line that joins a node with this code (`packaging/install-agent.sh ...`).
@@ -347,7 +153,7 @@ struct ExecRequest {
 
 /// One target's answer to `POST /api/v1/exec`.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct ExecResult {
+pub(crate) struct ExecResult {
     pub node_id: String,
     pub ip: String,
     pub exit_code: Option<i32>,
@@ -357,16 +163,6 @@ pub struct ExecResult {
     pub timed_out: bool,
     pub error: Option<String>,
     pub step_id: String,
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "body is not valid JSON for this route at line {} column {} ({e}); expected {shape}",
-            e.line(),
-            e.column()
-        ))
-    })
 }
 
 fn exec_result(
@@ -469,7 +265,7 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
     let ttl = Duration::from_secs(timeout) + grace;
     let steps = nodes
         .iter()
-        .map(|n| crate::steps::NewStep {
+        .map(|n| crate::agents::steps::NewStep {
             id: None,
             node: n.id.clone(),
             lane: de_common::Lane::Adhoc,
@@ -581,7 +377,7 @@ async fn post_step(
             req.lane.unwrap_or(de_common::Lane::Adhoc),
             req.action,
             None,
-            crate::steps::DEFAULT_STEP_TTL,
+            crate::agents::steps::DEFAULT_STEP_TTL,
         )
         .map_err(|e| ApiError::internal("could not queue the step", &e))?;
     let records = ctl
@@ -615,7 +411,9 @@ async fn get_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::app;
     use axum::body::Body;
+    use axum::extract::Request;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::util::random_hex;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
@@ -119,15 +120,6 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
     Ok(SerialNumber::from_slice(&b))
 }
 
-/// A random lowercase hex string of `bytes` bytes.
-pub(crate) fn random_hex(bytes: usize) -> Result<String, PkiError> {
-    let mut b = vec![0u8; bytes];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| PkiError::Random)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
 impl Pki {
     /// Loads the keys from `dir`, creating whatever is missing.
     pub fn load_or_create(dir: &Path) -> Result<(Pki, TokenOrigin), PkiError> {
@@ -215,7 +207,7 @@ impl Pki {
         let (token, origin) = match read(&token_path)? {
             Some(t) if !t.trim().is_empty() => (t.trim().to_owned(), TokenOrigin::Loaded),
             _ => {
-                let t = random_hex(32)?;
+                let t = random_hex(32).map_err(|_| PkiError::Random)?;
                 write(&token_path, format!("{t}\n").as_bytes())?;
                 (t, TokenOrigin::Created)
             }

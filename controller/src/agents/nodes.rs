@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use de_common::{ComponentStatus, Hardware, Hello, Usage, close_codes};
 
 use crate::store::{Store, StoreError, StoreExt, Tree};
+use crate::util::rfc3339;
 
 /// What the store keeps about a node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -74,12 +75,6 @@ impl std::fmt::Debug for Nodes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Nodes").finish_non_exhaustive()
     }
-}
-
-pub(crate) fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 impl Nodes {

@@ -19,10 +19,10 @@ use axum::routing::get;
 
 use crate::Controller;
 
-const INDEX_HTML: &str = include_str!("../console/index.html");
-const APP_JS: &str = include_str!("../console/app.js");
-const STYLE_CSS: &str = include_str!("../console/style.css");
-const ICON_SVG: &str = include_str!("../console/icon.svg");
+const INDEX_HTML: &str = include_str!("../../console/index.html");
+const APP_JS: &str = include_str!("../../console/app.js");
+const STYLE_CSS: &str = include_str!("../../console/style.css");
+const ICON_SVG: &str = include_str!("../../console/icon.svg");
 
 /// Scripts, styles, images and connections (fetch and the log WebSocket)
 /// from this origin only.
@@ -145,7 +145,7 @@ mod tests {
         if let Some(t) = etag {
             req = req.header(header::IF_NONE_MATCH, t);
         }
-        let resp = crate::api::app(ctl.clone())
+        let resp = crate::http::app(ctl.clone())
             .oneshot(req.body(Body::empty()).expect("request"))
             .await
             .expect("response");

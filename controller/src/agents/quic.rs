@@ -25,9 +25,11 @@ use de_common::{
 use de_install_codes::{ChannelBinding, ControllerHandshake, EKM_LABEL, Refusal};
 
 use crate::Controller;
-use crate::codes::AttemptError;
-use crate::nodes::{NodeRecord, RevokedSet, rfc3339};
-use crate::pki::{Pki, node_id_of, random_hex};
+use crate::agents::codes::AttemptError;
+use crate::agents::nodes::{NodeRecord, RevokedSet};
+use crate::agents::pki::{Pki, node_id_of};
+use crate::util::random_hex;
+use crate::util::rfc3339;
 
 /// How long one enrolment exchange may take before the controller gives up on it.
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::catalog::{Cardinality, Catalog, Catalogs, DEFAULT_CATALOG, STANDARD_PROPERTIES};
-use crate::nodes::NodeView;
+use crate::agents::nodes::NodeView;
+use crate::plan::catalog::{Cardinality, Catalog, Catalogs, DEFAULT_CATALOG, STANDARD_PROPERTIES};
+use crate::plan::render::NodeContext;
 use crate::plan::{DnsRecord, Plan, Properties, REDACTED, Secret};
-use crate::render::NodeContext;
 
 /// One thing wrong with a plan: which component and IP, what was found, what is needed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -711,7 +711,7 @@ fn check_minimum(
     component: &str,
     ip: &str,
     node: &NodeView,
-    min: &crate::catalog::Minimum,
+    min: &crate::plan::catalog::Minimum,
     problems: &mut Vec<Problem>,
 ) {
     let hw = &node.hardware;

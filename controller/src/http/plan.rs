@@ -15,11 +15,11 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::error::ApiError;
 use crate::Controller;
-use crate::api::ApiError;
-use crate::catalog::{Cardinality, Catalog, ComponentDef, Minimum};
+use crate::plan::catalog::{Cardinality, Catalog, ComponentDef, Minimum};
+use crate::plan::validate::{ValidPlan, validate_plan};
 use crate::plan::{DnsRecord, StoredPlan};
-use crate::validate::{ValidPlan, validate_plan};
 
 type Ctl = State<Arc<Controller>>;
 

@@ -26,7 +26,7 @@ macro_rules! builtin {
         (
             $catalog,
             $file,
-            include_str!(concat!("../catalogs/", $catalog, "/", $file)),
+            include_str!(concat!("../../catalogs/", $catalog, "/", $file)),
         )
     };
 }

@@ -20,13 +20,14 @@ use tracing::{info, warn};
 use de_common::{Lane, MonitOp, OutStream, StepAction};
 
 use crate::Controller;
-use crate::nodes::{NodeView, rfc3339};
-use crate::pki::random_hex;
+use crate::agents::NodeView;
+use crate::agents::steps::{StepQueue, StepState, StepUpdate};
 use crate::plan::Plan;
-use crate::render::NodeContext;
-use crate::steps::{StepQueue, StepState, StepUpdate};
+use crate::plan::render::NodeContext;
+use crate::plan::validate::find_node;
 use crate::store::{StoreError, StoreExt, Tree};
-use crate::validate::find_node;
+use crate::util::random_hex;
+use crate::util::rfc3339;
 
 /// How many times a failed step is tried in all (1 = no retry).
 pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
@@ -595,7 +596,7 @@ fn queue_chosen(ctl: &Controller, d: &Deployment) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), s.instance.clone());
-        steps.push(crate::steps::NewStep {
+        steps.push(crate::agents::steps::NewStep {
             id: Some(id.clone()),
             node: s.node_id.clone(),
             lane: Lane::Deploy,

@@ -20,9 +20,9 @@ use de_common::{
     Lane, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind, StepOutcome, sign_step,
 };
 
-use crate::nodes::rfc3339;
-use crate::pki::random_hex;
 use crate::store::{Store, StoreError, StoreExt, Tree, scan_json};
+use crate::util::random_hex;
+use crate::util::rfc3339;
 
 /// How long a step may wait for its node before the agent refuses it as expired.
 pub(crate) const DEFAULT_STEP_TTL: Duration = Duration::from_secs(24 * 3600);

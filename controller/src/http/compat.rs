@@ -16,12 +16,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
+use super::error::ApiError;
+use super::plan::{created, submit};
 use crate::Controller;
-use crate::api::ApiError;
-use crate::nodes::NodeView;
+use crate::agents::nodes::NodeView;
 use crate::plan::StoredPlan;
-use crate::plan_api::{created, submit};
-use crate::validate::find_node;
+use crate::plan::validate::find_node;
 
 type Ctl = State<Arc<Controller>>;
 
@@ -31,8 +31,8 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         // POST too: browsers' fetch() cannot send a body with GET.
         .route("/hardware", get(hardware).post(hardware))
         .route("/deploy", get(deploy))
-        .merge(crate::operate::routes())
-        .merge(crate::log_api::compat_routes())
+        .merge(super::operate::routes())
+        .merge(super::logs::compat_routes())
 }
 
 async fn deploy(State(ctl): Ctl) -> Result<Response, ApiError> {

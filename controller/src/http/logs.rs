@@ -22,8 +22,8 @@ use axum::routing::get;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::error::ApiError;
 use crate::Controller;
-use crate::api::ApiError;
 use crate::oplog::{LogFileError, OPLOG_FILE};
 
 type Ctl = State<Arc<Controller>>;
@@ -415,7 +415,7 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let app = crate::api::app(ctl.clone());
+        let app = crate::http::app(ctl.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         addr
     }
@@ -519,14 +519,14 @@ mod tests {
             );
             req
         };
-        let offer = format!("{LOG_PROTOCOL}, {}wrong", crate::api::WS_TOKEN_PROTOCOL);
+        let offer = format!("{LOG_PROTOCOL}, {}wrong", crate::http::WS_TOKEN_PROTOCOL);
         match tokio_tungstenite::connect_async(request(offer)).await {
             Err(tungstenite::Error::Http(resp)) => {
                 assert_eq!(resp.status(), StatusCode::UNAUTHORIZED)
             }
             other => panic!("a wrong token must be refused, got {other:?}"),
         }
-        let offer = format!("{LOG_PROTOCOL}, {}{t}", crate::api::WS_TOKEN_PROTOCOL);
+        let offer = format!("{LOG_PROTOCOL}, {}{t}", crate::http::WS_TOKEN_PROTOCOL);
         let (mut ws, resp) =
             tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request(offer)))
                 .await

@@ -5,15 +5,30 @@
 //! never appear in `Debug` output, logs or API answers: readers get
 //! [`Plan::redacted`], where they read `"******"`.
 
+//!
+//! The folder is the plan domain: `catalog` (component definitions, built-in
+//! and the operator's), `render` (templates -> steps for one instance),
+//! `validate` (pure validation: JSON in, a `ValidPlan` or every problem out).
+
+pub(crate) mod catalog;
+pub(crate) mod render;
+pub(crate) mod validate;
+
+pub use catalog::{
+    CATALOG_FILE, Cardinality, Catalog, CatalogError, Catalogs, ComponentDef, DEFAULT_CATALOG,
+    Minimum, STANDARD_PROPERTIES, StepSpec,
+};
+pub use render::{NodeContext, PlanRenderer, RenderError, RenderedComponent};
+pub use validate::{Problem, ValidPlan, validate_plan};
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::Catalog;
-use crate::nodes::rfc3339;
 use crate::store::{Store, StoreError, StoreExt, Tree};
+use crate::util::rfc3339;
 
 /// What a secret reads as in every answer; posting it back keeps the stored value.
 pub const REDACTED: &str = "******";
