@@ -256,6 +256,13 @@ async fn reporter(
                 Some(ev) => ev,
                 None => tokio::select! {
                     _ = shutdown.cancelled() => { acks.abort(); return; }
+                    // A result written to a connection that has since died
+                    // was never acknowledged: on the next connection the
+                    // ledger's unacknowledged results go again. Without this
+                    // the reporter would sit on the dead connection until
+                    // the next event, which may never come (the controller
+                    // waits for this very result).
+                    _ = conn.closed() => { acks.abort(); continue 'connection; }
                     ev = events.recv() => match ev { Some(ev) => ev, None => return },
                 },
             };

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use de_common::{
     Lane, OutStream, Step, StepAction, StepEvent, StepEventKind, StepOutcome, write_private,
@@ -281,12 +282,14 @@ impl Lines {
     }
 }
 
-/// Reads `r` to its end, sending batched lines as events and keeping a tail.
+/// Reads `r` to its end (or until `stop`), sending batched lines as events
+/// and keeping a tail.
 async fn pump<R: AsyncRead + Unpin>(
     mut r: R,
     stream: OutStream,
     step: (String, Lane, u64),
     events: mpsc::Sender<StepEvent>,
+    stop: CancellationToken,
 ) -> String {
     let mut tail = Tail::new(TAIL_BYTES);
     let mut lines = Lines::default();
@@ -311,7 +314,12 @@ async fn pump<R: AsyncRead + Unpin>(
         }
     };
     loop {
-        let n = match r.read(&mut chunk).await {
+        let read = tokio::select! {
+            biased;
+            r = r.read(&mut chunk) => r,
+            _ = stop.cancelled() => break,
+        };
+        let n = match read {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
@@ -390,36 +398,69 @@ async fn run_script(
         Err(e) => return failed(format!("could not start /bin/sh: {e}")),
     };
     let pgid = child.id();
+    let deadline = tokio::time::Instant::now() + timeout;
     let key = (step.id.clone(), step.lane, step.seq);
-    let out = child
-        .stdout
-        .take()
-        .map(|o| tokio::spawn(pump(o, OutStream::Stdout, key.clone(), events.clone())));
-    let err = child
-        .stderr
-        .take()
-        .map(|e| tokio::spawn(pump(e, OutStream::Stderr, key, events.clone())));
-    let (status, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
+    let stop = CancellationToken::new();
+    let out = child.stdout.take().map(|o| {
+        tokio::spawn(pump(
+            o,
+            OutStream::Stdout,
+            key.clone(),
+            events.clone(),
+            stop.clone(),
+        ))
+    });
+    let err = child.stderr.take().map(|e| {
+        tokio::spawn(pump(
+            e,
+            OutStream::Stderr,
+            key,
+            events.clone(),
+            stop.clone(),
+        ))
+    });
+    let (status, timed_out) = match tokio::time::timeout_at(deadline, child.wait()).await {
         Ok(s) => (s.ok(), false),
         Err(_) => {
-            if let Some(pgid) = pgid {
-                // Kill the whole process group the script started.
-                let _ = tokio::process::Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{pgid}")])
-                    .status()
-                    .await;
-            }
+            kill_group(pgid).await;
             (child.wait().await.ok(), true)
         }
     };
-    let stdout_tail = match out {
-        Some(h) => h.await.unwrap_or_default(),
-        None => String::new(),
+    // The pipes close when every process holding them has exited. A
+    // background child (`nohup svc &`) may hold them for ever: read for a
+    // short drain after the script's own end (never past its deadline, and
+    // only briefly after a kill), then stop reading. The step never outlives
+    // its timeout by more than the drain.
+    let now = tokio::time::Instant::now();
+    let drain_until = if timed_out {
+        now + OUTPUT_DRAIN
+    } else {
+        (now + OUTPUT_DRAIN).min(deadline.max(now))
     };
-    let stderr_tail = match err {
-        Some(h) => h.await.unwrap_or_default(),
-        None => String::new(),
+    let pumps = async {
+        let o = match out {
+            Some(h) => h.await.unwrap_or_default(),
+            None => String::new(),
+        };
+        let e = match err {
+            Some(h) => h.await.unwrap_or_default(),
+            None => String::new(),
+        };
+        (o, e)
     };
+    tokio::pin!(pumps);
+    let (stdout_tail, mut stderr_tail, held_open) =
+        match tokio::time::timeout_at(drain_until, &mut pumps).await {
+            Ok((o, e)) => (o, e, false),
+            Err(_) => {
+                stop.cancel();
+                let (o, e) = pumps.await;
+                (o, e, true)
+            }
+        };
+    if held_open {
+        stderr_tail.push_str(HELD_OPEN_NOTE);
+    }
     StepOutcome {
         exit_code: status.and_then(|s| s.code()),
         error: timed_out.then(|| format!("timed out after {} s and was killed", timeout.as_secs())),
@@ -482,6 +523,22 @@ fn tail_of(path: &Path, max: u64) -> Result<Vec<u8>, String> {
         .read_to_end(&mut out)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(out)
+}
+
+/// How long output is still read after a script ended (or was killed)
+/// while something it started keeps its stdout or stderr open.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// Appended to stderr when a background process kept the output open.
+const HELD_OPEN_NOTE: &str = "\n[deployment-engine: stopped reading output: a background process the script started kept stdout or stderr open; redirect its output (>/dev/null 2>&1)]\n";
+
+/// Kills the whole process group `pgid` a script leads (its children too).
+async fn kill_group(pgid: Option<u32>) {
+    if let Some(pgid) = pgid {
+        let _ = tokio::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .status()
+            .await;
+    }
 }
 
 /// Runs one accepted step.
@@ -623,6 +680,63 @@ mod tests {
         }
         assert!(lines.contains(&(OutStream::Stdout, "hello".into())));
         assert!(lines.contains(&(OutStream::Stderr, "oops".into())));
+    }
+
+    #[tokio::test]
+    async fn a_background_child_holding_stdout_does_not_keep_the_step_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, _rx) = mpsc::channel(64);
+        let pidfile = dir.path().join("bg.pid");
+        // The script ends at once with 0; its child keeps stdout open for 30 s.
+        let s = step(script(
+            &format!(
+                "echo started; sleep 30 & echo $! > {}; exit 0",
+                pidfile.display()
+            ),
+            60,
+        ));
+        let out = tokio::time::timeout(Duration::from_secs(20), execute(&s, &ctx(dir.path()), &tx))
+            .await
+            .expect("the step ended before its background child");
+        let bg = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        let alive = std::path::Path::new(&format!("/proc/{}", bg.trim())).exists();
+        let _ = std::process::Command::new("kill").arg(bg.trim()).status();
+        assert_eq!(out.exit_code, Some(0), "{out:?}");
+        assert!(!out.timed_out, "{out:?}");
+        assert!(out.stdout_tail.contains("started"), "{out:?}");
+        assert!(
+            out.stderr_tail.contains("kept stdout or stderr open"),
+            "{out:?}"
+        );
+        assert!(alive, "a service the script started is left running");
+    }
+
+    #[tokio::test]
+    async fn a_timeout_ends_the_step_even_when_an_escaped_child_holds_the_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, _rx) = mpsc::channel(64);
+        let pidfile = dir.path().join("escaped.pid");
+        // setsid puts the child outside the script's process group, so the kill misses it.
+        let s = step(script(
+            &format!(
+                "setsid sleep 30 & echo $! > {}; sleep 30",
+                pidfile.display()
+            ),
+            1,
+        ));
+        let out = tokio::time::timeout(Duration::from_secs(20), execute(&s, &ctx(dir.path()), &tx))
+            .await
+            .expect("the step ended at its timeout");
+        let bg = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        let _ = std::process::Command::new("kill").arg(bg.trim()).status();
+        assert!(out.timed_out, "{out:?}");
+        assert!(
+            out.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("timed out"),
+            "{out:?}"
+        );
     }
 
     #[tokio::test]

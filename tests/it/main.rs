@@ -7,6 +7,7 @@ mod dectl;
 mod demo;
 mod deploy;
 mod enrolment;
+mod faults;
 mod link_security;
 mod monit;
 mod operate;
