@@ -27,6 +27,8 @@ pub(crate) struct Config {
     pub(crate) public_addr: Option<PublicAddr>,
     /// How many times a deployment step is tried in all (1-20).
     pub(crate) step_attempts: Option<u32>,
+    /// Seconds a node may be silent before its steps fail naming it (1-86400).
+    pub(crate) node_grace: Option<u64>,
     /// Rotate a log file when it would pass this many MiB (0: never).
     pub(crate) log_max_mb: Option<u64>,
     /// Rotated files kept per log (0-100).

@@ -61,6 +61,10 @@ enum Command {
         /// How many times a failing deployment step is tried in all, 1-20 [default: 3].
         #[arg(long, env = "DE_STEP_ATTEMPTS", value_parser = clap::value_parser!(u32).range(1..=20))]
         step_attempts: Option<u32>,
+        /// Seconds a node may be silent (no heartbeat) before its queued and
+        /// running steps fail naming it, 1-86400 [default: 60].
+        #[arg(long, env = "DE_NODE_GRACE", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        node_grace: Option<u64>,
         /// Rotate each log file when a write would take it past this many MiB; 0: never [default: 64].
         #[arg(long, env = "DE_LOG_MAX_MB", value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
         log_max_mb: Option<u64>,
@@ -78,6 +82,7 @@ struct Settings {
     quic_listen: SocketAddr,
     public_addr: Option<PublicAddr>,
     step_attempts: u32,
+    node_grace: Duration,
     log_limits: de_controller::LogLimits,
 }
 
@@ -89,6 +94,7 @@ impl Settings {
             quic_listen,
             public_addr,
             step_attempts,
+            node_grace,
             log_max_mb,
             log_keep,
         } = command;
@@ -101,6 +107,10 @@ impl Settings {
                 .or(file.step_attempts)
                 .unwrap_or(de_controller::DEFAULT_STEP_ATTEMPTS)
                 .clamp(1, 20),
+            node_grace: node_grace
+                .or(file.node_grace)
+                .map(|s| Duration::from_secs(s.clamp(1, 86_400)))
+                .unwrap_or(de_controller::agents::watchdog::DEFAULT_NODE_GRACE),
             log_limits: de_controller::LogLimits {
                 max_bytes: log_max_mb
                     .or(file.log_max_mb)
@@ -161,6 +171,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         quic_listen,
         public_addr,
         step_attempts,
+        node_grace,
         log_limits,
     } = settings;
     let (mut ctl, origin) = Controller::open(&data_dir)
@@ -205,6 +216,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let quic_task = tokio::spawn(quic::serve(endpoint, ctl.clone(), shutdown.clone()));
+    let watchdog = tokio::spawn(de_controller::agents::watchdog::run(
+        ctl.clone(),
+        node_grace,
+        shutdown.clone(),
+    ));
     let http_shutdown = shutdown.clone();
     let http = axum::serve(listener, http::app(ctl.clone()))
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
@@ -216,6 +232,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let grace = Duration::from_secs(10);
     let _ = tokio::time::timeout(grace, quic_task).await;
     let _ = tokio::time::timeout(grace, http_task).await;
+    let _ = tokio::time::timeout(grace, watchdog).await;
     info!("stopped");
     Ok(())
 }

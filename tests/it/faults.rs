@@ -357,3 +357,94 @@ fn agents_killed_at_random_moments_skip_nothing_and_rerun_only_interrupted_steps
     );
     Ok(())
 }
+
+#[test]
+fn a_node_frozen_mid_step_fails_the_deployment_naming_it_and_the_next_one_finishes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_catalog(&data)?;
+    let ips = ["127.0.12.21", "127.0.12.22"];
+    let (first, agents) = cluster(dir.path(), &ips, false)?;
+    let (api, quic) = (first.api.to_string(), first.quic.to_string());
+    drop(first);
+    let mut cmd = de_tests::command("de-controller");
+    cmd.args(["serve", "--api-listen", &api, "--quic-listen", &quic])
+        .args(["--node-grace", "3", "--data-dir"])
+        .arg(&data);
+    let ctl = TestController::start_cmd(&data, cmd)?;
+    all_online(&ctl, &ips)?;
+    let log = dir.path().join("journal.log");
+    submit(&ctl, &plan(&ips, &log, 1, "2"))?;
+    let id = start_deploy(&ctl)?;
+    let frozen = agents[0].node_id()?;
+    wait_until(Duration::from_secs(60), "a step running on node 1", || {
+        deployment(&ctl, &id).filter(|d| {
+            d["steps"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|s| s["node_id"] == frozen.as_str() && s["state"] == "running")
+            })
+        })
+    })?;
+    let pid = agents[0].proc.as_ref().context("agent 1 runs")?.pid();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()?;
+    ensure!(stop.success(), "SIGSTOP");
+    let d = wait_until(Duration::from_secs(60), "the deployment to fail", || {
+        deployment(&ctl, &id).filter(|d| d["state"] != "running")
+    });
+    let cont = std::process::Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()?;
+    let d = d?;
+    ensure!(cont.success(), "SIGCONT");
+    ensure!(d["state"] == "failed", "{d}");
+    let err = d["error"].as_str().unwrap_or_default();
+    ensure!(
+        err.contains(&frozen) && err.contains(ips[0]) && err.contains("silent"),
+        "the failure names the frozen node: {err}"
+    );
+    // Awake again, the node takes the next deployment, which finishes.
+    all_online(&ctl, &ips)?;
+    submit(&ctl, &plan(&ips, &log, 2, "0"))?;
+    let id = start_deploy(&ctl)?;
+    let d = wait_until(DEPLOY_LIMIT, "the next deployment", || {
+        deployment(&ctl, &id).filter(|d| d["state"] != "running")
+    })?;
+    ensure!(d["state"] == "succeeded", "{d}");
+    let runs = runs_of(&journal(&log)?, 2);
+    for key in expected_keys(&ips) {
+        ensure!(
+            runs.get(&key).map(Vec::len) == Some(1),
+            "round 2: {key:?} ran {:?}",
+            runs.get(&key)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_revoked_nodes_steps_fail_at_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_catalog(&data)?;
+    let ips = ["127.0.12.31", "127.0.12.32"];
+    let (ctl, agents) = cluster(dir.path(), &ips, false)?;
+    let log = dir.path().join("journal.log");
+    // Long steps, so the revocation lands while node 2 has work queued or running.
+    submit(&ctl, &plan(&ips, &log, 1, "1"))?;
+    let id = start_deploy(&ctl)?;
+    let revoked = agents[1].node_id()?;
+    let a = ctl.api("DELETE", &format!("/api/v1/nodes/{revoked}"), None)?;
+    ensure!(a.status == 204, "revoke: {} {}", a.status, a.body);
+    let d = wait_until(Duration::from_secs(60), "the deployment to end", || {
+        deployment(&ctl, &id).filter(|d| d["state"] != "running")
+    })?;
+    ensure!(d["state"] == "failed", "{d}");
+    let err = d["error"].as_str().unwrap_or_default();
+    ensure!(
+        err.contains(&revoked) && err.contains("revoked"),
+        "the failure names the revoked node: {err}"
+    );
+    Ok(())
+}

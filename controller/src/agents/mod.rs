@@ -10,6 +10,7 @@ pub(crate) mod pki;
 pub(crate) mod public_addr;
 pub mod quic;
 pub(crate) mod steps;
+pub mod watchdog;
 
 pub use codes::{Codes, CodesError};
 pub use nodes::{NodeRecord, NodeView, Nodes};

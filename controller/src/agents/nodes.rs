@@ -65,6 +65,8 @@ struct Live {
 pub(crate) type RevokedSet = Arc<RwLock<HashSet<String>>>;
 
 pub struct Nodes {
+    /// When this controller started: a node not heard from since counts as silent from here.
+    started: SystemTime,
     store: Arc<dyn Store>,
     records: RwLock<HashMap<String, NodeRecord>>,
     live: Mutex<HashMap<String, Live>>,
@@ -88,6 +90,7 @@ impl Nodes {
             records.insert(id, rec);
         }
         Ok(Nodes {
+            started: SystemTime::now(),
             store,
             records: RwLock::new(records),
             live: Mutex::new(HashMap::new()),
@@ -253,6 +256,20 @@ impl Nodes {
             .collect();
         matches.sort_by_key(|n| (n.revoked, !n.online));
         matches.into_iter().next()
+    }
+
+    /// How long node `id` has been silent at `now`: since its last
+    /// heartbeat or Hello, or since this controller started when it has not
+    /// been heard from since. `None` for a node this controller does not know.
+    pub fn silent_for(&self, id: &str, now: SystemTime) -> Option<Duration> {
+        if !self.exists(id) {
+            return None;
+        }
+        let since = self
+            .live()
+            .get(id)
+            .map_or(self.started, |l| l.last_seen.max(self.started));
+        Some(now.duration_since(since).unwrap_or_default())
     }
 
     /// Closes every live link (controller shutdown).

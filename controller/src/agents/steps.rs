@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast};
@@ -133,6 +133,34 @@ pub struct StepQueue {
     alloc: Mutex<()>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     updates: broadcast::Sender<StepUpdate>,
+    /// Every step not final yet, for the watchdog (`watchdog.rs`): small,
+    /// and rebuilt from the store at start.
+    active: Mutex<HashMap<String, ActiveStep>>,
+}
+
+/// What the watchdog needs of a step that has not ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ActiveStep {
+    pub(crate) id: String,
+    pub(crate) node: String,
+    /// When this controller learnt that it started (a restarted controller
+    /// counts from its start).
+    pub(crate) started: Option<Instant>,
+    /// How long the step may run on its node: a script's timeout, or
+    /// [`OTHER_ACTION_BUDGET`].
+    pub(crate) budget: Duration,
+}
+
+/// How long an action without a timeout of its own (monit, files, logs) may take.
+pub(crate) const OTHER_ACTION_BUDGET: Duration = Duration::from_secs(120);
+
+fn budget_of(action: &StepAction) -> Duration {
+    match action {
+        StepAction::Script { timeout_secs, .. } => {
+            Duration::from_secs(u64::from((*timeout_secs).max(1)))
+        }
+        _ => OTHER_ACTION_BUDGET,
+    }
 }
 
 impl std::fmt::Debug for StepQueue {
@@ -160,15 +188,74 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 impl StepQueue {
-    pub fn new(store: Arc<dyn Store>, key: Arc<ring::signature::Ed25519KeyPair>) -> StepQueue {
+    /// The queues in `store`, with the index of the steps not final yet
+    /// rebuilt from it (one scan of the steps tree).
+    pub fn open(
+        store: Arc<dyn Store>,
+        key: Arc<ring::signature::Ed25519KeyPair>,
+    ) -> Result<StepQueue, StoreError> {
         let (updates, _) = broadcast::channel(4096);
-        StepQueue {
+        let now = Instant::now();
+        let mut active = HashMap::new();
+        for (_, r) in store.list_json::<StepRecord>(Tree::Steps)? {
+            if !r.state.is_final() {
+                active.insert(
+                    r.step.id.clone(),
+                    ActiveStep {
+                        id: r.step.id.clone(),
+                        node: r.step.node_id.clone(),
+                        started: (r.state == StepState::Running).then_some(now),
+                        budget: budget_of(&r.step.action),
+                    },
+                );
+            }
+        }
+        Ok(StepQueue {
             store,
             key,
             alloc: Mutex::new(()),
             wakers: Mutex::new(HashMap::new()),
             updates,
+            active: Mutex::new(active),
+        })
+    }
+
+    fn active_index(&self) -> std::sync::MutexGuard<'_, HashMap<String, ActiveStep>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The steps not final yet, for the watchdog.
+    pub(crate) fn active(&self) -> Vec<ActiveStep> {
+        self.active_index().values().cloned().collect()
+    }
+
+    /// Ends a step that is not final yet as failed, with `reason` as its
+    /// error (the node went silent, was revoked, or never answered); a step
+    /// already final is left as it is. Durable when this returns; the
+    /// agent's own result, if it comes later, is acknowledged and ignored.
+    pub fn fail(&self, step_id: &str, reason: &str) -> Result<Option<StepRecord>, StoreError> {
+        let now = rfc3339(SystemTime::now());
+        let mut changed = false;
+        let r = self.update(step_id, |r| {
+            if !r.state.is_final() {
+                r.state = StepState::Failed;
+                r.finished_at = Some(now);
+                r.outcome = Some(StepOutcome {
+                    error: Some(reason.to_owned()),
+                    ..StepOutcome::default()
+                });
+                changed = true;
+            }
+        })?;
+        self.active_index().remove(step_id);
+        if changed && let Some(r) = &r {
+            let _ = self.updates.send(StepUpdate::Finished {
+                step_id: step_id.to_owned(),
+                node_id: r.step.node_id.clone(),
+                state: r.state,
+            });
         }
+        Ok(r)
     }
 
     /// Live updates of every step.
@@ -311,6 +398,15 @@ impl StepQueue {
                 writes.push((Tree::Meta, seq_key(&node, lane), json(Tree::Meta, &seq)?));
                 writes.push((Tree::StepIds, id.clone(), json(Tree::StepIds, &key)?));
                 writes.push((Tree::Steps, key, json(Tree::Steps, &record)?));
+                self.active_index().insert(
+                    id.clone(),
+                    ActiveStep {
+                        id: id.clone(),
+                        node: node.clone(),
+                        started: None,
+                        budget: budget_of(&record.step.action),
+                    },
+                );
                 batch.insert(id, records.len());
                 records.push(record);
                 if !nodes.contains(&node) {
@@ -410,6 +506,9 @@ impl StepQueue {
                         r.started_at = Some(now);
                     }
                 })?;
+                if let Some(a) = self.active_index().get_mut(&ev.step_id) {
+                    a.started.get_or_insert_with(Instant::now);
+                }
                 if r.is_some() {
                     let _ = self.updates.send(StepUpdate::Started {
                         step_id: ev.step_id,
@@ -440,6 +539,7 @@ impl StepQueue {
                         r.outcome = Some(outcome);
                     }
                 })?;
+                self.forget_if_final(&ev.step_id, r.as_ref());
                 if let Some(r) = r {
                     let _ = self.updates.send(StepUpdate::Finished {
                         step_id: ev.step_id,
@@ -457,6 +557,7 @@ impl StepQueue {
                         r.refusal = Some(why.to_string());
                     }
                 })?;
+                self.forget_if_final(&ev.step_id, r.as_ref());
                 tracing::warn!(node, step = %ev.step_id, reason = %why, "agent refused a step");
                 if let Some(r) = r {
                     let _ = self.updates.send(StepUpdate::Finished {
@@ -467,6 +568,12 @@ impl StepQueue {
                 }
                 Ok(true)
             }
+        }
+    }
+
+    fn forget_if_final(&self, step_id: &str, r: Option<&StepRecord>) {
+        if r.is_none_or(|r| r.state.is_final()) {
+            self.active_index().remove(step_id);
         }
     }
 
@@ -507,6 +614,7 @@ impl StepQueue {
             )?;
             for (key, mut r) in stale {
                 if r.state == StepState::Queued {
+                    self.active_index().remove(&r.step.id);
                     r.state = StepState::Failed;
                     r.refusal = Some(format!(
                         "the agent already used sequence {} on lane {} (the controller was restored from an older backup); queue the work again",
@@ -570,7 +678,7 @@ mod tests {
             .expect("gen");
         let key = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
         let pk = key.public_key().as_ref().to_vec();
-        (StepQueue::new(store, Arc::new(key)), pk)
+        (StepQueue::open(store, Arc::new(key)).expect("open"), pk)
     }
 
     fn echo() -> StepAction {
@@ -743,6 +851,85 @@ mod tests {
             "{shown}"
         );
         assert!(!shown.contains("\"signed\""), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_step_is_never_handed_out_and_a_late_result_is_acknowledged_and_ignored() {
+        let (dir, q, _pk) = queue();
+        let a = q
+            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("a");
+        let b = q
+            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("b");
+        let ids = |q: &StepQueue| {
+            let mut v: Vec<String> = q.active().into_iter().map(|s| s.id).collect();
+            v.sort();
+            v
+        };
+        let mut both = vec![a.step.id.clone(), b.step.id.clone()];
+        both.sort();
+        assert_eq!(ids(&q), both);
+        let mut rx = q.subscribe();
+        let r = q
+            .fail(&a.step.id, "node n1 is gone")
+            .expect("fail")
+            .expect("rec");
+        assert_eq!(r.state, StepState::Failed);
+        assert_eq!(
+            r.outcome.and_then(|o| o.error).as_deref(),
+            Some("node n1 is gone")
+        );
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(StepUpdate::Finished {
+                state: StepState::Failed,
+                ..
+            })
+        ));
+        assert_eq!(ids(&q), vec![b.step.id.clone()]);
+        // The agent never gets the failed step: the next pull skips to b.
+        let next = q
+            .pull("n1", Lane::Deploy, 0, Duration::from_millis(10))
+            .await
+            .expect("pull")
+            .expect("step");
+        assert_eq!(next, b.signed);
+        // Its result, if the node ran it after all, is acknowledged and changes nothing.
+        let ack = q
+            .on_event(
+                "n1",
+                StepEvent {
+                    step_id: a.step.id.clone(),
+                    lane: Lane::Deploy,
+                    seq: 1,
+                    kind: StepEventKind::Finished(StepOutcome {
+                        exit_code: Some(0),
+                        ..Default::default()
+                    }),
+                },
+            )
+            .expect("event");
+        assert!(ack);
+        assert_eq!(
+            q.get(&a.step.id).expect("get").expect("rec").state,
+            StepState::Failed
+        );
+        // Failing again, or a final step, changes nothing either.
+        q.fail(&a.step.id, "again").expect("fail");
+        assert_eq!(
+            q.get(&a.step.id)
+                .expect("get")
+                .expect("rec")
+                .outcome
+                .and_then(|o| o.error)
+                .as_deref(),
+            Some("node n1 is gone")
+        );
+        // A reopened queue knows which steps are still open.
+        drop(q);
+        let (q, _) = queue_on(dir.path());
+        assert_eq!(ids(&q), vec![b.step.id.clone()]);
     }
 
     #[tokio::test]
