@@ -308,6 +308,7 @@ pub async fn run(
         identity: identity.clone(),
         ledger: Mutex::new(ledger),
         ctx: ExecContext {
+            cancels: Arc::default(),
             root: opts.root.clone(),
             monit: monit.clone(),
         },

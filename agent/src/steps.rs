@@ -9,9 +9,10 @@
 //! Output is read in bounded chunks and batched: memory per step is bounded
 //! however much a step prints.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -179,7 +180,70 @@ impl Ledger {
 pub(crate) struct ExecContext {
     pub root: PathBuf,
     pub monit: Monit,
+    pub cancels: Arc<Cancels>,
 }
+
+/// How many withdrawn step ids are remembered (a cancel that arrives before
+/// its step is kept until the step comes; older ones are forgotten).
+const WITHDRAWN_KEPT: usize = 4096;
+
+/// The steps running now, each with the token that cancels it, and the ids
+/// the controller cancelled before they started.
+#[derive(Debug, Default)]
+pub(crate) struct Cancels {
+    inner: Mutex<CancelsInner>,
+}
+
+#[derive(Debug, Default)]
+struct CancelsInner {
+    running: HashMap<String, CancellationToken>,
+    withdrawn: VecDeque<String>,
+}
+
+impl Cancels {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CancelsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The token of step `id`, which starts now: already cancelled when the
+    /// controller withdrew the step before it came.
+    fn register(&self, id: &str) -> CancellationToken {
+        let mut inner = self.lock();
+        let token = CancellationToken::new();
+        if let Some(i) = inner.withdrawn.iter().position(|w| w == id) {
+            inner.withdrawn.remove(i);
+            token.cancel();
+        }
+        inner.running.insert(id.to_owned(), token.clone());
+        token
+    }
+
+    fn unregister(&self, id: &str) {
+        self.lock().running.remove(id);
+    }
+
+    /// Cancels each step: a running one now, one still to come when it comes.
+    fn cancel(&self, ids: &[String]) -> String {
+        let mut inner = self.lock();
+        let mut report = String::new();
+        for id in ids {
+            if let Some(t) = inner.running.get(id) {
+                t.cancel();
+                report.push_str(&format!("{id}: running, cancelled\n"));
+            } else {
+                if inner.withdrawn.len() >= WITHDRAWN_KEPT {
+                    inner.withdrawn.pop_front();
+                }
+                inner.withdrawn.push_back(id.clone());
+                report.push_str(&format!("{id}: not running here, withdrawn\n"));
+            }
+        }
+        report
+    }
+}
+
+/// The error of a step the controller cancelled.
+const CANCELLED: &str = "cancelled by the controller";
 
 /// `path` inside the node root; `..` is refused.
 pub(crate) fn under_root(root: &Path, path: &str) -> Result<PathBuf, String> {
@@ -361,13 +425,21 @@ fn failed(error: String) -> StepOutcome {
 async fn run_script(
     step: &Step,
     ctx: &ExecContext,
-    script: &str,
-    user: Option<&str>,
-    env: &[(String, String)],
-    timeout: Duration,
     events: &mpsc::Sender<StepEvent>,
+    cancel: &CancellationToken,
 ) -> StepOutcome {
-    let mut cmd = match user {
+    let StepAction::Script {
+        script,
+        user,
+        env,
+        timeout_secs,
+    } = &step.action
+    else {
+        return failed("not a script step".to_owned());
+    };
+    let timeout = Duration::from_secs(u64::from((*timeout_secs).max(1)));
+    let script = script.as_str();
+    let mut cmd = match user.as_deref() {
         Some(u) if u != "root" => {
             let mut c = tokio::process::Command::new("runuser");
             c.args(["-u", u, "--", "/bin/sh", "-c", script]);
@@ -419,11 +491,17 @@ async fn run_script(
             stop.clone(),
         ))
     });
-    let (status, timed_out) = match tokio::time::timeout_at(deadline, child.wait()).await {
-        Ok(s) => (s.ok(), false),
-        Err(_) => {
+    let (status, timed_out, cancelled) = tokio::select! {
+        s = tokio::time::timeout_at(deadline, child.wait()) => match s {
+            Ok(s) => (s.ok(), false, false),
+            Err(_) => {
+                kill_group(pgid).await;
+                (child.wait().await.ok(), true, false)
+            }
+        },
+        _ = cancel.cancelled() => {
             kill_group(pgid).await;
-            (child.wait().await.ok(), true)
+            (child.wait().await.ok(), false, true)
         }
     };
     // The pipes close when every process holding them has exited. A
@@ -432,7 +510,7 @@ async fn run_script(
     // only briefly after a kill), then stop reading. The step never outlives
     // its timeout by more than the drain.
     let now = tokio::time::Instant::now();
-    let drain_until = if timed_out {
+    let drain_until = if timed_out || cancelled {
         now + OUTPUT_DRAIN
     } else {
         (now + OUTPUT_DRAIN).min(deadline.max(now))
@@ -463,7 +541,11 @@ async fn run_script(
     }
     StepOutcome {
         exit_code: status.and_then(|s| s.code()),
-        error: timed_out.then(|| format!("timed out after {} s and was killed", timeout.as_secs())),
+        error: if cancelled {
+            Some(format!("{CANCELLED}; its process group was killed"))
+        } else {
+            timed_out.then(|| format!("timed out after {} s and was killed", timeout.as_secs()))
+        },
         timed_out,
         duration_ms: 0,
         stdout_tail,
@@ -548,16 +630,14 @@ pub(crate) async fn execute(
     events: &mpsc::Sender<StepEvent>,
 ) -> StepOutcome {
     let started = Instant::now();
+    let cancel = ctx.cancels.register(&step.id);
+    if cancel.is_cancelled() {
+        ctx.cancels.unregister(&step.id);
+        return failed(format!("{CANCELLED} before it started"));
+    }
     let mut outcome = match &step.action {
-        StepAction::Script {
-            script,
-            user,
-            env,
-            timeout_secs,
-        } => {
-            let timeout = Duration::from_secs(u64::from((*timeout_secs).max(1)));
-            run_script(step, ctx, script, user.as_deref(), env, timeout, events).await
-        }
+        StepAction::Script { .. } => run_script(step, ctx, events, &cancel).await,
+        StepAction::Cancel { step_ids } => ok(ctx.cancels.cancel(step_ids)),
         StepAction::WriteFile {
             path,
             contents,
@@ -623,6 +703,7 @@ pub(crate) async fn execute(
             }
         }
     };
+    ctx.cancels.unregister(&step.id);
     outcome.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     outcome
 }
@@ -646,6 +727,7 @@ mod tests {
 
     fn ctx(root: &Path) -> ExecContext {
         ExecContext {
+            cancels: Arc::default(),
             root: root.to_owned(),
             monit: Monit::system(),
         }
@@ -680,6 +762,74 @@ mod tests {
         }
         assert!(lines.contains(&(OutStream::Stdout, "hello".into())));
         assert!(lines.contains(&(OutStream::Stderr, "oops".into())));
+    }
+
+    #[tokio::test]
+    async fn a_cancel_kills_a_running_script_and_withdraws_one_not_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, _rx) = mpsc::channel(64);
+        let c = ctx(dir.path());
+        let child_marker = dir.path().join("child-finished");
+        let long = step(script(
+            &format!("(sleep 2; touch {}) & sleep 60", child_marker.display()),
+            120,
+        ));
+        let running = {
+            let (c, tx, long) = (c.clone(), tx.clone(), long.clone());
+            tokio::spawn(async move { execute(&long, &c, &tx).await })
+        };
+        // Cancel it once it runs (bounded wait for the registration).
+        let mut cancel = step(StepAction::Cancel {
+            step_ids: vec![long.id.clone(), "s-later".into()],
+        });
+        cancel.id = "s-cancel".into();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !c.cancels.lock().running.contains_key(&long.id) {
+            assert!(Instant::now() < deadline, "the script never registered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let report = execute(&cancel, &c, &tx).await;
+        assert_eq!(report.exit_code, Some(0), "{report:?}");
+        assert!(
+            report.stdout_tail.contains("running, cancelled"),
+            "{report:?}"
+        );
+        assert!(
+            report
+                .stdout_tail
+                .contains("s-later: not running here, withdrawn")
+        );
+        let out = tokio::time::timeout(Duration::from_secs(20), running)
+            .await
+            .expect("the cancelled step ended")
+            .expect("join");
+        assert!(
+            out.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("cancelled by the controller"),
+            "{out:?}"
+        );
+        assert!(!out.timed_out && out.exit_code.is_none(), "{out:?}");
+        // A step withdrawn before it came does not run at all.
+        let marker = dir.path().join("ran");
+        let mut later = step(script(&format!("touch {}", marker.display()), 10));
+        later.id = "s-later".into();
+        let out = execute(&later, &c, &tx).await;
+        assert!(
+            out.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("before it started"),
+            "{out:?}"
+        );
+        assert!(!marker.exists(), "a withdrawn step ran");
+        // The killed group took the script's child with it.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(
+            !child_marker.exists(),
+            "the cancelled script's child survived"
+        );
     }
 
     #[tokio::test]

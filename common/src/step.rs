@@ -19,15 +19,19 @@ pub enum Lane {
     Deploy,
     /// Operator actions: exec, restart, stop; may run beside a deploy step.
     Adhoc,
+    /// Control of the other lanes' steps (cancel): never waits behind a
+    /// long step, because it has its own sequence and worker.
+    Control,
 }
 
 impl Lane {
-    pub const ALL: [Lane; 2] = [Lane::Deploy, Lane::Adhoc];
+    pub const ALL: [Lane; 3] = [Lane::Deploy, Lane::Adhoc, Lane::Control];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Lane::Deploy => "deploy",
             Lane::Adhoc => "adhoc",
+            Lane::Control => "control",
         }
     }
 }
@@ -67,6 +71,10 @@ pub enum StepAction {
     Monit { name: String, op: MonitOp },
     /// Return the last `max_bytes` of each file (relative paths are under the node root).
     CollectLogs { paths: Vec<String>, max_bytes: u64 },
+    /// Stop these steps of this node: a running one has its process group
+    /// killed and ends `cancelled`; one not started yet ends `cancelled`
+    /// without running when it comes.
+    Cancel { step_ids: Vec<String> },
 }
 
 impl StepAction {
@@ -88,6 +96,7 @@ impl StepAction {
                 ..
             } => "monit_restart",
             StepAction::CollectLogs { .. } => "collect_logs",
+            StepAction::Cancel { .. } => "cancel",
         }
     }
 }

@@ -35,16 +35,22 @@ pub enum StepState {
     Done,
     Failed,
     Refused,
+    /// Withdrawn by the controller (a cancelled deployment): never handed
+    /// out again; if it was running, its node was told to kill it.
+    Cancelled,
 }
 
 impl StepState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            StepState::Done | StepState::Failed | StepState::Refused
+            StepState::Done | StepState::Failed | StepState::Refused | StepState::Cancelled
         )
     }
 }
+
+/// How long a cancel may wait for its node before it is pointless.
+const CANCEL_TTL: Duration = Duration::from_secs(3600);
 
 /// A step and everything known about it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -571,6 +577,62 @@ impl StepQueue {
         }
     }
 
+    /// Cancels the steps `ids` that are not final yet: each is marked
+    /// `cancelled` (durably, so no agent is handed it again), and each node
+    /// that may hold one (pulled, running) gets a signed `Cancel` on its
+    /// control lane, which kills a running step's process group and makes
+    /// one not started yet end without running. Returns the records of the
+    /// steps it cancelled.
+    pub fn cancel(&self, ids: &[String]) -> Result<Vec<StepRecord>, StepsError> {
+        let now = rfc3339(SystemTime::now());
+        let mut cancelled = Vec::new();
+        let mut per_node: Vec<(String, Vec<String>)> = Vec::new();
+        for id in ids {
+            let mut changed = false;
+            let r = self.update(id, |r| {
+                if !r.state.is_final() {
+                    r.state = StepState::Cancelled;
+                    r.finished_at = Some(now.clone());
+                    changed = true;
+                }
+            })?;
+            self.active_index().remove(id);
+            let Some(r) = r.filter(|_| changed) else {
+                continue;
+            };
+            match per_node.iter_mut().find(|(n, _)| *n == r.step.node_id) {
+                Some((_, v)) => v.push(id.clone()),
+                None => per_node.push((r.step.node_id.clone(), vec![id.clone()])),
+            }
+            let _ = self.updates.send(StepUpdate::Finished {
+                step_id: id.clone(),
+                node_id: r.step.node_id.clone(),
+                state: StepState::Cancelled,
+            });
+            cancelled.push(r);
+        }
+        let notices = per_node
+            .into_iter()
+            .map(|(node, step_ids)| NewStep {
+                id: None,
+                node,
+                lane: Lane::Control,
+                action: StepAction::Cancel { step_ids },
+                deployment_id: None,
+                ttl: CANCEL_TTL,
+            })
+            .collect::<Vec<_>>();
+        if !notices.is_empty() {
+            let queued = self.enqueue_many(notices)?;
+            // A cancel is a notice, not work to wait for: the watchdog does not track it.
+            let mut active = self.active_index();
+            for r in &queued {
+                active.remove(&r.step.id);
+            }
+        }
+        Ok(cancelled)
+    }
+
     fn forget_if_final(&self, step_id: &str, r: Option<&StepRecord>) {
         if r.is_none_or(|r| r.state.is_final()) {
             self.active_index().remove(step_id);
@@ -930,6 +992,61 @@ mod tests {
         drop(q);
         let (q, _) = queue_on(dir.path());
         assert_eq!(ids(&q), vec![b.step.id.clone()]);
+    }
+
+    #[tokio::test]
+    async fn cancelled_steps_are_never_handed_out_and_their_nodes_are_told() {
+        let (_d, q, pk) = queue();
+        let a = q
+            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("a");
+        let b = q
+            .enqueue("n2", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("b");
+        let done = q
+            .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .expect("done");
+        q.fail(&done.step.id, "already over").expect("fail");
+        let got = q
+            .cancel(&[a.step.id.clone(), b.step.id.clone(), done.step.id.clone()])
+            .expect("cancel");
+        let ids: Vec<&str> = got.iter().map(|r| r.step.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [a.step.id.as_str(), b.step.id.as_str()],
+            "a final step stays as it was"
+        );
+        for id in [&a.step.id, &b.step.id] {
+            assert_eq!(
+                q.get(id).expect("get").expect("rec").state,
+                StepState::Cancelled
+            );
+        }
+        assert!(q.active().is_empty(), "{:?}", q.active());
+        assert!(
+            q.pull("n1", Lane::Deploy, 0, Duration::from_millis(10))
+                .await
+                .expect("pull")
+                .is_none(),
+            "a cancelled step is not handed out"
+        );
+        // Each node gets one signed Cancel naming its own steps, on the control lane.
+        for (node, id) in [("n1", &a.step.id), ("n2", &b.step.id)] {
+            let notice = q
+                .pull(node, Lane::Control, 0, Duration::from_millis(10))
+                .await
+                .expect("pull")
+                .expect("a cancel notice");
+            let step = de_common::check_step(&notice, &pk, node, 0, unix(SystemTime::now()))
+                .expect("signed for the node");
+            assert_eq!(
+                step.action,
+                StepAction::Cancel {
+                    step_ids: vec![id.clone()]
+                }
+            );
+        }
+        assert!(q.cancel(std::slice::from_ref(&a.step.id)).expect("again").is_empty());
     }
 
     #[tokio::test]

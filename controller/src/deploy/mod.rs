@@ -448,6 +448,7 @@ fn describe(a: &StepAction) -> String {
         StepAction::MonitRemove { name } => format!("monit remove {name}"),
         StepAction::Monit { name, op } => format!("monit {op:?} {name}").to_lowercase(),
         StepAction::CollectLogs { .. } => "collect logs".into(),
+        StepAction::Cancel { .. } => "cancel".into(),
     }
 }
 
