@@ -2,6 +2,7 @@
 //! controller link ([`link`]), the node identity on disk, and hardware
 //! facts. `main.rs` only parses the command line.
 
+mod applied;
 mod enroll;
 mod hardware;
 mod identity;
@@ -10,6 +11,7 @@ mod monit;
 mod net;
 mod steps;
 
+pub use applied::AppliedError;
 pub use enroll::{EnrollError, EnrollOptions, enroll};
 pub use hardware::{HardwareError, Sampler, hostname};
 pub use identity::{Identity, IdentityError, IdentityMeta};

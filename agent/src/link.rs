@@ -52,6 +52,8 @@ pub enum LinkError {
     Ledger(#[from] LedgerError),
     #[error("{0}")]
     Monit(#[from] crate::monit::MonitError),
+    #[error(transparent)]
+    Applied(#[from] crate::applied::AppliedError),
 }
 
 /// Why one connection ended.
@@ -309,6 +311,7 @@ pub async fn run(
         ledger: Mutex::new(ledger),
         ctx: ExecContext {
             cancels: Arc::default(),
+            applied: Arc::new(crate::applied::Applied::load(&opts.state_dir)?),
             root: opts.root.clone(),
             monit: monit.clone(),
         },
@@ -495,6 +498,14 @@ async fn session(
                 let hb = AgentMsg::Heartbeat(Heartbeat { usage: sampler.usage(), components });
                 if let Err(e) = write_frame(&mut send, &hb).await {
                     return SessionEnd::Lost(format!("heartbeat not sent: {e}"));
+                }
+                // What this node applied and how it drifted, for the next deployment.
+                let (applied, root, m) = (shared.ctx.applied.clone(), opts.root.clone(), monit.clone());
+                let inventory = tokio::task::spawn_blocking(move || applied.inventory(&root, &m))
+                    .await
+                    .unwrap_or_default();
+                if let Err(e) = write_frame(&mut send, &AgentMsg::Inventory(inventory)).await {
+                    return SessionEnd::Lost(format!("inventory not sent: {e}"));
                 }
             }
         }

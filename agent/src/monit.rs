@@ -198,7 +198,7 @@ impl Monit {
         })
     }
 
-    fn check_path(&self, name: &str) -> Result<PathBuf, MonitError> {
+    pub(crate) fn check_path(&self, name: &str) -> Result<PathBuf, MonitError> {
         if !valid_name(name) {
             return Err(MonitError::BadName(name.to_owned()));
         }

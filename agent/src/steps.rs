@@ -181,6 +181,8 @@ pub(crate) struct ExecContext {
     pub root: PathBuf,
     pub monit: Monit,
     pub cancels: Arc<Cancels>,
+    /// What this node applied per instance (`MarkApplied`, `Unmark`).
+    pub applied: Arc<crate::applied::Applied>,
 }
 
 /// How many withdrawn step ids are remembered (a cancel that arrives before
@@ -638,6 +640,26 @@ pub(crate) async fn execute(
     let mut outcome = match &step.action {
         StepAction::Script { .. } => run_script(step, ctx, events, &cancel).await,
         StepAction::Cancel { step_ids } => ok(ctx.cancels.cancel(step_ids)),
+        StepAction::MarkApplied {
+            instance,
+            fingerprint,
+            files,
+            check,
+        } => match ctx.applied.mark(
+            &ctx.root,
+            &ctx.monit,
+            instance,
+            fingerprint,
+            files,
+            check.as_deref(),
+        ) {
+            Ok(summary) => ok(summary),
+            Err(e) => failed(e.with_causes()),
+        },
+        StepAction::Unmark { instance } => match ctx.applied.unmark(instance) {
+            Ok(summary) => ok(summary),
+            Err(e) => failed(e.with_causes()),
+        },
         StepAction::WriteFile {
             path,
             contents,
@@ -728,6 +750,7 @@ mod tests {
     fn ctx(root: &Path) -> ExecContext {
         ExecContext {
             cancels: Arc::default(),
+            applied: Arc::new(crate::applied::Applied::load(root).expect("applied book")),
             root: root.to_owned(),
             monit: Monit::system(),
         }

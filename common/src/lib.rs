@@ -25,6 +25,7 @@ pub use step::{
 };
 pub use wire::{
     AGENT_ALPN, AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, ENROLL_ALPN, EnrollClientMsg,
-    EnrollGrant, EnrollRefusal, EnrollRequest, EnrollServerMsg, Heartbeat, Hello, LinkRefusal,
-    OutStream, PROTOCOL_VERSION, StepEvent, StepEventKind, StepOutcome, Welcome, close_codes,
+    EnrollGrant, EnrollRefusal, EnrollRequest, EnrollServerMsg, Heartbeat, Hello, InstanceState,
+    LinkRefusal, OutStream, PROTOCOL_VERSION, StepEvent, StepEventKind, StepOutcome, Welcome,
+    close_codes,
 };

@@ -75,6 +75,18 @@ pub enum StepAction {
     /// killed and ends `cancelled`; one not started yet ends `cancelled`
     /// without running when it comes.
     Cancel { step_ids: Vec<String> },
+    /// The last step of applying `instance`: the agent records
+    /// `fingerprint` and the content hashes of `files` (paths as the
+    /// install's file steps wrote them) and of the monit check `check`, and
+    /// from then on reports in its inventory whether they still hold.
+    MarkApplied {
+        instance: String,
+        fingerprint: String,
+        files: Vec<String>,
+        check: Option<String>,
+    },
+    /// The last step of uninstalling `instance`: the agent forgets its mark.
+    Unmark { instance: String },
 }
 
 impl StepAction {
@@ -97,6 +109,8 @@ impl StepAction {
             } => "monit_restart",
             StepAction::CollectLogs { .. } => "collect_logs",
             StepAction::Cancel { .. } => "cancel",
+            StepAction::MarkApplied { .. } => "mark_applied",
+            StepAction::Unmark { .. } => "unmark",
         }
     }
 }

@@ -178,6 +178,22 @@ pub enum AgentMsg {
         after_seq: u64,
     },
     Event(StepEvent),
+    /// What the agent applied, and how it drifted since (control stream,
+    /// after each heartbeat). Agents older than this message send none, and
+    /// the controller then trusts its own record of what it applied.
+    Inventory(Vec<InstanceState>),
+}
+
+/// One instance the agent applied (a `MarkApplied` step), as it stands now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceState {
+    pub instance: String,
+    /// The fingerprint the controller gave when the instance was applied.
+    pub fingerprint: String,
+    /// What changed on the node since then, in words (`file /etc/x changed
+    /// since it was applied`, `monit check nginx is missing`); empty when
+    /// nothing did.
+    pub drift: Vec<String>,
 }
 
 /// The controller accepted the link.

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use de_common::{ComponentStatus, Hardware, Hello, Usage, close_codes};
+use de_common::{ComponentStatus, Hardware, Hello, InstanceState, Usage, close_codes};
 
 use crate::store::{Store, StoreError, StoreExt, Tree};
 use crate::util::rfc3339;
@@ -59,6 +59,9 @@ struct Live {
     components: Vec<ComponentStatus>,
     last_seen: SystemTime,
     heartbeat: Duration,
+    /// What the agent reports it applied (None until its first inventory,
+    /// and for agents too old to send one).
+    inventory: Option<Vec<InstanceState>>,
 }
 
 /// Revoked node ids, shared with the TLS client-certificate verifier.
@@ -153,6 +156,7 @@ impl Nodes {
                 components: Vec::new(),
                 last_seen: now,
                 heartbeat: Duration::from_secs(u64::from(hello.heartbeat_secs.max(1))),
+                inventory: None,
             },
         );
         if let Some(conn) = old.and_then(|l| l.conn) {
@@ -170,6 +174,18 @@ impl Nodes {
             l.components = components;
             l.last_seen = SystemTime::now();
         }
+    }
+
+    /// The agent's report of what it applied and how it drifted.
+    pub fn inventory(&self, id: &str, instances: Vec<InstanceState>) {
+        if let Some(l) = self.live().get_mut(id) {
+            l.inventory = Some(instances);
+        }
+    }
+
+    /// What node `id` last reported it applied, if it is connected and has reported.
+    pub fn inventory_of(&self, id: &str) -> Option<Vec<InstanceState>> {
+        self.live().get(id).and_then(|l| l.inventory.clone())
     }
 
     /// The link `conn` of node `id` ended (only if it is still that node's current link).

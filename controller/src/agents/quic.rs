@@ -416,6 +416,7 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
             Ok(Some(AgentMsg::Heartbeat(hb))) => {
                 ctl.nodes.heartbeat(&node_id, hb.usage, hb.components)
             }
+            Ok(Some(AgentMsg::Inventory(instances))) => ctl.nodes.inventory(&node_id, instances),
             Ok(Some(AgentMsg::Hello(_) | AgentMsg::Pull { .. } | AgentMsg::Event(_))) => {
                 conn.close(
                     close_codes::PROTOCOL.into(),
@@ -516,7 +517,7 @@ async fn serve_stream(
                     }
                 }
             }
-            AgentMsg::Hello(_) | AgentMsg::Heartbeat(_) => {
+            AgentMsg::Hello(_) | AgentMsg::Heartbeat(_) | AgentMsg::Inventory(_) => {
                 conn.close(
                     close_codes::PROTOCOL.into(),
                     b"control message on a work stream",

@@ -1046,7 +1046,11 @@ mod tests {
                 }
             );
         }
-        assert!(q.cancel(std::slice::from_ref(&a.step.id)).expect("again").is_empty());
+        assert!(
+            q.cancel(std::slice::from_ref(&a.step.id))
+                .expect("again")
+                .is_empty()
+        );
     }
 
     #[tokio::test]

@@ -449,6 +449,8 @@ fn describe(a: &StepAction) -> String {
         StepAction::Monit { name, op } => format!("monit {op:?} {name}").to_lowercase(),
         StepAction::CollectLogs { .. } => "collect logs".into(),
         StepAction::Cancel { .. } => "cancel".into(),
+        StepAction::MarkApplied { .. } => "mark applied".into(),
+        StepAction::Unmark { .. } => "unmark".into(),
     }
 }
 
