@@ -52,16 +52,6 @@ pub enum AppliedError {
     Damaged { path: PathBuf, why: String },
 }
 
-impl AppliedError {
-    /// The message with its cause, for a step's result.
-    pub(crate) fn with_causes(&self) -> String {
-        match std::error::Error::source(self) {
-            Some(cause) => format!("{self}: {cause}"),
-            None => self.to_string(),
-        }
-    }
-}
-
 /// The marks of this node, persisted.
 #[derive(Debug)]
 pub(crate) struct Applied {

@@ -21,9 +21,9 @@ use crate::net::{self, NetError};
 /// Why enrolment failed; each message is the one line an operator sees.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("{0}")]
+    #[error(transparent)]
     Code(#[from] de_install_codes::CodeError),
-    #[error("{0}")]
+    #[error(transparent)]
     Net(#[from] NetError),
     #[error(
         "cannot reach the controller at {addr}: check the address and that UDP port {port} is open to this node ({reason})"
@@ -53,7 +53,7 @@ pub enum EnrollError {
     Protocol(String),
     #[error("could not save the node identity")]
     Save(#[from] IdentityError),
-    #[error("{0}")]
+    #[error(transparent)]
     Hardware(#[from] crate::hardware::HardwareError),
     #[error("could not make the node key or CSR")]
     Key(#[from] rcgen::Error),
@@ -61,7 +61,7 @@ pub enum EnrollError {
 
 impl From<FrameError> for EnrollError {
     fn from(e: FrameError) -> Self {
-        EnrollError::Protocol(e.to_string())
+        EnrollError::Protocol(de_common::ErrorChain(&e).to_string())
     }
 }
 
@@ -249,4 +249,35 @@ fn check_chain(ca_pem: &str, server_cert: &CertificateDer<'_>) -> Result<(), Enr
         )
         .map(|_| ())
         .map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use de_common::ErrorChain;
+
+    use super::*;
+
+    #[test]
+    fn a_wrapped_error_is_printed_once() {
+        let e = EnrollError::from(de_install_codes::CodeError::Malformed);
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "install code must be exactly 4 digits, like 0427"
+        );
+        let e = EnrollError::from(NetError::Resolve("ctl.invalid".into()));
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "cannot resolve the controller address \"ctl.invalid\": give HOST:PORT, e.g. 10.0.0.5:50001"
+        );
+    }
+
+    #[test]
+    fn a_frame_error_keeps_its_cause() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let e = EnrollError::from(FrameError::Io(io));
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "the enrolment exchange failed (stream i/o failed: connection reset); try again"
+        );
+    }
 }

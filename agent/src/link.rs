@@ -8,6 +8,7 @@
 //! running through a reconnect, and its result (persisted in the ledger) is
 //! sent again until the controller acknowledges it.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -18,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use de_common::{
-    AgentMsg, ControllerMsg, Heartbeat, Hello, Lane, LinkRefusal, StepEvent, StepEventKind,
-    check_step, close_codes, read_frame, write_frame,
+    AgentMsg, ControllerMsg, ErrorChain, Heartbeat, Hello, Lane, LinkRefusal, StepEvent,
+    StepEventKind, check_step, close_codes, read_frame, write_frame,
 };
 
 use crate::hardware::{Sampler, hostname};
@@ -42,15 +43,16 @@ pub struct LinkOptions {
     pub connect_timeout: Duration,
 }
 
+/// Why the link could not start; each variant only passes its cause on.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("{0}")]
+    #[error(transparent)]
     Net(#[from] NetError),
-    #[error("{0}")]
+    #[error(transparent)]
     Hardware(#[from] crate::hardware::HardwareError),
-    #[error("{0}")]
+    #[error(transparent)]
     Ledger(#[from] LedgerError),
-    #[error("{0}")]
+    #[error(transparent)]
     Monit(#[from] crate::monit::MonitError),
     #[error(transparent)]
     Applied(#[from] crate::applied::AppliedError),
@@ -177,7 +179,7 @@ async fn lane_worker(
                         kind: StepEventKind::Refused(refusal),
                     };
                     if let Err(e) = shared.ledger().refused(ev.clone()) {
-                        warn!(error = %e, "could not record a refusal");
+                        warn!(error = %ErrorChain(&e), "could not record a refusal");
                     }
                     let _ = shared.events.send(ev).await;
                     // Do not hammer the controller with the same refused step.
@@ -186,7 +188,7 @@ async fn lane_worker(
                 Ok(step) => {
                     let begun = shared.ledger().begin(&step);
                     if let Err(e) = begun {
-                        warn!(error = %e, "could not record the step start; not running it");
+                        warn!(error = %ErrorChain(&e), "could not record the step start; not running it");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
@@ -209,7 +211,7 @@ async fn lane_worker(
                         kind: StepEventKind::Finished(outcome),
                     };
                     if let Err(e) = shared.ledger().finish(ev.clone()) {
-                        warn!(error = %e, "could not record the step result");
+                        warn!(error = %ErrorChain(&e), "could not record the step result");
                     }
                     let _ = shared.events.send(ev).await;
                 }
@@ -241,7 +243,7 @@ async fn reporter(
                     read_frame::<_, ControllerMsg>(&mut recv).await
                 {
                     if let Err(e) = shared.ledger().acked(&step_id) {
-                        warn!(error = %e, "could not record an acknowledgement");
+                        warn!(error = %ErrorChain(&e), "could not record an acknowledgement");
                     }
                 }
             })
@@ -296,13 +298,13 @@ pub async fn run(
     let config = net::link_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)?;
     let endpoint = net::endpoint(addr, identity.meta.advertise_ip)?;
     let ip = net::node_ip(addr, identity.meta.advertise_ip);
-    let mut sampler = Sampler::new(&opts.root)?;
+    let sampler = Sampler::new(&opts.root)?;
     let monit = match &opts.monit_control {
         Some(file) => Monit::private(file)?,
         None => Monit::system(),
     };
     if let Err(e) = monit.ensure_running().await {
-        warn!(error = %e, "monit does not answer; component steps and status need it");
+        warn!(error = %ErrorChain(&e), "monit does not answer; component steps and status need it");
     }
     let ledger = Ledger::load(&opts.state_dir)?;
     let (events_tx, events_rx) = mpsc::channel(64);
@@ -335,22 +337,24 @@ pub async fn run(
     ));
     workers.close();
 
+    let mut link = Link {
+        endpoint,
+        config,
+        addr,
+        ip,
+        root: opts.root.display().to_string(),
+        heartbeat: opts.heartbeat,
+        connect_timeout: opts.connect_timeout,
+        shared,
+        monit,
+        sampler,
+        conn_tx,
+        shutdown: shutdown.clone(),
+    };
     let mut failures: u32 = 0;
     loop {
-        let end = session(
-            &endpoint,
-            &config,
-            addr,
-            &shared,
-            ip,
-            &opts,
-            &monit,
-            &mut sampler,
-            &conn_tx,
-            &shutdown,
-        )
-        .await;
-        let _ = conn_tx.send(None);
+        let end = link.session().await;
+        let _ = link.conn_tx.send(None);
         let delay = match end {
             SessionEnd::Shutdown => break,
             SessionEnd::Lost(why) => {
@@ -380,8 +384,9 @@ pub async fn run(
     shutdown.cancel();
     // Running steps finish or are cut by their own timeouts; give them a grace period.
     let _ = tokio::time::timeout(Duration::from_secs(10), workers.wait()).await;
-    endpoint.close(close_codes::SHUTDOWN.into(), b"agent stopping");
-    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    link.endpoint
+        .close(close_codes::SHUTDOWN.into(), b"agent stopping");
+    let _ = tokio::time::timeout(Duration::from_secs(3), link.endpoint.wait_idle()).await;
     Ok(())
 }
 
@@ -398,114 +403,133 @@ fn classify(e: &quinn::ConnectionError) -> SessionEnd {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    endpoint: &quinn::Endpoint,
-    config: &quinn::ClientConfig,
-    addr: std::net::SocketAddr,
-    shared: &Shared,
-    ip: std::net::IpAddr,
-    opts: &LinkOptions,
-    monit: &Monit,
-    sampler: &mut Sampler,
-    conn_tx: &watch::Sender<Option<quinn::Connection>>,
-    shutdown: &CancellationToken,
-) -> SessionEnd {
-    let identity = &shared.identity;
-    let connecting =
-        match endpoint.connect_with(config.clone(), addr, de_common::CONTROLLER_SERVER_NAME) {
+/// What one connection to the controller needs; `run` keeps one and calls
+/// [`Link::session`] again after each connection ends.
+struct Link {
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    /// The controller's address.
+    addr: SocketAddr,
+    /// This node's IP, as sent in `Hello`.
+    ip: IpAddr,
+    /// The node root, as sent in `Hello`.
+    root: String,
+    heartbeat: Duration,
+    connect_timeout: Duration,
+    shared: Arc<Shared>,
+    monit: Monit,
+    sampler: Sampler,
+    /// Tells the lane workers and the reporter which connection to use.
+    conn_tx: watch::Sender<Option<quinn::Connection>>,
+    shutdown: CancellationToken,
+}
+
+impl Link {
+    /// Connects, says `Hello`, and sends heartbeats until the connection ends.
+    async fn session(&mut self) -> SessionEnd {
+        let (addr, shutdown) = (self.addr, self.shutdown.clone());
+        let identity = &self.shared.identity;
+        let connecting = match self.endpoint.connect_with(
+            self.config.clone(),
+            addr,
+            de_common::CONTROLLER_SERVER_NAME,
+        ) {
             Ok(c) => c,
             Err(e) => return SessionEnd::Failed(e.to_string()),
         };
-    let conn = tokio::select! {
-        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-        r = tokio::time::timeout(opts.connect_timeout, connecting) => match r {
-            Err(_) => return SessionEnd::Failed(format!("no answer from {addr} in {} s", opts.connect_timeout.as_secs())),
-            Ok(Err(e)) => return classify(&e),
-            Ok(Ok(c)) => c,
-        },
-    };
-    let (mut send, mut recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return classify(&e),
-    };
-    let hello = AgentMsg::Hello(Hello {
-        node_id: identity.meta.node_id.clone(),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        hostname: hostname(),
-        ips: vec![ip.to_string()],
-        hardware: sampler.hardware(),
-        usage: sampler.usage(),
-        root: opts.root.display().to_string(),
-        heartbeat_secs: u32::try_from(opts.heartbeat.as_secs().max(1)).unwrap_or(u32::MAX),
-        last_done: shared.ledger().last_done_all(),
-    });
-    if write_frame(&mut send, &hello).await.is_err() {
-        return conn
-            .close_reason()
-            .map(|e| classify(&e))
-            .unwrap_or_else(|| SessionEnd::Failed("could not send Hello".into()));
-    }
-    let answer = tokio::select! {
-        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-        a = tokio::time::timeout(opts.connect_timeout, read_frame::<_, ControllerMsg>(&mut recv)) => a,
-    };
-    match answer {
-        Ok(Ok(Some(ControllerMsg::Welcome(w)))) => {
-            info!(node = %identity.meta.node_id, controller = %addr, controller_version = %w.controller_version, "online");
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            r = tokio::time::timeout(self.connect_timeout, connecting) => match r {
+                Err(_) => return SessionEnd::Failed(format!("no answer from {addr} in {} s", self.connect_timeout.as_secs())),
+                Ok(Err(e)) => return classify(&e),
+                Ok(Ok(c)) => c,
+            },
+        };
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return classify(&e),
+        };
+        let hello = AgentMsg::Hello(Hello {
+            node_id: identity.meta.node_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            hostname: hostname(),
+            ips: vec![self.ip.to_string()],
+            hardware: self.sampler.hardware(),
+            usage: self.sampler.usage(),
+            root: self.root.clone(),
+            heartbeat_secs: u32::try_from(self.heartbeat.as_secs().max(1)).unwrap_or(u32::MAX),
+            last_done: self.shared.ledger().last_done_all(),
+        });
+        if write_frame(&mut send, &hello).await.is_err() {
+            return conn
+                .close_reason()
+                .map(|e| classify(&e))
+                .unwrap_or_else(|| SessionEnd::Failed("could not send Hello".into()));
         }
-        Ok(Ok(Some(ControllerMsg::Refused(LinkRefusal::Revoked)))) => return SessionEnd::Revoked,
-        Ok(Ok(Some(other))) => {
-            return SessionEnd::Failed(format!("controller refused the link: {other:?}"));
-        }
-        Ok(Ok(None)) | Ok(Err(_)) => {
-            return match tokio::time::timeout(Duration::from_secs(2), conn.closed()).await {
-                Ok(e) => classify(&e),
-                Err(_) => SessionEnd::Failed("controller closed the control stream".into()),
-            };
-        }
-        Err(_) => return SessionEnd::Failed("the controller did not answer Hello".into()),
-    }
-    let _ = conn_tx.send(Some(conn.clone()));
-    let mut tick = tokio::time::interval(opts.heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    let mut monit_warned = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = send.finish();
-                conn.close(close_codes::SHUTDOWN.into(), b"agent stopping");
-                return SessionEnd::Shutdown;
+        let answer = tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            a = tokio::time::timeout(self.connect_timeout, read_frame::<_, ControllerMsg>(&mut recv)) => a,
+        };
+        match answer {
+            Ok(Ok(Some(ControllerMsg::Welcome(w)))) => {
+                info!(node = %identity.meta.node_id, controller = %addr, controller_version = %w.controller_version, "online");
             }
-            e = conn.closed() => {
-                return match classify(&e) {
-                    SessionEnd::Failed(why) => SessionEnd::Lost(why),
-                    other => other,
+            Ok(Ok(Some(ControllerMsg::Refused(LinkRefusal::Revoked)))) => {
+                return SessionEnd::Revoked;
+            }
+            Ok(Ok(Some(other))) => {
+                return SessionEnd::Failed(format!("controller refused the link: {other:?}"));
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                return match tokio::time::timeout(Duration::from_secs(2), conn.closed()).await {
+                    Ok(e) => classify(&e),
+                    Err(_) => SessionEnd::Failed("controller closed the control stream".into()),
                 };
             }
-            _ = tick.tick() => {
-                let components = match monit.status().await {
-                    Ok(c) => { monit_warned = false; c }
-                    Err(e) => {
-                        if !monit_warned {
-                            warn!(error = %e, "cannot read monit status");
-                            monit_warned = true;
-                        }
-                        Vec::new()
-                    }
-                };
-                let hb = AgentMsg::Heartbeat(Heartbeat { usage: sampler.usage(), components });
-                if let Err(e) = write_frame(&mut send, &hb).await {
-                    return SessionEnd::Lost(format!("heartbeat not sent: {e}"));
+            Err(_) => return SessionEnd::Failed("the controller did not answer Hello".into()),
+        }
+        let _ = self.conn_tx.send(Some(conn.clone()));
+        let mut tick = tokio::time::interval(self.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut monit_warned = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = send.finish();
+                    conn.close(close_codes::SHUTDOWN.into(), b"agent stopping");
+                    return SessionEnd::Shutdown;
                 }
-                // What this node applied and how it drifted, for the next deployment.
-                let (applied, root, m) = (shared.ctx.applied.clone(), opts.root.clone(), monit.clone());
-                let inventory = tokio::task::spawn_blocking(move || applied.inventory(&root, &m))
-                    .await
-                    .unwrap_or_default();
-                if let Err(e) = write_frame(&mut send, &AgentMsg::Inventory(inventory)).await {
-                    return SessionEnd::Lost(format!("inventory not sent: {e}"));
+                e = conn.closed() => {
+                    return match classify(&e) {
+                        SessionEnd::Failed(why) => SessionEnd::Lost(why),
+                        other => other,
+                    };
+                }
+                _ = tick.tick() => {
+                    let components = match self.monit.status().await {
+                        Ok(c) => { monit_warned = false; c }
+                        Err(e) => {
+                            if !monit_warned {
+                                warn!(error = %ErrorChain(&e), "cannot read monit status");
+                                monit_warned = true;
+                            }
+                            Vec::new()
+                        }
+                    };
+                    let hb = AgentMsg::Heartbeat(Heartbeat { usage: self.sampler.usage(), components });
+                    if let Err(e) = write_frame(&mut send, &hb).await {
+                        return SessionEnd::Lost(format!("heartbeat not sent: {}", ErrorChain(&e)));
+                    }
+                    // What this node applied and how it drifted, for the next deployment.
+                    let (applied, root, m) =
+                        (self.shared.ctx.applied.clone(), self.shared.ctx.root.clone(), self.monit.clone());
+                    let inventory = tokio::task::spawn_blocking(move || applied.inventory(&root, &m))
+                        .await
+                        .unwrap_or_default();
+                    if let Err(e) = write_frame(&mut send, &AgentMsg::Inventory(inventory)).await {
+                        return SessionEnd::Lost(format!("inventory not sent: {}", ErrorChain(&e)));
+                    }
                 }
             }
         }
@@ -515,6 +539,17 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_failure_prints_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "address in use");
+        let addr = SocketAddr::from(([10, 0, 0, 9], 0));
+        let e = LinkError::from(NetError::Bind(addr, io));
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "could not open a UDP socket on 10.0.0.9:0: is --advertise-ip an address of this node?: address in use"
+        );
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {

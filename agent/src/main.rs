@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use de_agent::{EnrollOptions, Identity, LinkOptions};
+use de_common::ErrorChain;
 
 use crate::config::{Config, MAX_SECS, PACKAGED_PATH};
 
@@ -144,7 +145,7 @@ fn main() -> ExitCode {
         match de_common::load_config::<Config>(cli.config.as_deref(), Path::new(PACKAGED_PATH)) {
             Ok(loaded) => loaded,
             Err(e) => {
-                eprintln!("de-agent: {}", chain(&e));
+                eprintln!("de-agent: {}", ErrorChain(&e));
                 return ExitCode::from(EXIT_USAGE);
             }
         };
@@ -181,21 +182,10 @@ async fn do_enroll(code: String, settings: &Settings) -> Result<Identity, ExitCo
             Ok(id)
         }
         Err(e) => {
-            eprintln!("de-agent: {}", chain(&e));
+            eprintln!("de-agent: {}", ErrorChain(&e));
             Err(ExitCode::FAILURE)
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 async fn async_main(command: Command, file: Config) -> ExitCode {
@@ -238,7 +228,7 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
                 match Identity::load(&settings.state_dir) {
                     Ok(id) => id,
                     Err(e) => {
-                        eprintln!("de-agent: {}", chain(&e));
+                        eprintln!("de-agent: {}", ErrorChain(&e));
                         return ExitCode::FAILURE;
                     }
                 }
@@ -274,7 +264,7 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
             match de_agent::run(identity, opts, shutdown).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("de-agent: {}", chain(&e));
+                    eprintln!("de-agent: {}", ErrorChain(&e));
                     ExitCode::FAILURE
                 }
             }

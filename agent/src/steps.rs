@@ -654,11 +654,11 @@ pub(crate) async fn execute(
             check.as_deref(),
         ) {
             Ok(summary) => ok(summary),
-            Err(e) => failed(e.with_causes()),
+            Err(e) => failed(de_common::ErrorChain(&e).to_string()),
         },
         StepAction::Unmark { instance } => match ctx.applied.unmark(instance) {
             Ok(summary) => ok(summary),
-            Err(e) => failed(e.with_causes()),
+            Err(e) => failed(de_common::ErrorChain(&e).to_string()),
         },
         StepAction::WriteFile {
             path,

@@ -1,12 +1,13 @@
 //! Deployment Engine's shared protocol crate: the wire messages between agent
-//! and controller, their framing, the types both sides agree on, and how both
-//! binaries read their config files.
+//! and controller, their framing, the types both sides agree on, how both
+//! binaries read their config files and how both print an error's chain.
 //!
 //! Architecture invariant: this is the only crate that knows the wire format.
 //! It does no network I/O of its own (framing works on any `AsyncRead` /
 //! `AsyncWrite`) and holds no sled, axum or quinn types.
 
 mod config;
+mod error;
 mod files;
 mod frame;
 mod hardware;
@@ -15,6 +16,7 @@ mod step;
 mod wire;
 
 pub use config::{ConfigError, load_config, load_toml, parse_toml};
+pub use error::ErrorChain;
 pub use files::{ensure_private_dir, write_private};
 pub use frame::{FrameError, MAX_FRAME_LEN, decode, encode, read_frame, write_frame};
 pub use hardware::{ComponentStatus, Hardware, Usage};

@@ -3,19 +3,36 @@
 //! Precedence, resolved in `main.rs`: flag > environment variable > this file > built-in default.
 //! The packaged file is [`PACKAGED_PATH`], read when it exists and no `--config` is given.
 //!
+//! A number out of its range is refused, in the file as on the command line, naming the
+//! allowed range: the file's error names the file, the line and the key (and `main.rs` exits
+//! 64), a flag's names the flag and the value (clap exits 2), as the agent does.
+//!
 //! Adding an option: a field here, a commented line in `packaging/controller/controller.toml`
 //! (the tests below parse it with every commented line switched on), an `Option` clap arg in
 //! `main.rs`, and one line where `main.rs` resolves it.
 
+use std::fmt::Display;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use serde::Deserialize;
+use serde::de::{Deserializer, Error as _};
 
 use de_controller::PublicAddr;
 
 /// Where the package installs the controller's config file.
 pub(crate) const PACKAGED_PATH: &str = "/etc/deployment-engine/controller.toml";
+
+/// How many times a failing deployment step may be tried in all.
+pub(crate) const STEP_ATTEMPTS: RangeInclusive<u32> = 1..=20;
+/// The log rotation size in MiB (0: never rotate; at most 1 TiB).
+pub(crate) const LOG_MAX_MB: RangeInclusive<u64> = 0..=1_048_576;
+/// How many rotated files are kept per log.
+pub(crate) const LOG_KEEP: RangeInclusive<u32> = 0..=100;
+/// Seconds a node may be silent before its steps fail (at most a day).
+pub(crate) const NODE_GRACE: RangeInclusive<u64> = 1..=86_400;
 
 /// The controller's config file; every field is optional and falls back to the built-in default.
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -25,14 +42,66 @@ pub(crate) struct Config {
     pub(crate) api_listen: Option<SocketAddr>,
     pub(crate) quic_listen: Option<SocketAddr>,
     pub(crate) public_addr: Option<PublicAddr>,
-    /// How many times a deployment step is tried in all (1-20).
+    /// How many times a deployment step is tried in all ([`STEP_ATTEMPTS`]).
+    #[serde(default, deserialize_with = "step_attempts")]
     pub(crate) step_attempts: Option<u32>,
-    /// Seconds a node may be silent before its steps fail naming it (1-86400).
+    /// Seconds a node may be silent before its steps fail naming it ([`NODE_GRACE`]).
+    #[serde(default, deserialize_with = "node_grace")]
     pub(crate) node_grace: Option<u64>,
-    /// Rotate a log file when it would pass this many MiB (0: never).
+    /// Rotate a log file when it would pass this many MiB (0: never; [`LOG_MAX_MB`]).
+    #[serde(default, deserialize_with = "log_max_mb")]
     pub(crate) log_max_mb: Option<u64>,
-    /// Rotated files kept per log (0-100).
+    /// Rotated files kept per log ([`LOG_KEEP`]).
+    #[serde(default, deserialize_with = "log_keep")]
     pub(crate) log_keep: Option<u32>,
+}
+
+fn in_file<'de, D, T>(d: D, range: &RangeInclusive<T>) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + PartialOrd + Display,
+{
+    let v = T::deserialize(d)?;
+    if range.contains(&v) {
+        Ok(Some(v))
+    } else {
+        Err(D::Error::custom(format!(
+            "must be between {} and {}, got {v}",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
+fn step_attempts<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    in_file(d, &STEP_ATTEMPTS)
+}
+
+fn log_max_mb<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    in_file(d, &LOG_MAX_MB)
+}
+
+fn log_keep<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    in_file(d, &LOG_KEEP)
+}
+
+fn node_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    in_file(d, &NODE_GRACE)
+}
+
+/// A flag's (or its environment variable's) value: a number in `range`.
+pub(crate) fn flag<T: FromStr + PartialOrd + Display>(
+    s: &str,
+    range: &RangeInclusive<T>,
+) -> Result<T, String> {
+    match s.trim().parse::<T>() {
+        Ok(v) if range.contains(&v) => Ok(v),
+        _ => Err(format!(
+            "must be a number from {} to {}",
+            range.start(),
+            range.end()
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -103,6 +172,66 @@ mod tests {
         assert!(e.contains("line 1, key `api_listen`"), "{e}");
         let e = parse("public_addr = \"ctl; reboot\"\n").expect_err("shell");
         assert!(e.contains("key `public_addr`"), "{e}");
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_naming_the_key_and_the_range() {
+        for (text, key, range) in [
+            (
+                "step_attempts = 0",
+                "step_attempts",
+                "between 1 and 20, got 0",
+            ),
+            (
+                "step_attempts = 21",
+                "step_attempts",
+                "between 1 and 20, got 21",
+            ),
+            (
+                "log_max_mb = 1048577",
+                "log_max_mb",
+                "between 0 and 1048576, got 1048577",
+            ),
+            ("log_keep = 101", "log_keep", "between 0 and 100, got 101"),
+        ] {
+            let e = parse(&format!("data_dir = \"/x\"\n{text}\n")).expect_err(text);
+            assert!(
+                e.starts_with(&format!(
+                    "config file controller.toml, line 2, key `{key}`: must be {range}"
+                )),
+                "{text}: {e}"
+            );
+        }
+        let e = parse("log_keep = -1\n").expect_err("negative");
+        assert!(e.contains("key `log_keep`"), "{e}");
+    }
+
+    #[test]
+    fn the_ends_of_each_range_are_accepted() {
+        let low = parse("step_attempts = 1\nlog_max_mb = 0\nlog_keep = 0\n").expect("low ends");
+        assert_eq!(
+            (low.step_attempts, low.log_max_mb, low.log_keep),
+            (Some(1), Some(0), Some(0))
+        );
+        let high =
+            parse("step_attempts = 20\nlog_max_mb = 1048576\nlog_keep = 100\n").expect("high ends");
+        assert_eq!(
+            (high.step_attempts, high.log_max_mb, high.log_keep),
+            (Some(20), Some(1_048_576), Some(100))
+        );
+    }
+
+    #[test]
+    fn a_flag_takes_a_number_in_its_range_only() {
+        assert_eq!(flag("20", &STEP_ATTEMPTS), Ok(20));
+        assert_eq!(flag("0", &LOG_KEEP), Ok(0));
+        for bad in ["0", "21", "-1", "three", ""] {
+            assert_eq!(
+                flag(bad, &STEP_ATTEMPTS),
+                Err("must be a number from 1 to 20".to_owned()),
+                "{bad:?}"
+            );
+        }
     }
 
     /// Every config file shipped in `packaging/` is parsed by a test (here or in the agent).

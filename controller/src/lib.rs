@@ -109,15 +109,3 @@ impl Controller {
         ))
     }
 }
-
-/// `err: source: source ...`, for messages that must carry the whole chain.
-pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut src = err.source();
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
-}

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use de_controller::{Controller, PublicAddr, TokenOrigin, http, quic};
 
-use crate::config::{Config, PACKAGED_PATH};
+use crate::config::{Config, LOG_KEEP, LOG_MAX_MB, NODE_GRACE, PACKAGED_PATH, STEP_ATTEMPTS};
 
 const DEFAULT_DATA_DIR: &str = "./de-data";
 const DEFAULT_API_LISTEN: SocketAddr =
@@ -59,17 +59,17 @@ enum Command {
         #[arg(long, env = "DE_PUBLIC_ADDR")]
         public_addr: Option<PublicAddr>,
         /// How many times a failing deployment step is tried in all, 1-20 [default: 3].
-        #[arg(long, env = "DE_STEP_ATTEMPTS", value_parser = clap::value_parser!(u32).range(1..=20))]
+        #[arg(long, env = "DE_STEP_ATTEMPTS", value_parser = |s: &str| config::flag(s, &STEP_ATTEMPTS))]
         step_attempts: Option<u32>,
         /// Seconds a node may be silent (no heartbeat) before its queued and
         /// running steps fail naming it, 1-86400 [default: 60].
-        #[arg(long, env = "DE_NODE_GRACE", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        #[arg(long, env = "DE_NODE_GRACE", value_parser = |s: &str| config::flag(s, &NODE_GRACE))]
         node_grace: Option<u64>,
         /// Rotate each log file when a write would take it past this many MiB; 0: never [default: 64].
-        #[arg(long, env = "DE_LOG_MAX_MB", value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+        #[arg(long, env = "DE_LOG_MAX_MB", value_parser = |s: &str| config::flag(s, &LOG_MAX_MB))]
         log_max_mb: Option<u64>,
         /// How many rotated files to keep per log (NAME.1 ... NAME.N), 0-100 [default: 4].
-        #[arg(long, env = "DE_LOG_KEEP", value_parser = clap::value_parser!(u32).range(0..=100))]
+        #[arg(long, env = "DE_LOG_KEEP", value_parser = |s: &str| config::flag(s, &LOG_KEEP))]
         log_keep: Option<u32>,
     },
 }
@@ -103,24 +103,22 @@ impl Settings {
             api_listen: (api_listen.or(file.api_listen)).unwrap_or(DEFAULT_API_LISTEN),
             quic_listen: (quic_listen.or(file.quic_listen)).unwrap_or(DEFAULT_QUIC_LISTEN),
             public_addr: public_addr.or(file.public_addr),
+            // Both sources were checked against the ranges in `config.rs`.
             step_attempts: step_attempts
                 .or(file.step_attempts)
-                .unwrap_or(de_controller::DEFAULT_STEP_ATTEMPTS)
-                .clamp(1, 20),
+                .unwrap_or(de_controller::DEFAULT_STEP_ATTEMPTS),
             node_grace: node_grace
                 .or(file.node_grace)
-                .map(|s| Duration::from_secs(s.clamp(1, 86_400)))
+                .map(Duration::from_secs)
                 .unwrap_or(de_controller::agents::watchdog::DEFAULT_NODE_GRACE),
             log_limits: de_controller::LogLimits {
                 max_bytes: log_max_mb
                     .or(file.log_max_mb)
                     .unwrap_or(de_controller::DEFAULT_LOG_MAX_MB)
-                    .min(1_048_576)
                     << 20,
                 keep: log_keep
                     .or(file.log_keep)
-                    .unwrap_or(de_controller::DEFAULT_LOG_KEEP)
-                    .min(100),
+                    .unwrap_or(de_controller::DEFAULT_LOG_KEEP),
             },
         }
     }
@@ -140,7 +138,7 @@ fn main() -> std::process::ExitCode {
         match de_common::load_config::<Config>(cli.config.as_deref(), Path::new(PACKAGED_PATH)) {
             Ok(loaded) => loaded,
             Err(e) => {
-                eprintln!("de-controller: {:#}", anyhow::Error::new(e));
+                eprintln!("de-controller: {}", de_common::ErrorChain(&e));
                 return std::process::ExitCode::from(EXIT_USAGE);
             }
         };
@@ -247,4 +245,51 @@ fn stdout_is_the_journal() -> bool {
         return false;
     };
     stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["de-controller", "serve"].iter().chain(args))
+    }
+
+    #[test]
+    fn out_of_range_flags_are_refused_naming_the_flag_the_value_and_the_range() {
+        for (flag, value, range) in [
+            ("--step-attempts", "0", "from 1 to 20"),
+            ("--step-attempts", "21", "from 1 to 20"),
+            ("--log-max-mb", "1048577", "from 0 to 1048576"),
+            ("--log-keep", "101", "from 0 to 100"),
+            ("--log-keep", "-1", "from 0 to 100"),
+        ] {
+            let e = serve(&[&format!("{flag}={value}")]).expect_err(flag);
+            assert_eq!(e.exit_code(), 2, "{e}");
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("invalid value '{value}' for '{flag}"))
+                    && text.contains(range),
+                "{flag} {value}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_at_the_ends_of_their_ranges_are_used_as_given() {
+        let cli = serve(&[
+            "--step-attempts",
+            "20",
+            "--log-max-mb",
+            "0",
+            "--log-keep",
+            "100",
+        ])
+        .expect("in range");
+        let s = Settings::resolve(cli.command, Config::default());
+        assert_eq!(
+            (s.step_attempts, s.log_limits.max_bytes, s.log_limits.keep),
+            (20, 0, 100)
+        );
+    }
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use de_common::ErrorChain;
 use tokio::sync::broadcast;
 use tracing::warn;
 
@@ -80,7 +81,7 @@ impl Sink {
             && self.size + len > limits.max_bytes
             && let Err(e) = self.rotate(limits.keep)
         {
-            warn!(path = %self.path.display(), error = %e, "could not rotate a log file; appending to it");
+            warn!(path = %self.path.display(), error = %ErrorChain(&e), "could not rotate a log file; appending to it");
         }
         self.file.write_all(text)?;
         self.size += len;
@@ -241,7 +242,7 @@ impl LogHub {
         }
         let mut f = self.local.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = f.write(local.as_bytes(), self.limits) {
-            warn!(path = %self.path.display(), error = %e, "could not write the operations log");
+            warn!(path = %self.path.display(), error = %ErrorChain(&e), "could not write the operations log");
         }
         // Under the same lock, so clients see lines in local.log's order.
         // Err only means that no client is connected.
@@ -269,7 +270,7 @@ impl LogHub {
                     files.insert(instance.to_owned(), f);
                 }
                 Err(e) => {
-                    warn!(path = %path.display(), error = %e, "could not open an instance log");
+                    warn!(path = %path.display(), error = %ErrorChain(&e), "could not open an instance log");
                     return;
                 }
             }
@@ -277,7 +278,7 @@ impl LogHub {
         if let Some(f) = files.get_mut(instance)
             && let Err(e) = f.write(line.as_bytes(), self.limits)
         {
-            warn!(instance, error = %e, "could not write an instance log");
+            warn!(instance, error = %ErrorChain(&e), "could not write an instance log");
             // Reopened on the next line, in case the file was moved away.
             files.remove(instance);
         }

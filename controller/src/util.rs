@@ -1,5 +1,5 @@
-//! Small helpers every domain uses: timestamps as the API writes them, and
-//! random ids.
+//! Small helpers every domain uses: timestamps as the API writes them,
+//! random ids, and what counts as an empty request body.
 
 use std::time::SystemTime;
 
@@ -18,6 +18,11 @@ pub fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
+/// Whether a request body is empty or only whitespace (so: not given).
+pub fn is_blank(body: &[u8]) -> bool {
+    body.iter().all(u8::is_ascii_whitespace)
+}
+
 /// A random lowercase hex string of `bytes` bytes.
 pub fn random_hex(bytes: usize) -> Result<String, NoRandomness> {
     let mut b = vec![0u8; bytes];
@@ -34,6 +39,16 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn only_whitespace_is_a_blank_body() {
+        for blank in ["", " ", "\r\n\t "] {
+            assert!(is_blank(blank.as_bytes()), "{blank:?}");
+        }
+        for given in ["{}", " 0 ", "\"\""] {
+            assert!(!is_blank(given.as_bytes()), "{given:?}");
+        }
     }
 
     #[test]

@@ -154,6 +154,12 @@ fn bad_config_files_exit_64_with_one_line_naming_the_file_and_key() -> Result<()
             "line 1, key `public_addr`",
         ),
         (
+            "de-controller",
+            "serve",
+            "log_keep = 4\nstep_attempts = 0\n",
+            "line 2, key `step_attempts`: must be between 1 and 20, got 0",
+        ),
+        (
             "de-agent",
             "run",
             "heartbeat_secs = 0\n",

@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 
 use de_common::{
     AGENT_ALPN, AgentMsg, ControllerMsg, ENROLL_ALPN, EnrollClientMsg, EnrollGrant, EnrollRefusal,
-    EnrollRequest, EnrollServerMsg, LinkRefusal, Welcome, close_codes, decode, encode, read_frame,
-    write_frame,
+    EnrollRequest, EnrollServerMsg, ErrorChain, LinkRefusal, Welcome, close_codes, decode, encode,
+    read_frame, write_frame,
 };
 use de_install_codes::{ChannelBinding, ControllerHandshake, EKM_LABEL, Refusal};
 
@@ -175,7 +175,7 @@ pub async fn serve(endpoint: quinn::Endpoint, ctl: Arc<Controller>, shutdown: Ca
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => handle(conn, ctl).await,
-                Err(e) => debug!(%remote, error = %e, "QUIC handshake failed"),
+                Err(e) => debug!(%remote, error = %ErrorChain(&e), "QUIC handshake failed"),
             }
         });
     }
@@ -194,7 +194,7 @@ async fn handle(conn: quinn::Connection, ctl: Arc<Controller>) {
         Some(p) if p == ENROLL_ALPN => {
             let remote = conn.remote_address();
             if let Err(e) = enroll(&conn, &ctl).await {
-                info!(%remote, error = %e, "enrolment ended without a node");
+                info!(%remote, error = %ErrorChain(&e), "enrolment ended without a node");
             }
             // Let the agent read the last frame before the connection goes.
             let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
@@ -264,7 +264,7 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
             return refuse(&mut send, why).await;
         }
         Err(AttemptError::Store(e)) => {
-            warn!(error = %e, "install-code book could not be saved; refusing enrolment");
+            warn!(error = %ErrorChain(&e), "install-code book could not be saved; refusing enrolment");
             return refuse(
                 &mut send,
                 EnrollRefusal::Invalid(
@@ -393,7 +393,7 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
         .connected(conn.clone(), &hello)
         .and_then(|_| ctl.steps.resync(&node_id, &hello.last_done))
     {
-        warn!(node = %node_id, error = %e, "could not record the node's link");
+        warn!(node = %node_id, error = %ErrorChain(&e), "could not record the node's link");
         let _ = write_frame(
             &mut send,
             &ControllerMsg::Refused(LinkRefusal::Invalid("controller store unavailable".into())),
@@ -426,7 +426,7 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
             }
             Ok(None) => break,
             Err(e) => {
-                debug!(node = %node_id, error = %e, "control stream ended");
+                debug!(node = %node_id, error = %ErrorChain(&e), "control stream ended");
                 if matches!(
                     e,
                     de_common::FrameError::Io(_) | de_common::FrameError::Truncated
@@ -474,7 +474,7 @@ async fn serve_stream(
             Ok(Some(m)) => m,
             Ok(None) => return,
             Err(e) => {
-                debug!(node = %node_id, error = %e, "agent stream ended");
+                debug!(node = %node_id, error = %ErrorChain(&e), "agent stream ended");
                 if !matches!(
                     e,
                     de_common::FrameError::Io(_) | de_common::FrameError::Truncated
@@ -490,7 +490,7 @@ async fn serve_stream(
                     Ok(Some(step)) => ControllerMsg::Step(step),
                     Ok(None) => ControllerMsg::Idle,
                     Err(e) => {
-                        warn!(node = %node_id, error = %e, "cannot read the step queue");
+                        warn!(node = %node_id, error = %ErrorChain(&e), "cannot read the step queue");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         ControllerMsg::Idle
                     }
@@ -513,7 +513,7 @@ async fn serve_stream(
                     Ok(false) => {}
                     // No Ack: the agent sends the result again after reconnecting.
                     Err(e) => {
-                        warn!(node = %node_id, step = %step_id, error = %e, "cannot record a step event")
+                        warn!(node = %node_id, step = %step_id, error = %ErrorChain(&e), "cannot record a step event")
                     }
                 }
             }

@@ -106,7 +106,7 @@ pub enum StepUpdate {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StepsError {
-    #[error("step store")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("could not sign the step")]
     Sign(#[from] de_common::SignError),

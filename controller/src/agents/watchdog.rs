@@ -99,7 +99,7 @@ pub(crate) fn sweep(ctl: &Controller, grace: Duration) -> usize {
                 failed += 1;
             }
             Err(e) => {
-                warn!(step = %step.id, error = %crate::error_chain(&e), "could not fail a step; will try again")
+                warn!(step = %step.id, error = %de_common::ErrorChain(&e), "could not fail a step; will try again")
             }
         }
     }

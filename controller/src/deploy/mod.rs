@@ -120,9 +120,7 @@ pub struct AppliedInstance {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
-    #[error(
-        "no plan has been submitted yet: POST the plan JSON to /deployment-engine/config first"
-    )]
+    #[error("{}", crate::plan::NO_PLAN)]
     NoPlan,
     #[error("deployment {0} is still running: wait for it to finish")]
     Busy(String),

@@ -16,12 +16,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode, parse_optional_json};
 use super::plan::{created, submit};
 use crate::Controller;
 use crate::agents::nodes::NodeView;
-use crate::plan::StoredPlan;
 use crate::plan::validate::find_node;
+use crate::plan::{NO_PLAN, StoredPlan};
 
 type Ctl = State<Arc<Controller>>;
 
@@ -36,56 +36,24 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
 }
 
 async fn deploy(State(ctl): Ctl) -> Result<Response, ApiError> {
-    use crate::deploy::{DeployError, Deployer};
-    match Deployer::start(&ctl) {
-        Ok(d) => Ok((
-            StatusCode::ACCEPTED,
-            axum::Json(serde_json::json!({
-                "id": d.id,
-                "state": d.state,
-                "plan_revision": d.plan_revision,
-                "steps": d.steps.len(),
-            })),
-        )
-            .into_response()),
-        Err(e @ DeployError::NoPlan) => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "no_plan",
-            e.to_string(),
-        )),
-        Err(e @ DeployError::Busy(_)) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "deployment_running",
-            e.to_string(),
-        )),
-        Err(e @ DeployError::Offline(_)) => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "nodes_offline",
-            e.to_string(),
-        )),
-        Err(e @ DeployError::Store(_)) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store",
-            format!(
-                "{}: {}; check the controller's data dir and log",
-                e,
-                crate::error_chain(&e)
-            ),
-        )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "plan_unusable",
-            e.to_string(),
-        )),
-    }
+    let d = crate::deploy::Deployer::start(&ctl)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({
+            "id": d.id,
+            "state": d.state,
+            "plan_revision": d.plan_revision,
+            "steps": d.steps.len(),
+        })),
+    )
+        .into_response())
 }
 
 async fn get_config(State(ctl): Ctl) -> Result<Response, ApiError> {
-    let cur = ctl.plans.current().ok_or_else(|| {
-        ApiError::not_found(
-            "no plan has been submitted yet: POST the plan JSON to /deployment-engine/config first",
-        )
-    })?;
+    let cur = ctl
+        .plans
+        .current()
+        .ok_or_else(|| ApiError::not_found(NO_PLAN))?;
     Ok(axum::Json(cur.plan.redacted()).into_response())
 }
 
@@ -133,8 +101,7 @@ fn lookup(
 ) -> Result<HardwareRow, ApiError> {
     let node = find_node(nodes, ip).ok_or_else(|| {
         ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
+            ErrorCode::Conflict,
             format!(
                 "the plan (revision {}) places {comp} on {ip}, but no enrolled node has that IP any more: enrol it again or submit a new plan",
                 plan.revision
@@ -145,25 +112,15 @@ fn lookup(
 }
 
 async fn hardware(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
-    let Some(plan) = ctl.plans.current() else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "no_plan",
-            "no plan has been submitted yet: POST the plan JSON to /deployment-engine/config first",
-        ));
-    };
-    let req = if body.iter().all(u8::is_ascii_whitespace) {
-        HardwareRequest {
-            comp: "all".into(),
-            ip: "0.0.0.0".into(),
-        }
-    } else {
-        serde_json::from_slice::<HardwareRequest>(&body).map_err(|e| {
-            ApiError::bad_request(format!(
-                "the body must be {{\"Comp\": \"<component>\", \"Ip\": \"<node IP>\"}} (or {{\"Comp\": \"all\", \"Ip\": \"0.0.0.0\"}}): {e}"
-            ))
-        })?
-    };
+    let plan = ctl.plans.current().ok_or_else(ApiError::no_plan)?;
+    let req: HardwareRequest = parse_optional_json(
+        &body,
+        r#"{"Comp": "<component>", "Ip": "<node IP>"} (or {"Comp": "all", "Ip": "0.0.0.0"}, or no body)"#,
+    )?
+    .unwrap_or_else(|| HardwareRequest {
+        comp: "all".into(),
+        ip: "0.0.0.0".into(),
+    });
     let nodes = ctl.nodes.list();
     let comp = req.comp.trim();
     let ip = req.ip.trim();

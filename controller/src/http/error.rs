@@ -1,28 +1,116 @@
 //! The HTTP error layer: one [`ApiError`] for every route, one JSON shape
-//! (`{"error", "message"}`, plus `"problems"` for an invalid plan).
+//! (`{"error", "message"}`, plus `"problems"` for an invalid plan), the
+//! error codes as one enum ([`ErrorCode`], listed in `docs/API.md`), and one
+//! `From` per domain error that says which status, code and message each of
+//! its variants answers with.
+//!
+//! Invariants: handlers never pick a status for a code nor build error JSON;
+//! a 5xx logs the error's full chain and sends only a short text.
+
+use std::error::Error;
 
 use axum::body::Bytes;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use de_common::ErrorChain;
 use serde::Serialize;
 use tracing::error;
 
-use crate::plan::Problem;
+use crate::agents::{CodesError, StepsError};
+use crate::deploy::DeployError;
+use crate::oplog::LogFileError;
+use crate::plan::{NO_PLAN, Problem};
+use crate::store::StoreError;
+
+/// Every value of `"error"` in an error answer, serialized as written here
+/// in snake_case (`no_plan`, ...). `docs/API.md` lists each with its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the request is malformed (body, query, parameter).
+    BadRequest,
+    /// 400: the plan was refused; `problems` lists why.
+    InvalidPlan,
+    /// 400 (405 for another method than GET, 426 when the connection
+    /// cannot be upgraded): the route is a WebSocket.
+    WebsocketRequired,
+    /// 401: no token, or not the controller's.
+    Unauthorized,
+    /// 403: the route needs a stored plan and there is none.
+    NoPlan,
+    /// 404: no such route, node, step, deployment, catalog, log file, ...
+    NotFound,
+    /// 409: the plan names a node that is no longer enrolled.
+    Conflict,
+    /// 409: a deployment is already running.
+    DeploymentRunning,
+    /// 409: no node is online to run a command.
+    NoTargets,
+    /// 500: the controller failed; its log has the details.
+    Internal,
+    /// 500: the store failed while starting a deployment.
+    Store,
+    /// 500: the stored plan cannot be deployed with the loaded catalogs.
+    PlanUnusable,
+    /// 502: nodes of the plan are offline.
+    NodesOffline,
+}
+
+impl ErrorCode {
+    /// Every code, in the order `docs/API.md` lists them.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::BadRequest,
+        ErrorCode::InvalidPlan,
+        ErrorCode::WebsocketRequired,
+        ErrorCode::Unauthorized,
+        ErrorCode::NoPlan,
+        ErrorCode::NotFound,
+        ErrorCode::Conflict,
+        ErrorCode::DeploymentRunning,
+        ErrorCode::NoTargets,
+        ErrorCode::Internal,
+        ErrorCode::Store,
+        ErrorCode::PlanUnusable,
+        ErrorCode::NodesOffline,
+    ];
+
+    /// The status an error with this code is answered with (a failed
+    /// WebSocket upgrade may answer 405 or 426 instead of 400).
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::InvalidPlan | ErrorCode::WebsocketRequired => {
+                StatusCode::BAD_REQUEST
+            }
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::NoPlan => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Conflict | ErrorCode::DeploymentRunning | ErrorCode::NoTargets => {
+                StatusCode::CONFLICT
+            }
+            ErrorCode::Internal | ErrorCode::Store | ErrorCode::PlanUnusable => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ErrorCode::NodesOffline => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
 
 /// One error type for every route, rendered as `{"error": CODE, "message": TEXT}`
 /// (and `"problems": [...]` for an invalid plan).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
     problems: Vec<Problem>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    /// An error with `code`'s status.
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
-            status,
+            status: code.status(),
             code,
             message: message.into(),
             problems: Vec::new(),
@@ -30,7 +118,7 @@ impl ApiError {
     }
 
     /// 400 `invalid_plan` listing every problem; nothing was stored.
-    pub fn invalid_plan(problems: Vec<Problem>) -> ApiError {
+    pub(crate) fn invalid_plan(problems: Vec<Problem>) -> ApiError {
         let first = problems
             .first()
             .map(|p| p.problem.as_str())
@@ -43,39 +131,111 @@ impl ApiError {
         };
         ApiError {
             problems,
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_plan", message)
+            ..ApiError::new(ErrorCode::InvalidPlan, message)
         }
     }
 
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::BadRequest, message)
     }
 
-    pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    pub(crate) fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::NotFound, message)
     }
 
-    /// A server-side failure: the full chain is logged, the client gets a short text.
-    pub fn internal(what: &str, err: &(dyn std::error::Error + 'static)) -> ApiError {
-        let mut chain = err.to_string();
-        let mut src = err.source();
-        while let Some(s) = src {
-            chain.push_str(": ");
-            chain.push_str(&s.to_string());
-            src = s.source();
+    /// 403 `no_plan`: the route works on the stored plan and none was submitted.
+    pub(crate) fn no_plan() -> ApiError {
+        ApiError::new(ErrorCode::NoPlan, NO_PLAN)
+    }
+
+    /// The request is not a WebSocket upgrade: the rejection's status (400,
+    /// 405 or 426), code `websocket_required`, and `how` to connect.
+    pub(crate) fn websocket_required(rejection: &WebSocketUpgradeRejection, how: &str) -> ApiError {
+        ApiError {
+            status: rejection.status(),
+            ..ApiError::new(
+                ErrorCode::WebsocketRequired,
+                format!("{how} ({})", rejection.body_text()),
+            )
         }
-        error!(error = %chain, "{what}");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+    }
+
+    /// 500 `internal` for a failure outside the domain's errors (a task that
+    /// died, the log dir): the chain is logged, the client is told `what`.
+    pub(crate) fn internal(what: &str, err: &dyn Error) -> ApiError {
+        ApiError::logged(
+            ErrorCode::Internal,
+            err,
             format!("{what}; see the controller's log"),
         )
+    }
+
+    /// A 5xx for `err`: its full chain goes to the log, `message` to the client.
+    fn logged(code: ErrorCode, err: &dyn Error, message: String) -> ApiError {
+        error!(code = ?code, error = %ErrorChain(err), "request failed");
+        ApiError::new(code, message)
+    }
+
+    /// 500 `internal` saying what failed at `err`'s own level (its `Display`
+    /// never includes its causes; those are logged).
+    fn internal_from(err: &dyn Error) -> ApiError {
+        ApiError::logged(
+            ErrorCode::Internal,
+            err,
+            format!("{err}; see the controller's log"),
+        )
+    }
+}
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> ApiError {
+        match &e {
+            DeployError::NoPlan => ApiError::new(ErrorCode::NoPlan, e.to_string()),
+            DeployError::Busy(_) => ApiError::new(ErrorCode::DeploymentRunning, e.to_string()),
+            DeployError::Offline(_) => ApiError::new(ErrorCode::NodesOffline, e.to_string()),
+            DeployError::Store(_) => ApiError::logged(
+                ErrorCode::Store,
+                &e,
+                format!("{e}; check the controller's data dir and log"),
+            ),
+            DeployError::NoCatalog(_) | DeployError::Render(_) => {
+                ApiError::logged(ErrorCode::PlanUnusable, &e, e.to_string())
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        ApiError::internal_from(&e)
+    }
+}
+
+impl From<StepsError> for ApiError {
+    fn from(e: StepsError) -> ApiError {
+        ApiError::internal_from(&e)
+    }
+}
+
+impl From<CodesError> for ApiError {
+    fn from(e: CodesError) -> ApiError {
+        ApiError::internal_from(&e)
+    }
+}
+
+impl From<LogFileError> for ApiError {
+    fn from(e: LogFileError) -> ApiError {
+        match &e {
+            LogFileError::InvalidName(_) => ApiError::bad_request(e.to_string()),
+            LogFileError::NotFound(_) => ApiError::not_found(e.to_string()),
+            LogFileError::Io(..) => ApiError::internal("could not read the log file", &e),
+        }
     }
 }
 
 #[derive(Serialize)]
 struct ErrorBody<'a> {
-    error: &'a str,
+    error: ErrorCode,
     message: &'a str,
     #[serde(skip_serializing_if = "<[Problem]>::is_empty")]
     problems: &'a [Problem],
@@ -92,15 +252,236 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `body` as JSON of type `T`, whatever the request's Content-Type (the
+/// original clients send JSON as a form, or with no type); `shape` shows the
+/// expected body in the 400 answer.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     body: &Bytes,
     shape: &str,
 ) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
-            "body is not valid JSON for this route at line {} column {} ({e}); expected {shape}",
-            e.line(),
-            e.column()
+            "body is not valid JSON for this route ({e}); expected {shape}"
         ))
     })
+}
+
+/// [`parse_json`] for a route whose body may be left out: `None` when the
+/// body is empty or only whitespace.
+pub(crate) fn parse_optional_json<T: serde::de::DeserializeOwned>(
+    body: &Bytes,
+    shape: &str,
+) -> Result<Option<T>, ApiError> {
+    if crate::util::is_blank(body) {
+        return Ok(None);
+    }
+    parse_json(body, shape).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::StepsError;
+    use http_body_util::BodyExt;
+
+    const API_MD: &str = include_str!("../../../docs/API.md");
+
+    fn code_name(code: ErrorCode) -> String {
+        serde_json::to_value(code)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    async fn answer(e: ApiError) -> (StatusCode, serde_json::Value) {
+        let resp = e.into_response();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, serde_json::from_slice(&bytes).expect("JSON body"))
+    }
+
+    #[test]
+    fn the_codes_are_the_strings_clients_match_on() {
+        let names: Vec<String> = ErrorCode::ALL.into_iter().map(code_name).collect();
+        assert_eq!(
+            names,
+            [
+                "bad_request",
+                "invalid_plan",
+                "websocket_required",
+                "unauthorized",
+                "no_plan",
+                "not_found",
+                "conflict",
+                "deployment_running",
+                "no_targets",
+                "internal",
+                "store",
+                "plan_unusable",
+                "nodes_offline",
+            ]
+        );
+    }
+
+    /// Each code has a row `| `code` | status | meaning |` in docs/API.md's
+    /// table, with the status this enum gives it.
+    #[test]
+    fn every_code_is_listed_in_the_api_doc_with_its_status() {
+        for code in ErrorCode::ALL {
+            let name = code_name(code);
+            let row = API_MD
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{name}` |")))
+                .unwrap_or_else(|| panic!("docs/API.md lists no error code `{name}`"));
+            let status = row.split('|').nth(2).unwrap_or_default().trim();
+            assert!(
+                status.starts_with(code.status().as_str()),
+                "docs/API.md gives `{name}` status {status:?}, the code {}",
+                code.status().as_str()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn every_error_has_one_json_shape() {
+        let (status, body) = answer(ApiError::no_plan()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            body,
+            serde_json::json!({"error": "no_plan", "message": NO_PLAN})
+        );
+        let problem = Problem {
+            kind: "malformed_json",
+            component: None,
+            ip: None,
+            property: None,
+            problem: "the body is empty".into(),
+            found: None,
+            needed: None,
+        };
+        let (status, body) = answer(ApiError::invalid_plan(vec![problem])).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "invalid_plan");
+        assert_eq!(
+            body["message"],
+            "the plan was not accepted: the body is empty"
+        );
+        assert_eq!(body["problems"][0]["kind"], "malformed_json", "{body}");
+    }
+
+    #[tokio::test]
+    async fn deploy_errors_map_to_their_codes() {
+        let cases = [
+            (DeployError::NoPlan, StatusCode::FORBIDDEN, "no_plan"),
+            (
+                DeployError::Busy("d-1".into()),
+                StatusCode::CONFLICT,
+                "deployment_running",
+            ),
+            (
+                DeployError::Offline("10.0.0.1".into()),
+                StatusCode::BAD_GATEWAY,
+                "nodes_offline",
+            ),
+            (
+                DeployError::NoCatalog("webfarm".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "plan_unusable",
+            ),
+            (
+                DeployError::Render("nginx: template failed".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "plan_unusable",
+            ),
+        ];
+        for (e, status, code) in cases {
+            let message = e.to_string();
+            let (s, body) = answer(e.into()).await;
+            assert_eq!((s, body["error"].as_str()), (status, Some(code)), "{body}");
+            assert_eq!(body["message"], message);
+        }
+    }
+
+    fn engine_failure() -> StoreError {
+        StoreError::Corrupt {
+            tree: "deployments",
+            key: "d-1".into(),
+            source: serde_json::from_str::<u8>("x").expect_err("not JSON"),
+        }
+    }
+
+    /// A 5xx names what failed and points at the log; the causes (paths,
+    /// parser positions) stay in the log, and nothing is said twice.
+    #[tokio::test]
+    async fn a_server_failure_sends_a_short_text_without_its_causes() {
+        let (s, body) = answer(DeployError::Store(engine_failure()).into()).await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["error"], "store");
+        assert_eq!(
+            body["message"],
+            "cannot read or write deployments in the store; check the controller's data dir and log"
+        );
+        let (s, body) = answer(StepsError::from(engine_failure()).into()).await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["error"], "internal");
+        assert_eq!(
+            body["message"],
+            "record \"d-1\" in tree deployments is not valid JSON for this version; see the controller's log"
+        );
+        let (_, body) = answer(CodesError::from(engine_failure()).into()).await;
+        assert_eq!(
+            body["message"],
+            "could not persist the install code; see the controller's log"
+        );
+    }
+
+    #[tokio::test]
+    async fn log_file_errors_are_a_client_error_unless_the_disk_failed() {
+        let cases = [
+            (
+                LogFileError::InvalidName("../x".into()),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                LogFileError::NotFound("x.log".into()),
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                LogFileError::Io("x.log".into(), std::io::Error::other("disk on fire")),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (e, status) in cases {
+            let (s, body) = answer(e.into()).await;
+            assert_eq!(s, status, "{body}");
+            assert!(!body.to_string().contains("disk on fire"), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_blank_body_is_no_body_and_bad_json_names_the_shape() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Ttl {
+            ttl_secs: u64,
+        }
+        let blank = parse_optional_json::<Ttl>(&Bytes::from_static(b" \n"), "{}");
+        assert!(matches!(blank, Ok(None)), "{blank:?}");
+        let given = parse_optional_json::<Ttl>(&Bytes::from_static(b"{\"ttl_secs\": 5}"), "{}");
+        assert!(matches!(given, Ok(Some(Ttl { ttl_secs: 5 }))), "{given:?}");
+        let e =
+            parse_optional_json::<Ttl>(&Bytes::from_static(b"{\"ttl\": 1}"), "{\"ttl_secs\": N}")
+                .expect_err("unknown shape");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(
+            e.message.ends_with("expected {\"ttl_secs\": N}"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            e.message.matches("line 1 column").count(),
+            1,
+            "the position once: {}",
+            e.message
+        );
+    }
 }

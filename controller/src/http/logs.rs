@@ -24,7 +24,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ApiError;
 use crate::Controller;
-use crate::oplog::{LogFileError, OPLOG_FILE};
+use crate::oplog::OPLOG_FILE;
 
 type Ctl = State<Arc<Controller>>;
 
@@ -64,13 +64,9 @@ async fn live(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let ws = ws.map_err(|r| {
-        ApiError::new(
-            r.status(),
-            "websocket_required",
-            format!(
-                "/deployment-engine/log is a WebSocket: connect with ws://HOST:PORT/deployment-engine/log?token=TOKEN ({})",
-                r.body_text()
-            ),
+        ApiError::websocket_required(
+            &r,
+            "/deployment-engine/log is a WebSocket: connect with ws://HOST:PORT/deployment-engine/log?token=TOKEN",
         )
     })?;
     let rx = ctl.logs.subscribe();
@@ -119,12 +115,12 @@ async fn list(State(ctl): Ctl) -> Result<axum::Json<Vec<String>>, ApiError> {
 /// `{"name": "local.log"}`.
 fn name_in_body(body: &[u8]) -> Result<String, ApiError> {
     let shape = "the body must be the log file's name, plain (local.log) or as a JSON string (\"local.log\"); GET /deployment-engine/download lists them";
+    if crate::util::is_blank(body) {
+        return Err(ApiError::bad_request(format!("{shape}: the body is empty")));
+    }
     let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::bad_request(format!("{shape}: the body is not UTF-8")))?
         .trim();
-    if text.is_empty() {
-        return Err(ApiError::bad_request(format!("{shape}: the body is empty")));
-    }
     let mut inner = text;
     if let Some(braced) = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')) {
         if let Ok(serde_json::Value::Object(map)) = serde_json::from_str(text) {
@@ -175,7 +171,7 @@ async fn download_by_path(
                 "tail must be a number of lines from 1 to {MAX_TAIL_LINES}, got {tail:?}; leave it out for the whole file"
             ))
         })?;
-    let (_, mut file) = ctl.logs.open_file(&name).map_err(file_error)?;
+    let (_, mut file) = ctl.logs.open_file(&name)?;
     let text = tokio::task::spawn_blocking(move || crate::oplog::tail_lines(&mut file, n))
         .await
         .map_err(|e| ApiError::internal("could not read the log file", &e))?
@@ -183,17 +179,9 @@ async fn download_by_path(
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
-fn file_error(e: LogFileError) -> ApiError {
-    match e {
-        LogFileError::InvalidName(_) => ApiError::bad_request(e.to_string()),
-        LogFileError::NotFound(_) => ApiError::not_found(e.to_string()),
-        LogFileError::Io(..) => ApiError::internal("could not read the log file", &e),
-    }
-}
-
 /// The file's contents as `text/plain`, streamed (a log may be large).
 fn download(ctl: &Controller, name: &str) -> Result<Response, ApiError> {
-    let (_, file) = ctl.logs.open_file(name).map_err(file_error)?;
+    let (_, file) = ctl.logs.open_file(name)?;
     let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
     Ok((
         [

@@ -23,12 +23,12 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
 
-pub use error::ApiError;
+pub use error::{ApiError, ErrorCode};
 pub use native::{DEFAULT_CODE_TTL_SECS, MAX_CODE_TTL_SECS};
 
 use crate::Controller;
@@ -129,13 +129,11 @@ fn check_token(ctl: &Controller, presented: Option<&str>, how: &str) -> Result<(
     match presented {
         Some(t) if constant_time_eq(t.as_bytes(), ctl.pki.token().as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "the bearer token is not valid: use the token in the controller's admin.token file",
         )),
         None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             format!(
                 "missing 'Authorization: Bearer <token>' {how}: the token is in the controller's admin.token file"
             ),

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiError, parse_json};
+use super::error::{ApiError, ErrorCode, parse_json, parse_optional_json};
 use crate::Controller;
 use crate::agents::{NodeView, StepRecord, StepState};
 use crate::util::rfc3339;
@@ -74,23 +74,15 @@ struct NewCode {
 }
 
 async fn post_code(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
-    let req: NewCode = if body.iter().all(u8::is_ascii_whitespace) {
-        NewCode::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request(format!("body must be empty or {{\"ttl_secs\": N}}: {e}"))
-        })?
-    };
+    let req: NewCode =
+        parse_optional_json(&body, r#"no body, or {"ttl_secs": N}"#)?.unwrap_or_default();
     let ttl = req.ttl_secs.unwrap_or(DEFAULT_CODE_TTL_SECS);
     if ttl == 0 || ttl > MAX_CODE_TTL_SECS {
         return Err(ApiError::bad_request(format!(
             "ttl_secs must be between 1 and {MAX_CODE_TTL_SECS} (7 days), got {ttl}"
         )));
     }
-    let issued = ctl
-        .codes
-        .issue(Duration::from_secs(ttl))
-        .map_err(|e| ApiError::internal("could not create the install code", &e))?;
+    let issued = ctl.codes.issue(Duration::from_secs(ttl))?;
     let view = CodeView::new(&ctl, &issued);
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
@@ -103,9 +95,7 @@ async fn get_code(State(ctl): Ctl) -> Result<axum::Json<CodeView>, ApiError> {
 }
 
 async fn delete_code(State(ctl): Ctl) -> Result<StatusCode, ApiError> {
-    ctl.codes
-        .end()
-        .map_err(|e| ApiError::internal("could not end the installation", &e))?;
+    ctl.codes.end()?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -124,12 +114,12 @@ async fn get_node(
 }
 
 async fn delete_node(State(ctl): Ctl, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    match ctl.nodes.revoke(&id) {
-        Ok(true) => Ok(StatusCode::NO_CONTENT),
-        Ok(false) => Err(ApiError::not_found(format!(
+    if ctl.nodes.revoke(&id)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!(
             "no node {id:?}: GET /api/v1/nodes lists them"
-        ))),
-        Err(e) => Err(ApiError::internal("could not revoke the node", &e)),
+        )))
     }
 }
 
@@ -256,8 +246,7 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
     };
     if nodes.is_empty() {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "no_targets",
+            ErrorCode::NoTargets,
             "no node is online to run the command: enrol agents, or name targets",
         ));
     }
@@ -282,18 +271,13 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
     // One flush for the whole fan-out.
     let ids: Vec<String> = ctl
         .steps
-        .enqueue_many(steps)
-        .map_err(|e| ApiError::internal("could not queue the command", &e))?
+        .enqueue_many(steps)?
         .into_iter()
         .map(|r| r.step.id)
         .collect();
     tracing::info!(targets = nodes.len(), "exec queued");
     let deadline = tokio::time::Instant::now() + ttl;
-    let records = ctl
-        .steps
-        .wait_all(&ids, deadline)
-        .await
-        .map_err(|e| ApiError::internal("could not read command results", &e))?;
+    let records = ctl.steps.wait_all(&ids, deadline).await?;
     let out = nodes
         .iter()
         .zip(&ids)
@@ -308,8 +292,7 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
 async fn list_deployments(
     State(ctl): Ctl,
 ) -> Result<axum::Json<Vec<crate::deploy::DeploymentView>>, ApiError> {
-    let all = crate::Deployer::list(&ctl)
-        .map_err(|e| ApiError::internal("could not read deployments", &e))?;
+    let all = crate::Deployer::list(&ctl)?;
     Ok(axum::Json(all.iter().map(|d| d.view(false)).collect()))
 }
 
@@ -317,8 +300,7 @@ async fn get_deployment(
     State(ctl): Ctl,
     Path(id): Path<String>,
 ) -> Result<axum::Json<crate::deploy::DeploymentView>, ApiError> {
-    crate::Deployer::get(&ctl, &id)
-        .map_err(|e| ApiError::internal("could not read the deployment", &e))?
+    crate::Deployer::get(&ctl, &id)?
         .map(|d| axum::Json(d.view(true)))
         .ok_or_else(|| {
             ApiError::not_found(format!(
@@ -329,13 +311,11 @@ async fn get_deployment(
 
 /// The deployment's log as text: every step in order with its state and the end of its output.
 async fn get_deployment_log(State(ctl): Ctl, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let d = crate::Deployer::get(&ctl, &id)
-        .map_err(|e| ApiError::internal("could not read the deployment", &e))?
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no deployment {id:?}: GET /api/v1/deployments lists them"
-            ))
-        })?;
+    let d = crate::Deployer::get(&ctl, &id)?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no deployment {id:?}: GET /api/v1/deployments lists them"
+        ))
+    })?;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         d.log_text(),
@@ -370,24 +350,20 @@ async fn post_step(
         ))
     })?;
     let wait = Duration::from_secs(req.wait_secs.unwrap_or(30).min(MAX_EXEC_TIMEOUT));
-    let r = ctl
-        .steps
-        .enqueue(
-            &node.id,
-            req.lane.unwrap_or(de_common::Lane::Adhoc),
-            req.action,
-            None,
-            crate::agents::steps::DEFAULT_STEP_TTL,
-        )
-        .map_err(|e| ApiError::internal("could not queue the step", &e))?;
+    let r = ctl.steps.enqueue(
+        &node.id,
+        req.lane.unwrap_or(de_common::Lane::Adhoc),
+        req.action,
+        None,
+        crate::agents::steps::DEFAULT_STEP_TTL,
+    )?;
     let records = ctl
         .steps
         .wait_all(
             std::slice::from_ref(&r.step.id),
             tokio::time::Instant::now() + wait,
         )
-        .await
-        .map_err(|e| ApiError::internal("could not read the step", &e))?;
+        .await?;
     let rec = records.into_iter().next().unwrap_or(r);
     let status = if rec.state.is_final() {
         StatusCode::OK
@@ -402,8 +378,7 @@ async fn get_step(
     Path(id): Path<String>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     ctl.steps
-        .get(&id)
-        .map_err(|e| ApiError::internal("could not read the step", &e))?
+        .get(&id)?
         .map(|r| axum::Json(r.redacted()))
         .ok_or_else(|| ApiError::not_found(format!("no step {id:?}")))
 }

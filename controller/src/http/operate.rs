@@ -8,14 +8,13 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use serde::{Deserialize, Serialize};
 
 use de_common::{Lane, MonitOp, StepAction};
 
-use super::error::ApiError;
+use super::error::{ApiError, parse_json};
 use crate::Controller;
 use crate::agents::nodes::NodeView;
 use crate::agents::steps::StepState;
@@ -32,14 +31,6 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         .route("/status", get(status))
         .route("/restart", put(restart))
         .route("/stop", put(stop))
-}
-
-fn no_plan() -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "no_plan",
-        "no plan has been submitted yet: POST the plan JSON to /deployment-engine/config first",
-    )
 }
 
 /// One row of `GET /deployment-engine/status`, with the original's field names.
@@ -90,7 +81,7 @@ fn row(comp: &str, ip: &str, node: Option<&NodeView>) -> StatusRow {
 }
 
 async fn status(State(ctl): Ctl) -> Result<axum::Json<Vec<StatusRow>>, ApiError> {
-    let plan = ctl.plans.current().ok_or_else(no_plan)?;
+    let plan = ctl.plans.current().ok_or_else(ApiError::no_plan)?;
     let nodes = ctl.nodes.list();
     Ok(axum::Json(
         plan.plan
@@ -139,12 +130,11 @@ fn targets(plan: &StoredPlan, t: &Target) -> Result<Vec<(String, String)>, ApiEr
 }
 
 async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Response, ApiError> {
-    let plan = ctl.plans.current().ok_or_else(no_plan)?;
-    let target: Target = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the body must be {{\"name\": \"<component>\", \"ip\": \"<node IP>\"}} (\"all\" / \"0.0.0.0\" for everything): {e}"
-        ))
-    })?;
+    let plan = ctl.plans.current().ok_or_else(ApiError::no_plan)?;
+    let target: Target = parse_json(
+        &body,
+        r#"{"name": "<component>", "ip": "<node IP>"} ("all" / "0.0.0.0" for everything)"#,
+    )?;
     let picked = targets(&plan, &target)?;
     let nodes = ctl.nodes.list();
     let verb = match op {
@@ -192,10 +182,7 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
         }
     }
     let (indexes, steps): (Vec<usize>, Vec<_>) = asked.into_iter().unzip();
-    let queued = ctl
-        .steps
-        .enqueue_many(steps)
-        .map_err(|e| ApiError::internal("could not queue the operation", &e))?;
+    let queued = ctl.steps.enqueue_many(steps)?;
     let waiting: Vec<(usize, String)> = indexes
         .into_iter()
         .zip(queued)
@@ -211,8 +198,7 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
     let records = ctl
         .steps
         .wait_all(&ids, tokio::time::Instant::now() + OPERATE_WAIT)
-        .await
-        .map_err(|e| ApiError::internal("could not read the operation results", &e))?;
+        .await?;
     for (i, id) in waiting {
         let result = match records.iter().find(|r| r.step.id == id) {
             Some(r) if r.state == StepState::Done => "ok".to_owned(),

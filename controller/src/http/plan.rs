@@ -91,10 +91,7 @@ fn submit_blocking(ctl: &Controller, body: &[u8], store: bool) -> Result<Accepte
         }
     };
     let stored = if store {
-        let s = ctl
-            .plans
-            .store(valid.plan.clone())
-            .map_err(|e| ApiError::internal("could not store the plan", &e))?;
+        let s = ctl.plans.store(valid.plan.clone())?;
         Some(s)
     } else {
         None

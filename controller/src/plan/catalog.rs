@@ -838,7 +838,7 @@ monit_check = "check process web with pidfile /x"
     fn check(list: &[(&str, &str)], expect: &str) {
         let err = Catalog::from_files("t", "/cat/t", false, &files(list))
             .expect_err(&format!("should fail with {expect:?}"));
-        let chain = crate::error_chain(&err);
+        let chain = de_common::ErrorChain(&err).to_string();
         assert!(chain.contains(expect), "expected {expect:?} in: {chain}");
     }
 

@@ -392,7 +392,11 @@ mod tests {
                 for (i, ip) in list.iter().enumerate() {
                     let node = ctx(&format!("n{i}"), ip, &format!("/srv/node{i}"));
                     let out = r.render(component, &node).unwrap_or_else(|e| {
-                        panic!("{}/{component}: {}", catalog.name(), crate::error_chain(&e))
+                        panic!(
+                            "{}/{component}: {}",
+                            catalog.name(),
+                            de_common::ErrorChain(&e)
+                        )
                     });
                     assert_eq!(out.index, i);
                     assert_eq!(out.instance, format!("{component}_{i}"));
@@ -507,7 +511,7 @@ mod tests {
         let err = cat
             .render("web", &plan, &ctx("n1", "10.0.0.1", "/"))
             .expect_err("undefined");
-        let chain = crate::error_chain(&err);
+        let chain = de_common::ErrorChain(&err).to_string();
         assert!(chain.contains("web.toml: install[0].run"), "{chain}");
         assert!(chain.contains("undefined"), "{chain}");
     }

@@ -97,7 +97,7 @@ pub fn validate_plan(
 ) -> Result<ValidPlan, Vec<Problem>> {
     let mut problems = Vec::new();
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if crate::util::is_blank(body) {
         return Err(vec![Problem::new(
             "malformed_json",
             "the body is empty: send the plan as JSON, {\"components\": {...}, \"properties\": {...}}",
@@ -298,7 +298,7 @@ pub fn validate_plan(
                     format!(
                         "catalog {} cannot render {name} for {ip}: {}; fix the plan's properties or the catalog",
                         catalog.name(),
-                        crate::error_chain(&e)
+                        de_common::ErrorChain(&e)
                     ),
                 )
                 .component(name)
