@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use de_common::{Lane, MonitOp, OutStream, StepAction};
@@ -29,7 +28,12 @@ use crate::store::{StoreError, StoreExt, Tree};
 use crate::util::random_hex;
 use crate::util::rfc3339;
 
+mod record;
 mod view;
+
+pub use record::{
+    Applied, AppliedInstance, DeployState, DeployStep, Deployment, PhaseState, TaskKind,
+};
 
 use view::describe;
 pub use view::{DeploymentView, StepView};
@@ -39,89 +43,6 @@ pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
 /// Deploy steps may wait this long for their node.
 const STEP_TTL: Duration = Duration::from_secs(24 * 3600);
 const APPLIED_KEY: &str = "applied";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeployState {
-    Running,
-    Succeeded,
-    Failed,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskKind {
-    Install,
-    Reconfigure,
-    Uninstall,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PhaseState {
-    Pending,
-    Running,
-    Done,
-    Failed,
-    Skipped,
-}
-
-/// One action of one component instance.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeployStep {
-    pub component: String,
-    pub instance: String,
-    pub ip: String,
-    pub node_id: String,
-    pub kind: TaskKind,
-    /// Order group: every step of group n finishes before group n+1 starts.
-    pub group: usize,
-    pub action: StepAction,
-    pub state: PhaseState,
-    pub attempts: u32,
-    /// The queue step of the current attempt (chosen before it is queued).
-    pub step_id: Option<String>,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub exit_code: Option<i32>,
-    pub error: Option<String>,
-    /// The end of the last attempt's output.
-    pub output: Option<String>,
-}
-
-/// A deployment as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Deployment {
-    pub id: String,
-    pub state: DeployState,
-    pub plan_revision: u64,
-    pub created_at: String,
-    pub finished_at: Option<String>,
-    pub error: Option<String>,
-    pub max_attempts: u32,
-    pub steps: Vec<DeployStep>,
-    /// What the cluster looks like once this deployment succeeds.
-    pub target: Applied,
-}
-
-/// The last successfully applied plan: per instance, a fingerprint of its
-/// rendered install steps and what uninstalling it takes.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Applied {
-    pub revision: u64,
-    /// `component@ip` -> instance.
-    pub instances: BTreeMap<String, AppliedInstance>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AppliedInstance {
-    pub component: String,
-    pub ip: String,
-    pub instance: String,
-    pub fingerprint: String,
-    pub monit_name: String,
-    pub uninstall: Vec<StepAction>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
