@@ -10,24 +10,21 @@
 //! nothing after a failed step of the same instance, and nothing of a later
 //! component, is queued once a step has failed for good.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tracing::{info, warn};
 
-use de_common::{Lane, MonitOp, OutStream, StepAction};
+use de_common::{Lane, OutStream};
 
 use crate::Controller;
-use crate::agents::NodeView;
 use crate::agents::steps::{StepQueue, StepState, StepUpdate};
-use crate::plan::Plan;
-use crate::plan::render::NodeContext;
-use crate::plan::validate::find_node;
 use crate::store::{StoreError, StoreExt, Tree};
 use crate::util::random_hex;
 use crate::util::rfc3339;
 
+mod planner;
 mod record;
 mod view;
 
@@ -35,6 +32,7 @@ pub use record::{
     Applied, AppliedInstance, DeployState, DeployStep, Deployment, PhaseState, TaskKind,
 };
 
+use planner::{NewDeployment, plan_deployment};
 use view::describe;
 pub use view::{DeploymentView, StepView};
 
@@ -62,20 +60,6 @@ pub enum DeployError {
     Render(String),
     #[error("cannot read or write deployments in the store")]
     Store(#[from] StoreError),
-}
-
-fn fingerprint(actions: &[StepAction]) -> String {
-    let bytes = serde_json::to_vec(actions).unwrap_or_default();
-    let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
-    d.as_ref()
-        .iter()
-        .take(12)
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn key(component: &str, ip: &str) -> String {
-    format!("{component}@{ip}")
 }
 
 /// The deployment engine: starts deployments and drives running ones.
@@ -129,12 +113,28 @@ impl Deployer {
             return Err(DeployError::Busy(id.clone()));
         }
         let cur = ctl.plans.current().ok_or(DeployError::NoPlan)?;
+        let catalog = ctl
+            .catalogs
+            .get(&cur.plan.properties.catalog)
+            .ok_or_else(|| DeployError::NoCatalog(cur.plan.properties.catalog.clone()))?
+            .clone();
         let applied: Applied = ctl
             .store
             .get_json(Tree::Plans, APPLIED_KEY)?
             .unwrap_or_default();
         let nodes = ctl.nodes.list();
-        let d = plan_deployment(ctl, &cur.plan, cur.revision, &applied, &nodes)?;
+        let new = NewDeployment {
+            id: format!(
+                "d-{}",
+                random_hex(6).map_err(|_| DeployError::Render("no randomness".into()))?
+            ),
+            created_at: rfc3339(SystemTime::now()),
+            max_attempts: ctl
+                .deployer
+                .attempts
+                .load(std::sync::atomic::Ordering::Relaxed),
+        };
+        let d = plan_deployment(&catalog, &cur, &applied, &nodes, new)?;
         ctl.store.put_json(Tree::Deployments, &d.id, &d)?;
         *running = Some(d.id.clone());
         drop(running);
@@ -188,182 +188,6 @@ impl Deployer {
     pub fn get(ctl: &Controller, id: &str) -> Result<Option<Deployment>, StoreError> {
         ctl.store.get_json(Tree::Deployments, id)
     }
-}
-
-/// Turns the diff between `applied` and `plan` into an ordered list of steps.
-fn plan_deployment(
-    ctl: &Controller,
-    plan: &Plan,
-    revision: u64,
-    applied: &Applied,
-    nodes: &[NodeView],
-) -> Result<Deployment, DeployError> {
-    let catalog = ctl
-        .catalogs
-        .get(&plan.properties.catalog)
-        .ok_or_else(|| DeployError::NoCatalog(plan.properties.catalog.clone()))?
-        .clone();
-    // Every node that will be touched must be online.
-    let mut offline = Vec::new();
-    let mut node_of = |ip: &str| -> Option<NodeView> {
-        match find_node(nodes, ip) {
-            Some(n) if n.online => Some(n.clone()),
-            Some(n) => {
-                offline.push(format!("{ip} ({})", n.id));
-                None
-            }
-            None => {
-                offline.push(format!("{ip} (no enrolled node)"));
-                None
-            }
-        }
-    };
-    let renderer = catalog.for_plan(plan);
-    let mut target = Applied {
-        revision,
-        instances: BTreeMap::new(),
-    };
-    let mut steps = Vec::new();
-    // Uninstalls first (group 0, reverse catalog order does not matter: they are independent).
-    let mut resolved: Vec<(String, String, NodeView)> = Vec::new();
-    for (c, ip) in plan.instances() {
-        if let Some(n) = node_of(ip) {
-            resolved.push((c.to_owned(), ip.to_owned(), n));
-        }
-    }
-    let removed: Vec<&AppliedInstance> = applied
-        .instances
-        .iter()
-        .filter(|(k, _)| !plan.instances().any(|(c, ip)| key(c, ip) == **k))
-        .map(|(_, v)| v)
-        .collect();
-    let mut removed_nodes = Vec::new();
-    for r in &removed {
-        if let Some(n) = node_of(&r.ip) {
-            removed_nodes.push(((*r).clone(), n));
-        }
-    }
-    if !offline.is_empty() {
-        offline.sort();
-        offline.dedup();
-        return Err(DeployError::Offline(offline.join(", ")));
-    }
-    let step =
-        |component: &str, instance: &str, ip: &str, node: &str, kind, group, action| DeployStep {
-            component: component.to_owned(),
-            instance: instance.to_owned(),
-            ip: ip.to_owned(),
-            node_id: node.to_owned(),
-            kind,
-            group,
-            action,
-            state: PhaseState::Pending,
-            attempts: 0,
-            step_id: None,
-            started_at: None,
-            finished_at: None,
-            exit_code: None,
-            error: None,
-            output: None,
-        };
-    for (r, n) in &removed_nodes {
-        // The catalog's uninstall steps (stop, clean up) first, then the check goes.
-        for a in &r.uninstall {
-            steps.push(step(
-                &r.component,
-                &r.instance,
-                &r.ip,
-                &n.id,
-                TaskKind::Uninstall,
-                0,
-                a.clone(),
-            ));
-        }
-        steps.push(step(
-            &r.component,
-            &r.instance,
-            &r.ip,
-            &n.id,
-            TaskKind::Uninstall,
-            0,
-            StepAction::MonitRemove {
-                name: r.monit_name.clone(),
-            },
-        ));
-    }
-    for (g, component) in catalog.install_order().iter().enumerate() {
-        for (c, ip, n) in resolved.iter().filter(|(c, _, _)| c == component) {
-            let rendered = renderer
-                .render(c, &NodeContext::from_view(n, ip))
-                .map_err(|e| DeployError::Render(e.to_string()))?;
-            let fp = fingerprint(&rendered.install);
-            let prev = applied.instances.get(&key(c, ip));
-            let kind = match prev {
-                None => Some(TaskKind::Install),
-                Some(p) if p.fingerprint != fp => Some(TaskKind::Reconfigure),
-                Some(_) => None,
-            };
-            if let Some(kind) = kind {
-                for a in &rendered.install {
-                    steps.push(step(
-                        c,
-                        &rendered.instance,
-                        ip,
-                        &n.id,
-                        kind,
-                        g + 1,
-                        a.clone(),
-                    ));
-                }
-                let supervised = rendered
-                    .install
-                    .iter()
-                    .any(|a| matches!(a, StepAction::MonitAdd { .. }));
-                if kind == TaskKind::Reconfigure && supervised {
-                    steps.push(step(
-                        c,
-                        &rendered.instance,
-                        ip,
-                        &n.id,
-                        kind,
-                        g + 1,
-                        StepAction::Monit {
-                            name: rendered.monit_name.clone(),
-                            op: MonitOp::Restart,
-                        },
-                    ));
-                }
-            }
-            target.instances.insert(
-                key(c, ip),
-                AppliedInstance {
-                    component: c.clone(),
-                    ip: ip.clone(),
-                    instance: rendered.instance.clone(),
-                    fingerprint: fp,
-                    monit_name: rendered.monit_name.clone(),
-                    uninstall: rendered.uninstall.clone(),
-                },
-            );
-        }
-    }
-    Ok(Deployment {
-        id: format!(
-            "d-{}",
-            random_hex(6).map_err(|_| DeployError::Render("no randomness".into()))?
-        ),
-        state: DeployState::Running,
-        plan_revision: revision,
-        created_at: rfc3339(SystemTime::now()),
-        finished_at: None,
-        error: None,
-        max_attempts: ctl
-            .deployer
-            .attempts
-            .load(std::sync::atomic::Ordering::Relaxed),
-        steps,
-        target,
-    })
 }
 
 /// One pass over a deployment: queue what may start, record what finished.
