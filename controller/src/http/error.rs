@@ -201,6 +201,9 @@ impl From<DeployError> for ApiError {
             DeployError::NoCatalog(_) | DeployError::Render(_) => {
                 ApiError::logged(ErrorCode::PlanUnusable, &e, e.to_string())
             }
+            DeployError::NotFound(_) => ApiError::not_found(e.to_string()),
+            DeployError::NotRunning { .. } => ApiError::new(ErrorCode::Conflict, e.to_string()),
+            DeployError::CancelSteps(_) => ApiError::internal_from(&e),
         }
     }
 }

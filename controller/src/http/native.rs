@@ -39,6 +39,7 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
         .route("/deployments", get(list_deployments))
         .route("/deployments/{id}", get(get_deployment))
         .route("/deployments/{id}/log", get(get_deployment_log))
+        .route("/deployments/{id}/cancel", post(cancel_deployment))
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -321,6 +322,19 @@ async fn get_deployment_log(State(ctl): Ctl, Path(id): Path<String>) -> Result<R
         d.log_text(),
     )
         .into_response())
+}
+
+/// Cancels a running deployment: 200 with the deployment as it ended
+/// (`cancelled`), durable when answered; 404 for no such deployment, 409 for
+/// one that is not running.
+async fn cancel_deployment(
+    State(ctl): Ctl,
+    Path(id): Path<String>,
+) -> Result<axum::Json<crate::deploy::DeploymentView>, ApiError> {
+    let d = tokio::task::spawn_blocking(move || crate::Deployer::cancel(&ctl, &id))
+        .await
+        .map_err(|e| ApiError::internal("the cancel did not finish", &e))??;
+    Ok(axum::Json(d.view(true)))
 }
 
 #[derive(Debug, Deserialize)]

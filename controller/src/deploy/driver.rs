@@ -1,0 +1,409 @@
+//! The driver: the [`Deployer`] that starts and resumes deployments, and the
+//! task that drives each one. A pass reads the record from the store and
+//! what the step queue says about its running steps, hands both to the pure
+//! core ([`super::reconcile`]) and carries out the effects it returns in
+//! order; then it waits for a step to finish (or 2 s) and starts over.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::broadcast::error::RecvError;
+use tracing::{info, warn};
+
+use de_common::{Lane, OutStream};
+
+use super::planner::{NewDeployment, plan_deployment};
+use super::reconcile::{
+    CANCELLED_BY_OPERATOR, Effect, Ending, Finished, IdSource, Seen, cancel, reconcile, resumed,
+};
+use super::record::{Applied, DeployState, Deployment, PhaseState};
+use super::{DEFAULT_STEP_ATTEMPTS, DeployError};
+use crate::Controller;
+use crate::agents::steps::{NewStep, StepQueue, StepRecord, StepState, StepUpdate};
+use crate::store::{StoreError, StoreExt, Tree};
+use crate::util::{NoRandomness, random_hex, rfc3339};
+
+/// Deploy steps may wait this long for their node.
+const STEP_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The applied plan's key in the `plans` tree.
+const APPLIED_KEY: &str = "applied";
+/// How long a pass that could not read or write the store waits to try again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long a driver waits for a step to finish before it looks again anyway.
+const RECHECK_AFTER: Duration = Duration::from_secs(2);
+
+/// The deployment engine: starts deployments and drives running ones.
+pub struct Deployer {
+    attempts: AtomicU32,
+    running: Mutex<Option<String>>,
+    /// Held for a whole pass (read, reconcile, effects) and by a cancel, so
+    /// the two never write the record over each other.
+    pass_lock: Mutex<()>,
+    /// queue step id -> instance, for routing output to the instance's log.
+    instances: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for Deployer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deployer").finish_non_exhaustive()
+    }
+}
+
+impl Default for Deployer {
+    fn default() -> Self {
+        Deployer {
+            attempts: AtomicU32::new(DEFAULT_STEP_ATTEMPTS),
+            running: Mutex::new(None),
+            pass_lock: Mutex::new(()),
+            instances: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Deployer {
+    fn lock_running(&self) -> MutexGuard<'_, Option<String>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_pass(&self) -> MutexGuard<'_, ()> {
+        self.pass_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cancels running deployment `id`: queued steps are withdrawn, running
+    /// ones killed on their nodes, pending ones skipped, and it ends
+    /// `cancelled`, durably, before this returns; a new deployment is
+    /// accepted at once.
+    pub fn cancel(ctl: &Controller, id: &str) -> Result<Deployment, DeployError> {
+        let _pass = ctl.deployer.lock_pass();
+        let mut d = Deployer::get(ctl, id)?.ok_or_else(|| DeployError::NotFound(id.to_owned()))?;
+        if d.state != DeployState::Running {
+            let state = match d.state {
+                DeployState::Running => "is running",
+                DeployState::Succeeded => "succeeded",
+                DeployState::Failed => "failed",
+                DeployState::Cancelled => "was cancelled",
+            };
+            return Err(DeployError::NotRunning {
+                id: id.to_owned(),
+                state: state.to_owned(),
+            });
+        }
+        let effects = cancel(&mut d, CANCELLED_BY_OPERATOR, &rfc3339(SystemTime::now()));
+        apply(ctl, &d, effects).map_err(|e| match e {
+            PassError::Cancel(e) => DeployError::CancelSteps(e),
+            PassError::Save(e)
+            | PassError::Read(e)
+            | PassError::Steps(e)
+            | PassError::Applied(e) => DeployError::Store(e),
+            // A cancel draws no ids.
+            PassError::Random(_) => DeployError::Render("no randomness".into()),
+        })?;
+        let mut running = ctl.deployer.lock_running();
+        if running.as_deref() == Some(id) {
+            *running = None;
+        }
+        Ok(d)
+    }
+
+    fn lock_instances(&self) -> MutexGuard<'_, HashMap<String, String>> {
+        self.instances.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times new deployments try a failing step in all (at least 1).
+    pub fn set_attempts(&self, n: u32) {
+        self.attempts.store(n.max(1), Ordering::Relaxed);
+    }
+
+    pub fn running(&self) -> Option<String> {
+        self.lock_running().clone()
+    }
+
+    /// Plans a deployment of the current plan and starts it in the background.
+    pub fn start(ctl: &Arc<Controller>) -> Result<Deployment, DeployError> {
+        let mut running = ctl.deployer.lock_running();
+        if let Some(id) = running.as_ref() {
+            return Err(DeployError::Busy(id.clone()));
+        }
+        let cur = ctl.plans.current().ok_or(DeployError::NoPlan)?;
+        let catalog = ctl
+            .catalogs
+            .get(&cur.plan.properties.catalog)
+            .ok_or_else(|| DeployError::NoCatalog(cur.plan.properties.catalog.clone()))?
+            .clone();
+        let applied: Applied = ctl
+            .store
+            .get_json(Tree::Plans, APPLIED_KEY)?
+            .unwrap_or_default();
+        let nodes = ctl.nodes.list();
+        let new = NewDeployment {
+            id: format!(
+                "d-{}",
+                random_hex(6).map_err(|_| DeployError::Render("no randomness".into()))?
+            ),
+            created_at: rfc3339(SystemTime::now()),
+            max_attempts: ctl.deployer.attempts.load(Ordering::Relaxed),
+        };
+        let d = plan_deployment(&catalog, &cur, &applied, &nodes, new)?;
+        ctl.store.put_json(Tree::Deployments, &d.id, &d)?;
+        *running = Some(d.id.clone());
+        drop(running);
+        ctl.logs.line(
+            None,
+            &format!(
+                "deployment {} of plan revision {} started: {} steps",
+                d.id,
+                d.plan_revision,
+                d.steps.len()
+            ),
+        );
+        let ctl2 = ctl.clone();
+        let id = d.id.clone();
+        tokio::spawn(async move { drive(ctl2, id).await });
+        Ok(d)
+    }
+
+    /// Resumes deployments that were running when the controller stopped.
+    pub fn resume(ctl: &Arc<Controller>) -> Result<(), StoreError> {
+        for (id, d) in ctl.store.list_json::<Deployment>(Tree::Deployments)? {
+            if d.state == DeployState::Running {
+                info!(deployment = %id, "resuming deployment");
+                for e in resumed(&d) {
+                    if let Effect::Log { instance, line } = e {
+                        ctl.logs.line(instance.as_deref(), &line);
+                    }
+                }
+                *ctl.deployer.lock_running() = Some(id.clone());
+                let ctl2 = ctl.clone();
+                tokio::spawn(async move { drive(ctl2, id).await });
+            }
+        }
+        let ctl2 = ctl.clone();
+        tokio::spawn(async move { forward_output(ctl2).await });
+        Ok(())
+    }
+
+    pub fn list(ctl: &Controller) -> Result<Vec<Deployment>, StoreError> {
+        let mut all: Vec<Deployment> = ctl
+            .store
+            .list_json::<Deployment>(Tree::Deployments)?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        Ok(all)
+    }
+
+    pub fn get(ctl: &Controller, id: &str) -> Result<Option<Deployment>, StoreError> {
+        ctl.store.get_json(Tree::Deployments, id)
+    }
+}
+
+/// Why a pass stopped short; the driver logs it and tries again.
+#[derive(Debug, thiserror::Error)]
+enum PassError {
+    #[error("cannot read the deployment")]
+    Read(#[source] StoreError),
+    #[error("cannot read step results")]
+    Steps(#[source] StoreError),
+    #[error("no randomness for step ids")]
+    Random(#[source] NoRandomness),
+    #[error("cannot record the applied plan")]
+    Applied(#[source] StoreError),
+    #[error("cannot save the deployment")]
+    Save(#[source] StoreError),
+    #[error("cannot cancel the deployment's steps")]
+    Cancel(#[source] crate::agents::StepsError),
+}
+
+/// Step ids for one pass: `s-` and 16 hex digits, like the queue's own,
+/// derived from one random seed so that drawing them cannot fail.
+struct RandomIds {
+    seed: String,
+    next: u64,
+}
+
+impl RandomIds {
+    fn new() -> Result<RandomIds, NoRandomness> {
+        Ok(RandomIds {
+            seed: random_hex(16)?,
+            next: 0,
+        })
+    }
+}
+
+impl IdSource for RandomIds {
+    fn step_id(&mut self) -> String {
+        self.next += 1;
+        let input = format!("{}/{}", self.seed, self.next);
+        let d = ring::digest::digest(&ring::digest::SHA256, input.as_bytes());
+        let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("s-{hex}")
+    }
+}
+
+/// How a queue step ended, or None while it has not.
+fn finished(rec: &StepRecord) -> Option<Finished> {
+    let ending = match rec.state {
+        StepState::Queued | StepState::Running => return None,
+        StepState::Done => Ending::Done,
+        StepState::Failed => Ending::Failed,
+        StepState::Refused => Ending::Refused,
+        StepState::Cancelled => Ending::Cancelled,
+    };
+    let o = rec.outcome.clone().unwrap_or_default();
+    Some(Finished {
+        ending,
+        exit_code: o.exit_code,
+        error: o.error,
+        refusal: rec.refusal.clone(),
+        stdout_tail: o.stdout_tail,
+        stderr_tail: o.stderr_tail,
+    })
+}
+
+/// What the queue says about every running step of `d`.
+fn observe(steps: &StepQueue, d: &Deployment) -> Result<HashMap<String, Seen>, StoreError> {
+    let mut seen = HashMap::new();
+    for s in d.steps.iter().filter(|s| s.state == PhaseState::Running) {
+        let Some(id) = &s.step_id else { continue };
+        let state = match steps.get(id)? {
+            None => Seen::NotQueued,
+            Some(rec) => finished(&rec).map_or(Seen::Waiting, Seen::Finished),
+        };
+        seen.insert(id.clone(), state);
+    }
+    Ok(seen)
+}
+
+/// One pass: read, reconcile, carry out the effects. Returns the state the
+/// deployment is in afterwards (None once it is gone from the store).
+fn pass(ctl: &Controller, id: &str) -> Result<Option<DeployState>, PassError> {
+    let _pass = ctl.deployer.lock_pass();
+    let Some(mut d) = Deployer::get(ctl, id).map_err(PassError::Read)? else {
+        return Ok(None);
+    };
+    if d.state != DeployState::Running {
+        return Ok(Some(d.state));
+    }
+    let seen = observe(&ctl.steps, &d).map_err(PassError::Steps)?;
+    let mut ids = RandomIds::new().map_err(PassError::Random)?;
+    let effects = reconcile(&mut d, &seen, &mut ids, &rfc3339(SystemTime::now()));
+    // Output of a running step goes to its instance's log, also after a restart.
+    {
+        let mut routes = ctl.deployer.lock_instances();
+        for s in d.steps.iter().filter(|s| s.state == PhaseState::Running) {
+            if let Some(sid) = &s.step_id {
+                routes.insert(sid.clone(), s.instance.clone());
+            }
+        }
+    }
+    apply(ctl, &d, effects)?;
+    Ok(Some(d.state))
+}
+
+/// Carries out `effects` in order for `d` (as the core left it); stops at
+/// the first store write that fails.
+fn apply(ctl: &Controller, d: &Deployment, effects: Vec<Effect>) -> Result<(), PassError> {
+    for e in effects {
+        match e {
+            Effect::Log { instance, line } => ctl.logs.line(instance.as_deref(), &line),
+            Effect::RecordApplied(target) => ctl
+                .store
+                .put_json(Tree::Plans, APPLIED_KEY, &target)
+                .map_err(PassError::Applied)?,
+            Effect::Save => ctl
+                .store
+                .put_json(Tree::Deployments, &d.id, &d)
+                .map_err(PassError::Save)?,
+            Effect::Queue(steps) => {
+                let count = steps.len();
+                let steps = steps
+                    .into_iter()
+                    .map(|s| NewStep {
+                        id: Some(s.id),
+                        node: s.node,
+                        lane: Lane::Deploy,
+                        action: s.action,
+                        deployment_id: Some(d.id.clone()),
+                        ttl: STEP_TTL,
+                    })
+                    .collect();
+                // Not fatal: the next pass finds them not queued and queues them.
+                if let Err(e) = ctl.steps.enqueue_many(steps) {
+                    warn!(deployment = %d.id, steps = count, error = %de_common::ErrorChain(&e), "could not queue deployment steps");
+                }
+            }
+            Effect::CancelSteps(ids) => {
+                ctl.steps.cancel(&ids).map_err(PassError::Cancel)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn drive(ctl: Arc<Controller>, id: String) {
+    let mut updates = ctl.steps.subscribe();
+    loop {
+        match pass(&ctl, &id) {
+            Ok(Some(DeployState::Running)) => {}
+            Ok(_) => break,
+            Err(e) => {
+                warn!(deployment = %id, error = %de_common::ErrorChain(&e), "deployment pass failed; retrying");
+                tokio::time::sleep(RETRY_AFTER).await;
+                continue;
+            }
+        }
+        // Wait for a step to finish (or a periodic re-check).
+        let _ = tokio::time::timeout(RECHECK_AFTER, async {
+            loop {
+                match updates.recv().await {
+                    Ok(StepUpdate::Finished { .. }) => return,
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(_)) => return,
+                    Err(RecvError::Closed) => std::future::pending::<()>().await,
+                }
+            }
+        })
+        .await;
+    }
+    let mut running = ctl.deployer.lock_running();
+    if running.as_deref() == Some(id.as_str()) {
+        *running = None;
+    }
+}
+
+/// Sends deployment steps' output lines to their instance's log.
+async fn forward_output(ctl: Arc<Controller>) {
+    let mut updates = ctl.steps.subscribe();
+    loop {
+        match updates.recv().await {
+            Ok(StepUpdate::Output {
+                step_id,
+                stream,
+                lines,
+                ..
+            }) => {
+                let inst = ctl.deployer.lock_instances().get(&step_id).cloned();
+                if let Some(inst) = inst {
+                    let tag = if stream == OutStream::Stderr {
+                        "stderr"
+                    } else {
+                        "stdout"
+                    };
+                    let tagged: Vec<String> = lines.iter().map(|l| format!("{tag}| {l}")).collect();
+                    ctl.logs.lines(Some(&inst), &tagged);
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged(n)) => {
+                ctl.logs.line(
+                    None,
+                    &format!("{n} step updates were missed by the log forwarder"),
+                );
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The deployment record as stored (tree `deployments`, by id) and the
+//! applied plan (`plans/applied`). Their JSON is the store's format, and the
+//! API's field names come from it too: records written by older controllers
+//! must keep loading, so the test below pins it byte for byte.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use de_common::StepAction;
+
+/// Where a deployment is: running until every step is done or one failed for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployState {
+    Running,
+    Succeeded,
+    Failed,
+    /// An operator cancelled it: queued steps were withdrawn, running ones killed.
+    Cancelled,
+}
+
+/// Why an instance is touched: new, changed, or no longer in the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    Install,
+    Reconfigure,
+    Uninstall,
+}
+
+/// Where one deployment step is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+    Skipped,
+    /// It was running when the deployment was cancelled.
+    Cancelled,
+}
+
+/// One action of one component instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployStep {
+    pub component: String,
+    pub instance: String,
+    pub ip: String,
+    pub node_id: String,
+    pub kind: TaskKind,
+    /// Order group: every step of group n finishes before group n+1 starts.
+    pub group: usize,
+    pub action: StepAction,
+    pub state: PhaseState,
+    pub attempts: u32,
+    /// The queue step of the current attempt (chosen before it is queued).
+    pub step_id: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    /// The end of the last attempt's output.
+    pub output: Option<String>,
+}
+
+/// A deployment as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: String,
+    pub state: DeployState,
+    pub plan_revision: u64,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    pub max_attempts: u32,
+    pub steps: Vec<DeployStep>,
+    /// What the cluster looks like once this deployment succeeds.
+    pub target: Applied,
+}
+
+/// The last successfully applied plan: per instance, a fingerprint of its
+/// rendered install steps and what uninstalling it takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub revision: u64,
+    /// `component@ip` -> instance.
+    pub instances: BTreeMap<String, AppliedInstance>,
+}
+
+/// One instance of the applied plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedInstance {
+    pub component: String,
+    pub ip: String,
+    pub instance: String,
+    pub fingerprint: String,
+    pub monit_name: String,
+    pub uninstall: Vec<StepAction>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed deployment as the controller stored it (pretty-printed; the
+    /// store holds the same fields in the same order without the spaces).
+    const STORED: &str = r##"{
+  "id": "d-0a1b2c3d4e5f",
+  "state": "failed",
+  "plan_revision": 7,
+  "created_at": "2026-01-01T00:00:00Z",
+  "finished_at": "2026-01-01T00:01:00Z",
+  "error": "base (base_0) on 10.0.0.1 (node n1): script failed after 3 attempts: exit code 1; output: no",
+  "max_attempts": 3,
+  "steps": [
+    {
+      "component": "old",
+      "instance": "old_0",
+      "ip": "10.0.0.2",
+      "node_id": "n2",
+      "kind": "uninstall",
+      "group": 0,
+      "action": {
+        "MonitRemove": {
+          "name": "old"
+        }
+      },
+      "state": "done",
+      "attempts": 1,
+      "step_id": "s-00112233445566ff",
+      "started_at": "2026-01-01T00:00:01Z",
+      "finished_at": "2026-01-01T00:00:02Z",
+      "exit_code": 0,
+      "error": null,
+      "output": ""
+    },
+    {
+      "component": "base",
+      "instance": "base_0",
+      "ip": "10.0.0.1",
+      "node_id": "n1",
+      "kind": "reconfigure",
+      "group": 1,
+      "action": {
+        "Script": {
+          "script": "exit 1",
+          "user": null,
+          "env": [
+            [
+              "K",
+              "v"
+            ]
+          ],
+          "timeout_secs": 60
+        }
+      },
+      "state": "failed",
+      "attempts": 3,
+      "step_id": "s-8899aabbccddeeff",
+      "started_at": "2026-01-01T00:00:03Z",
+      "finished_at": "2026-01-01T00:01:00Z",
+      "exit_code": 1,
+      "error": "exit code 1",
+      "output": "no\n"
+    },
+    {
+      "component": "app",
+      "instance": "app_0",
+      "ip": "10.0.0.1",
+      "node_id": "n1",
+      "kind": "install",
+      "group": 2,
+      "action": {
+        "Monit": {
+          "name": "app",
+          "op": "Restart"
+        }
+      },
+      "state": "skipped",
+      "attempts": 0,
+      "step_id": null,
+      "started_at": null,
+      "finished_at": null,
+      "exit_code": null,
+      "error": null,
+      "output": null
+    }
+  ],
+  "target": {
+    "revision": 7,
+    "instances": {
+      "base@10.0.0.1": {
+        "component": "base",
+        "ip": "10.0.0.1",
+        "instance": "base_0",
+        "fingerprint": "00112233445566778899aabb",
+        "monit_name": "base",
+        "uninstall": [
+          {
+            "WriteFile": {
+              "path": "x",
+              "contents": [
+                104,
+                105
+              ],
+              "mode": 420,
+              "owner": null
+            }
+          }
+        ]
+      }
+    }
+  }
+}"##;
+
+    #[test]
+    fn a_stored_deployment_loads_and_is_written_back_the_same() {
+        let d: Deployment = serde_json::from_str(STORED).expect("a stored record loads");
+        assert_eq!(d.state, DeployState::Failed);
+        let states: Vec<PhaseState> = d.steps.iter().map(|s| s.state).collect();
+        assert_eq!(
+            states,
+            [PhaseState::Done, PhaseState::Failed, PhaseState::Skipped]
+        );
+        assert_eq!(d.steps[1].kind, TaskKind::Reconfigure);
+        assert_eq!(d.target.instances["base@10.0.0.1"].instance, "base_0");
+        let again = serde_json::to_string_pretty(&d).expect("serialize");
+        assert_eq!(again, STORED, "the stored JSON changed shape");
+    }
+}
