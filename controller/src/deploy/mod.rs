@@ -17,6 +17,9 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+/// Deployment and step states and step kinds: the API's words, also what the store keeps.
+pub use de_common::api::{DeployState, PhaseState, TaskKind};
+use de_common::api::{DeploymentView, StepView};
 use de_common::{Lane, MonitOp, OutStream, StepAction};
 
 use crate::Controller;
@@ -34,32 +37,6 @@ pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
 /// Deploy steps may wait this long for their node.
 const STEP_TTL: Duration = Duration::from_secs(24 * 3600);
 const APPLIED_KEY: &str = "applied";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeployState {
-    Running,
-    Succeeded,
-    Failed,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskKind {
-    Install,
-    Reconfigure,
-    Uninstall,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PhaseState {
-    Pending,
-    Running,
-    Done,
-    Failed,
-    Skipped,
-}
 
 /// One action of one component instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -761,39 +738,6 @@ async fn forward_output(ctl: Arc<Controller>) {
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
-}
-
-/// A deployment step as the API shows it (the action by kind, never its contents: they may hold secrets).
-#[derive(Debug, Serialize)]
-pub struct StepView {
-    pub component: String,
-    pub instance: String,
-    pub ip: String,
-    pub node_id: String,
-    pub kind: TaskKind,
-    pub action: String,
-    pub state: PhaseState,
-    pub attempts: u32,
-    pub step_id: Option<String>,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub exit_code: Option<i32>,
-    pub error: Option<String>,
-    pub output: Option<String>,
-}
-
-/// A deployment as the API shows it.
-#[derive(Debug, Serialize)]
-pub struct DeploymentView {
-    pub id: String,
-    pub state: DeployState,
-    pub plan_revision: u64,
-    pub created_at: String,
-    pub finished_at: Option<String>,
-    pub error: Option<String>,
-    pub steps_total: usize,
-    pub steps_done: usize,
-    pub steps: Option<Vec<StepView>>,
 }
 
 impl Deployment {

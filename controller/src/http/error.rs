@@ -4,7 +4,7 @@
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use de_common::api::ErrorBody;
 use tracing::error;
 
 use crate::plan::Problem;
@@ -73,20 +73,12 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    message: &'a str,
-    #[serde(skip_serializing_if = "<[Problem]>::is_empty")]
-    problems: &'a [Problem],
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
-            error: self.code,
-            message: &self.message,
-            problems: &self.problems,
+            error: self.code.to_owned(),
+            message: self.message,
+            problems: self.problems,
         };
         (self.status, axum::Json(body)).into_response()
     }

@@ -11,11 +11,14 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+
+use de_common::api::{
+    CodeView, DeploymentView, ExecRequest, ExecResult, NewCode, NodeView, StepRequest,
+};
 
 use super::error::{ApiError, parse_json};
 use crate::Controller;
-use crate::agents::{NodeView, StepRecord, StepState};
+use crate::agents::{StepRecord, StepState};
 use crate::util::rfc3339;
 
 type Ctl = State<Arc<Controller>>;
@@ -41,36 +44,17 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
         .route("/deployments/{id}/log", get(get_deployment_log))
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub(crate) struct CodeView {
-    pub code: String,
-    pub expires_at: String,
-    /// The one line that joins a node with this code (`packaging/install-agent.sh ...`).
-    pub agent_command: String,
-    /// Seconds the code has left, by the controller's clock (a console's
-    /// countdown must not trust the browser's clock).
-    pub expires_in_secs: u64,
-}
-
-impl CodeView {
-    fn new(ctl: &Controller, issued: &de_install_codes::IssuedCode) -> CodeView {
-        CodeView {
-            code: issued.code.as_str().to_owned(),
-            expires_at: rfc3339(issued.expires_at),
-            agent_command: crate::agent_command(&ctl.agent_addr, issued.code.as_str()),
-            expires_in_secs: issued
-                .expires_at
-                .duration_since(std::time::SystemTime::now())
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        }
+fn code_view(ctl: &Controller, issued: &de_install_codes::IssuedCode) -> CodeView {
+    CodeView {
+        code: issued.code.as_str().to_owned(),
+        expires_at: rfc3339(issued.expires_at),
+        agent_command: crate::agent_command(&ctl.agent_addr, issued.code.as_str()),
+        expires_in_secs: issued
+            .expires_at
+            .duration_since(std::time::SystemTime::now())
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     }
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct NewCode {
-    ttl_secs: Option<u64>,
 }
 
 async fn post_code(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
@@ -91,7 +75,7 @@ async fn post_code(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
         .codes
         .issue(Duration::from_secs(ttl))
         .map_err(|e| ApiError::internal("could not create the install code", &e))?;
-    let view = CodeView::new(&ctl, &issued);
+    let view = code_view(&ctl, &issued);
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
@@ -99,7 +83,7 @@ async fn get_code(State(ctl): Ctl) -> Result<axum::Json<CodeView>, ApiError> {
     let issued = ctl.codes.active().ok_or_else(|| {
         ApiError::not_found("no install code is active: create one with POST /api/v1/install-codes")
     })?;
-    Ok(axum::Json(CodeView::new(&ctl, &issued)))
+    Ok(axum::Json(code_view(&ctl, &issued)))
 }
 
 async fn delete_code(State(ctl): Ctl) -> Result<StatusCode, ApiError> {
@@ -138,32 +122,6 @@ const DEFAULT_EXEC_TIMEOUT: u64 = 60;
 const MAX_EXEC_TIMEOUT: u64 = 3600;
 /// How long past its own timeout a command's result is waited for (delivery, reporting).
 const EXEC_GRACE: Duration = Duration::from_secs(15);
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecRequest {
-    script: String,
-    #[serde(default)]
-    targets: Option<Vec<String>>,
-    #[serde(default)]
-    timeout_secs: Option<u64>,
-    #[serde(default)]
-    user: Option<String>,
-}
-
-/// One target's answer to `POST /api/v1/exec`.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub(crate) struct ExecResult {
-    pub node_id: String,
-    pub ip: String,
-    pub exit_code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-    pub duration_ms: u64,
-    pub timed_out: bool,
-    pub error: Option<String>,
-    pub step_id: String,
-}
 
 fn exec_result(
     node: &NodeView,
@@ -305,9 +263,7 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
     Ok(axum::Json(out))
 }
 
-async fn list_deployments(
-    State(ctl): Ctl,
-) -> Result<axum::Json<Vec<crate::deploy::DeploymentView>>, ApiError> {
+async fn list_deployments(State(ctl): Ctl) -> Result<axum::Json<Vec<DeploymentView>>, ApiError> {
     let all = crate::Deployer::list(&ctl)
         .map_err(|e| ApiError::internal("could not read deployments", &e))?;
     Ok(axum::Json(all.iter().map(|d| d.view(false)).collect()))
@@ -316,7 +272,7 @@ async fn list_deployments(
 async fn get_deployment(
     State(ctl): Ctl,
     Path(id): Path<String>,
-) -> Result<axum::Json<crate::deploy::DeploymentView>, ApiError> {
+) -> Result<axum::Json<DeploymentView>, ApiError> {
     crate::Deployer::get(&ctl, &id)
         .map_err(|e| ApiError::internal("could not read the deployment", &e))?
         .map(|d| axum::Json(d.view(true)))
@@ -341,16 +297,6 @@ async fn get_deployment_log(State(ctl): Ctl, Path(id): Path<String>) -> Result<R
         d.log_text(),
     )
         .into_response())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StepRequest {
-    action: de_common::StepAction,
-    #[serde(default)]
-    lane: Option<de_common::Lane>,
-    #[serde(default)]
-    wait_secs: Option<u64>,
 }
 
 /// Queues one raw step for a node and waits (bounded) for it: 200 with the
