@@ -44,6 +44,7 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
         .route("/deployments/{id}/log", get(get_deployment_log))
 }
 
+/// An issued code as the API shows it, with the install command and the time left.
 fn code_view(ctl: &Controller, issued: &de_install_codes::IssuedCode) -> CodeView {
     CodeView {
         code: issued.code.as_str().to_owned(),
@@ -484,6 +485,33 @@ mod tests {
             left <= code["expires_in_secs"].as_u64().expect("first") && left > 3500,
             "{body}"
         );
+    }
+
+    /// Targets are matched by `resolve`: a revoked node, an IP two live
+    /// records share (neither online) and an unknown IP all name no node.
+    #[tokio::test]
+    async fn exec_and_step_targets_name_one_live_node_or_are_refused() {
+        let (_d, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        crate::testkit::enrol(&ctl, "n-1", "10.0.0.1", 1, 1024, 1024);
+        crate::testkit::enrol(&ctl, "n-2", "10.0.0.2", 1, 1024, 1024);
+        crate::testkit::enrol(&ctl, "n-3", "10.0.0.2", 1, 1024, 1024);
+        assert_eq!(ctl.nodes.revoke("n-1").ok(), Some(true));
+        for target in ["10.0.0.1", "n-1", "10.0.0.2", "10.0.0.9"] {
+            let body = format!(r#"{{"script": "true", "targets": ["{target}"]}}"#);
+            let (s, body) = call(&ctl, "POST", "/api/v1/exec", Some(&t), &body).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{target}: {body}");
+            assert!(
+                body["message"].as_str().is_some_and(|m| m.contains(target)),
+                "{target}: {body}"
+            );
+            let uri = format!("/api/v1/nodes/{target}/steps");
+            let step = r#"{"action": {"MonitRemove": {"name": "x"}}, "wait_secs": 0}"#;
+            let (s, body) = call(&ctl, "POST", &uri, Some(&t), step).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{target}: {body}");
+        }
+        assert_eq!(ctl.nodes.find("n-2").map(|n| n.id), Some("n-2".to_owned()));
+        assert_eq!(ctl.nodes.find("10.0.0.2"), None);
     }
 
     #[tokio::test]
