@@ -1,6 +1,7 @@
 //! Test harness for Deployment Engine's integration tests: starts the real
 //! `de-controller` and `de-agent` binaries as child processes, waits for them
 //! by polling, and kills every process it started when its handle drops.
+//! Answers are read into the API's own types (`de_common::api`).
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -10,6 +11,11 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use de_common::api::{
+    CodeView, DeployStarted, DeployState, DeploymentView, ExecRequest, ExecResult, NodeView,
+    StatusRow,
+};
+use serde::de::DeserializeOwned;
 
 pub mod webdriver;
 
@@ -222,6 +228,28 @@ pub struct Answer {
     pub body: serde_json::Value,
 }
 
+impl Answer {
+    /// The body as the API type `T` (`de_common::api`).
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.body.clone()).with_context(|| {
+            format!(
+                "the answer (HTTP {}) is not a {}: {}",
+                self.status,
+                std::any::type_name::<T>(),
+                self.body
+            )
+        })
+    }
+
+    /// The body as `T` when the status is `want`; an error naming both otherwise.
+    pub fn expect<T: DeserializeOwned>(&self, want: u16) -> Result<T> {
+        if self.status != want {
+            bail!("HTTP {} (wanted {want}): {}", self.status, self.body);
+        }
+        self.json()
+    }
+}
+
 impl TestController {
     /// Starts a controller on `data_dir` (created if needed).
     pub fn start(data_dir: &Path) -> Result<TestController> {
@@ -329,29 +357,63 @@ impl TestController {
     /// Creates an install code, returning its digits.
     pub fn new_code(&self, ttl_secs: Option<u64>) -> Result<String> {
         let body = ttl_secs.map(|t| format!("{{\"ttl_secs\": {t}}}"));
-        let a = self.api("POST", "/api/v1/install-codes", body.as_deref())?;
-        if a.status != 201 {
-            bail!("POST install-codes: {} {}", a.status, a.body);
-        }
-        Ok(a.body["code"].as_str().context("code")?.to_owned())
+        let code: CodeView = self
+            .api("POST", "/api/v1/install-codes", body.as_deref())?
+            .expect(201)
+            .context("POST install-codes")?;
+        Ok(code.code)
     }
 
     /// GET /api/v1/nodes.
-    pub fn nodes(&self) -> Result<Vec<serde_json::Value>> {
-        let a = self.api("GET", "/api/v1/nodes", None)?;
-        if a.status != 200 {
-            bail!("GET nodes: {} {}", a.status, a.body);
-        }
-        Ok(a.body.as_array().cloned().unwrap_or_default())
+    pub fn nodes(&self) -> Result<Vec<NodeView>> {
+        self.api("GET", "/api/v1/nodes", None)?
+            .expect(200)
+            .context("GET nodes")
     }
 
-    /// The node whose `ips` contain `ip`.
-    pub fn node_by_ip(&self, ip: &str) -> Result<Option<serde_json::Value>> {
-        Ok(self.nodes()?.into_iter().find(|n| {
-            n["ips"]
-                .as_array()
-                .is_some_and(|ips| ips.iter().any(|i| i == ip))
-        }))
+    /// The first node (by id) whose `ips` contain `ip`, revoked or not.
+    pub fn node_by_ip(&self, ip: &str) -> Result<Option<NodeView>> {
+        Ok(self
+            .nodes()?
+            .into_iter()
+            .find(|n| n.ips.iter().any(|i| i == ip)))
+    }
+
+    /// `POST /api/v1/exec`: every target's result (an error unless 200).
+    pub fn exec(&self, req: &ExecRequest) -> Result<Vec<ExecResult>> {
+        self.api("POST", "/api/v1/exec", Some(&serde_json::to_string(req)?))?
+            .expect(200)
+            .context("POST exec")
+    }
+
+    /// `GET /deployment-engine/deploy`: starts a deployment of the current plan.
+    pub fn deploy(&self) -> Result<DeployStarted> {
+        self.api("GET", "/deployment-engine/deploy", None)?
+            .expect(202)
+            .context("deploy")
+    }
+
+    /// `GET /api/v1/deployments/{id}`, with its steps.
+    pub fn deployment(&self, id: &str) -> Result<DeploymentView> {
+        self.api("GET", &format!("/api/v1/deployments/{id}"), None)?
+            .expect(200)
+            .with_context(|| format!("deployment {id}"))
+    }
+
+    /// Waits (at most `limit`) for deployment `id` to stop running.
+    pub fn finished(&self, id: &str, limit: Duration) -> Result<DeploymentView> {
+        wait_until(limit, &format!("deployment {id} to finish"), || {
+            self.deployment(id)
+                .ok()
+                .filter(|d| d.state != DeployState::Running)
+        })
+    }
+
+    /// `GET /deployment-engine/status`.
+    pub fn status(&self) -> Result<Vec<StatusRow>> {
+        self.api("GET", "/deployment-engine/status", None)?
+            .expect(200)
+            .context("status")
     }
 }
 
@@ -578,10 +640,7 @@ pub fn cluster(
     }
     for a in &agents {
         wait_until(Duration::from_secs(30), &format!("{} online", a.ip), || {
-            ctl.node_by_ip(&a.ip)
-                .ok()
-                .flatten()
-                .filter(|n| n["online"] == true)
+            ctl.node_by_ip(&a.ip).ok().flatten().filter(|n| n.online)
         })?;
     }
     Ok((ctl, agents))

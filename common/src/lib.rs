@@ -1,11 +1,14 @@
 //! Deployment Engine's shared protocol crate: the wire messages between agent
 //! and controller, their framing, the types both sides agree on, how both
-//! binaries read their config files and how both print an error's chain.
+//! binaries read their config files and how both print an error's chain;
+//! and, in [`api`], the HTTP API's request and answer bodies the
+//! controller, `dectl` and the tests share.
 //!
 //! Architecture invariant: this is the only crate that knows the wire format.
 //! It does no network I/O of its own (framing works on any `AsyncRead` /
 //! `AsyncWrite`) and holds no sled, axum or quinn types.
 
+pub mod api;
 mod config;
 mod error;
 mod files;

@@ -8,7 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use de_common::api::DeployState;
 use de_tests::{TestAgent, TestController, supervised_sleeper, wait_until, write_catalog};
 
 const APP: &str = r#"
@@ -56,7 +57,7 @@ fn run(n: usize) -> Result<()> {
     wait_until(Duration::from_secs(120), "all agents online", || {
         ctl.nodes()
             .ok()
-            .filter(|ns| ns.iter().filter(|x| x["online"] == true).count() == n)
+            .filter(|ns| ns.iter().filter(|x| x.online).count() == n)
     })?;
     let plan = serde_json::json!({
         "components": {"base": ips, "app": ips},
@@ -65,22 +66,15 @@ fn run(n: usize) -> Result<()> {
     let a = ctl.api("POST", "/deployment-engine/config", Some(&plan.to_string()))?;
     anyhow::ensure!(a.status == 201, "{}", a.body);
     let t = Instant::now();
-    let a = ctl.api("GET", "/deployment-engine/deploy", None)?;
-    anyhow::ensure!(a.status == 202, "{}", a.body);
-    let id = a.body["id"].as_str().context("id")?.to_owned();
-    let d = wait_until(Duration::from_secs(600), "deployment done", || {
-        ctl.api("GET", &format!("/api/v1/deployments/{id}"), None)
-            .ok()
-            .map(|a| a.body)
-            .filter(|d| d["state"] != "running")
-    })?;
+    let id = ctl.deploy()?.id;
+    let d = ctl.finished(&id, Duration::from_secs(600))?;
     let took = t.elapsed();
-    anyhow::ensure!(d["state"] == "succeeded", "{}", d["error"]);
+    anyhow::ensure!(d.state == DeployState::Succeeded, "{:?}", d.error);
     println!(
         "plan to done, {n:>2} nodes, {} steps: {:>7.2} s ({:.1} steps/s)",
-        d["steps_total"],
+        d.steps_total,
         took.as_secs_f64(),
-        d["steps_total"].as_f64().unwrap_or(0.0) / took.as_secs_f64()
+        d.steps_total as f64 / took.as_secs_f64()
     );
     Ok(())
 }

@@ -29,7 +29,7 @@ fn run(n: usize, rounds: usize) -> Result<()> {
     wait_until(Duration::from_secs(120), "all agents online", || {
         ctl.nodes()
             .ok()
-            .filter(|ns| ns.iter().filter(|n| n["online"] == true).count() == n)
+            .filter(|ns| ns.iter().filter(|n| n.online).count() == n)
     })?;
     let body = r#"{"script": "true", "timeout_secs": 30}"#;
     // One warm-up round.

@@ -133,7 +133,7 @@ fn an_agent_enrols_with_the_controller_and_options_from_its_config_file() -> Res
     let node = wait_until(WAIT, "the node with advertise_ip from the file", || {
         ctl.node_by_ip("127.0.0.6").ok().flatten()
     })?;
-    assert!(node["id"].as_str().is_some_and(|id| id.starts_with("n-")));
+    assert!(node.id.starts_with("n-"), "{node:?}");
     Ok(())
 }
 

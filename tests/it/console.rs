@@ -394,13 +394,13 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
         WAIT,
     )?;
     ensure!(
-        ctl.node_by_ip(IPS[1])?.context("node 2")?["revoked"] == false,
+        !ctl.node_by_ip(IPS[1])?.context("node 2")?.revoked,
         "revoked on the first click"
     );
     click(b, &format!("{row} button[data-action=revoke]"))?;
     b.wait_for_text(&row, "revoked", WAIT)?;
     ensure!(
-        ctl.node_by_ip(IPS[1])?.context("node 2")?["revoked"] == true,
+        ctl.node_by_ip(IPS[1])?.context("node 2")?.revoked,
         "not revoked in the API"
     );
 

@@ -227,7 +227,7 @@ run = 'echo "hello from {{ node.ip }}"'
     let o = dectl(&ctl, &["revoke", "127.0.10.2"])?;
     assert!(ok(&o) && o.stdout.contains("revoked node n-"), "{o:?}");
     let n = ctl.node_by_ip("127.0.10.2")?.context("node 2")?;
-    assert_eq!(n["revoked"], true, "{n}");
+    assert!(n.revoked, "{n:?}");
     let table = dectl(&ctl, &["nodes"])?.stdout;
     assert!(
         table

@@ -8,6 +8,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use de_common::api::{DeployState, DeploymentView, StatusRow};
 use de_tests::{TestController, cluster, wait_until};
 use serde_json::json;
 
@@ -42,29 +43,21 @@ fn backends(haproxy: &str, tries: usize) -> Vec<String> {
     seen
 }
 
-fn deploy_and_wait(ctl: &TestController, plan: &serde_json::Value) -> Result<serde_json::Value> {
+fn deploy_and_wait(ctl: &TestController, plan: &serde_json::Value) -> Result<DeploymentView> {
     let a = ctl.api("POST", "/deployment-engine/config", Some(&plan.to_string()))?;
     anyhow::ensure!(a.status == 201, "plan refused: {}", a.body);
-    let a = ctl.api("GET", "/deployment-engine/deploy", None)?;
-    anyhow::ensure!(a.status == 202, "deploy: {} {}", a.status, a.body);
-    let id = a.body["id"].as_str().context("id")?.to_owned();
-    wait_until(DEPLOY_WAIT, "the deployment to finish", || {
-        ctl.api("GET", &format!("/api/v1/deployments/{id}"), None)
-            .ok()
-            .map(|a| a.body)
-            .filter(|d| d["state"] != "running")
-    })
+    let id = ctl.deploy()?.id;
+    ctl.finished(&id, DEPLOY_WAIT)
 }
 
-fn all_running(ctl: &TestController, n: usize) -> Result<Vec<serde_json::Value>> {
-    let mut last = serde_json::Value::Null;
+fn all_running(ctl: &TestController, n: usize) -> Result<Vec<StatusRow>> {
+    let mut last = Vec::new();
     wait_until(Duration::from_secs(90), "every instance RUNNING", || {
-        let rows = ctl.api("GET", "/deployment-engine/status", None).ok()?.body;
+        let rows = ctl.status().ok()?;
         last = rows.clone();
-        let rows = rows.as_array()?.clone();
-        (rows.len() == n && rows.iter().all(|r| r["Status"] == "RUNNING")).then_some(rows)
+        (rows.len() == n && rows.iter().all(|r| r.status == "RUNNING")).then_some(rows)
     })
-    .with_context(|| format!("last status: {last}"))
+    .with_context(|| format!("last status: {last:?}"))
 }
 
 #[test]
@@ -81,12 +74,12 @@ fn debian_demo_deploys_for_real_and_nginx_scales_out_and_in() -> Result<()> {
     };
 
     let d = deploy_and_wait(&ctl, &plan(&ips[1..3]))?;
-    assert_eq!(d["state"], "succeeded", "{}", d["error"]);
-    let outputs: Vec<&str> = d["steps"]
-        .as_array()
-        .into_iter()
+    assert_eq!(d.state, DeployState::Succeeded, "{:?}", d.error);
+    let outputs: Vec<&str> = d
+        .steps
+        .iter()
         .flatten()
-        .filter_map(|s| s["output"].as_str())
+        .filter_map(|s| s.output.as_deref())
         .collect();
     assert!(
         outputs
@@ -114,7 +107,7 @@ fn debian_demo_deploys_for_real_and_nginx_scales_out_and_in() -> Result<()> {
 
     // Scale out to a third nginx: haproxy is reconfigured and balances to it.
     let d = deploy_and_wait(&ctl, &plan(&ips[1..4]))?;
-    assert_eq!(d["state"], "succeeded", "{}", d["error"]);
+    assert_eq!(d.state, DeployState::Succeeded, "{:?}", d.error);
     wait_until(
         Duration::from_secs(60),
         "haproxy to reach three nginx",
@@ -124,7 +117,7 @@ fn debian_demo_deploys_for_real_and_nginx_scales_out_and_in() -> Result<()> {
 
     // Scale in: nginx leaves the fourth node, which stops serving.
     let d = deploy_and_wait(&ctl, &plan(&ips[1..3]))?;
-    assert_eq!(d["state"], "succeeded", "{}", d["error"]);
+    assert_eq!(d.state, DeployState::Succeeded, "{:?}", d.error);
     wait_until(
         Duration::from_secs(60),
         "nginx on the fourth node stopped",

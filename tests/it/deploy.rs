@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
+use de_common::api::{DeployState, DeploymentView, PhaseState};
 use de_tests::{TestController, cluster, wait_until};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -106,18 +107,11 @@ fn submit(ctl: &TestController, plan: &str) -> Result<()> {
 }
 
 fn deploy(ctl: &TestController) -> Result<String> {
-    let a = ctl.api("GET", "/deployment-engine/deploy", None)?;
-    anyhow::ensure!(a.status == 202, "deploy: {} {}", a.status, a.body);
-    Ok(a.body["id"].as_str().context("id")?.to_owned())
+    Ok(ctl.deploy()?.id)
 }
 
-fn finished(ctl: &TestController, id: &str) -> Result<Value> {
-    wait_until(WAIT, &format!("deployment {id} to finish"), || {
-        ctl.api("GET", &format!("/api/v1/deployments/{id}"), None)
-            .ok()
-            .map(|a| a.body)
-            .filter(|d| d["state"] != "running")
-    })
+fn finished(ctl: &TestController, id: &str) -> Result<DeploymentView> {
+    ctl.finished(id, WAIT)
 }
 
 fn journal(path: &Path) -> Vec<String> {
@@ -129,12 +123,11 @@ fn journal(path: &Path) -> Vec<String> {
 }
 
 fn status_of(ctl: &TestController, comp: &str, ip: &str) -> Option<String> {
-    let a = ctl.api("GET", "/deployment-engine/status", None).ok()?;
-    a.body
-        .as_array()?
-        .iter()
-        .find(|r| r["Comp"] == comp && r["Ip"] == ip)
-        .map(|r| r["Status"].as_str().unwrap_or_default().to_owned())
+    ctl.status()
+        .ok()?
+        .into_iter()
+        .find(|r| r.comp == comp && r.ip == ip)
+        .map(|r| r.status)
 }
 
 /// A `/deployment-engine/log` client collecting lines in the background until `stop`.
@@ -195,7 +188,7 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
     let second = ctl.api("GET", "/deployment-engine/deploy", None)?;
     assert_eq!(second.status, 409, "{}", second.body);
     let d = finished(&ctl, &id)?;
-    assert_eq!(d["state"], "succeeded", "{d}");
+    assert_eq!(d.state, DeployState::Succeeded, "{d:?}");
 
     // base everywhere before any app; each step once; the flaky one three times.
     let j = journal(&log);
@@ -224,17 +217,16 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
             "{j:?}"
         );
     }
-    let steps = d["steps"].as_array().context("steps")?;
-    let flaky = steps
+    let flaky = d
+        .steps
         .iter()
-        .find(|s| s["component"] == "app" && s["attempts"] == 3)
+        .flatten()
+        .find(|s| s.component == "app" && s.attempts == 3)
         .context("retried step")?;
-    assert_eq!(flaky["state"], "done");
+    assert_eq!(flaky.state, PhaseState::Done);
     assert!(
-        flaky["started_at"].is_string()
-            && flaky["finished_at"].is_string()
-            && flaky["exit_code"] == 0,
-        "{flaky}"
+        flaky.started_at.is_some() && flaky.finished_at.is_some() && flaky.exit_code == Some(0),
+        "{flaky:?}"
     );
     for ip in &ips[..2] {
         wait_until(WAIT, "base RUNNING", || {
@@ -292,7 +284,7 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
     std::fs::write(&log, "")?;
     submit(&ctl, &plan(&ips, &ips[..2], &log, 0, 0))?;
     let d = finished(&ctl, &deploy(&ctl)?)?;
-    assert_eq!(d["state"], "succeeded", "{d}");
+    assert_eq!(d.state, DeployState::Succeeded, "{d:?}");
     let j = journal(&log);
     assert_eq!(
         j.iter()
@@ -314,39 +306,38 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
     std::fs::write(&log, "")?;
     submit(&ctl, &plan(&ips[..2], &ips[..2], &log, 0, 0))?;
     let d = finished(&ctl, &deploy(&ctl)?)?;
-    assert_eq!(d["state"], "succeeded", "{d}");
+    assert_eq!(d.state, DeployState::Succeeded, "{d:?}");
     let j = journal(&log);
     assert!(j.contains(&format!("base-uninstall {}", ips[2])), "{j:?}");
     assert!(!j.iter().any(|l| l.starts_with("base-install")), "{j:?}");
     wait_until(WAIT, "base gone from node 3's monit", || {
         let n = ctl.node_by_ip(ips[2]).ok().flatten()?;
-        let gone = n["components"]
-            .as_array()
-            .is_some_and(|c| !c.iter().any(|c| c["name"] == "base"));
-        gone.then_some(())
+        (!n.components.iter().any(|c| c.name == "base")).then_some(())
     })?;
 
     // A step that always fails fails the deployment, with its output, and nothing after it runs.
     submit(&ctl, &plan(&ips[..2], &ips[..1], &log, 1, 0))?;
     let d = finished(&ctl, &deploy(&ctl)?)?;
-    assert_eq!(d["state"], "failed", "{d}");
-    let err = d["error"].as_str().unwrap_or_default();
+    assert_eq!(d.state, DeployState::Failed, "{d:?}");
+    let err = d.error.as_deref().unwrap_or_default();
     assert!(
         err.contains("app") && err.contains(ips[0]) && err.contains("fail_app is set"),
         "{err}"
     );
-    let failed = d["steps"]
-        .as_array()
-        .context("steps")?
+    let failed = d
+        .steps
         .iter()
-        .find(|s| s["state"] == "failed")
+        .flatten()
+        .find(|s| s.state == PhaseState::Failed)
         .context("failed step")?;
-    assert_eq!(failed["attempts"], 3);
+    assert_eq!(failed.attempts, 3);
     assert!(
-        failed["output"]
-            .as_str()
+        failed
+            .output
+            .as_deref()
             .unwrap_or_default()
-            .contains("fail_app is set")
+            .contains("fail_app is set"),
+        "{failed:?}"
     );
 
     // A node of the plan is offline: 502, naming it, and nothing starts.
@@ -354,10 +345,7 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
         p.terminate(Duration::from_secs(10))?;
     }
     wait_until(WAIT, "node 2 offline", || {
-        ctl.node_by_ip(ips[1])
-            .ok()
-            .flatten()
-            .filter(|n| n["online"] == false)
+        ctl.node_by_ip(ips[1]).ok().flatten().filter(|n| !n.online)
     })?;
     let a = ctl.api("GET", "/deployment-engine/deploy", None)?;
     assert_eq!(a.status, 502, "{}", a.body);
@@ -385,18 +373,17 @@ fn a_controller_killed_mid_deployment_resumes_without_repeating_steps() -> Resul
     // Kill it while the base installs are sleeping.
     let (api, quic) = (ctl.api, ctl.quic);
     wait_until(WAIT, "a step running", || {
-        ctl.api("GET", &format!("/api/v1/deployments/{id}"), None)
-            .ok()
-            .filter(|a| {
-                a.body["steps"]
-                    .as_array()
-                    .is_some_and(|s| s.iter().any(|s| s["state"] == "running"))
-            })
+        ctl.deployment(&id).ok().filter(|d| {
+            d.steps
+                .iter()
+                .flatten()
+                .any(|s| s.state == PhaseState::Running)
+        })
     })?;
     drop(ctl); // SIGKILL
     let ctl = TestController::start_on(&data, &api.to_string(), &quic.to_string())?;
     let d = finished(&ctl, &id)?;
-    assert_eq!(d["state"], "succeeded", "{d}");
+    assert_eq!(d.state, DeployState::Succeeded, "{d:?}");
     let j = journal(&log);
     for ip in ips {
         assert_eq!(

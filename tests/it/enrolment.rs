@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use de_common::api::NodeView;
 use de_tests::{TestAgent, TestController, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -49,31 +50,27 @@ fn three_agents_enrol_come_online_and_return_after_a_controller_restart() -> Res
     let mut ids = Vec::new();
     for a in &agents {
         let node = wait_until(WAIT, &format!("{} online", a.ip), || {
-            ctl.node_by_ip(&a.ip)
-                .ok()
-                .flatten()
-                .filter(|n| n["online"] == true)
+            ctl.node_by_ip(&a.ip).ok().flatten().filter(|n| n.online)
         })?;
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1) as u64;
-        assert!(node["hardware"]["cpus"].as_u64() >= Some(cpus), "{node}");
-        let ram = node["hardware"]["ram_mb"].as_u64().unwrap_or(0);
+        assert!(u64::from(node.hardware.cpus) >= cpus, "{node:?}");
+        let ram = node.hardware.ram_mb;
         assert!(
             ram > 0 && ram.abs_diff(this_machine_ram_mb()) <= 1,
-            "{node}"
+            "{node:?}"
         );
-        assert!(node["hardware"]["disk_mb"].as_u64() > Some(0), "{node}");
-        assert_eq!(node["agent_version"], env!("CARGO_PKG_VERSION"));
-        assert!(node["last_seen"].as_str().is_some(), "{node}");
-        ids.push(node["id"].as_str().unwrap_or_default().to_owned());
+        assert!(node.hardware.disk_mb > 0, "{node:?}");
+        assert_eq!(node.agent_version, env!("CARGO_PKG_VERSION"));
+        assert!(node.last_seen.is_some(), "{node:?}");
+        ids.push(node.id);
     }
     // Heartbeats bring usage figures.
     wait_until(WAIT, "usage from heartbeats", || {
-        ctl.nodes().ok().filter(|ns| {
-            ns.iter()
-                .all(|n| n["usage"]["mem_pct"].as_f64().is_some_and(|m| m > 0.0))
-        })
+        ctl.nodes()
+            .ok()
+            .filter(|ns| ns.iter().all(|n| n.usage.mem_pct > 0.0))
     })?;
     // Node identity files are private.
     for a in &agents {
@@ -104,13 +101,9 @@ fn three_agents_enrol_come_online_and_return_after_a_controller_restart() -> Res
     wait_until(WAIT, "all three back online", || {
         ctl.nodes()
             .ok()
-            .filter(|ns| ns.len() == 3 && ns.iter().all(|n| n["online"] == true))
+            .filter(|ns| ns.len() == 3 && ns.iter().all(|n| n.online))
     })?;
-    let mut after: Vec<String> = ctl
-        .nodes()?
-        .iter()
-        .map(|n| n["id"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let mut after: Vec<String> = ctl.nodes()?.into_iter().map(|n| n.id).collect();
     after.sort();
     ids.sort();
     assert_eq!(after, ids, "same node ids after the restart");
@@ -125,7 +118,7 @@ fn three_agents_enrol_come_online_and_return_after_a_controller_restart() -> Res
         ctl.node_by_ip("127.0.0.2")
             .ok()
             .flatten()
-            .filter(|n| n["online"] == false)
+            .filter(|n| !n.online)
     })?;
     Ok(())
 }
@@ -252,9 +245,9 @@ fn a_revoked_node_is_dropped_and_cannot_reconnect() -> Result<()> {
         ctl.node_by_ip("127.0.0.10")
             .ok()
             .flatten()
-            .filter(|n| n["online"] == true)
+            .filter(|n| n.online)
     })?;
-    let id = node["id"].as_str().unwrap_or_default().to_owned();
+    let id = node.id;
     assert_eq!(
         ctl.api("DELETE", &format!("/api/v1/nodes/{id}"), None)?
             .status,
@@ -263,10 +256,10 @@ fn a_revoked_node_is_dropped_and_cannot_reconnect() -> Result<()> {
     let node = wait_until(WAIT, "revoked node offline", || {
         ctl.api("GET", &format!("/api/v1/nodes/{id}"), None)
             .ok()
-            .map(|r| r.body)
-            .filter(|n| n["online"] == false)
+            .and_then(|r| r.expect::<NodeView>(200).ok())
+            .filter(|n| !n.online)
     })?;
-    assert_eq!(node["revoked"], true);
+    assert!(node.revoked, "{node:?}");
     // The agent keeps trying and is refused every time, and says why.
     wait_until(WAIT, "agent to report the revocation", || {
         a.log_text().contains("revoked this node").then_some(())
@@ -275,8 +268,10 @@ fn a_revoked_node_is_dropped_and_cannot_reconnect() -> Result<()> {
     wait_until(WAIT, "a second refused reconnect", || {
         (a.log_text().matches("revoked this node").count() > before).then_some(())
     })?;
-    let node = ctl.api("GET", &format!("/api/v1/nodes/{id}"), None)?.body;
-    assert_eq!(node["online"], false, "{node}");
+    let node: NodeView = ctl
+        .api("GET", &format!("/api/v1/nodes/{id}"), None)?
+        .expect(200)?;
+    assert!(!node.online, "{node:?}");
     Ok(())
 }
 

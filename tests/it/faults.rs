@@ -184,7 +184,7 @@ fn all_online(ctl: &TestController, ips: &[&str]) -> Result<()> {
             ctl.node_by_ip(ip)
                 .ok()
                 .flatten()
-                .filter(|n| n["online"] == true)
+                .filter(|n| n.online)
         })?;
     }
     Ok(())

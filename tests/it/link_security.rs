@@ -130,7 +130,7 @@ fn clients_without_a_certificate_or_with_a_foreign_ca_are_refused() -> Result<()
     let node = wait_until(Duration::from_secs(5), "node listed", || {
         ctl.node_by_ip("127.0.0.11").ok().flatten()
     })?;
-    assert_eq!(node["online"], false, "{node}");
-    assert!(node["last_seen"].is_null(), "{node}");
+    assert!(!node.online, "{node:?}");
+    assert!(node.last_seen.is_none(), "{node:?}");
     Ok(())
 }

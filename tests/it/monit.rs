@@ -4,38 +4,53 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use de_common::api::{ComponentStatus, NodeView, StepRecordView, StepRequest, StepState};
+use de_common::{MonitOp, StepAction};
 use de_tests::{TestController, cluster, wait_until};
-use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn step(ctl: &TestController, node: &str, action: Value) -> Result<Value> {
-    let body = json!({"action": action, "wait_secs": 60});
+/// Runs one raw step on `node` and waits for it; it must succeed.
+fn step(ctl: &TestController, node: &str, action: StepAction) -> Result<StepRecordView> {
+    let req = StepRequest {
+        action,
+        lane: None,
+        wait_secs: Some(60),
+    };
     let a = ctl.api(
         "POST",
         &format!("/api/v1/nodes/{node}/steps"),
-        Some(&body.to_string()),
+        Some(&serde_json::to_string(&req)?),
     )?;
-    assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(a.body["state"], "done", "{}", a.body);
-    Ok(a.body)
+    let rec: StepRecordView = a.expect(200)?;
+    assert_eq!(rec.state, StepState::Done, "{rec:?}");
+    Ok(rec)
 }
 
-fn component(ctl: &TestController, node: &str, name: &str) -> Option<Value> {
-    let n = ctl
+fn monit(name: &str, op: MonitOp) -> StepAction {
+    StepAction::Monit {
+        name: name.to_owned(),
+        op,
+    }
+}
+
+fn component(ctl: &TestController, node: &str, name: &str) -> Option<ComponentStatus> {
+    let n: NodeView = ctl
         .api("GET", &format!("/api/v1/nodes/{node}"), None)
         .ok()?
-        .body;
-    n["components"]
-        .as_array()?
-        .iter()
-        .find(|c| c["name"] == name)
-        .cloned()
+        .expect(200)
+        .ok()?;
+    n.components.into_iter().find(|c| c.name == name)
 }
 
-fn wait_status(ctl: &TestController, node: &str, name: &str, status: &str) -> Result<Value> {
+fn wait_status(
+    ctl: &TestController,
+    node: &str,
+    name: &str,
+    status: &str,
+) -> Result<ComponentStatus> {
     wait_until(WAIT, &format!("{name} {status}"), || {
-        component(ctl, node, name).filter(|c| c["status"] == status)
+        component(ctl, node, name).filter(|c| c.status == status)
     })
 }
 
@@ -57,56 +72,48 @@ fn components_run_under_monit_and_obey_start_stop_restart() -> Result<()> {
     step(
         &ctl,
         &node,
-        json!({"MonitAdd": {"name": "sleeper", "check": check}}),
+        StepAction::MonitAdd {
+            name: "sleeper".to_owned(),
+            check,
+        },
     )?;
-    step(
-        &ctl,
-        &node,
-        json!({"Monit": {"name": "sleeper", "op": "Start"}}),
-    )?;
+    step(&ctl, &node, monit("sleeper", MonitOp::Start))?;
     let running = wait_status(&ctl, &node, "sleeper", "RUNNING")?;
-    let pid = running["pid"].as_u64().context("pid")?;
+    let pid = running.pid.context("pid")?;
     assert_eq!(std::fs::read_to_string(&pidfile)?.trim(), pid.to_string());
 
-    step(
-        &ctl,
-        &node,
-        json!({"Monit": {"name": "sleeper", "op": "Stop"}}),
-    )?;
+    step(&ctl, &node, monit("sleeper", MonitOp::Stop))?;
     wait_status(&ctl, &node, "sleeper", "STOPPED")?;
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "stopped process is gone"
     );
 
-    step(
-        &ctl,
-        &node,
-        json!({"Monit": {"name": "sleeper", "op": "Start"}}),
-    )?;
-    let first = wait_status(&ctl, &node, "sleeper", "RUNNING")?["pid"].as_u64();
-    step(
-        &ctl,
-        &node,
-        json!({"Monit": {"name": "sleeper", "op": "Restart"}}),
-    )?;
+    step(&ctl, &node, monit("sleeper", MonitOp::Start))?;
+    let first = wait_status(&ctl, &node, "sleeper", "RUNNING")?.pid;
+    step(&ctl, &node, monit("sleeper", MonitOp::Restart))?;
     let restarted = wait_until(WAIT, "a new pid after restart", || {
-        component(&ctl, &node, "sleeper")
-            .filter(|c| c["status"] == "RUNNING" && c["pid"].as_u64() != first)
+        component(&ctl, &node, "sleeper").filter(|c| c.status == "RUNNING" && c.pid != first)
     })?;
 
     // Killed from outside: monit notices and starts it again.
-    let victim = restarted["pid"].as_u64().context("pid")?;
+    let victim = restarted.pid.context("pid")?;
     let _ = std::process::Command::new("kill")
         .args(["-KILL", &victim.to_string()])
         .status();
     wait_until(WAIT, "monit to restart the killed component", || {
         component(&ctl, &node, "sleeper")
-            .filter(|c| c["status"] == "RUNNING" && c["pid"].as_u64().is_some_and(|p| p != victim))
+            .filter(|c| c.status == "RUNNING" && c.pid.is_some_and(|p| p != victim))
     })?;
 
     // Removing the check stops it and it disappears from the node's components.
-    step(&ctl, &node, json!({"MonitRemove": {"name": "sleeper"}}))?;
+    step(
+        &ctl,
+        &node,
+        StepAction::MonitRemove {
+            name: "sleeper".to_owned(),
+        },
+    )?;
     wait_until(WAIT, "sleeper gone", || {
         component(&ctl, &node, "sleeper").is_none().then_some(())
     })?;

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use de_common::api::{OperateRow, StatusRow};
 use de_tests::{TestAgent, TestController, cluster, wait_until};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -61,15 +62,8 @@ fn install_sleeper(ctl: &TestController, agent: &TestAgent) -> Result<()> {
     Ok(())
 }
 
-fn status(ctl: &TestController) -> Result<Vec<Value>> {
-    let a = ctl.api("GET", "/deployment-engine/status", None)?;
-    anyhow::ensure!(a.status == 200, "status: {} {}", a.status, a.body);
-    Ok(a.body.as_array().cloned().unwrap_or_default())
-}
-
-fn row<'a>(rows: &'a [Value], ip: &str) -> Option<&'a Value> {
-    rows.iter()
-        .find(|r| r["Comp"] == "sleeper" && r["Ip"] == ip)
+fn row<'a>(rows: &'a [StatusRow], ip: &str) -> Option<&'a StatusRow> {
+    rows.iter().find(|r| r.comp == "sleeper" && r.ip == ip)
 }
 
 fn pid_of(agent: &TestAgent) -> Option<u32> {
@@ -104,25 +98,21 @@ fn status_restart_and_stop_act_through_each_nodes_monit() -> Result<()> {
     });
     let a = ctl.api("POST", "/deployment-engine/config", Some(&plan.to_string()))?;
     assert_eq!(a.status, 201, "{}", a.body);
-    let rows = status(&ctl)?;
+    let rows = ctl.status()?;
     assert_eq!(rows.len(), 2);
-    assert_eq!(
-        row(&rows, ips[0]).context("row")?["Status"],
-        "NOT_INSTALLED"
-    );
+    assert_eq!(row(&rows, ips[0]).context("row")?.status, "NOT_INSTALLED");
 
     for a in &agents {
         install_sleeper(&ctl, a)?;
     }
     let rows = wait_until(WAIT, "both RUNNING", || {
-        status(&ctl).ok().filter(|rows| {
+        ctl.status().ok().filter(|rows| {
             ips.iter()
-                .all(|ip| row(rows, ip).is_some_and(|r| r["Status"] == "RUNNING"))
+                .all(|ip| row(rows, ip).is_some_and(|r| r.status == "RUNNING"))
         })
     })?;
     let r = row(&rows, ips[0]).context("row")?;
-    assert!(r["Cpu"].as_str().unwrap_or_default().ends_with('%'), "{r}");
-    assert!(r["Mem"].as_str().unwrap_or_default().ends_with('%'), "{r}");
+    assert!(r.cpu.ends_with('%') && r.mem.ends_with('%'), "{r:?}");
 
     // Restart one instance: a new pid, the other untouched.
     let before = (
@@ -143,9 +133,9 @@ fn status_restart_and_stop_act_through_each_nodes_monit() -> Result<()> {
         pid_of(&agents[0]).filter(|p| *p != before.0)
     })?;
     wait_until(WAIT, "RUNNING again", || {
-        status(&ctl)
+        ctl.status()
             .ok()
-            .filter(|rows| row(rows, ips[0]).is_some_and(|r| r["Status"] == "RUNNING"))
+            .filter(|rows| row(rows, ips[0]).is_some_and(|r| r.status == "RUNNING"))
     })?;
     assert_eq!(pid_of(&agents[1]), Some(before.1));
 
@@ -155,21 +145,15 @@ fn status_restart_and_stop_act_through_each_nodes_monit() -> Result<()> {
         "/deployment-engine/stop",
         Some(r#"{"name": "all", "ip": "0.0.0.0"}"#),
     )?;
-    assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(a.body.as_array().map(Vec::len), Some(2), "{}", a.body);
+    let stopped: Vec<OperateRow> = a.expect(200)?;
     assert!(
-        a.body
-            .as_array()
-            .into_iter()
-            .flatten()
-            .all(|r| r["Result"] == "ok"),
-        "{}",
-        a.body
+        stopped.len() == 2 && stopped.iter().all(|r| r.result == "ok"),
+        "{stopped:?}"
     );
     wait_until(WAIT, "both STOPPED", || {
-        status(&ctl).ok().filter(|rows| {
+        ctl.status().ok().filter(|rows| {
             ips.iter()
-                .all(|ip| row(rows, ip).is_some_and(|r| r["Status"] == "STOPPED"))
+                .all(|ip| row(rows, ip).is_some_and(|r| r.status == "STOPPED"))
         })
     })?;
 
@@ -194,27 +178,19 @@ fn status_restart_and_stop_act_through_each_nodes_monit() -> Result<()> {
         p.terminate(Duration::from_secs(10))?;
     }
     wait_until(WAIT, "offline in status", || {
-        status(&ctl).ok().filter(|rows| {
-            row(rows, ips[1]).is_some_and(|r| {
-                r["Status"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .starts_with("OFFLINE")
-            })
-        })
+        ctl.status()
+            .ok()
+            .filter(|rows| row(rows, ips[1]).is_some_and(|r| r.status.starts_with("OFFLINE")))
     })?;
     let a = ctl.api(
         "PUT",
         "/deployment-engine/restart",
         Some(&json!({"name": "sleeper", "ip": ips[1]}).to_string()),
     )?;
+    let rows: Vec<OperateRow> = a.expect(200)?;
     assert!(
-        a.body[0]["Result"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("offline"),
-        "{}",
-        a.body
+        rows.first().is_some_and(|r| r.result.contains("offline")),
+        "{rows:?}"
     );
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use de_common::api::HardwareRow;
 use de_tests::{Answer, TestAgent, TestController, bin, run_bounded, wait_until};
 use serde_json::{Value, json};
 
@@ -67,14 +68,8 @@ fn agents(ctl: &TestController, dir: &Path, ips: &[&str]) -> Result<Vec<TestAgen
     }
     wait_until(WAIT, "agents online", || {
         ctl.nodes().ok().filter(|ns| {
-            ips.iter().all(|ip| {
-                ns.iter().any(|n| {
-                    n["online"] == true
-                        && n["ips"]
-                            .as_array()
-                            .is_some_and(|l| l.iter().any(|i| i == ip))
-                })
-            })
+            ips.iter()
+                .all(|ip| ns.iter().any(|n| n.online && n.ips.iter().any(|i| i == ip)))
         })
     })?;
     Ok(out)
@@ -247,7 +242,7 @@ fn the_original_example_is_accepted_redacted_and_its_hardware_answered() -> Resu
 
     // Hardware: one, all, mismatch; RAM in kB, DISK in MB, as the original.
     let nodes = ctl.nodes()?;
-    let ram_mb = nodes[0]["hardware"]["ram_mb"].as_u64().context("ram")?;
+    let ram_mb = nodes.first().context("a node")?.hardware.ram_mb;
     let a = raw(
         &ctl,
         "GET",
@@ -255,12 +250,11 @@ fn the_original_example_is_accepted_redacted_and_its_hardware_answered() -> Resu
         None,
         r#"{ "Comp":"nats","Ip":"127.0.2.3"}"#,
     )?;
-    assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(a.body["Comp"], "nats");
-    assert_eq!(a.body["IP"], "127.0.2.3");
-    assert!(a.body["CPU"].as_u64() >= Some(1));
-    assert_eq!(a.body["RAM"].as_u64(), Some(ram_mb * 1024));
-    assert!(a.body["DISK"].as_u64() > Some(0));
+    let row: HardwareRow = a.expect(200)?;
+    assert_eq!((row.comp.as_str(), row.ip.as_str()), ("nats", "127.0.2.3"));
+    assert!(row.cpu >= 1, "{row:?}");
+    assert_eq!(row.ram_kb, ram_mb * 1024);
+    assert!(row.disk_mb > 0, "{row:?}");
     let a = raw(
         &ctl,
         "GET",
@@ -441,7 +435,7 @@ fn a_catalog_in_the_data_dir_is_loaded_and_used() -> Result<()> {
         ctl.node_by_ip("127.0.2.4")
             .ok()
             .flatten()
-            .filter(|n| n["online"] == true)
+            .filter(|n| n.online)
     })?;
     let a = raw(
         &ctl,

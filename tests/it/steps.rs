@@ -4,42 +4,48 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use de_common::api::{ExecRequest, StepRecordView, StepRequest, StepState};
+use de_common::{Lane, StepAction};
 use de_tests::{TestAgent, cluster, peak_rss_kib, wait_until};
-use serde_json::json;
+
+fn exec_request(script: &str, targets: Option<Vec<String>>, timeout_secs: u64) -> ExecRequest {
+    ExecRequest {
+        script: script.to_owned(),
+        targets,
+        timeout_secs: Some(timeout_secs),
+        user: None,
+    }
+}
 
 #[test]
 fn exec_runs_on_three_agents_and_returns_each_ones_output() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (ctl, agents) = cluster(dir.path(), &["127.0.3.1", "127.0.3.2", "127.0.3.3"], false)?;
-    let body = json!({
-        "script": "echo \"root=$DE_ROOT\"; echo warn >&2; exit 7",
-        "targets": agents.iter().map(|a| a.ip.clone()).collect::<Vec<_>>(),
-        "timeout_secs": 30,
-    });
-    let a = ctl.api("POST", "/api/v1/exec", Some(&body.to_string()))?;
-    assert_eq!(a.status, 200, "{}", a.body);
-    let results = a.body.as_array().context("array")?;
+    let results = ctl.exec(&exec_request(
+        "echo \"root=$DE_ROOT\"; echo warn >&2; exit 7",
+        Some(agents.iter().map(|a| a.ip.clone()).collect()),
+        30,
+    ))?;
     assert_eq!(results.len(), 3);
     for agent in &agents {
         let r = results
             .iter()
-            .find(|r| r["ip"] == agent.ip.as_str())
+            .find(|r| r.ip == agent.ip)
             .with_context(|| format!("no result for {}", agent.ip))?;
-        assert_eq!(r["exit_code"], 7, "{r}");
+        assert_eq!(r.exit_code, Some(7), "{r:?}");
         let root = std::fs::canonicalize(&agent.root)?;
         assert_eq!(
-            r["stdout"],
+            r.stdout,
             format!("root={}\n", agent.root.display()),
-            "{r} ({})",
+            "{r:?} ({})",
             root.display()
         );
-        assert_eq!(r["stderr"], "warn\n");
-        assert_eq!(r["timed_out"], false);
+        assert_eq!(r.stderr, "warn\n");
+        assert!(!r.timed_out, "{r:?}");
     }
     // No targets: every online node. A bad target is named.
     let a = ctl.api("POST", "/api/v1/exec", Some(r#"{"script": "hostname"}"#))?;
-    assert_eq!(a.status, 200);
-    assert_eq!(a.body.as_array().map(Vec::len), Some(3));
+    assert_eq!(a.expect::<Vec<de_common::api::ExecResult>>(200)?.len(), 3);
     let a = ctl.api(
         "POST",
         "/api/v1/exec",
@@ -59,9 +65,12 @@ fn exec_runs_on_three_agents_and_returns_each_ones_output() -> Result<()> {
     )?;
     assert_eq!(a.status, 400, "unknown field is refused: {}", a.body);
     // A command past its timeout is killed and says so.
-    let body = json!({"script": "sleep 30", "targets": [agents[0].ip], "timeout_secs": 1});
-    let a = ctl.api("POST", "/api/v1/exec", Some(&body.to_string()))?;
-    assert_eq!(a.body[0]["timed_out"], true, "{}", a.body);
+    let results = ctl.exec(&exec_request(
+        "sleep 30",
+        Some(vec![agents[0].ip.clone()]),
+        1,
+    ))?;
+    assert!(results.len() == 1 && results[0].timed_out, "{results:?}");
     Ok(())
 }
 
@@ -73,11 +82,10 @@ fn a_step_printing_100_mb_does_not_grow_the_agents_memory() -> Result<()> {
     let before = peak_rss_kib(pid).context("rss")?;
     // 100 MB in lines of 99 characters, and one 1 MB line without a newline.
     let script = "head -c 100000000 /dev/zero | tr '\\0' 'x' | fold -w 99; head -c 1000000 /dev/zero | tr '\\0' 'y'";
-    let body = json!({"script": script, "timeout_secs": 600});
-    let a = ctl.api("POST", "/api/v1/exec", Some(&body.to_string()))?;
-    assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(a.body[0]["exit_code"], 0, "{}", a.body);
-    let tail = a.body[0]["stdout"].as_str().unwrap_or_default();
+    let results = ctl.exec(&exec_request(script, None, 600))?;
+    let r = results.first().context("a result")?;
+    assert_eq!(r.exit_code, Some(0), "{:?}", r.error);
+    let tail = r.stdout.as_str();
     assert_eq!(tail.len(), 64 * 1024, "the result keeps a bounded tail");
     assert!(tail.ends_with("yyyy"));
     let after = peak_rss_kib(pid).context("rss")?;
@@ -89,24 +97,30 @@ fn a_step_printing_100_mb_does_not_grow_the_agents_memory() -> Result<()> {
 }
 
 fn queue(ctl: &de_tests::TestController, node: &str, script: &str) -> Result<String> {
-    let body = json!({
-        "action": {"Script": {"script": script, "user": null, "env": [], "timeout_secs": 120}},
-        "lane": "Deploy",
-        "wait_secs": 0,
-    });
+    let req = StepRequest {
+        action: StepAction::Script {
+            script: script.to_owned(),
+            user: None,
+            env: Vec::new(),
+            timeout_secs: 120,
+        },
+        lane: Some(Lane::Deploy),
+        wait_secs: Some(0),
+    };
     let a = ctl.api(
         "POST",
         &format!("/api/v1/nodes/{node}/steps"),
-        Some(&body.to_string()),
+        Some(&serde_json::to_string(&req)?),
     )?;
     assert!(a.status == 200 || a.status == 202, "{}", a.body);
-    Ok(a.body["step"]["id"].as_str().context("id")?.to_owned())
+    Ok(a.json::<StepRecordView>()?.step.id)
 }
 
-fn step_state(ctl: &de_tests::TestController, id: &str) -> Option<serde_json::Value> {
+fn step_state(ctl: &de_tests::TestController, id: &str) -> Option<StepRecordView> {
     ctl.api("GET", &format!("/api/v1/steps/{id}"), None)
+        .ok()?
+        .expect(200)
         .ok()
-        .map(|a| a.body)
 }
 
 #[test]
@@ -135,20 +149,21 @@ fn an_agent_killed_mid_step_neither_repeats_nor_skips() -> Result<()> {
         .status();
     agent.start(1)?;
     let done = wait_until(Duration::from_secs(60), "step three to finish", || {
-        step_state(&ctl, &three).filter(|s| s["state"] == "done")
+        step_state(&ctl, &three).filter(|s| s.state == StepState::Done)
     })?;
-    assert_eq!(done["outcome"]["exit_code"], 0);
+    assert_eq!(done.outcome.and_then(|o| o.exit_code), Some(0));
     assert_eq!(std::fs::read_to_string(&log)?, "one\ntwo-start\nthree\n");
     let s1 = step_state(&ctl, &one).context("one")?;
-    assert_eq!(s1["state"], "done");
+    assert_eq!(s1.state, StepState::Done);
     let s2 = step_state(&ctl, &two).context("two")?;
-    assert_eq!(s2["state"], "failed", "{s2}");
+    assert_eq!(s2.state, StepState::Failed, "{s2:?}");
     assert!(
-        s2["outcome"]["error"]
-            .as_str()
+        s2.outcome
+            .as_ref()
+            .and_then(|o| o.error.as_deref())
             .unwrap_or_default()
             .contains("interrupted"),
-        "{s2}"
+        "{s2:?}"
     );
     Ok(())
 }

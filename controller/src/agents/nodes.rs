@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+pub use de_common::api::NodeView;
+use de_common::api::resolve;
 use de_common::{ComponentStatus, Hardware, Hello, InstanceState, Usage, close_codes};
 
 use crate::store::{Store, StoreError, StoreExt, Tree};
@@ -34,23 +36,6 @@ pub struct NodeRecord {
 
 fn default_root() -> String {
     "/".to_owned()
-}
-
-/// A node as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NodeView {
-    pub id: String,
-    pub hostname: String,
-    pub ips: Vec<String>,
-    pub hardware: Hardware,
-    pub usage: Usage,
-    pub online: bool,
-    pub last_seen: Option<String>,
-    pub agent_version: String,
-    pub enrolled_at: String,
-    pub revoked: bool,
-    pub root: String,
-    pub components: Vec<ComponentStatus>,
 }
 
 struct Live {
@@ -263,15 +248,11 @@ impl Nodes {
         records.get(id).map(|r| self.view(r, &live, now))
     }
 
-    /// The node `target` names: its id, or one of its IPs (a live, unrevoked node first).
+    /// The one live node `target` (its id or one of its IPs) names, by the
+    /// API's rule ([`resolve`]); None when no node, only revoked ones, or
+    /// several live ones have it.
     pub fn find(&self, target: &str) -> Option<NodeView> {
-        let mut matches: Vec<NodeView> = self
-            .list()
-            .into_iter()
-            .filter(|n| n.id == target || n.ips.iter().any(|ip| ip == target))
-            .collect();
-        matches.sort_by_key(|n| (n.revoked, !n.online));
-        matches.into_iter().next()
+        resolve(&self.list(), target).node().cloned()
     }
 
     /// How long node `id` has been silent at `now`: since its last

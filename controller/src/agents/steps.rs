@@ -16,6 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast};
 
+use de_common::api::StepRecordView;
+/// A step record's state: the API's words, also what the store keeps.
+pub use de_common::api::StepState;
 use de_common::{
     Lane, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind, StepOutcome, sign_step,
 };
@@ -26,28 +29,6 @@ use crate::util::rfc3339;
 
 /// How long a step may wait for its node before the agent refuses it as expired.
 pub(crate) const DEFAULT_STEP_TTL: Duration = Duration::from_secs(24 * 3600);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StepState {
-    Queued,
-    Running,
-    Done,
-    Failed,
-    Refused,
-    /// Withdrawn by the controller (a cancelled deployment): never handed
-    /// out again; if it was running, its node was told to kill it.
-    Cancelled,
-}
-
-impl StepState {
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            StepState::Done | StepState::Failed | StepState::Refused | StepState::Cancelled
-        )
-    }
-}
 
 /// How long a cancel may wait for its node before it is pointless.
 const CANCEL_TTL: Duration = Duration::from_secs(3600);
@@ -69,18 +50,25 @@ pub struct StepRecord {
 impl StepRecord {
     /// The record as the API shows it: without the signed bytes, and with
     /// script environment values (where plans pass passwords) as `******`.
+    /// Its keys are sorted at every level, as they always were (the view
+    /// goes through a `Value`).
     pub fn redacted(&self) -> serde_json::Value {
-        let mut r = self.clone();
-        if let StepAction::Script { env, .. } = &mut r.step.action {
+        let mut step = self.step.clone();
+        if let StepAction::Script { env, .. } = &mut step.action {
             for (_, v) in env.iter_mut() {
                 *v = "******".to_owned();
             }
         }
-        let mut v = serde_json::to_value(&r).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.remove("signed");
-        }
-        v
+        let view = StepRecordView {
+            step,
+            state: self.state,
+            created_at: self.created_at.clone(),
+            started_at: self.started_at.clone(),
+            finished_at: self.finished_at.clone(),
+            outcome: self.outcome.clone(),
+            refusal: self.refusal.clone(),
+        };
+        serde_json::to_value(view).unwrap_or_default()
     }
 }
 

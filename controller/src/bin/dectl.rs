@@ -5,6 +5,10 @@
 //! Errors from the API are printed as the API words them; the exit code is 1
 //! when the controller refused or something failed, 2 when it could not be
 //! reached or the token could not be read. `--json` prints the API's JSON.
+//!
+//! Answers are read into the API's own types (`de_common::api`), the ones the
+//! controller answers with, and nodes are matched by the API's rule
+//! (`resolve`); one function per subcommand, `run` dispatches.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -12,7 +16,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use serde_json::{Value, json};
+use de_common::api::{
+    CodeView, DeployStarted, DeployState, DeploymentView, ErrorBody, ExecRequest, ExecResult,
+    LogFiles, NewCode, NodeView, OperateRequest, OperateRow, PhaseState, PlanCheck, PlanCreated,
+    Resolved, StatusRow, resolve,
+};
+use serde::Serialize;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde_json::Value;
 
 #[derive(Parser, Debug)]
 #[command(name = "dectl", version, about = "Deployment Engine command line")]
@@ -137,36 +148,51 @@ struct Api {
     agent: ureq::Agent,
 }
 
+/// One answer of the API, and the request it answers (for messages).
 struct Reply {
+    request: String,
     status: u16,
     text: String,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or(Value::String(self.text.clone()))
-    }
-
     /// The API's own words for a refusal.
     fn check(self) -> Result<Reply, Failure> {
         if self.status < 300 {
             return Ok(self);
         }
-        let j = self.json();
-        let msg = j["message"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| self.text.trim().to_owned());
-        let mut line = format!("{msg} (HTTP {})", self.status);
-        if let Some(problems) = j["problems"].as_array() {
-            for p in problems {
-                let what = p["problem"].as_str().unwrap_or_default();
-                let comp = p["component"].as_str().unwrap_or("-");
-                let ip = p["ip"].as_str().unwrap_or("-");
-                line.push_str(&format!("\n  - {comp} {ip}: {what}"));
-            }
+        let Ok(err) = serde_json::from_str::<ErrorBody>(&self.text) else {
+            return Err(Failure(
+                format!("{} (HTTP {})", self.text.trim(), self.status),
+                1,
+            ));
+        };
+        let mut line = format!("{} (HTTP {})", err.message, self.status);
+        for p in &err.problems {
+            let comp = p.component.as_deref().unwrap_or("-");
+            let ip = p.ip.as_deref().unwrap_or("-");
+            line.push_str(&format!("\n  - {comp} {ip}: {}", p.problem));
         }
         Err(Failure(line, 1))
+    }
+
+    /// The answer as the API type `T`.
+    fn parse<T: DeserializeOwned>(&self) -> Result<T, Failure> {
+        serde_json::from_str(&self.text).map_err(|e| {
+            Failure(
+                format!(
+                    "the controller's answer to {} is not what this dectl understands ({e}); is dectl the controller's version?",
+                    self.request
+                ),
+                1,
+            )
+        })
+    }
+
+    /// Prints the API's JSON (`--json`), pretty; a body that is not JSON as a JSON string.
+    fn print_json(&self) {
+        let v = serde_json::from_str(&self.text).unwrap_or(Value::String(self.text.clone()));
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
 }
 
@@ -194,12 +220,26 @@ impl Api {
             .as_reader()
             .read_to_string(&mut text)
             .map_err(|e| Failure(format!("reading the answer from {url}: {e}"), 2))?;
-        Ok(Reply { status, text })
+        Ok(Reply {
+            request: format!("{method} {path}"),
+            status,
+            text,
+        })
     }
 
-    fn get(&self, path: &str) -> Result<Value, Failure> {
-        Ok(self.call("GET", path, None)?.check()?.json())
+    /// A request whose refusal is a failure.
+    fn ok(&self, method: &str, path: &str, body: Option<String>) -> Result<Reply, Failure> {
+        self.call(method, path, body)?.check()
     }
+
+    fn get(&self, path: &str) -> Result<Reply, Failure> {
+        self.ok("GET", path, None)
+    }
+}
+
+/// A request body as JSON text.
+fn body<T: Serialize>(v: &T) -> Option<String> {
+    serde_json::to_string(v).ok()
 }
 
 /// Prints rows as aligned columns.
@@ -226,21 +266,17 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(x) => x.clone(),
-        other => other.to_string(),
-    }
+/// An optional value as a table cell: `-` when absent.
+fn cell<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-/// Table rows from a JSON array of objects: the named fields of each, in order.
-fn rows(list: &Value, fields: &[&str]) -> Vec<Vec<String>> {
-    list.as_array()
-        .into_iter()
-        .flatten()
-        .map(|item| fields.iter().map(|f| s(&item[*f])).collect())
-        .collect()
+/// A state or kind as the API words it (`running`, `install`).
+fn word<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        _ => "-".to_owned(),
+    }
 }
 
 fn read_plan(file: &PathBuf) -> Result<String, Failure> {
@@ -252,7 +288,183 @@ fn read_plan(file: &PathBuf) -> Result<String, Failure> {
     })
 }
 
-fn follow(api: &Api, id: &str) -> Outcome {
+fn run(cli: Cli, api: &Api) -> Outcome {
+    let json = cli.json;
+    match cli.command {
+        Command::Codes { what } => codes(api, what, json),
+        Command::Nodes => nodes(api, json),
+        Command::Revoke { node } => revoke(api, &node, json),
+        Command::Plan { what } => plan(api, what, json),
+        Command::Deploy { follow } => deploy(api, follow, json),
+        Command::Deployments { id } => deployments(api, id.as_deref(), json),
+        Command::Status => status(api, json),
+        Command::Restart { component, ip } => operate(api, "restart", &component, ip, json),
+        Command::Stop { component, ip } => operate(api, "stop", &component, ip, json),
+        Command::Logs { what } => logs(api, what, json),
+        Command::Exec {
+            command,
+            targets,
+            timeout,
+        } => exec(api, command, targets, timeout, json),
+    }
+}
+
+fn codes(api: &Api, what: Codes, json: bool) -> Outcome {
+    let reply = match what {
+        Codes::New { ttl } => {
+            let req = ttl.and_then(|t| body(&NewCode { ttl_secs: Some(t) }));
+            api.ok("POST", "/api/v1/install-codes", req)?
+        }
+        Codes::Show => api.get("/api/v1/install-codes")?,
+        Codes::End => {
+            api.ok("DELETE", "/api/v1/install-codes", None)?;
+            if !json {
+                println!("installation ended: no code is open");
+            }
+            return Ok(());
+        }
+    };
+    if json {
+        reply.print_json();
+        return Ok(());
+    }
+    let c: CodeView = reply.parse()?;
+    let left = c.expires_in_secs;
+    println!(
+        "code {} (expires {}, in {}:{:02}:{:02})",
+        c.code,
+        c.expires_at,
+        left / 3600,
+        left % 3600 / 60,
+        left % 60
+    );
+    println!("on each node: {}", c.agent_command);
+    Ok(())
+}
+
+fn nodes(api: &Api, json: bool) -> Outcome {
+    let reply = api.get("/api/v1/nodes")?;
+    if json {
+        reply.print_json();
+        return Ok(());
+    }
+    let nodes: Vec<NodeView> = reply.parse()?;
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let state = if n.revoked {
+                "revoked"
+            } else if n.online {
+                "online"
+            } else {
+                "offline"
+            };
+            vec![
+                n.id.clone(),
+                n.ips.join(","),
+                n.hostname.clone(),
+                state.to_owned(),
+                format!(
+                    "{} cpu, {} MB, {} MB disk",
+                    n.hardware.cpus, n.hardware.ram_mb, n.hardware.disk_mb
+                ),
+                format!(
+                    "cpu {:.0}% mem {:.0}% disk {:.0}%",
+                    n.usage.cpu_pct, n.usage.mem_pct, n.usage.disk_pct
+                ),
+                cell(n.last_seen.as_deref()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "IPS",
+            "HOST",
+            "STATE",
+            "HARDWARE",
+            "USAGE",
+            "LAST SEEN",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Revokes the node `target` names, by the API's rule ([`resolve`]).
+fn revoke(api: &Api, target: &str, json: bool) -> Outcome {
+    let nodes: Vec<NodeView> = api.get("/api/v1/nodes")?.parse()?;
+    let id = match resolve(&nodes, target) {
+        Resolved::Node(n) => n.id.clone(),
+        Resolved::Unknown | Resolved::Revoked(_) => {
+            return Err(Failure(
+                format!(
+                    "no enrolled node that is not revoked has the id or IP {target:?}; dectl nodes lists them"
+                ),
+                1,
+            ));
+        }
+        Resolved::Ambiguous(many) => {
+            let ids: Vec<&str> = many.iter().map(|n| n.id.as_str()).collect();
+            return Err(Failure(
+                format!(
+                    "several nodes have the IP {target}: {}; revoke one by its id",
+                    ids.join(", ")
+                ),
+                1,
+            ));
+        }
+    };
+    api.ok("DELETE", &format!("/api/v1/nodes/{id}"), None)?;
+    if !json {
+        println!("revoked node {id} ({target}): its link is closed and its certificate refused");
+    }
+    Ok(())
+}
+
+fn plan(api: &Api, what: Plan, json: bool) -> Outcome {
+    let (reply, message) = match what {
+        Plan::Validate { file } => {
+            let r = api.ok("POST", "/api/v1/plan/validate", Some(read_plan(&file)?))?;
+            let m = (!json)
+                .then(|| r.parse::<PlanCheck<IgnoredAny>>().map(|c| c.message))
+                .transpose()?;
+            (r, m)
+        }
+        Plan::Apply { file } => {
+            let r = api.ok("POST", "/deployment-engine/config", Some(read_plan(&file)?))?;
+            let m = (!json)
+                .then(|| r.parse::<PlanCreated>().map(|c| c.message))
+                .transpose()?;
+            (r, m)
+        }
+        // The plan document itself: printed as JSON.
+        Plan::Show => (api.get("/deployment-engine/config")?, None),
+    };
+    match message {
+        Some(m) => println!("{m}"),
+        None => reply.print_json(),
+    }
+    Ok(())
+}
+
+fn deploy(api: &Api, follow: bool, json: bool) -> Outcome {
+    let reply = api.ok("GET", "/deployment-engine/deploy", None)?;
+    if json && !follow {
+        reply.print_json();
+        return Ok(());
+    }
+    let d: DeployStarted = reply.parse()?;
+    println!("deployment {} started ({} steps)", d.id, d.steps);
+    if follow {
+        follow_deployment(api, &d.id)?;
+    }
+    Ok(())
+}
+
+/// Shows a deployment's progress until it ends: one bar per component
+/// instance on a terminal, else a line per change.
+fn follow_deployment(api: &Api, id: &str) -> Outcome {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     let multi = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:<28} [{bar:24}] {pos}/{len} {msg}")
@@ -263,15 +475,14 @@ fn follow(api: &Api, id: &str) -> Outcome {
     let mut printed: std::collections::HashSet<String> = std::collections::HashSet::new();
     let started = Instant::now();
     loop {
-        let d = api.get(&format!("/api/v1/deployments/{id}"))?;
-        let steps = d["steps"].as_array().cloned().unwrap_or_default();
+        let d: DeploymentView = api.get(&format!("/api/v1/deployments/{id}"))?.parse()?;
         // One bar per component instance (component and node).
         let mut groups: Vec<(String, u64, u64, String)> = Vec::new();
-        for st in &steps {
-            let key = format!("{} {}", s(&st["instance"]), s(&st["ip"]));
-            let done = u64::from(st["state"] == "done");
-            let note = if st["state"] == "running" || st["state"] == "failed" {
-                format!("{} {}", s(&st["action"]), s(&st["state"]))
+        for st in d.steps.iter().flatten() {
+            let key = format!("{} {}", st.instance, st.ip);
+            let done = u64::from(st.state == PhaseState::Done);
+            let note = if matches!(st.state, PhaseState::Running | PhaseState::Failed) {
+                format!("{} {}", st.action, word(&st.state))
             } else {
                 String::new()
             };
@@ -307,22 +518,22 @@ fn follow(api: &Api, id: &str) -> Outcome {
                 }
             }
         }
-        if d["state"] != "running" {
+        if d.state != DeployState::Running {
             for (_, b) in &bars {
                 b.finish();
             }
             println!(
                 "deployment {id} {} in {:.1} s ({}/{} steps)",
-                s(&d["state"]),
+                word(&d.state),
                 started.elapsed().as_secs_f64(),
-                s(&d["steps_done"]),
-                s(&d["steps_total"])
+                d.steps_done,
+                d.steps_total
             );
-            return if d["state"] == "succeeded" {
+            return if d.state == DeployState::Succeeded {
                 Ok(())
             } else {
                 Err(Failure(
-                    format!("deployment {id} failed: {}", s(&d["error"])),
+                    format!("deployment {id} failed: {}", cell(d.error.as_deref())),
                     1,
                 ))
             };
@@ -331,312 +542,183 @@ fn follow(api: &Api, id: &str) -> Outcome {
     }
 }
 
-fn run(cli: Cli, api: &Api) -> Outcome {
-    let json_out = cli.json;
-    let print = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-    match cli.command {
-        Command::Codes { what } => {
-            let v = match what {
-                Codes::New { ttl } => {
-                    let body = ttl.map(|t| json!({ "ttl_secs": t }).to_string());
-                    api.call("POST", "/api/v1/install-codes", body)?
-                        .check()?
-                        .json()
-                }
-                Codes::Show => api.get("/api/v1/install-codes")?,
-                Codes::End => {
-                    api.call("DELETE", "/api/v1/install-codes", None)?.check()?;
-                    if !json_out {
-                        println!("installation ended: no code is open");
-                    }
-                    return Ok(());
-                }
+/// Every deployment, or one (`id`) with its steps.
+fn deployments(api: &Api, id: Option<&str>, json: bool) -> Outcome {
+    match id {
+        None => deployment_list(api, json),
+        Some(id) => deployment_steps(api, id, json),
+    }
+}
+
+fn deployment_list(api: &Api, json: bool) -> Outcome {
+    let reply = api.get("/api/v1/deployments")?;
+    if json {
+        reply.print_json();
+        return Ok(());
+    }
+    let all: Vec<DeploymentView> = reply.parse()?;
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.clone(),
+                word(&d.state),
+                d.plan_revision.to_string(),
+                format!("{}/{}", d.steps_done, d.steps_total),
+                d.created_at.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "STATE", "PLAN", "STEPS", "CREATED"], &rows);
+    Ok(())
+}
+
+fn deployment_steps(api: &Api, id: &str, json: bool) -> Outcome {
+    let reply = api.get(&format!("/api/v1/deployments/{id}"))?;
+    if json {
+        reply.print_json();
+        return Ok(());
+    }
+    let d: DeploymentView = reply.parse()?;
+    println!(
+        "deployment {} {} (plan revision {})",
+        d.id,
+        word(&d.state),
+        d.plan_revision
+    );
+    if let Some(e) = &d.error {
+        println!("error: {e}");
+    }
+    let rows: Vec<Vec<String>> = d
+        .steps
+        .iter()
+        .flatten()
+        .map(|st| {
+            vec![
+                st.instance.clone(),
+                st.ip.clone(),
+                word(&st.kind),
+                st.action.clone(),
+                word(&st.state),
+                st.attempts.to_string(),
+                cell(st.exit_code),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "INSTANCE", "IP", "KIND", "ACTION", "STATE", "ATTEMPTS", "EXIT",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+fn status(api: &Api, json: bool) -> Outcome {
+    let reply = api.get("/deployment-engine/status")?;
+    if json {
+        reply.print_json();
+        return Ok(());
+    }
+    let rows: Vec<StatusRow> = reply.parse()?;
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| vec![r.comp, r.ip, r.status, r.cpu, r.mem, r.disk])
+        .collect();
+    table(&["COMPONENT", "IP", "STATUS", "CPU", "MEM", "DISK"], &rows);
+    Ok(())
+}
+
+/// `restart` or `stop` (`verb`) of a component, on one IP or everywhere.
+fn operate(api: &Api, verb: &str, component: &str, ip: Option<String>, json: bool) -> Outcome {
+    let req = OperateRequest {
+        name: component.to_owned(),
+        ip: ip.unwrap_or_else(|| "0.0.0.0".into()),
+    };
+    let reply = api.ok("PUT", &format!("/deployment-engine/{verb}"), body(&req))?;
+    if json {
+        reply.print_json();
+    }
+    let rows: Vec<OperateRow> = reply.parse()?;
+    let mut failed = 0;
+    for r in &rows {
+        if r.result != "ok" {
+            failed += 1;
+        }
+        if !json {
+            println!("{} {}: {}", r.comp, r.ip, r.result);
+        }
+    }
+    if failed > 0 {
+        return Err(Failure(format!("{verb} failed on {failed} instance(s)"), 1));
+    }
+    Ok(())
+}
+
+fn logs(api: &Api, what: Logs, json: bool) -> Outcome {
+    match what {
+        Logs::List => {
+            let reply = api.get("/deployment-engine/download")?;
+            if json {
+                reply.print_json();
+                return Ok(());
+            }
+            let names: LogFiles = reply.parse()?;
+            for n in names {
+                println!("{n}");
+            }
+        }
+        Logs::Get { name, tail } => {
+            let r = match tail {
+                Some(n) => api.get(&format!("/api/v1/logs/{name}?tail={n}"))?,
+                None => api.ok("PUT", "/deployment-engine/download", body(&name))?,
             };
-            if json_out {
-                print(&v);
-            } else {
-                let left = v["expires_in_secs"].as_u64().unwrap_or(0);
-                println!(
-                    "code {} (expires {}, in {}:{:02}:{:02})",
-                    s(&v["code"]),
-                    s(&v["expires_at"]),
-                    left / 3600,
-                    left % 3600 / 60,
-                    left % 60
-                );
-                if let Some(cmd) = v["agent_command"].as_str() {
-                    println!("on each node: {cmd}");
-                }
-            }
+            print!("{}", r.text);
         }
-        Command::Revoke { node } => {
-            let all = api.get("/api/v1/nodes")?;
-            let matches: Vec<&Value> = all
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|n| {
-                    n["revoked"] != true
-                        && (n["id"] == node.as_str()
-                            || n["ips"]
-                                .as_array()
-                                .is_some_and(|ips| ips.iter().any(|ip| ip == node.as_str())))
-                })
-                .collect();
-            let id = match matches.as_slice() {
-                [one] => s(&one["id"]),
-                [] => {
-                    return Err(Failure(
-                        format!(
-                            "no enrolled node that is not revoked has the id or IP {node:?}; dectl nodes lists them"
-                        ),
-                        1,
-                    ));
-                }
-                many => {
-                    let ids: Vec<String> = many.iter().map(|n| s(&n["id"])).collect();
-                    return Err(Failure(
-                        format!(
-                            "several nodes have the IP {node}: {}; revoke one by its id",
-                            ids.join(", ")
-                        ),
-                        1,
-                    ));
-                }
-            };
-            api.call("DELETE", &format!("/api/v1/nodes/{id}"), None)?
-                .check()?;
-            if !json_out {
-                println!(
-                    "revoked node {id} ({node}): its link is closed and its certificate refused"
-                );
-            }
+        Logs::Follow { tail } => return follow_log(api, tail),
+    }
+    Ok(())
+}
+
+/// Runs `command` on `targets` (every online node when empty); exit 1 when it
+/// failed anywhere.
+fn exec(api: &Api, command: String, targets: Vec<String>, timeout: u64, json: bool) -> Outcome {
+    let req = ExecRequest {
+        script: command,
+        targets: (!targets.is_empty()).then_some(targets),
+        timeout_secs: Some(timeout),
+        user: None,
+    };
+    let reply = api.ok("POST", "/api/v1/exec", body(&req))?;
+    if json {
+        reply.print_json();
+    }
+    let results: Vec<ExecResult> = reply.parse()?;
+    let mut failed = 0;
+    for r in &results {
+        if r.exit_code != Some(0) {
+            failed += 1;
         }
-        Command::Nodes => {
-            let v = api.get("/api/v1/nodes")?;
-            if json_out {
-                print(&v);
-            } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|n| {
-                        vec![
-                            s(&n["id"]),
-                            n["ips"]
-                                .as_array()
-                                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
-                                .unwrap_or_default(),
-                            s(&n["hostname"]),
-                            if n["revoked"] == true {
-                                "revoked".into()
-                            } else if n["online"] == true {
-                                "online".into()
-                            } else {
-                                "offline".into()
-                            },
-                            format!(
-                                "{} cpu, {} MB, {} MB disk",
-                                s(&n["hardware"]["cpus"]),
-                                s(&n["hardware"]["ram_mb"]),
-                                s(&n["hardware"]["disk_mb"])
-                            ),
-                            format!(
-                                "cpu {:.0}% mem {:.0}% disk {:.0}%",
-                                n["usage"]["cpu_pct"].as_f64().unwrap_or(0.0),
-                                n["usage"]["mem_pct"].as_f64().unwrap_or(0.0),
-                                n["usage"]["disk_pct"].as_f64().unwrap_or(0.0)
-                            ),
-                            s(&n["last_seen"]),
-                        ]
-                    })
-                    .collect();
-                table(
-                    &[
-                        "ID",
-                        "IPS",
-                        "HOST",
-                        "STATE",
-                        "HARDWARE",
-                        "USAGE",
-                        "LAST SEEN",
-                    ],
-                    &rows,
-                );
-            }
+        if !json {
+            println!(
+                "== {} ({}): exit {}{}",
+                r.ip,
+                r.node_id,
+                cell(r.exit_code),
+                r.error
+                    .as_deref()
+                    .map(|e| format!(", {e}"))
+                    .unwrap_or_default()
+            );
+            print!("{}", r.stdout);
+            eprint!("{}", r.stderr);
         }
-        Command::Plan { what } => {
-            let v = match what {
-                Plan::Validate { file } => api
-                    .call("POST", "/api/v1/plan/validate", Some(read_plan(&file)?))?
-                    .check()?
-                    .json(),
-                Plan::Apply { file } => api
-                    .call("POST", "/deployment-engine/config", Some(read_plan(&file)?))?
-                    .check()?
-                    .json(),
-                Plan::Show => api.get("/deployment-engine/config")?,
-            };
-            if json_out || v["message"].is_null() {
-                print(&v);
-            } else {
-                println!("{}", s(&v["message"]));
-            }
-        }
-        Command::Deploy { follow: f } => {
-            let v = api
-                .call("GET", "/deployment-engine/deploy", None)?
-                .check()?
-                .json();
-            let id = s(&v["id"]);
-            if json_out && !f {
-                print(&v);
-            } else {
-                println!("deployment {id} started ({} steps)", s(&v["steps"]));
-            }
-            if f {
-                follow(api, &id)?;
-            }
-        }
-        Command::Deployments { id } => {
-            let v = match &id {
-                Some(id) => api.get(&format!("/api/v1/deployments/{id}"))?,
-                None => api.get("/api/v1/deployments")?,
-            };
-            if json_out {
-                print(&v);
-            } else if id.is_some() {
-                let rows = rows(
-                    &v["steps"],
-                    &[
-                        "instance",
-                        "ip",
-                        "kind",
-                        "action",
-                        "state",
-                        "attempts",
-                        "exit_code",
-                    ],
-                );
-                println!(
-                    "deployment {} {} (plan revision {})",
-                    s(&v["id"]),
-                    s(&v["state"]),
-                    s(&v["plan_revision"])
-                );
-                if !v["error"].is_null() {
-                    println!("error: {}", s(&v["error"]));
-                }
-                table(
-                    &[
-                        "INSTANCE", "IP", "KIND", "ACTION", "STATE", "ATTEMPTS", "EXIT",
-                    ],
-                    &rows,
-                );
-            } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|d| {
-                        vec![
-                            s(&d["id"]),
-                            s(&d["state"]),
-                            s(&d["plan_revision"]),
-                            format!("{}/{}", s(&d["steps_done"]), s(&d["steps_total"])),
-                            s(&d["created_at"]),
-                        ]
-                    })
-                    .collect();
-                table(&["ID", "STATE", "PLAN", "STEPS", "CREATED"], &rows);
-            }
-        }
-        Command::Status => {
-            let v = api.get("/deployment-engine/status")?;
-            if json_out {
-                print(&v);
-            } else {
-                let rows = rows(&v, &["Comp", "Ip", "Status", "Cpu", "Mem", "Disk"]);
-                table(&["COMPONENT", "IP", "STATUS", "CPU", "MEM", "DISK"], &rows);
-            }
-        }
-        Command::Restart { component, ip } => {
-            return operate(api, "restart", &component, ip, json_out);
-        }
-        Command::Stop { component, ip } => return operate(api, "stop", &component, ip, json_out),
-        Command::Logs { what } => match what {
-            Logs::List => {
-                let v = api.get("/deployment-engine/download")?;
-                if json_out {
-                    print(&v);
-                } else {
-                    for n in v.as_array().into_iter().flatten() {
-                        println!("{}", s(n));
-                    }
-                }
-            }
-            Logs::Get { name, tail } => {
-                let r = match tail {
-                    Some(n) => api
-                        .call("GET", &format!("/api/v1/logs/{name}?tail={n}"), None)?
-                        .check()?,
-                    None => api
-                        .call(
-                            "PUT",
-                            "/deployment-engine/download",
-                            Some(json!(name).to_string()),
-                        )?
-                        .check()?,
-                };
-                print!("{}", r.text);
-            }
-            Logs::Follow { tail } => return follow_log(api, tail),
-        },
-        Command::Exec {
-            command,
-            targets,
-            timeout,
-        } => {
-            let mut body = json!({ "script": command, "timeout_secs": timeout });
-            if !targets.is_empty() {
-                body["targets"] = json!(targets);
-            }
-            let v = api
-                .call("POST", "/api/v1/exec", Some(body.to_string()))?
-                .check()?
-                .json();
-            if json_out {
-                print(&v);
-            }
-            let mut failed = 0;
-            for r in v.as_array().into_iter().flatten() {
-                let ok = r["exit_code"] == 0;
-                if !ok {
-                    failed += 1;
-                }
-                if !json_out {
-                    println!(
-                        "== {} ({}): exit {}{}",
-                        s(&r["ip"]),
-                        s(&r["node_id"]),
-                        s(&r["exit_code"]),
-                        r["error"]
-                            .as_str()
-                            .map(|e| format!(", {e}"))
-                            .unwrap_or_default()
-                    );
-                    print!("{}", r["stdout"].as_str().unwrap_or_default());
-                    eprint!("{}", r["stderr"].as_str().unwrap_or_default());
-                }
-            }
-            if failed > 0 {
-                return Err(Failure(
-                    format!("the command failed on {failed} node(s)"),
-                    1,
-                ));
-            }
-        }
+    }
+    if failed > 0 {
+        return Err(Failure(
+            format!("the command failed on {failed} node(s)"),
+            1,
+        ));
     }
     Ok(())
 }
@@ -692,8 +774,7 @@ fn follow_log(api: &Api, tail: u32) -> Outcome {
     let out = std::io::stdout();
     if tail > 0 {
         let text = api
-            .call("GET", &format!("/api/v1/logs/local.log?tail={tail}"), None)?
-            .check()?
+            .get(&format!("/api/v1/logs/local.log?tail={tail}"))?
             .text;
         let mut o = out.lock();
         for line in text.lines() {
@@ -724,31 +805,6 @@ fn follow_log(api: &Api, tail: u32) -> Outcome {
     }
 }
 
-fn operate(api: &Api, verb: &str, component: &str, ip: Option<String>, json_out: bool) -> Outcome {
-    let body =
-        json!({ "name": component, "ip": ip.unwrap_or_else(|| "0.0.0.0".into()) }).to_string();
-    let v = api
-        .call("PUT", &format!("/deployment-engine/{verb}"), Some(body))?
-        .check()?
-        .json();
-    if json_out {
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    }
-    let mut failed = 0;
-    for r in v.as_array().into_iter().flatten() {
-        if r["Result"] != "ok" {
-            failed += 1;
-        }
-        if !json_out {
-            println!("{} {}: {}", s(&r["Comp"]), s(&r["Ip"]), s(&r["Result"]));
-        }
-    }
-    if failed > 0 {
-        return Err(Failure(format!("{verb} failed on {failed} instance(s)"), 1));
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let token = match std::fs::read_to_string(&cli.token_file) {
@@ -776,6 +832,68 @@ fn main() -> ExitCode {
         Err(Failure(msg, code)) => {
             eprintln!("dectl: {msg}");
             ExitCode::from(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(status: u16, text: &str) -> Reply {
+        Reply {
+            request: "POST /api/v1/plan/validate".to_owned(),
+            status,
+            text: text.to_owned(),
+        }
+    }
+
+    fn failure(r: Reply) -> (String, u8) {
+        match r.check() {
+            Ok(_) => panic!("accepted"),
+            Err(Failure(line, code)) => (line, code),
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_printed_in_the_apis_words_with_every_problem() {
+        let body = r#"{"error":"invalid_plan","message":"the plan was not accepted: 2 problems","problems":[
+            {"kind":"unknown_node","component":"nats","ip":"10.0.0.9","property":null,"problem":"no enrolled node has the IP 10.0.0.9","found":null,"needed":null},
+            {"kind":"missing_property","component":null,"ip":null,"property":"domain","problem":"property \"domain\" is required","found":null,"needed":null}]}"#;
+        assert_eq!(
+            failure(reply(400, body)),
+            (
+                "the plan was not accepted: 2 problems (HTTP 400)\n  - nats 10.0.0.9: no enrolled node has the IP 10.0.0.9\n  - - -: property \"domain\" is required".to_owned(),
+                1
+            )
+        );
+        assert_eq!(
+            failure(reply(
+                404,
+                r#"{"error":"not_found","message":"no node \"n-x\""}"#
+            )),
+            ("no node \"n-x\" (HTTP 404)".to_owned(), 1)
+        );
+        // Not the API's error shape (a proxy's page): the text as it came.
+        assert_eq!(
+            failure(reply(502, "Bad Gateway\n")),
+            ("Bad Gateway (HTTP 502)".to_owned(), 1)
+        );
+        assert!(reply(200, "{}").check().is_ok());
+    }
+
+    #[test]
+    fn an_answer_of_another_shape_names_the_request() {
+        let r = reply(200, r#"{"valid": true}"#);
+        match r.parse::<PlanCheck<IgnoredAny>>() {
+            Ok(_) => panic!("parsed"),
+            Err(Failure(line, code)) => {
+                assert_eq!(code, 1);
+                assert!(
+                    line.contains("POST /api/v1/plan/validate") && line.contains("catalog"),
+                    "{line}"
+                );
+            }
         }
     }
 }

@@ -9,38 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use de_common::StepAction;
 
-/// Where a deployment is: running until every step is done or one failed for good.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeployState {
-    Running,
-    Succeeded,
-    Failed,
-    /// An operator cancelled it: queued steps were withdrawn, running ones killed.
-    Cancelled,
-}
-
-/// Why an instance is touched: new, changed, or no longer in the plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskKind {
-    Install,
-    Reconfigure,
-    Uninstall,
-}
-
-/// Where one deployment step is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PhaseState {
-    Pending,
-    Running,
-    Done,
-    Failed,
-    Skipped,
-    /// It was running when the deployment was cancelled.
-    Cancelled,
-}
+/// Deployment and step states and step kinds are the API's words, defined
+/// once in `de_common::api`; the store keeps the same words.
+pub use de_common::api::{DeployState, PhaseState, TaskKind};
 
 /// One action of one component instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

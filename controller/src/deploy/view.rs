@@ -7,40 +7,9 @@ use serde::Serialize;
 
 use de_common::StepAction;
 
-use super::{DeployState, Deployment, PhaseState, TaskKind};
+use de_common::api::{DeploymentView, StepView};
 
-/// A deployment step as the API shows it (the action by kind, never its contents: they may hold secrets).
-#[derive(Debug, Serialize)]
-pub struct StepView {
-    pub component: String,
-    pub instance: String,
-    pub ip: String,
-    pub node_id: String,
-    pub kind: TaskKind,
-    pub action: String,
-    pub state: PhaseState,
-    pub attempts: u32,
-    pub step_id: Option<String>,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub exit_code: Option<i32>,
-    pub error: Option<String>,
-    pub output: Option<String>,
-}
-
-/// A deployment as the API shows it.
-#[derive(Debug, Serialize)]
-pub struct DeploymentView {
-    pub id: String,
-    pub state: DeployState,
-    pub plan_revision: u64,
-    pub created_at: String,
-    pub finished_at: Option<String>,
-    pub error: Option<String>,
-    pub steps_total: usize,
-    pub steps_done: usize,
-    pub steps: Option<Vec<StepView>>,
-}
+use super::{Deployment, PhaseState};
 
 impl Deployment {
     /// The deployment as a readable log: a header, then every step in order

@@ -14,12 +14,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::{Deserialize, Serialize};
+
+use de_common::api::{DeployStarted, HardwareRequest, HardwareRow, NodeView};
 
 use super::error::{ApiError, ErrorCode, parse_optional_json};
 use super::plan::{created, submit};
 use crate::Controller;
-use crate::agents::nodes::NodeView;
 use crate::plan::validate::find_node;
 use crate::plan::{NO_PLAN, StoredPlan};
 
@@ -39,12 +39,12 @@ async fn deploy(State(ctl): Ctl) -> Result<Response, ApiError> {
     let d = crate::deploy::Deployer::start(&ctl)?;
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(serde_json::json!({
-            "id": d.id,
-            "state": d.state,
-            "plan_revision": d.plan_revision,
-            "steps": d.steps.len(),
-        })),
+        axum::Json(DeployStarted {
+            id: d.id,
+            plan_revision: d.plan_revision,
+            state: d.state,
+            steps: d.steps.len(),
+        }),
     )
         .into_response())
 }
@@ -62,34 +62,14 @@ async fn post_config(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError>
     Ok(created(&accepted).into_response())
 }
 
-/// `{"Comp": "nats", "Ip": "10.0.0.1"}`; the original's restart/stop bodies
-/// also say `name` and `ip`, so those spellings are accepted too.
-#[derive(Debug, Deserialize)]
-struct HardwareRequest {
-    #[serde(rename = "Comp", alias = "comp", alias = "name", alias = "Name")]
-    comp: String,
-    #[serde(rename = "Ip", alias = "ip", alias = "IP")]
-    ip: String,
-}
-
 /// One row of the answer: CPU count, RAM in kB and DISK in MB, as the original.
-#[derive(Debug, Serialize, PartialEq)]
-#[allow(non_snake_case)]
-struct HardwareRow {
-    Comp: String,
-    IP: String,
-    CPU: u32,
-    RAM: u64,
-    DISK: u64,
-}
-
 fn row(comp: &str, ip: &str, node: &NodeView) -> HardwareRow {
     HardwareRow {
-        Comp: comp.to_owned(),
-        IP: ip.to_owned(),
-        CPU: node.hardware.cpus,
-        RAM: node.hardware.ram_mb.saturating_mul(1024),
-        DISK: node.hardware.disk_mb,
+        comp: comp.to_owned(),
+        ip: ip.to_owned(),
+        cpu: node.hardware.cpus,
+        ram_kb: node.hardware.ram_mb.saturating_mul(1024),
+        disk_mb: node.hardware.disk_mb,
     }
 }
 

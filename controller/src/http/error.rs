@@ -14,7 +14,8 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use de_common::ErrorChain;
-use serde::Serialize;
+use de_common::api::ErrorBody;
+pub use de_common::api::ErrorCode;
 use tracing::error;
 
 use crate::agents::{CodesError, StepsError};
@@ -23,61 +24,16 @@ use crate::oplog::LogFileError;
 use crate::plan::{NO_PLAN, Problem};
 use crate::store::StoreError;
 
-/// Every value of `"error"` in an error answer, serialized as written here
-/// in snake_case (`no_plan`, ...). `docs/API.md` lists each with its status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// 400: the request is malformed (body, query, parameter).
-    BadRequest,
-    /// 400: the plan was refused; `problems` lists why.
-    InvalidPlan,
-    /// 400 (405 for another method than GET, 426 when the connection
-    /// cannot be upgraded): the route is a WebSocket.
-    WebsocketRequired,
-    /// 401: no token, or not the controller's.
-    Unauthorized,
-    /// 403: the route needs a stored plan and there is none.
-    NoPlan,
-    /// 404: no such route, node, step, deployment, catalog, log file, ...
-    NotFound,
-    /// 409: the plan names a node that is no longer enrolled.
-    Conflict,
-    /// 409: a deployment is already running.
-    DeploymentRunning,
-    /// 409: no node is online to run a command.
-    NoTargets,
-    /// 500: the controller failed; its log has the details.
-    Internal,
-    /// 500: the store failed while starting a deployment.
-    Store,
-    /// 500: the stored plan cannot be deployed with the loaded catalogs.
-    PlanUnusable,
-    /// 502: nodes of the plan are offline.
-    NodesOffline,
+/// The HTTP status of each [`ErrorCode`] (the codes live with the API
+/// types in `de_common::api`; statuses are the HTTP layer's).
+pub(crate) trait Status {
+    fn status(self) -> StatusCode;
 }
 
-impl ErrorCode {
-    /// Every code, in the order `docs/API.md` lists them.
-    pub const ALL: [ErrorCode; 13] = [
-        ErrorCode::BadRequest,
-        ErrorCode::InvalidPlan,
-        ErrorCode::WebsocketRequired,
-        ErrorCode::Unauthorized,
-        ErrorCode::NoPlan,
-        ErrorCode::NotFound,
-        ErrorCode::Conflict,
-        ErrorCode::DeploymentRunning,
-        ErrorCode::NoTargets,
-        ErrorCode::Internal,
-        ErrorCode::Store,
-        ErrorCode::PlanUnusable,
-        ErrorCode::NodesOffline,
-    ];
-
+impl Status for ErrorCode {
     /// The status an error with this code is answered with (a failed
     /// WebSocket upgrade may answer 405 or 426 instead of 400).
-    pub fn status(self) -> StatusCode {
+    fn status(self) -> StatusCode {
         match self {
             ErrorCode::BadRequest | ErrorCode::InvalidPlan | ErrorCode::WebsocketRequired => {
                 StatusCode::BAD_REQUEST
@@ -85,13 +41,16 @@ impl ErrorCode {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::NoPlan => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::Conflict | ErrorCode::DeploymentRunning | ErrorCode::NoTargets => {
-                StatusCode::CONFLICT
-            }
+            ErrorCode::Conflict
+            | ErrorCode::DeploymentRunning
+            | ErrorCode::DeploymentNotRunning
+            | ErrorCode::NoTargets => StatusCode::CONFLICT,
             ErrorCode::Internal | ErrorCode::Store | ErrorCode::PlanUnusable => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             ErrorCode::NodesOffline => StatusCode::BAD_GATEWAY,
+            // Only a newer controller sends a code this one does not know.
+            ErrorCode::Other => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -202,7 +161,9 @@ impl From<DeployError> for ApiError {
                 ApiError::logged(ErrorCode::PlanUnusable, &e, e.to_string())
             }
             DeployError::NotFound(_) => ApiError::not_found(e.to_string()),
-            DeployError::NotRunning { .. } => ApiError::new(ErrorCode::Conflict, e.to_string()),
+            DeployError::NotRunning { .. } => {
+                ApiError::new(ErrorCode::DeploymentNotRunning, e.to_string())
+            }
             DeployError::CancelSteps(_) => ApiError::internal_from(&e),
         }
     }
@@ -236,20 +197,12 @@ impl From<LogFileError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorCode,
-    message: &'a str,
-    #[serde(skip_serializing_if = "<[Problem]>::is_empty")]
-    problems: &'a [Problem],
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: self.code,
-            message: &self.message,
-            problems: &self.problems,
+            message: self.message,
+            problems: self.problems,
         };
         (self.status, axum::Json(body)).into_response()
     }
@@ -317,6 +270,7 @@ mod tests {
                 "not_found",
                 "conflict",
                 "deployment_running",
+                "deployment_not_running",
                 "no_targets",
                 "internal",
                 "store",
@@ -354,7 +308,7 @@ mod tests {
             serde_json::json!({"error": "no_plan", "message": NO_PLAN})
         );
         let problem = Problem {
-            kind: "malformed_json",
+            kind: de_common::api::ProblemKind::MalformedJson,
             component: None,
             ip: None,
             property: None,

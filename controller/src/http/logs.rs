@@ -22,6 +22,8 @@ use axum::routing::get;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
+use de_common::api::LogFiles;
+
 use super::error::ApiError;
 use crate::Controller;
 use crate::oplog::OPLOG_FILE;
@@ -102,7 +104,7 @@ async fn feed(mut socket: WebSocket, mut rx: broadcast::Receiver<Arc<str>>) {
     }
 }
 
-async fn list(State(ctl): Ctl) -> Result<axum::Json<Vec<String>>, ApiError> {
+async fn list(State(ctl): Ctl) -> Result<axum::Json<LogFiles>, ApiError> {
     ctl.logs
         .files()
         .map(axum::Json)

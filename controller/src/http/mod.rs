@@ -27,6 +27,7 @@ use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
+use de_common::api::Health;
 
 pub use error::{ApiError, ErrorCode};
 pub use native::{DEFAULT_CODE_TTL_SECS, MAX_CODE_TTL_SECS};
@@ -61,8 +62,11 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such route; the API is under /api/v1 and /deployment-engine")
 }
 
-async fn healthz() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -11,11 +11,14 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+
+use de_common::api::{
+    CodeView, DeploymentView, ExecRequest, ExecResult, NewCode, NodeView, StepRequest,
+};
 
 use super::error::{ApiError, ErrorCode, parse_json, parse_optional_json};
 use crate::Controller;
-use crate::agents::{NodeView, StepRecord, StepState};
+use crate::agents::{StepRecord, StepState};
 use crate::util::rfc3339;
 
 type Ctl = State<Arc<Controller>>;
@@ -42,36 +45,18 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
         .route("/deployments/{id}/cancel", post(cancel_deployment))
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub(crate) struct CodeView {
-    pub code: String,
-    pub expires_at: String,
-    /// The one line that joins a node with this code (`packaging/install-agent.sh ...`).
-    pub agent_command: String,
-    /// Seconds the code has left, by the controller's clock (a console's
-    /// countdown must not trust the browser's clock).
-    pub expires_in_secs: u64,
-}
-
-impl CodeView {
-    fn new(ctl: &Controller, issued: &de_install_codes::IssuedCode) -> CodeView {
-        CodeView {
-            code: issued.code.as_str().to_owned(),
-            expires_at: rfc3339(issued.expires_at),
-            agent_command: crate::agent_command(&ctl.agent_addr, issued.code.as_str()),
-            expires_in_secs: issued
-                .expires_at
-                .duration_since(std::time::SystemTime::now())
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        }
+/// An issued code as the API shows it, with the install command and the time left.
+fn code_view(ctl: &Controller, issued: &de_install_codes::IssuedCode) -> CodeView {
+    CodeView {
+        code: issued.code.as_str().to_owned(),
+        expires_at: rfc3339(issued.expires_at),
+        agent_command: crate::agent_command(&ctl.agent_addr, issued.code.as_str()),
+        expires_in_secs: issued
+            .expires_at
+            .duration_since(std::time::SystemTime::now())
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     }
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct NewCode {
-    ttl_secs: Option<u64>,
 }
 
 async fn post_code(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
@@ -84,7 +69,7 @@ async fn post_code(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
         )));
     }
     let issued = ctl.codes.issue(Duration::from_secs(ttl))?;
-    let view = CodeView::new(&ctl, &issued);
+    let view = code_view(&ctl, &issued);
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
@@ -92,7 +77,7 @@ async fn get_code(State(ctl): Ctl) -> Result<axum::Json<CodeView>, ApiError> {
     let issued = ctl.codes.active().ok_or_else(|| {
         ApiError::not_found("no install code is active: create one with POST /api/v1/install-codes")
     })?;
-    Ok(axum::Json(CodeView::new(&ctl, &issued)))
+    Ok(axum::Json(code_view(&ctl, &issued)))
 }
 
 async fn delete_code(State(ctl): Ctl) -> Result<StatusCode, ApiError> {
@@ -129,32 +114,6 @@ const DEFAULT_EXEC_TIMEOUT: u64 = 60;
 const MAX_EXEC_TIMEOUT: u64 = 3600;
 /// How long past its own timeout a command's result is waited for (delivery, reporting).
 const EXEC_GRACE: Duration = Duration::from_secs(15);
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecRequest {
-    script: String,
-    #[serde(default)]
-    targets: Option<Vec<String>>,
-    #[serde(default)]
-    timeout_secs: Option<u64>,
-    #[serde(default)]
-    user: Option<String>,
-}
-
-/// One target's answer to `POST /api/v1/exec`.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub(crate) struct ExecResult {
-    pub node_id: String,
-    pub ip: String,
-    pub exit_code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-    pub duration_ms: u64,
-    pub timed_out: bool,
-    pub error: Option<String>,
-    pub step_id: String,
-}
 
 fn exec_result(
     node: &NodeView,
@@ -290,9 +249,7 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
     Ok(axum::Json(out))
 }
 
-async fn list_deployments(
-    State(ctl): Ctl,
-) -> Result<axum::Json<Vec<crate::deploy::DeploymentView>>, ApiError> {
+async fn list_deployments(State(ctl): Ctl) -> Result<axum::Json<Vec<DeploymentView>>, ApiError> {
     let all = crate::Deployer::list(&ctl)?;
     Ok(axum::Json(all.iter().map(|d| d.view(false)).collect()))
 }
@@ -300,7 +257,7 @@ async fn list_deployments(
 async fn get_deployment(
     State(ctl): Ctl,
     Path(id): Path<String>,
-) -> Result<axum::Json<crate::deploy::DeploymentView>, ApiError> {
+) -> Result<axum::Json<DeploymentView>, ApiError> {
     crate::Deployer::get(&ctl, &id)?
         .map(|d| axum::Json(d.view(true)))
         .ok_or_else(|| {
@@ -330,21 +287,11 @@ async fn get_deployment_log(State(ctl): Ctl, Path(id): Path<String>) -> Result<R
 async fn cancel_deployment(
     State(ctl): Ctl,
     Path(id): Path<String>,
-) -> Result<axum::Json<crate::deploy::DeploymentView>, ApiError> {
+) -> Result<axum::Json<DeploymentView>, ApiError> {
     let d = tokio::task::spawn_blocking(move || crate::Deployer::cancel(&ctl, &id))
         .await
         .map_err(|e| ApiError::internal("the cancel did not finish", &e))??;
     Ok(axum::Json(d.view(true)))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StepRequest {
-    action: de_common::StepAction,
-    #[serde(default)]
-    lane: Option<de_common::Lane>,
-    #[serde(default)]
-    wait_secs: Option<u64>,
 }
 
 /// Queues one raw step for a node and waits (bounded) for it: 200 with the
@@ -527,6 +474,33 @@ mod tests {
             left <= code["expires_in_secs"].as_u64().expect("first") && left > 3500,
             "{body}"
         );
+    }
+
+    /// Targets are matched by `resolve`: a revoked node, an IP two live
+    /// records share (neither online) and an unknown IP all name no node.
+    #[tokio::test]
+    async fn exec_and_step_targets_name_one_live_node_or_are_refused() {
+        let (_d, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        crate::testkit::enrol(&ctl, "n-1", "10.0.0.1", 1, 1024, 1024);
+        crate::testkit::enrol(&ctl, "n-2", "10.0.0.2", 1, 1024, 1024);
+        crate::testkit::enrol(&ctl, "n-3", "10.0.0.2", 1, 1024, 1024);
+        assert_eq!(ctl.nodes.revoke("n-1").ok(), Some(true));
+        for target in ["10.0.0.1", "n-1", "10.0.0.2", "10.0.0.9"] {
+            let body = format!(r#"{{"script": "true", "targets": ["{target}"]}}"#);
+            let (s, body) = call(&ctl, "POST", "/api/v1/exec", Some(&t), &body).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{target}: {body}");
+            assert!(
+                body["message"].as_str().is_some_and(|m| m.contains(target)),
+                "{target}: {body}"
+            );
+            let uri = format!("/api/v1/nodes/{target}/steps");
+            let step = r#"{"action": {"MonitRemove": {"name": "x"}}, "wait_secs": 0}"#;
+            let (s, body) = call(&ctl, "POST", &uri, Some(&t), step).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{target}: {body}");
+        }
+        assert_eq!(ctl.nodes.find("n-2").map(|n| n.id), Some("n-2".to_owned()));
+        assert_eq!(ctl.nodes.find("10.0.0.2"), None);
     }
 
     #[tokio::test]

@@ -10,13 +10,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use serde::{Deserialize, Serialize};
 
+use de_common::api::{NodeView, OperateRequest, OperateRow, StatusRow};
 use de_common::{Lane, MonitOp, StepAction};
 
 use super::error::{ApiError, parse_json};
 use crate::Controller;
-use crate::agents::nodes::NodeView;
 use crate::agents::steps::StepState;
 use crate::plan::StoredPlan;
 use crate::plan::validate::find_node;
@@ -33,18 +32,6 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         .route("/stop", put(stop))
 }
 
-/// One row of `GET /deployment-engine/status`, with the original's field names.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-#[allow(non_snake_case)]
-pub(crate) struct StatusRow {
-    pub Comp: String,
-    pub Ip: String,
-    pub Cpu: String,
-    pub Mem: String,
-    pub Disk: String,
-    pub Status: String,
-}
-
 fn pct(v: f32) -> String {
     let r = (f64::from(v) * 100.0).round() / 100.0;
     format!("{r}%")
@@ -53,12 +40,12 @@ fn pct(v: f32) -> String {
 fn row(comp: &str, ip: &str, node: Option<&NodeView>) -> StatusRow {
     let Some(n) = node else {
         return StatusRow {
-            Comp: comp.to_owned(),
-            Ip: ip.to_owned(),
-            Cpu: String::new(),
-            Mem: String::new(),
-            Disk: String::new(),
-            Status: "UNKNOWN (no enrolled node has this IP)".to_owned(),
+            comp: comp.to_owned(),
+            ip: ip.to_owned(),
+            cpu: String::new(),
+            mem: String::new(),
+            disk: String::new(),
+            status: "UNKNOWN (no enrolled node has this IP)".to_owned(),
         };
     };
     let status = if !n.online {
@@ -71,12 +58,12 @@ fn row(comp: &str, ip: &str, node: Option<&NodeView>) -> StatusRow {
             .unwrap_or_else(|| "NOT_INSTALLED".to_owned())
     };
     StatusRow {
-        Comp: comp.to_owned(),
-        Ip: ip.to_owned(),
-        Cpu: pct(n.usage.cpu_pct),
-        Mem: pct(n.usage.mem_pct),
-        Disk: pct(n.usage.disk_pct),
-        Status: status,
+        comp: comp.to_owned(),
+        ip: ip.to_owned(),
+        cpu: pct(n.usage.cpu_pct),
+        mem: pct(n.usage.mem_pct),
+        disk: pct(n.usage.disk_pct),
+        status,
     }
 }
 
@@ -91,26 +78,7 @@ async fn status(State(ctl): Ctl) -> Result<axum::Json<Vec<StatusRow>>, ApiError>
     ))
 }
 
-/// `{"name"|"Comp": "...", "ip"|"Ip": "..."}`; `all` / `0.0.0.0` for everything.
-#[derive(Debug, Deserialize)]
-struct Target {
-    #[serde(rename = "name", alias = "Comp", alias = "comp", alias = "Name")]
-    name: String,
-    #[serde(rename = "ip", alias = "Ip", alias = "IP")]
-    ip: String,
-}
-
-/// One instance's outcome.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-#[allow(non_snake_case)]
-pub(crate) struct OperateRow {
-    pub Comp: String,
-    pub Ip: String,
-    /// `ok`, or what went wrong.
-    pub Result: String,
-}
-
-fn targets(plan: &StoredPlan, t: &Target) -> Result<Vec<(String, String)>, ApiError> {
+fn targets(plan: &StoredPlan, t: &OperateRequest) -> Result<Vec<(String, String)>, ApiError> {
     let name = t.name.trim();
     let ip = t.ip.trim();
     let all_names = name == "all";
@@ -131,7 +99,7 @@ fn targets(plan: &StoredPlan, t: &Target) -> Result<Vec<(String, String)>, ApiEr
 
 async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Response, ApiError> {
     let plan = ctl.plans.current().ok_or_else(ApiError::no_plan)?;
-    let target: Target = parse_json(
+    let target: OperateRequest = parse_json(
         &body,
         r#"{"name": "<component>", "ip": "<node IP>"} ("all" / "0.0.0.0" for everything)"#,
     )?;
@@ -164,20 +132,20 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
                     },
                 ));
                 rows.push(OperateRow {
-                    Comp: comp,
-                    Ip: ip,
-                    Result: String::new(),
+                    comp,
+                    ip,
+                    result: String::new(),
                 });
             }
             Some(_) => rows.push(OperateRow {
-                Comp: comp,
-                Ip: ip,
-                Result: format!("not done: the node is offline, so it was not asked to {verb}"),
+                comp,
+                ip,
+                result: format!("not done: the node is offline, so it was not asked to {verb}"),
             }),
             None => rows.push(OperateRow {
-                Comp: comp,
-                Ip: ip,
-                Result: "not done: no enrolled node has this IP".to_owned(),
+                comp,
+                ip,
+                result: "not done: no enrolled node has this IP".to_owned(),
             }),
         }
     }
@@ -216,7 +184,7 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
                 OPERATE_WAIT.as_secs()
             ),
         };
-        rows[i].Result = result;
+        rows[i].result = result;
     }
     Ok(axum::Json(rows).into_response())
 }

@@ -12,14 +12,14 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use serde::Serialize;
+use de_common::api;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
 use crate::Controller;
-use crate::plan::catalog::{Cardinality, Catalog, ComponentDef, Minimum};
+use crate::plan::catalog::{Cardinality, Catalog, ComponentDef};
 use crate::plan::validate::{ValidPlan, validate_plan};
-use crate::plan::{DnsRecord, StoredPlan};
+use crate::plan::{DnsRecord, Plan, StoredPlan};
 
 type Ctl = State<Arc<Controller>>;
 
@@ -115,27 +115,45 @@ fn submit_blocking(ctl: &Controller, body: &[u8], store: bool) -> Result<Accepte
     Ok(accepted)
 }
 
-async fn validate(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Value>, ApiError> {
-    let a = submit(&ctl, body, false).await?;
-    Ok(axum::Json(json!({
-        "valid": true,
-        "catalog": a.valid.catalog.name(),
-        "order": a.valid.order,
-        "nodes": a.valid.nodes,
-        "dns": a.valid.dns,
-        "message": a.message(),
-        "plan": a.valid.plan.redacted(),
-    })))
+/// The DNS record as answers show it.
+fn dns_view(d: &DnsRecord) -> api::DnsView {
+    api::DnsView {
+        component: d.component.clone(),
+        name: d.name.clone(),
+        kind: d.kind.to_owned(),
+        value: d.value.clone(),
+    }
 }
 
-async fn get_plan(State(ctl): Ctl) -> Result<axum::Json<Value>, ApiError> {
+/// A plan as answers show it: redacted, its keys sorted (as they always were).
+fn plan_doc(plan: &Plan) -> Value {
+    serde_json::to_value(plan.redacted()).unwrap_or_default()
+}
+
+async fn validate(
+    State(ctl): Ctl,
+    body: Bytes,
+) -> Result<axum::Json<api::PlanCheck<Value>>, ApiError> {
+    let a = submit(&ctl, body, false).await?;
+    Ok(axum::Json(api::PlanCheck {
+        catalog: a.valid.catalog.name().to_owned(),
+        dns: a.valid.dns.as_ref().map(dns_view),
+        message: a.message(),
+        nodes: a.valid.nodes.clone(),
+        order: a.valid.order.clone(),
+        plan: plan_doc(&a.valid.plan),
+        valid: true,
+    }))
+}
+
+async fn get_plan(State(ctl): Ctl) -> Result<axum::Json<api::StoredPlanView<Value>>, ApiError> {
     let cur = ctl.plans.current().ok_or_else(|| {
         ApiError::not_found(
             "no plan has been stored yet: POST one to /deployment-engine/config (POST /api/v1/plan/validate checks one without storing it)",
         )
     })?;
     let catalog = ctl.catalogs.get(&cur.plan.properties.catalog);
-    let order: Option<Vec<&String>> = catalog.map(|c| {
+    let order: Option<Vec<String>> = catalog.map(|c| {
         c.install_order()
             .iter()
             .filter(|n| {
@@ -144,53 +162,52 @@ async fn get_plan(State(ctl): Ctl) -> Result<axum::Json<Value>, ApiError> {
                     .get(*n)
                     .is_some_and(|ips| !ips.is_empty())
             })
+            .cloned()
             .collect()
     });
     let dns = catalog.and_then(|c| DnsRecord::for_plan(&cur.plan, c));
-    Ok(axum::Json(json!({
-        "revision": cur.revision,
-        "stored_at": cur.stored_at,
-        "catalog": cur.plan.properties.catalog,
-        "catalog_loaded": catalog.is_some(),
-        "order": order,
-        "dns": dns,
-        "plan": cur.plan.redacted(),
-    })))
+    Ok(axum::Json(api::StoredPlanView {
+        catalog: cur.plan.properties.catalog.clone(),
+        catalog_loaded: catalog.is_some(),
+        dns: dns.as_ref().map(dns_view),
+        order,
+        plan: plan_doc(&cur.plan),
+        revision: cur.revision,
+        stored_at: cur.stored_at.clone(),
+    }))
 }
 
-#[derive(Serialize)]
-struct ComponentSummary<'a> {
-    name: &'a str,
-    description: &'a str,
-    cardinality: Cardinality,
-    minimum: Minimum,
-    after: &'a [String],
-}
-
-fn summary(c: &Catalog) -> Value {
-    let components: Vec<ComponentSummary<'_>> = c
+fn summary(c: &Catalog) -> api::CatalogSummary {
+    let components = c
         .components()
-        .map(|d: &ComponentDef| ComponentSummary {
-            name: &d.name,
-            description: &d.description,
-            cardinality: d.cardinality,
-            minimum: d.minimum,
-            after: &d.after,
+        .map(|d: &ComponentDef| api::ComponentSummary {
+            after: d.after.clone(),
+            cardinality: match d.cardinality {
+                Cardinality::One => api::Cardinality::One,
+                Cardinality::Many => api::Cardinality::Many,
+            },
+            description: d.description.clone(),
+            minimum: api::Minimum {
+                cpus: d.minimum.cpus,
+                disk_mb: d.minimum.disk_mb,
+                ram_mb: d.minimum.ram_mb,
+            },
+            name: d.name.clone(),
         })
         .collect();
-    json!({
-        "name": c.name(),
-        "description": c.description(),
-        "builtin": c.is_builtin(),
-        "origin": c.origin(),
-        "entry": c.entry(),
-        "required": c.required(),
-        "order": c.install_order(),
-        "components": components,
-    })
+    api::CatalogSummary {
+        builtin: c.is_builtin(),
+        components,
+        description: c.description().to_owned(),
+        entry: c.entry().map(str::to_owned),
+        name: c.name().to_owned(),
+        order: c.install_order().to_vec(),
+        origin: c.origin().to_owned(),
+        required: c.required().to_vec(),
+    }
 }
 
-async fn list_catalogs(State(ctl): Ctl) -> axum::Json<Vec<Value>> {
+async fn list_catalogs(State(ctl): Ctl) -> axum::Json<Vec<api::CatalogSummary>> {
     axum::Json(ctl.catalogs.iter().map(|c| summary(c)).collect())
 }
 
@@ -204,7 +221,7 @@ async fn get_catalog(
             ctl.catalogs.names().join(", ")
         ))
     })?;
-    let mut v = summary(c);
+    let mut v = serde_json::to_value(summary(c)).unwrap_or_default();
     v["properties"] = json!(c.extra_properties());
     v["prepare"] = json!(c.prepare());
     v["components"] = json!(c.components().collect::<Vec<_>>());
@@ -212,19 +229,96 @@ async fn get_catalog(
 }
 
 /// 201 body of `POST /deployment-engine/config`.
-pub(crate) fn created_body(a: &Accepted) -> Value {
-    json!({
-        "status": "created",
-        "revision": a.stored.as_ref().map(|s| s.revision),
-        "catalog": a.valid.catalog.name(),
-        "order": a.valid.order,
-        "nodes": a.valid.nodes.len(),
-        "dns": a.valid.dns,
-        "message": a.message(),
-    })
+pub(crate) fn created_body(a: &Accepted) -> api::PlanCreated {
+    api::PlanCreated {
+        catalog: a.valid.catalog.name().to_owned(),
+        dns: a.valid.dns.as_ref().map(dns_view),
+        message: a.message(),
+        nodes: a.valid.nodes.len(),
+        order: a.valid.order.clone(),
+        revision: a.stored.as_ref().map(|s| s.revision),
+        status: "created".to_owned(),
+    }
 }
 
 /// `StatusCode::CREATED` with [`created_body`].
-pub(crate) fn created(a: &Accepted) -> (StatusCode, axum::Json<Value>) {
+pub(crate) fn created(a: &Accepted) -> (StatusCode, axum::Json<api::PlanCreated>) {
     (StatusCode::CREATED, axum::Json(created_body(a)))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use crate::testkit::{controller, enrol, seed_json};
+
+    /// The raw answer text of one request.
+    async fn text(
+        ctl: &std::sync::Arc<crate::Controller>,
+        method: &str,
+        uri: &str,
+        body: &str,
+    ) -> (StatusCode, String) {
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", ctl.pki.token()))
+            .body(axum::body::Body::from(body.to_owned()))
+            .expect("request");
+        let resp = crate::http::app(ctl.clone())
+            .oneshot(req)
+            .await
+            .expect("response");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// These answers were `json!` objects, whose keys serde_json sorts: the
+    /// typed answers must send the same bytes, so their keys are still
+    /// sorted at every level.
+    #[tokio::test]
+    async fn plan_and_catalog_answers_keep_their_keys_sorted() {
+        let (_d, ctl) = controller();
+        for i in 1..=3 {
+            enrol(
+                &ctl,
+                &format!("n-{i}"),
+                &format!("10.0.0.{i}"),
+                4,
+                16384,
+                100_000,
+            );
+        }
+        let seed = seed_json();
+        for (method, uri, body, want) in [
+            (
+                "POST",
+                "/api/v1/plan/validate",
+                seed.as_str(),
+                StatusCode::OK,
+            ),
+            (
+                "POST",
+                "/deployment-engine/config",
+                &seed,
+                StatusCode::CREATED,
+            ),
+            ("GET", "/api/v1/plan", "", StatusCode::OK),
+            ("GET", "/api/v1/catalogs", "", StatusCode::OK),
+            ("GET", "/api/v1/catalogs/cf-v170", "", StatusCode::OK),
+            ("GET", "/healthz", "", StatusCode::OK),
+        ] {
+            let (status, text) = text(&ctl, method, uri, body).await;
+            assert_eq!(status, want, "{method} {uri}: {text}");
+            let value: serde_json::Value = serde_json::from_str(&text).expect("json");
+            assert_eq!(
+                text,
+                serde_json::to_string(&value).expect("json"),
+                "{method} {uri}"
+            );
+        }
+    }
 }

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::agents::nodes::NodeView;
@@ -17,62 +16,8 @@ use crate::plan::catalog::{Cardinality, Catalog, Catalogs, DEFAULT_CATALOG, STAN
 use crate::plan::render::NodeContext;
 use crate::plan::{DnsRecord, Plan, Properties, REDACTED, Secret};
 
-/// One thing wrong with a plan: which component and IP, what was found, what is needed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Problem {
-    /// A stable code: `malformed_json`, `invalid_structure`, `unknown_field`,
-    /// `unknown_catalog`, `unknown_property`, `invalid_property`,
-    /// `missing_property`, `unknown_component`, `invalid_ip`, `duplicate_ip`,
-    /// `cardinality`, `unknown_node`, `revoked_node`, `ambiguous_node`,
-    /// `below_minimum`, `disk_below_disksize`, `render_failed`.
-    pub kind: &'static str,
-    pub component: Option<String>,
-    pub ip: Option<String>,
-    pub property: Option<String>,
-    /// What is wrong and what to do, in one sentence.
-    pub problem: String,
-    pub found: Option<String>,
-    pub needed: Option<String>,
-}
-
-impl Problem {
-    fn new(kind: &'static str, problem: impl Into<String>) -> Problem {
-        Problem {
-            kind,
-            component: None,
-            ip: None,
-            property: None,
-            problem: problem.into(),
-            found: None,
-            needed: None,
-        }
-    }
-
-    fn component(mut self, c: &str) -> Problem {
-        self.component = Some(c.to_owned());
-        self
-    }
-
-    fn ip(mut self, ip: &str) -> Problem {
-        self.ip = Some(ip.to_owned());
-        self
-    }
-
-    fn property(mut self, p: &str) -> Problem {
-        self.property = Some(p.to_owned());
-        self
-    }
-
-    fn found(mut self, f: impl Into<String>) -> Problem {
-        self.found = Some(f.into());
-        self
-    }
-
-    fn needed(mut self, n: impl Into<String>) -> Problem {
-        self.needed = Some(n.into());
-        self
-    }
-}
+pub use de_common::api::Problem;
+use de_common::api::{ProblemKind, Resolved, resolve};
 
 /// A plan that passed every check.
 #[derive(Debug, Clone)]
@@ -99,7 +44,7 @@ pub fn validate_plan(
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     if crate::util::is_blank(body) {
         return Err(vec![Problem::new(
-            "malformed_json",
+            ProblemKind::MalformedJson,
             "the body is empty: send the plan as JSON, {\"components\": {...}, \"properties\": {...}}",
         )
         .found("an empty body")
@@ -110,7 +55,7 @@ pub fn validate_plan(
         Err(e) => {
             return Err(vec![
                 Problem::new(
-                    "malformed_json",
+                    ProblemKind::MalformedJson,
                     format!(
                         "the body is not valid JSON: {e}; fix the JSON there and send it again"
                     ),
@@ -123,7 +68,7 @@ pub fn validate_plan(
     let Value::Object(top) = json else {
         return Err(vec![
             Problem::new(
-                "invalid_structure",
+                ProblemKind::InvalidStructure,
                 "the plan must be a JSON object with \"components\" and \"properties\"",
             )
             .found(json_type(&json))
@@ -134,7 +79,7 @@ pub fn validate_plan(
         if key != "components" && key != "properties" {
             problems.push(
                 Problem::new(
-                    "unknown_field",
+                    ProblemKind::UnknownField,
                     format!("the plan has an unknown field {key:?}; a plan has only \"components\" and \"properties\""),
                 )
                 .found(key.clone())
@@ -149,18 +94,24 @@ pub fn validate_plan(
         Some(Value::Object(m)) => m,
         None | Some(Value::Null) => {
             problems.push(
-                Problem::new("missing_property", "the plan has no \"properties\" object")
-                    .property("properties")
-                    .needed("\"properties\": {\"domain\": ..., ...}"),
+                Problem::new(
+                    ProblemKind::MissingProperty,
+                    "the plan has no \"properties\" object",
+                )
+                .property("properties")
+                .needed("\"properties\": {\"domain\": ..., ...}"),
             );
             &empty
         }
         Some(other) => {
             problems.push(
-                Problem::new("invalid_structure", "\"properties\" must be an object")
-                    .property("properties")
-                    .found(json_type(other))
-                    .needed("an object"),
+                Problem::new(
+                    ProblemKind::InvalidStructure,
+                    "\"properties\" must be an object",
+                )
+                .property("properties")
+                .found(json_type(other))
+                .needed("an object"),
             );
             &empty
         }
@@ -170,10 +121,13 @@ pub fn validate_plan(
         Some(Value::String(s)) => Some(s.trim().to_owned()),
         Some(other) => {
             problems.push(
-                Problem::new("invalid_property", "\"catalog\" must be a catalog name")
-                    .property("catalog")
-                    .found(other.to_string())
-                    .needed(format!("one of {}", catalogs.names().join(", "))),
+                Problem::new(
+                    ProblemKind::InvalidProperty,
+                    "\"catalog\" must be a catalog name",
+                )
+                .property("catalog")
+                .found(other.to_string())
+                .needed(format!("one of {}", catalogs.names().join(", "))),
             );
             None
         }
@@ -183,7 +137,7 @@ pub fn validate_plan(
         if c.is_none() {
             problems.push(
                 Problem::new(
-                    "unknown_catalog",
+                    ProblemKind::UnknownCatalog,
                     format!("there is no catalog {name:?}; GET /api/v1/catalogs lists them"),
                 )
                 .property("catalog")
@@ -200,7 +154,7 @@ pub fn validate_plan(
     match top.get("components") {
         None | Some(Value::Null) => problems.push(
             Problem::new(
-                "invalid_structure",
+                ProblemKind::InvalidStructure,
                 "the plan has no \"components\" object (component name -> list of node IPs)",
             )
             .needed("\"components\": {\"nats\": [\"10.0.0.1\"], ...}"),
@@ -213,9 +167,12 @@ pub fn validate_plan(
             }
         }
         Some(other) => problems.push(
-            Problem::new("invalid_structure", "\"components\" must be an object")
-                .found(json_type(other))
-                .needed("an object: component name -> list of node IPs"),
+            Problem::new(
+                ProblemKind::InvalidStructure,
+                "\"components\" must be an object",
+            )
+            .found(json_type(other))
+            .needed("an object: component name -> list of node IPs"),
         ),
     }
 
@@ -257,7 +214,7 @@ pub fn validate_plan(
                     .collect();
                 problems.push(
                     Problem::new(
-                        "disk_below_disksize",
+                        ProblemKind::DiskBelowDisksize,
                         format!(
                             "node {} ({ip}) has {} MB of disk, less than disksize {gb} GB: give it a bigger disk, lower disksize, or set checkdisk to 0",
                             node.id, node.hardware.disk_mb
@@ -294,7 +251,7 @@ pub fn validate_plan(
         if let Err(e) = renderer.render(name, &NodeContext::from_view(node, ip)) {
             problems.push(
                 Problem::new(
-                    "render_failed",
+                    ProblemKind::RenderFailed,
                     format!(
                         "catalog {} cannot render {name} for {ip}: {}; fix the plan's properties or the catalog",
                         catalog.name(),
@@ -413,7 +370,7 @@ fn check_properties(
     let before = problems.len();
     let invalid = |key: &str, v: &Value, needed: &str| {
         Problem::new(
-            "invalid_property",
+            ProblemKind::InvalidProperty,
             format!("property {key:?} must be {needed}"),
         )
         .property(key)
@@ -478,7 +435,7 @@ fn check_properties(
                 if kept.is_none() {
                     problems.push(
                         Problem::new(
-                            "invalid_property",
+                            ProblemKind::InvalidProperty,
                             format!("property {key:?} is \"{REDACTED}\" (which keeps the stored value) but no value is stored: send the real one"),
                         )
                         .property(key)
@@ -494,7 +451,7 @@ fn check_properties(
                 // Not echoed back: it may be a secret in the wrong type.
                 problems.push(
                     Problem::new(
-                        "invalid_property",
+                        ProblemKind::InvalidProperty,
                         format!("property {key:?} must be a string"),
                     )
                     .property(key)
@@ -526,7 +483,7 @@ fn check_properties(
         known.extend(c.extra_properties().keys().map(String::as_str));
         problems.push(
             Problem::new(
-                "unknown_property",
+                ProblemKind::UnknownProperty,
                 format!("catalog {} has no property {key:?}", c.name()),
             )
             .property(key)
@@ -560,7 +517,7 @@ fn check_properties(
         if !reported(key, problems) {
             problems.push(
                 Problem::new(
-                    "missing_property",
+                    ProblemKind::MissingProperty,
                     format!("property {key:?} is required {why}"),
                 )
                 .property(key)
@@ -583,7 +540,7 @@ fn check_properties(
             if !present && !reported(key, problems) {
                 problems.push(
                     Problem::new(
-                        "missing_property",
+                        ProblemKind::MissingProperty,
                         format!("catalog {} requires property {key:?}", c.name()),
                     )
                     .property(key)
@@ -625,7 +582,7 @@ fn check_component(
                 let known: Vec<&str> = c.components().map(|d| d.name.as_str()).collect();
                 problems.push(
                     Problem::new(
-                        "unknown_component",
+                        ProblemKind::UnknownComponent,
                         format!("catalog {} has no component {name:?}", c.name()),
                     )
                     .component(name)
@@ -640,7 +597,7 @@ fn check_component(
     let Value::Array(list) = ips else {
         problems.push(
             Problem::new(
-                "invalid_structure",
+                ProblemKind::InvalidStructure,
                 format!("component {name:?} must map to a list of node IPs"),
             )
             .component(name)
@@ -659,7 +616,7 @@ fn check_component(
                 if out.contains(&ip) {
                     problems.push(
                         Problem::new(
-                            "duplicate_ip",
+                            ProblemKind::DuplicateIp,
                             format!("component {name:?} lists {ip} more than once; one node runs one instance of a component"),
                         )
                         .component(name)
@@ -675,7 +632,7 @@ fn check_component(
             None => {
                 problems.push(
                     Problem::new(
-                        "invalid_ip",
+                        ProblemKind::InvalidIp,
                         format!("component {name:?} lists {item}, which is not an IP address"),
                     )
                     .component(name)
@@ -692,7 +649,7 @@ fn check_component(
     {
         problems.push(
             Problem::new(
-                "cardinality",
+                ProblemKind::Cardinality,
                 format!(
                     "component {name:?} runs on exactly one node, but the plan lists {}: keep one IP",
                     list.len()
@@ -718,7 +675,7 @@ fn check_minimum(
     let mut short = |what: &str, found: String, needed: String| {
         problems.push(
             Problem::new(
-                "below_minimum",
+                ProblemKind::BelowMinimum,
                 format!(
                     "node {} ({ip}) has {found} but {component} needs at least {needed}: choose a bigger node",
                     node.id
@@ -772,66 +729,62 @@ impl<'a> NodeIndex<'a> {
         NodeIndex { by_ip }
     }
 
-    /// The one live (not revoked) node with `ip`; prefers the online one
-    /// when a node was enrolled again and its old record is still there.
+    /// The node a plan IP names, by the API's rule ([`Resolved`]), or the
+    /// problem that says why there is none.
     fn resolve(&self, ip: &str) -> Result<&'a NodeView, Box<Problem>> {
-        let all: &[&NodeView] = ip
+        let named = ip
             .parse::<IpAddr>()
             .ok()
             .and_then(|a| self.by_ip.get(&a))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let live: Vec<&NodeView> = all.iter().copied().filter(|n| !n.revoked).collect();
-        match live.as_slice() {
-            [one] => Ok(one),
-            [] if !all.is_empty() => Err(Box::new(Problem::new(
-                "revoked_node",
+            .into_iter()
+            .flatten()
+            .copied();
+        let ids = |ns: &[&NodeView]| {
+            ns.iter()
+                .map(|n| n.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match Resolved::among(named) {
+            Resolved::Node(n) => Ok(n),
+            Resolved::Revoked(all) => Err(Box::new(Problem::new(
+                ProblemKind::RevokedNode,
                 format!(
                     "the node with {ip} ({}) was revoked: enrol it again (de-agent enroll with a new install code) or choose another node",
-                    all.iter().map(|n| n.id.as_str()).collect::<Vec<_>>().join(", ")
+                    ids(&all)
                 ),
             )
             .ip(ip)
             .found("a revoked node")
             .needed("an enrolled node"))),
-            [] => Err(Box::new(Problem::new(
-                "unknown_node",
+            Resolved::Unknown => Err(Box::new(Problem::new(
+                ProblemKind::UnknownNode,
                 format!("no enrolled node has the IP {ip}: install de-agent there and enrol it with an install code (GET /api/v1/nodes lists the nodes)"),
             )
             .ip(ip)
             .found("no node")
             .needed("an enrolled node with this IP"))),
-            many => {
-                let online: Vec<&NodeView> = many.iter().copied().filter(|n| n.online).collect();
-                if let [one] = online.as_slice() {
-                    return Ok(one);
-                }
-                let ids: Vec<&str> = many.iter().map(|n| n.id.as_str()).collect();
-                Err(Box::new(Problem::new(
-                    "ambiguous_node",
-                    format!(
-                        "several enrolled nodes have the IP {ip} ({}): revoke the stale ones with DELETE /api/v1/nodes/{{id}}",
-                        ids.join(", ")
-                    ),
-                )
-                .ip(ip)
-                .found(format!("{} nodes", many.len()))
-                .needed("exactly one node")))
-            }
+            Resolved::Ambiguous(live) => Err(Box::new(Problem::new(
+                ProblemKind::AmbiguousNode,
+                format!(
+                    "several enrolled nodes have the IP {ip} ({}): revoke the stale ones with DELETE /api/v1/nodes/{{id}}",
+                    ids(&live)
+                ),
+            )
+            .ip(ip)
+            .found(format!("{} nodes", live.len()))
+            .needed("exactly one node"))),
         }
     }
 }
 
-/// The enrolled node a plan IP refers to now (as validation would resolve it),
+/// The enrolled node a plan IP refers to now (as validation resolves it),
 /// or, failing that, any node that ever had the IP (a revoked one still has
 /// its last reported hardware).
 pub(crate) fn find_node<'a>(nodes: &'a [NodeView], ip: &str) -> Option<&'a NodeView> {
-    NodeIndex::new(nodes).resolve(ip).ok().or_else(|| {
-        let addr = ip.parse::<IpAddr>().ok()?;
-        nodes
-            .iter()
-            .find(|n| n.ips.iter().any(|i| i.parse::<IpAddr>().ok() == Some(addr)))
-    })
+    resolve(nodes, ip)
+        .node()
+        .or_else(|| nodes.iter().find(|n| n.is_named(ip)))
 }
 
 #[cfg(test)]
@@ -867,6 +820,14 @@ mod tests {
         validate_plan(body.as_bytes(), &catalogs, &nodes(), stored)
     }
 
+    /// A problem kind as the API words it.
+    fn code(kind: ProblemKind) -> String {
+        serde_json::to_value(kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
     /// The seed with `edit` applied, validated; the problems as "kind component ip".
     fn check(edit: impl FnOnce(&mut Value), expected: &[&str]) {
         let mut v = seed();
@@ -883,7 +844,7 @@ mod tests {
                     assert!(!p.problem.is_empty());
                     format!(
                         "{} {} {}",
-                        p.kind,
+                        code(p.kind),
                         p.component.as_deref().unwrap_or("-"),
                         p.ip.as_deref().unwrap_or("-")
                     )
@@ -997,19 +958,21 @@ mod tests {
         v["components"]["dea"] = json!(["10.0.0.20"]);
         v["properties"]["domain"] = json!("not a domain");
         let ps = run(&v.to_string(), None).expect_err("invalid");
-        let kinds: Vec<&str> = ps.iter().map(|p| p.kind).collect();
+        let kinds: Vec<ProblemKind> = ps.iter().map(|p| p.kind).collect();
         for k in [
-            "invalid_property",
-            "unknown_component",
-            "cardinality",
-            "below_minimum",
-            "disk_below_disksize",
+            ProblemKind::InvalidProperty,
+            ProblemKind::UnknownComponent,
+            ProblemKind::Cardinality,
+            ProblemKind::BelowMinimum,
+            ProblemKind::DiskBelowDisksize,
         ] {
-            assert!(kinds.contains(&k), "{k} in {kinds:?}");
+            assert!(kinds.contains(&k), "{k:?} in {kinds:?}");
         }
         let ram = ps
             .iter()
-            .find(|p| p.kind == "below_minimum" && p.property.as_deref() == Some("ram_mb"))
+            .find(|p| {
+                p.kind == ProblemKind::BelowMinimum && p.property.as_deref() == Some("ram_mb")
+            })
             .expect("ram problem");
         assert_eq!(ram.component.as_deref(), Some("dea"));
         assert_eq!(ram.ip.as_deref(), Some("10.0.0.20"));
@@ -1022,7 +985,7 @@ mod tests {
     fn malformed_json_says_where() {
         let ps = run("{\"components\": {\"nats\": [\"10.0.0.1\",]}}", None).expect_err("bad");
         assert_eq!(ps.len(), 1);
-        assert_eq!(ps[0].kind, "malformed_json");
+        assert_eq!(ps[0].kind, ProblemKind::MalformedJson);
         assert!(ps[0].problem.contains("line 1 column"), "{}", ps[0].problem);
     }
 
@@ -1058,8 +1021,8 @@ mod tests {
                 .map(|p| (p.kind, p.property.as_deref()))
                 .collect::<Vec<_>>(),
             [
-                ("invalid_property", Some("password")),
-                ("invalid_property", Some("root"))
+                (ProblemKind::InvalidProperty, Some("password")),
+                (ProblemKind::InvalidProperty, Some("root"))
             ]
         );
         // A secret of the wrong type is named but not echoed.
@@ -1079,7 +1042,7 @@ mod tests {
         let body = json!({"components": {"web": ["10.0.0.1"]}, "properties": {"domain": "x.local", "catalog": "t"}});
         let ps = validate_plan(body.to_string().as_bytes(), &catalogs, &nodes(), None)
             .expect_err("render fails");
-        assert_eq!(ps[0].kind, "render_failed");
+        assert_eq!(ps[0].kind, ProblemKind::RenderFailed);
         assert!(
             ps[0].problem.contains("web.toml: install[0].run"),
             "{}",
