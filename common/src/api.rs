@@ -458,6 +458,53 @@ pub struct DeploymentView {
 
 // ------------------------------------------------------ plans and catalogs
 
+/// What a deployment would do to one instance (`GET /api/v1/plan/diff`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeAction {
+    /// New in the plan: installed.
+    Install,
+    /// Gone from the plan: uninstalled.
+    Uninstall,
+    /// Changed in the plan, or drifted on its node: its install steps run again.
+    Reapply,
+    /// As applied, but stopped outside the controller: started again.
+    Start,
+    /// As applied, and running (or stopped through the API, which a deployment keeps).
+    Nothing,
+}
+
+/// One instance in a plan diff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceChange {
+    pub component: String,
+    /// `nginx_0`, ...
+    pub instance: String,
+    pub ip: String,
+    /// The node the IP resolves to, if any.
+    pub node_id: Option<String>,
+    pub action: ChangeAction,
+    /// Why, in words: `new in the plan`, `file /etc/x changed since it was
+    /// applied`, `stopped outside the controller (monit: STOPPED)`, ...
+    pub why: String,
+}
+
+/// `GET /api/v1/plan/diff`: what `GET /deployment-engine/deploy` would do now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanDiff {
+    pub plan_revision: u64,
+    /// The revision last applied in full (0: none yet).
+    pub applied_revision: u64,
+    /// Every instance of the plan and every applied one it drops, in
+    /// install order (uninstalls first).
+    pub instances: Vec<InstanceChange>,
+    /// How many steps the deployment would run.
+    pub steps: usize,
+    /// Nodes the deployment needs that are offline or not enrolled (a
+    /// deployment would be refused with 502 until they are back).
+    pub offline: Vec<String>,
+}
+
 /// The DNS record the operator must add once a plan has its entry component.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsView {
