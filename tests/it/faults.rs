@@ -9,8 +9,9 @@
 //! Strength is set by the environment, so CI runs a small count and a user
 //! runs the full suite with one command (docs/RELIABILITY.md):
 //! `DE_FAULT_KILLS` (controller kills, default 6), `DE_FAULT_AGENT_KILLS`
-//! (agent kills, default 4), `DE_FAULT_SEED` (replay a failure: the seed is
-//! printed at the start of each test).
+//! (agent kills, default 4), `DE_FAULT_BOTH_KILLS` (the controller and an
+//! agent together, default 3), `DE_FAULT_SEED` (replay a failure: the seed
+//! is printed at the start of each test).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -203,6 +204,54 @@ fn controller_on(data: &Path, api: &str, quic: &str, attempts: u32) -> Result<Te
     TestController::start_cmd(data, cmd)
 }
 
+/// After a round with agent kills: every step of `round` ran, no queue id
+/// ran twice, every run but the last was reported `interrupted`, and the
+/// last is the record's done step. Returns (steps checked, re-runs).
+fn check_rerun_only_interrupted(
+    ctl: &TestController,
+    d: &Value,
+    log: &Path,
+    round: u32,
+    ips: &[&str],
+) -> Result<(usize, usize)> {
+    let (mut checked, mut interrupted_seen) = (0, 0);
+    // Each step's final queue id, from the record.
+    let steps = d["steps"].as_array().context("steps")?;
+    let runs = runs_of(&journal(log)?, round);
+    for key in expected_keys(ips) {
+        let ids = runs.get(&key).cloned().unwrap_or_default();
+        ensure!(!ids.is_empty(), "round {round}: step {key:?} never ran");
+        // A queue id never runs twice: at-most-once execution per step id.
+        let mut uniq = ids.clone();
+        uniq.sort();
+        uniq.dedup();
+        ensure!(
+            uniq.len() == ids.len(),
+            "round {round}: a step id ran twice for {key:?}: {ids:?}"
+        );
+        // Every run but the last was interrupted, and the controller was told so.
+        for earlier in &ids[..ids.len() - 1] {
+            let s = ctl.api("GET", &format!("/api/v1/steps/{earlier}"), None)?;
+            let err = s.body["outcome"]["error"].as_str().unwrap_or_default();
+            ensure!(
+                err.contains("interrupted"),
+                "round {round}: {key:?} ran again after step {earlier}, which was not reported interrupted: {}",
+                s.body
+            );
+            interrupted_seen += 1;
+        }
+        let last = ids.last().context("a run")?;
+        ensure!(
+            steps
+                .iter()
+                .any(|s| s["step_id"] == last.as_str() && s["state"] == "done"),
+            "round {round}: the last run of {key:?} ({last}) is not the record's done step"
+        );
+        checked += 1;
+    }
+    Ok((checked, interrupted_seen))
+}
+
 #[test]
 fn controller_killed_at_random_moments_loses_no_result_and_runs_no_step_twice() -> Result<()> {
     let kills = count_from_env("DE_FAULT_KILLS", 6);
@@ -313,40 +362,9 @@ fn agents_killed_at_random_moments_skip_nothing_and_rerun_only_interrupted_steps
             d["state"] == "succeeded",
             "round {round} after {done_kills} agent kills: {d}"
         );
-        // Each step's final queue id, from the record.
-        let steps = d["steps"].as_array().context("steps")?;
-        let runs = runs_of(&journal(&log)?, round);
-        for key in expected_keys(&ips) {
-            let ids = runs.get(&key).cloned().unwrap_or_default();
-            ensure!(!ids.is_empty(), "round {round}: step {key:?} never ran");
-            // A queue id never runs twice: at-most-once execution per step id.
-            let mut uniq = ids.clone();
-            uniq.sort();
-            uniq.dedup();
-            ensure!(
-                uniq.len() == ids.len(),
-                "round {round}: a step id ran twice for {key:?}: {ids:?}"
-            );
-            // Every run but the last was interrupted, and the controller was told so.
-            for earlier in &ids[..ids.len() - 1] {
-                let s = ctl.api("GET", &format!("/api/v1/steps/{earlier}"), None)?;
-                let err = s.body["outcome"]["error"].as_str().unwrap_or_default();
-                ensure!(
-                    err.contains("interrupted"),
-                    "round {round}: {key:?} ran again after step {earlier}, which was not reported interrupted: {}",
-                    s.body
-                );
-                interrupted_seen += 1;
-            }
-            let last = ids.last().context("a run")?;
-            ensure!(
-                steps
-                    .iter()
-                    .any(|s| s["step_id"] == last.as_str() && s["state"] == "done"),
-                "round {round}: the last run of {key:?} ({last}) is not the record's done step"
-            );
-            checked += 1;
-        }
+        let (c, i) = check_rerun_only_interrupted(&ctl, &d, &log, round, &ips)?;
+        checked += c;
+        interrupted_seen += i;
     }
     println!(
         "agent kills: {done_kills} kills over {round} deployments, {checked} steps checked, {interrupted_seen} interrupted and re-run, {:.1} s",
@@ -442,6 +460,62 @@ fn a_revoked_nodes_steps_fail_at_once() -> Result<()> {
     ensure!(
         err.contains(&revoked) && err.contains("revoked"),
         "the failure names the revoked node: {err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn controller_and_an_agent_killed_together_lose_nothing_and_rerun_only_interrupted_steps()
+-> Result<()> {
+    let kills = count_from_env("DE_FAULT_BOTH_KILLS", 3);
+    let mut rng = Rng::from_env("controller and agent kills");
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_catalog(&data)?;
+    let ips = ["127.0.12.41", "127.0.12.42", "127.0.12.43", "127.0.12.44"];
+    let (first, mut agents) = cluster(dir.path(), &ips, false)?;
+    let (api, quic) = (first.api.to_string(), first.quic.to_string());
+    drop(first);
+    let mut ctl = controller_on(&data, &api, &quic, 20)?;
+    all_online(&ctl, &ips)?;
+    let log = dir.path().join("journal.log");
+    let started = Instant::now();
+    let (mut done_kills, mut round, mut checked, mut interrupted_seen) = (0usize, 0u32, 0, 0);
+    while done_kills < kills || round == 0 {
+        round += 1;
+        let pause = format!("0.{}", rng.below(2));
+        all_online(&ctl, &ips)?;
+        submit(&ctl, &plan(&ips, &log, round, &pause))?;
+        let id = start_deploy(&ctl)?;
+        let this_round = (1 + rng.below(2) as usize).min(kills.saturating_sub(done_kills));
+        for _ in 0..this_round {
+            std::thread::sleep(Duration::from_millis(rng.below(1500)));
+            // Both at once: the controller, and one agent chosen at random.
+            let a: &mut TestAgent = &mut agents[rng.below(ips.len() as u64) as usize];
+            if let Some(p) = a.proc.as_mut() {
+                p.kill();
+            }
+            drop(ctl);
+            done_kills += 1;
+            ctl = controller_on(&data, &api, &quic, 20)?;
+            a.start(1)?;
+        }
+        let d = wait_until(
+            DEPLOY_LIMIT,
+            &format!("deployment {id} (round {round}) to end"),
+            || deployment(&ctl, &id).filter(|d| d["state"] != "running"),
+        )?;
+        ensure!(
+            d["state"] == "succeeded",
+            "round {round} after {done_kills} double kills: {d}"
+        );
+        let (c, i) = check_rerun_only_interrupted(&ctl, &d, &log, round, &ips)?;
+        checked += c;
+        interrupted_seen += i;
+    }
+    println!(
+        "controller and agent kills: {done_kills} double kills over {round} deployments, {checked} steps checked, {interrupted_seen} interrupted and re-run, {:.1} s",
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }
