@@ -179,6 +179,22 @@ fn deployment(ctl: &TestController, id: &str) -> Option<Value> {
         .map(|a| a.body)
 }
 
+/// Waits for deployment `id` to end and checks it succeeded; `after` says
+/// what the round went through, for the message.
+fn round_succeeded(ctl: &TestController, id: &str, round: u32, after: &str) -> Result<Value> {
+    let d = wait_until(
+        DEPLOY_LIMIT,
+        &format!("deployment {id} (round {round}) to end"),
+        || deployment(ctl, id).filter(|d| d["state"] != "running"),
+    )
+    .with_context(|| format!("round {round}, after {after}"))?;
+    ensure!(
+        d["state"] == "succeeded",
+        "round {round} after {after}: {d}"
+    );
+    Ok(d)
+}
+
 fn all_online(ctl: &TestController, ips: &[&str]) -> Result<()> {
     for ip in ips {
         wait_until(Duration::from_secs(60), &format!("{ip} online"), || {
@@ -287,16 +303,7 @@ fn controller_killed_at_random_moments_loses_no_result_and_runs_no_step_twice() 
             done_kills += 1;
             ctl = controller_on(&data, &api, &quic, 3)?;
         }
-        let d = wait_until(
-            DEPLOY_LIMIT,
-            &format!("deployment {id} (round {round}) to end"),
-            || deployment(&ctl, &id).filter(|d| d["state"] != "running"),
-        )
-        .with_context(|| format!("round {round}, {done_kills} kills so far"))?;
-        ensure!(
-            d["state"] == "succeeded",
-            "round {round} after {done_kills} kills: {d}"
-        );
+        round_succeeded(&ctl, &id, round, &format!("{done_kills} kills"))?;
         let runs = runs_of(&journal(&log)?, round);
         for key in expected_keys(&ips) {
             let ids = runs.get(&key).cloned().unwrap_or_default();
@@ -353,15 +360,7 @@ fn agents_killed_at_random_moments_skip_nothing_and_rerun_only_interrupted_steps
             done_kills += 1;
             a.start(1)?;
         }
-        let d = wait_until(
-            DEPLOY_LIMIT,
-            &format!("deployment {id} (round {round}) to end"),
-            || deployment(&ctl, &id).filter(|d| d["state"] != "running"),
-        )?;
-        ensure!(
-            d["state"] == "succeeded",
-            "round {round} after {done_kills} agent kills: {d}"
-        );
+        let d = round_succeeded(&ctl, &id, round, &format!("{done_kills} agent kills"))?;
         let (c, i) = check_rerun_only_interrupted(&ctl, &d, &log, round, &ips)?;
         checked += c;
         interrupted_seen += i;
@@ -500,15 +499,7 @@ fn controller_and_an_agent_killed_together_lose_nothing_and_rerun_only_interrupt
             ctl = controller_on(&data, &api, &quic, 20)?;
             a.start(1)?;
         }
-        let d = wait_until(
-            DEPLOY_LIMIT,
-            &format!("deployment {id} (round {round}) to end"),
-            || deployment(&ctl, &id).filter(|d| d["state"] != "running"),
-        )?;
-        ensure!(
-            d["state"] == "succeeded",
-            "round {round} after {done_kills} double kills: {d}"
-        );
+        let d = round_succeeded(&ctl, &id, round, &format!("{done_kills} double kills"))?;
         let (c, i) = check_rerun_only_interrupted(&ctl, &d, &log, round, &ips)?;
         checked += c;
         interrupted_seen += i;
