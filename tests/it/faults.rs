@@ -181,10 +181,7 @@ fn deployment(ctl: &TestController, id: &str) -> Option<Value> {
 fn all_online(ctl: &TestController, ips: &[&str]) -> Result<()> {
     for ip in ips {
         wait_until(Duration::from_secs(60), &format!("{ip} online"), || {
-            ctl.node_by_ip(ip)
-                .ok()
-                .flatten()
-                .filter(|n| n.online)
+            ctl.node_by_ip(ip).ok().flatten().filter(|n| n.online)
         })?;
     }
     Ok(())
