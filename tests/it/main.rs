@@ -3,6 +3,7 @@
 
 mod config;
 mod console;
+mod converge;
 mod dectl;
 mod demo;
 mod deploy;

@@ -12,15 +12,17 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
 
+use de_common::api::PlanDiff;
 use de_common::{Lane, OutStream};
 
-use super::planner::{NewDeployment, plan_deployment};
+use super::planner::{NewDeployment, Observed, plan_changes, plan_deployment};
 use super::reconcile::{
     CANCELLED_BY_OPERATOR, Effect, Ending, Finished, IdSource, Seen, cancel, reconcile, resumed,
 };
 use super::record::{Applied, DeployState, Deployment, PhaseState};
 use super::{DEFAULT_STEP_ATTEMPTS, DeployError};
 use crate::Controller;
+use crate::agents::NodeView;
 use crate::agents::steps::{NewStep, StepQueue, StepRecord, StepState, StepUpdate};
 use crate::store::{StoreError, StoreExt, Tree};
 use crate::util::{NoRandomness, random_hex, rfc3339};
@@ -137,6 +139,7 @@ impl Deployer {
             .get_json(Tree::Plans, APPLIED_KEY)?
             .unwrap_or_default();
         let nodes = ctl.nodes.list();
+        let observed = observe_nodes(ctl, &nodes)?;
         let new = NewDeployment {
             id: format!(
                 "d-{}",
@@ -145,7 +148,7 @@ impl Deployer {
             created_at: rfc3339(SystemTime::now()),
             max_attempts: ctl.deployer.attempts.load(Ordering::Relaxed),
         };
-        let d = plan_deployment(&catalog, &cur, &applied, &nodes, new)?;
+        let d = plan_deployment(&catalog, &cur, &applied, &nodes, &observed, new)?;
         ctl.store.put_json(Tree::Deployments, &d.id, &d)?;
         *running = Some(d.id.clone());
         drop(running);
@@ -158,6 +161,15 @@ impl Deployer {
                 d.steps.len()
             ),
         );
+        if d.steps.is_empty() {
+            ctl.logs.line(
+                None,
+                &format!(
+                    "deployment {}: nothing to do: every instance is as the plan says and runs as it should",
+                    d.id
+                ),
+            );
+        }
         let ctl2 = ctl.clone();
         let id = d.id.clone();
         tokio::spawn(async move { drive(ctl2, id).await });
@@ -184,6 +196,30 @@ impl Deployer {
         Ok(())
     }
 
+    /// What a deployment started now would do, per instance, with why.
+    pub fn diff(ctl: &Controller) -> Result<PlanDiff, DeployError> {
+        let cur = ctl.plans.current().ok_or(DeployError::NoPlan)?;
+        let catalog = ctl
+            .catalogs
+            .get(&cur.plan.properties.catalog)
+            .ok_or_else(|| DeployError::NoCatalog(cur.plan.properties.catalog.clone()))?
+            .clone();
+        let applied: Applied = ctl
+            .store
+            .get_json(Tree::Plans, APPLIED_KEY)?
+            .unwrap_or_default();
+        let nodes = ctl.nodes.list();
+        let observed = observe_nodes(ctl, &nodes)?;
+        let planned = plan_changes(&catalog, &cur, &applied, &nodes, &observed)?;
+        Ok(PlanDiff {
+            plan_revision: cur.revision,
+            applied_revision: applied.revision,
+            instances: planned.changes,
+            steps: planned.steps.len(),
+            offline: planned.offline,
+        })
+    }
+
     pub fn list(ctl: &Controller) -> Result<Vec<Deployment>, StoreError> {
         let mut all: Vec<Deployment> = ctl
             .store
@@ -198,6 +234,18 @@ impl Deployer {
     pub fn get(ctl: &Controller, id: &str) -> Result<Option<Deployment>, StoreError> {
         ctl.store.get_json(Tree::Deployments, id)
     }
+}
+
+/// What the nodes report and what the operator stopped, for the planner.
+fn observe_nodes(ctl: &Controller, nodes: &[NodeView]) -> Result<Observed, StoreError> {
+    let inventory = nodes
+        .iter()
+        .filter_map(|n| ctl.nodes.inventory_of(&n.id).map(|i| (n.id.clone(), i)))
+        .collect();
+    Ok(Observed {
+        inventory,
+        stopped: super::intent::stopped(&*ctl.store)?,
+    })
 }
 
 /// Why a pass stopped short; the driver logs it and tries again.

@@ -20,6 +20,7 @@
 use crate::store::StoreError;
 
 mod driver;
+pub(crate) mod intent;
 mod planner;
 mod reconcile;
 mod record;

@@ -1,17 +1,30 @@
-//! The planner: the diff between the last applied plan and the current one,
-//! as the ordered steps of a new deployment record. Pure: the catalog, the
-//! nodes, the plans and the new record's id and time come in as data.
+//! The planner: what a deployment must do to bring the nodes to the current
+//! plan, as the ordered steps of a new deployment record and, per instance,
+//! the action and why (`GET /api/v1/plan/diff`). Pure: the catalog, the
+//! nodes with what they report, the plans, the operator's stops and the new
+//! record's id and time come in as data.
+//!
+//! An instance is compared with the last applied plan *and* with what its
+//! node reports (the agent's inventory: the fingerprint it last applied and
+//! what drifted since; monit's state of its check). New: install. Dropped:
+//! uninstall. Changed in the plan or drifted on its node: re-apply (its
+//! install steps again, then a restart if supervised). Stopped outside the
+//! controller: start. Stopped through the API: left stopped (operator
+//! intent), even when it is re-applied. A node that sends no inventory (an
+//! older agent) is trusted to hold what was last applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use de_common::{MonitOp, StepAction};
+use de_common::api::{ChangeAction, InstanceChange};
+use de_common::{InstanceState, MonitOp, StepAction};
 
 use super::DeployError;
+use super::intent::key;
 use super::record::{
     Applied, AppliedInstance, DeployState, DeployStep, Deployment, PhaseState, TaskKind,
 };
 use crate::agents::NodeView;
-use crate::plan::render::NodeContext;
+use crate::plan::render::{NodeContext, RenderedComponent};
 use crate::plan::validate::find_node;
 use crate::plan::{Catalog, StoredPlan};
 
@@ -25,10 +38,6 @@ fn fingerprint(actions: &[StepAction]) -> String {
         .collect()
 }
 
-fn key(component: &str, ip: &str) -> String {
-    format!("{component}@{ip}")
-}
-
 /// What a new deployment record starts with besides its steps: chosen by
 /// the caller, so planning needs no clock and no randomness.
 #[derive(Debug, Clone)]
@@ -38,27 +47,155 @@ pub(crate) struct NewDeployment {
     pub(crate) max_attempts: u32,
 }
 
-/// Turns the diff between `applied` and the stored plan into a running
-/// deployment: uninstalls of instances the plan dropped (group 0), then the
-/// install or reconfigure steps of new and changed instances, one group per
-/// component in the catalog's install order. Fails when a node to touch is
-/// offline or unknown (naming every one) or a component does not render.
-pub(crate) fn plan_deployment(
+/// What the nodes and the operator say, beside the plans.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Observed {
+    /// Node id -> the instances its agent reports it applied. A node
+    /// missing here has not reported (an older agent): it is trusted to
+    /// hold what was last applied.
+    pub(crate) inventory: HashMap<String, Vec<InstanceState>>,
+    /// Instances (`component@ip`) an operator stopped through the API.
+    pub(crate) stopped: BTreeSet<String>,
+}
+
+/// Everything the planner decided: the steps, per instance what and why,
+/// and the nodes it needs that are offline.
+#[derive(Debug, Clone)]
+pub(crate) struct Planned {
+    pub(crate) steps: Vec<DeployStep>,
+    pub(crate) target: Applied,
+    pub(crate) changes: Vec<InstanceChange>,
+    /// `IP (node)` or `IP (no enrolled node)`, sorted.
+    pub(crate) offline: Vec<String>,
+}
+
+/// monit states in which a supervised instance is not running and nothing
+/// is starting it.
+fn stopped_state(status: &str) -> bool {
+    matches!(status, "STOPPED" | "STOPPING" | "DOWN")
+}
+
+/// Why an applied, unchanged instance must be re-applied or started on its
+/// node, from what the node reports; None when it is as applied.
+fn drift(
+    rendered: &RenderedComponent,
+    fp: &str,
+    supervised: bool,
+    operator_stopped: bool,
+    node: &NodeView,
+    observed: &Observed,
+) -> Option<(ChangeAction, String)> {
+    let inventory = observed.inventory.get(&node.id)?;
+    let Some(mark) = inventory.iter().find(|i| i.instance == rendered.instance) else {
+        return Some((
+            ChangeAction::Reapply,
+            format!("node {} has no record of applying it", node.id),
+        ));
+    };
+    if mark.fingerprint != fp {
+        return Some((
+            ChangeAction::Reapply,
+            format!(
+                "node {} last applied {}, the plan renders {fp}",
+                node.id, mark.fingerprint
+            ),
+        ));
+    }
+    if !mark.drift.is_empty() {
+        return Some((ChangeAction::Reapply, mark.drift.join("; ")));
+    }
+    if !supervised || operator_stopped {
+        return None;
+    }
+    match node
+        .components
+        .iter()
+        .find(|c| c.name == rendered.monit_name)
+    {
+        None => Some((
+            ChangeAction::Reapply,
+            format!(
+                "monit on node {} has no check {}",
+                node.id, rendered.monit_name
+            ),
+        )),
+        Some(c) if stopped_state(&c.status) => Some((
+            ChangeAction::Start,
+            format!("stopped outside the controller (monit: {})", c.status),
+        )),
+        Some(_) => None,
+    }
+}
+
+/// The steps that apply `rendered`: its install steps (without the ones
+/// that start it when an operator stopped it), a restart when it is
+/// re-applied and supervised and meant to run, then the mark its agent keeps.
+fn apply_steps(
+    rendered: &RenderedComponent,
+    fp: &str,
+    reapply: bool,
+    supervised: bool,
+    operator_stopped: bool,
+) -> Vec<StepAction> {
+    let starts = |a: &StepAction| {
+        matches!(
+            a,
+            StepAction::Monit {
+                op: MonitOp::Start | MonitOp::Restart,
+                ..
+            }
+        )
+    };
+    let mut out: Vec<StepAction> = rendered
+        .install
+        .iter()
+        .filter(|a| !(operator_stopped && starts(a)))
+        .cloned()
+        .collect();
+    if reapply && supervised && !operator_stopped {
+        out.push(StepAction::Monit {
+            name: rendered.monit_name.clone(),
+            op: MonitOp::Restart,
+        });
+    }
+    let files = rendered
+        .install
+        .iter()
+        .filter_map(|a| match a {
+            StepAction::WriteFile { path, .. } => Some(path.clone()),
+            _ => None,
+        })
+        .collect();
+    out.push(StepAction::MarkApplied {
+        instance: rendered.instance.clone(),
+        fingerprint: fp.to_owned(),
+        files,
+        check: supervised.then(|| rendered.monit_name.clone()),
+    });
+    out
+}
+
+/// Compares the stored plan with `applied` and with what the nodes report
+/// (see the module's header): uninstalls of instances the plan dropped
+/// (group 0), then per component, in the catalog's install order, the
+/// steps of every instance that needs any. Fails only when a component does
+/// not render; offline nodes are listed in the answer.
+pub(crate) fn plan_changes(
     catalog: &Catalog,
     stored: &StoredPlan,
     applied: &Applied,
     nodes: &[NodeView],
-    new: NewDeployment,
-) -> Result<Deployment, DeployError> {
+    observed: &Observed,
+) -> Result<Planned, DeployError> {
     let (plan, revision) = (&stored.plan, stored.revision);
-    // Every node that will be touched must be online.
     let mut offline = Vec::new();
     let mut node_of = |ip: &str| -> Option<NodeView> {
         match find_node(nodes, ip) {
-            Some(n) if n.online => Some(n.clone()),
             Some(n) => {
-                offline.push(format!("{ip} ({})", n.id));
-                None
+                if !n.online {
+                    offline.push(format!("{ip} ({})", n.id));
+                }
+                Some(n.clone())
             }
             None => {
                 offline.push(format!("{ip} (no enrolled node)"));
@@ -72,30 +209,7 @@ pub(crate) fn plan_deployment(
         instances: BTreeMap::new(),
     };
     let mut steps = Vec::new();
-    // Uninstalls first (group 0, reverse catalog order does not matter: they are independent).
-    let mut resolved: Vec<(String, String, NodeView)> = Vec::new();
-    for (c, ip) in plan.instances() {
-        if let Some(n) = node_of(ip) {
-            resolved.push((c.to_owned(), ip.to_owned(), n));
-        }
-    }
-    let removed: Vec<&AppliedInstance> = applied
-        .instances
-        .iter()
-        .filter(|(k, _)| !plan.instances().any(|(c, ip)| key(c, ip) == **k))
-        .map(|(_, v)| v)
-        .collect();
-    let mut removed_nodes = Vec::new();
-    for r in &removed {
-        if let Some(n) = node_of(&r.ip) {
-            removed_nodes.push(((*r).clone(), n));
-        }
-    }
-    if !offline.is_empty() {
-        offline.sort();
-        offline.dedup();
-        return Err(DeployError::Offline(offline.join(", ")));
-    }
+    let mut changes = Vec::new();
     let step =
         |component: &str, instance: &str, ip: &str, node: &str, kind, group, action| DeployStep {
             component: component.to_owned(),
@@ -114,9 +228,33 @@ pub(crate) fn plan_deployment(
             error: None,
             output: None,
         };
-    for (r, n) in &removed_nodes {
-        // The catalog's uninstall steps (stop, clean up) first, then the check goes.
-        for a in &r.uninstall {
+    // Uninstalls first (group 0; they are independent of each other).
+    for r in applied
+        .instances
+        .iter()
+        .filter(|(k, _)| !plan.instances().any(|(c, ip)| key(c, ip) == **k))
+        .map(|(_, v)| v)
+    {
+        let node = node_of(&r.ip);
+        changes.push(InstanceChange {
+            component: r.component.clone(),
+            instance: r.instance.clone(),
+            ip: r.ip.clone(),
+            node_id: node.as_ref().map(|n| n.id.clone()),
+            action: ChangeAction::Uninstall,
+            why: "no longer in the plan".to_owned(),
+        });
+        let Some(n) = node else { continue };
+        // The catalog's uninstall steps (stop, clean up), then the check goes, then the mark.
+        let actions = r.uninstall.iter().cloned().chain([
+            StepAction::MonitRemove {
+                name: r.monit_name.clone(),
+            },
+            StepAction::Unmark {
+                instance: r.instance.clone(),
+            },
+        ]);
+        for a in actions {
             steps.push(step(
                 &r.component,
                 &r.instance,
@@ -124,66 +262,94 @@ pub(crate) fn plan_deployment(
                 &n.id,
                 TaskKind::Uninstall,
                 0,
-                a.clone(),
+                a,
             ));
         }
-        steps.push(step(
-            &r.component,
-            &r.instance,
-            &r.ip,
-            &n.id,
-            TaskKind::Uninstall,
-            0,
-            StepAction::MonitRemove {
-                name: r.monit_name.clone(),
-            },
-        ));
     }
+    let instances: Vec<(String, String)> = plan
+        .instances()
+        .map(|(c, ip)| (c.to_owned(), ip.to_owned()))
+        .collect();
     for (g, component) in catalog.install_order().iter().enumerate() {
-        for (c, ip, n) in resolved.iter().filter(|(c, _, _)| c == component) {
+        for (c, ip) in instances.iter().filter(|(c, _)| c == component) {
+            let k = key(c, ip);
+            let prev = applied.instances.get(&k);
+            let Some(n) = node_of(ip) else {
+                let (action, why) = match prev {
+                    None => (ChangeAction::Install, "new in the plan"),
+                    Some(_) => (ChangeAction::Nothing, "as last applied"),
+                };
+                changes.push(InstanceChange {
+                    component: c.clone(),
+                    instance: prev.map(|p| p.instance.clone()).unwrap_or_default(),
+                    ip: ip.clone(),
+                    node_id: None,
+                    action,
+                    why: format!("{why}; no enrolled node has this IP"),
+                });
+                continue;
+            };
             let rendered = renderer
-                .render(c, &NodeContext::from_view(n, ip))
+                .render(c, &NodeContext::from_view(&n, ip))
                 .map_err(|e| DeployError::Render(e.to_string()))?;
             let fp = fingerprint(&rendered.install);
-            let prev = applied.instances.get(&key(c, ip));
-            let kind = match prev {
-                None => Some(TaskKind::Install),
-                Some(p) if p.fingerprint != fp => Some(TaskKind::Reconfigure),
-                Some(_) => None,
+            let supervised = rendered
+                .install
+                .iter()
+                .any(|a| matches!(a, StepAction::MonitAdd { .. }));
+            let operator_stopped = observed.stopped.contains(&k);
+            let (action, why) = match prev {
+                None => (ChangeAction::Install, "new in the plan".to_owned()),
+                Some(p) if p.fingerprint != fp => (
+                    ChangeAction::Reapply,
+                    "the plan changed: its rendered steps differ from the applied ones".to_owned(),
+                ),
+                Some(_) => drift(&rendered, &fp, supervised, operator_stopped, &n, observed)
+                    .unwrap_or_else(|| {
+                        let why = if operator_stopped {
+                            "as last applied; stopped through the API, so it stays stopped"
+                        } else {
+                            "as last applied, and running"
+                        };
+                        (ChangeAction::Nothing, why.to_owned())
+                    }),
             };
-            if let Some(kind) = kind {
-                for a in &rendered.install {
-                    steps.push(step(
-                        c,
-                        &rendered.instance,
-                        ip,
-                        &n.id,
-                        kind,
-                        g + 1,
-                        a.clone(),
-                    ));
-                }
-                let supervised = rendered
-                    .install
-                    .iter()
-                    .any(|a| matches!(a, StepAction::MonitAdd { .. }));
-                if kind == TaskKind::Reconfigure && supervised {
-                    steps.push(step(
-                        c,
-                        &rendered.instance,
-                        ip,
-                        &n.id,
-                        kind,
-                        g + 1,
-                        StepAction::Monit {
-                            name: rendered.monit_name.clone(),
-                            op: MonitOp::Restart,
-                        },
-                    ));
-                }
+            let (kind, actions) = match action {
+                ChangeAction::Install => (
+                    TaskKind::Install,
+                    apply_steps(&rendered, &fp, false, supervised, operator_stopped),
+                ),
+                ChangeAction::Reapply => (
+                    TaskKind::Reconfigure,
+                    apply_steps(&rendered, &fp, true, supervised, operator_stopped),
+                ),
+                ChangeAction::Start => (
+                    TaskKind::Reconfigure,
+                    vec![StepAction::Monit {
+                        name: rendered.monit_name.clone(),
+                        op: MonitOp::Start,
+                    }],
+                ),
+                ChangeAction::Nothing | ChangeAction::Uninstall => (TaskKind::Reconfigure, vec![]),
+            };
+            for a in actions {
+                steps.push(step(c, &rendered.instance, ip, &n.id, kind, g + 1, a));
             }
+            let why = if operator_stopped && action != ChangeAction::Nothing {
+                format!("{why}; stopped through the API, so it is not started")
+            } else {
+                why
+            };
+            changes.push(InstanceChange {
+                component: c.clone(),
+                instance: rendered.instance.clone(),
+                ip: ip.clone(),
+                node_id: Some(n.id.clone()),
+                action,
+                why,
+            });
             target.instances.insert(
-                key(c, ip),
+                k,
                 AppliedInstance {
                     component: c.clone(),
                     ip: ip.clone(),
@@ -195,16 +361,40 @@ pub(crate) fn plan_deployment(
             );
         }
     }
+    offline.sort();
+    offline.dedup();
+    Ok(Planned {
+        steps,
+        target,
+        changes,
+        offline,
+    })
+}
+
+/// A running deployment of what [`plan_changes`] decided; refused when a
+/// node it needs is offline or unknown (naming every one).
+pub(crate) fn plan_deployment(
+    catalog: &Catalog,
+    stored: &StoredPlan,
+    applied: &Applied,
+    nodes: &[NodeView],
+    observed: &Observed,
+    new: NewDeployment,
+) -> Result<Deployment, DeployError> {
+    let planned = plan_changes(catalog, stored, applied, nodes, observed)?;
+    if !planned.offline.is_empty() {
+        return Err(DeployError::Offline(planned.offline.join(", ")));
+    }
     Ok(Deployment {
         id: new.id,
         state: DeployState::Running,
-        plan_revision: revision,
+        plan_revision: stored.revision,
         created_at: new.created_at,
         finished_at: None,
         error: None,
         max_attempts: new.max_attempts,
-        steps,
-        target,
+        steps: planned.steps,
+        target: planned.target,
     })
 }
 
@@ -213,6 +403,7 @@ mod tests {
     use super::*;
     use crate::deploy::view::describe;
     use crate::testkit;
+    use de_common::InstanceState;
 
     /// `base` is supervised (a monit check it adds and starts); `app` comes
     /// after it and only runs scripts.
@@ -302,7 +493,15 @@ contents = "members={{ components.base | join(',') }}"
     /// The deployment of `plan` onto an empty cluster; its target is what a
     /// later deployment is diffed against.
     fn first(plan: &StoredPlan) -> Deployment {
-        plan_deployment(&catalog(), plan, &Applied::default(), &nodes(), new("d-1")).expect("plans")
+        plan_deployment(
+            &catalog(),
+            plan,
+            &Applied::default(),
+            &nodes(),
+            &Observed::default(),
+            new("d-1"),
+        )
+        .expect("plans")
     }
 
     #[test]
@@ -318,10 +517,13 @@ contents = "members={{ components.base | join(',') }}"
                 "1 install base_0 10.0.0.1 n1: script",
                 "1 install base_0 10.0.0.1 n1: monit add base",
                 "1 install base_0 10.0.0.1 n1: monit start base",
+                "1 install base_0 10.0.0.1 n1: mark applied",
                 "1 install base_1 10.0.0.2 n2: script",
                 "1 install base_1 10.0.0.2 n2: monit add base",
                 "1 install base_1 10.0.0.2 n2: monit start base",
+                "1 install base_1 10.0.0.2 n2: mark applied",
                 "2 install app_0 10.0.0.1 n1: write /etc/app.conf",
+                "2 install app_0 10.0.0.1 n1: mark applied",
             ]
         );
         assert_eq!(
@@ -352,6 +554,7 @@ contents = "members={{ components.base | join(',') }}"
             &stored(2, &[("base", &["10.0.0.1"])]),
             &applied,
             &nodes(),
+            &Observed::default(),
             new("d-2"),
         )
         .expect("plans");
@@ -360,6 +563,7 @@ contents = "members={{ components.base | join(',') }}"
             [
                 "0 uninstall base_1 10.0.0.2 n2: monit stop base",
                 "0 uninstall base_1 10.0.0.2 n2: monit remove base",
+                "0 uninstall base_1 10.0.0.2 n2: unmark",
             ]
         );
         let keys: Vec<&str> = d.target.instances.keys().map(String::as_str).collect();
@@ -373,7 +577,15 @@ contents = "members={{ components.base | join(',') }}"
         for i in applied.instances.values_mut() {
             i.fingerprint = "rendered by an older plan".to_owned();
         }
-        let d = plan_deployment(&catalog(), &plan, &applied, &nodes(), new("d-3")).expect("plans");
+        let d = plan_deployment(
+            &catalog(),
+            &plan,
+            &applied,
+            &nodes(),
+            &Observed::default(),
+            new("d-3"),
+        )
+        .expect("plans");
         assert_eq!(
             steps(&d),
             [
@@ -381,7 +593,9 @@ contents = "members={{ components.base | join(',') }}"
                 "1 reconfigure base_0 10.0.0.1 n1: monit add base",
                 "1 reconfigure base_0 10.0.0.1 n1: monit start base",
                 "1 reconfigure base_0 10.0.0.1 n1: monit restart base",
+                "1 reconfigure base_0 10.0.0.1 n1: mark applied",
                 "2 reconfigure app_0 10.0.0.1 n1: write /etc/app.conf",
+                "2 reconfigure app_0 10.0.0.1 n1: mark applied",
             ]
         );
     }
@@ -395,11 +609,180 @@ contents = "members={{ components.base | join(',') }}"
         applied.instances.insert("base@10.0.0.9".to_owned(), gone);
         let mut nodes = nodes();
         nodes[1].online = false;
-        let err = plan_deployment(&catalog(), &plan, &applied, &nodes, new("d-4"))
-            .expect_err("a node is offline");
+        let err = plan_deployment(
+            &catalog(),
+            &plan,
+            &applied,
+            &nodes,
+            &Observed::default(),
+            new("d-4"),
+        )
+        .expect_err("a node is offline");
         assert_eq!(
             err.to_string(),
             "nodes of the plan are offline: 10.0.0.2 (n2), 10.0.0.9 (no enrolled node); start their agents (or change the plan) and deploy again"
+        );
+    }
+
+    /// What the nodes report after `plan` was applied as `first` planned
+    /// it: each instance marked with its fingerprint, nothing drifted, and
+    /// monit running every supervised check.
+    fn reported(d: &Deployment) -> (Vec<NodeView>, Observed) {
+        let mut nodes = nodes();
+        let mut observed = Observed::default();
+        for s in &d.steps {
+            if let StepAction::MarkApplied {
+                instance,
+                fingerprint,
+                check,
+                ..
+            } = &s.action
+            {
+                observed
+                    .inventory
+                    .entry(s.node_id.clone())
+                    .or_default()
+                    .push(InstanceState {
+                        instance: instance.clone(),
+                        fingerprint: fingerprint.clone(),
+                        drift: vec![],
+                    });
+                if let Some(name) = check
+                    && let Some(n) = nodes.iter_mut().find(|n| n.id == s.node_id)
+                {
+                    n.components.push(de_common::ComponentStatus {
+                        name: name.clone(),
+                        status: "RUNNING".into(),
+                        pid: Some(1),
+                        cpu_pct: None,
+                        mem_kb: None,
+                    });
+                }
+            }
+        }
+        (nodes, observed)
+    }
+
+    fn diff(plan: &StoredPlan, applied: &Applied, nodes: &[NodeView], o: &Observed) -> Vec<String> {
+        let p = plan_changes(&catalog(), plan, applied, nodes, o).expect("plans");
+        p.changes
+            .iter()
+            .map(|c| {
+                let a = serde_json::to_value(c.action).expect("action");
+                format!("{} {}: {}", c.instance, a.as_str().unwrap_or("?"), c.why)
+            })
+            .chain(
+                p.steps
+                    .iter()
+                    .map(|s| format!("  {} {}: {}", s.instance, s.ip, describe(&s.action))),
+            )
+            .collect()
+    }
+
+    #[test]
+    fn an_unchanged_plan_on_nodes_as_applied_does_nothing() {
+        let plan = stored(1, &[("base", &["10.0.0.1"]), ("app", &["10.0.0.1"])]);
+        let d = first(&plan);
+        let (nodes, observed) = reported(&d);
+        assert_eq!(
+            diff(&plan, &d.target, &nodes, &observed),
+            [
+                "base_0 nothing: as last applied, and running",
+                "app_0 nothing: as last applied, and running",
+            ]
+        );
+        // A node that sends no inventory (an older agent) is trusted.
+        assert_eq!(
+            diff(&plan, &d.target, &nodes, &Observed::default()),
+            [
+                "base_0 nothing: as last applied, and running",
+                "app_0 nothing: as last applied, and running",
+            ]
+        );
+    }
+
+    #[test]
+    fn drift_on_a_node_is_repaired_with_the_reason_named() {
+        let plan = stored(
+            1,
+            &[("base", &["10.0.0.1", "10.0.0.2"]), ("app", &["10.0.0.1"])],
+        );
+        let d = first(&plan);
+        let (mut nodes, mut observed) = reported(&d);
+        // On n1 the check file was deleted; base on n2 was stopped with monit; app_0's mark is gone.
+        observed.inventory.get_mut("n1").expect("n1")[0].drift =
+            vec!["monit check base is missing".into()];
+        observed
+            .inventory
+            .get_mut("n1")
+            .expect("n1")
+            .retain(|i| i.instance != "app_0");
+        nodes[1].components[0].status = "STOPPED".into();
+        assert_eq!(
+            diff(&plan, &d.target, &nodes, &observed),
+            [
+                "base_0 reapply: monit check base is missing",
+                "base_1 start: stopped outside the controller (monit: STOPPED)",
+                "app_0 reapply: node n1 has no record of applying it",
+                "  base_0 10.0.0.1: script",
+                "  base_0 10.0.0.1: monit add base",
+                "  base_0 10.0.0.1: monit start base",
+                "  base_0 10.0.0.1: monit restart base",
+                "  base_0 10.0.0.1: mark applied",
+                "  base_1 10.0.0.2: monit start base",
+                "  app_0 10.0.0.1: write /etc/app.conf",
+                "  app_0 10.0.0.1: mark applied",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_instance_stopped_through_the_api_stays_stopped_even_when_reapplied() {
+        let plan = stored(1, &[("base", &["10.0.0.1", "10.0.0.2"])]);
+        let d = first(&plan);
+        let (mut nodes, mut observed) = reported(&d);
+        for n in &mut nodes {
+            n.components[0].status = "STOPPED".into();
+        }
+        observed.stopped.insert("base@10.0.0.1".into());
+        observed.stopped.insert("base@10.0.0.2".into());
+        observed.inventory.get_mut("n2").expect("n2")[0].drift =
+            vec!["file /etc/base.conf changed since it was applied".into()];
+        assert_eq!(
+            diff(&plan, &d.target, &nodes, &observed),
+            [
+                "base_0 nothing: as last applied; stopped through the API, so it stays stopped",
+                "base_1 reapply: file /etc/base.conf changed since it was applied; stopped through the API, so it is not started",
+                "  base_1 10.0.0.2: script",
+                "  base_1 10.0.0.2: monit add base",
+                "  base_1 10.0.0.2: mark applied",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_mark_names_the_files_and_check_the_install_wrote() {
+        let plan = stored(1, &[("base", &["10.0.0.1"]), ("app", &["10.0.0.1"])]);
+        let d = first(&plan);
+        let marks: Vec<(&str, &[String], Option<&str>)> = d
+            .steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                StepAction::MarkApplied {
+                    instance,
+                    files,
+                    check,
+                    ..
+                } => Some((instance.as_str(), files.as_slice(), check.as_deref())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            marks,
+            [
+                ("base_0", &[][..], Some("base")),
+                ("app_0", &["/etc/app.conf".to_owned()][..], None),
+            ]
         );
     }
 }

@@ -30,6 +30,7 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         .route("/status", get(status))
         .route("/restart", put(restart))
         .route("/stop", put(stop))
+        .route("/start", put(start))
 }
 
 fn pct(v: f32) -> String {
@@ -104,6 +105,13 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
         r#"{"name": "<component>", "ip": "<node IP>"} ("all" / "0.0.0.0" for everything)"#,
     )?;
     let picked = targets(&plan, &target)?;
+    // Operator intent, on disk before anything is asked: a stopped instance
+    // stays stopped across deployments until it is started or restarted here.
+    let keys: Vec<String> = picked
+        .iter()
+        .map(|(c, ip)| crate::deploy::intent::key(c, ip))
+        .collect();
+    crate::deploy::intent::set_stopped(&*ctl.store, &keys, op == MonitOp::Stop)?;
     let nodes = ctl.nodes.list();
     let verb = match op {
         MonitOp::Restart => "restart",
@@ -195,6 +203,12 @@ async fn restart(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
 
 async fn stop(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
     operate(ctl, body, MonitOp::Stop).await
+}
+
+/// Starts what `stop` stopped (and ends the operator's stop, so deployments
+/// run it again).
+async fn start(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
+    operate(ctl, body, MonitOp::Start).await
 }
 
 #[cfg(test)]

@@ -29,6 +29,13 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         .route("/catalogs/{name}", get(get_catalog))
         .route("/plan", get(get_plan))
         .route("/plan/validate", post(validate))
+        .route("/plan/diff", get(diff))
+}
+
+/// What `GET /deployment-engine/deploy` would do now, per instance, with why
+/// (compared with the last applied plan and with what the nodes report).
+async fn diff(State(ctl): Ctl) -> Result<axum::Json<de_common::api::PlanDiff>, ApiError> {
+    Ok(axum::Json(crate::Deployer::diff(&ctl)?))
 }
 
 /// A plan that passed validation and, when asked, was stored.
