@@ -507,16 +507,14 @@ fn diff_text(d: &PlanDiff) -> String {
         .instances
         .iter()
         .map(|c| {
+            // Empty when no enrolled node has the IP (the instance is named on its node).
+            let text = |s: &str| cell(Some(s).filter(|s| !s.is_empty()));
             vec![
                 c.component.clone(),
-                c.instance.clone(),
+                text(&c.instance),
                 c.ip.clone(),
                 word(&c.action),
-                if c.why.is_empty() {
-                    "-".to_owned()
-                } else {
-                    c.why.clone()
-                },
+                text(&c.why),
             ]
         })
         .collect();
@@ -1110,6 +1108,15 @@ mod tests {
                     "new in the plan",
                 ),
                 change("haproxy_0", "10.0.0.3", ChangeAction::Reapply, ""),
+                InstanceChange {
+                    instance: String::new(),
+                    ..change(
+                        "uaa_0",
+                        "10.0.0.8",
+                        ChangeAction::Install,
+                        "new in the plan; no enrolled node has this IP",
+                    )
+                },
             ],
             steps: 7,
             offline: vec!["10.0.0.9".to_owned()],
@@ -1121,6 +1128,7 @@ mod tests {
              nats       nats_0     10.0.0.1  nothing    as applied, running\n\
              nginx      nginx_0    10.0.0.2  install    new in the plan\n\
              haproxy    haproxy_0  10.0.0.3  reapply    -\n\
+             uaa        -          10.0.0.8  install    new in the plan; no enrolled node has this IP\n\
              a deployment would run 7 steps (plan revision 3, revision 2 applied); \
              offline: 10.0.0.9 (a deployment is refused until they are back)\n"
         );
