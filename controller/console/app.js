@@ -14,6 +14,8 @@ const LOG_LINES_KEPT = 2000;
 // Lines of a file the Logs page shows, and of local.log the Deploy page starts with.
 const VIEW_LINES = 500;
 const BACKLOG_LINES = 200;
+// How often the Deploy page asks again what a deploy would do, between deployments.
+const DIFF_POLL_MS = 5000;
 
 // ---------------------------------------------------------------- helpers
 
@@ -80,7 +82,13 @@ function stateKind(s) {
   if (['STARTING', 'STOPPING', 'PENDING', 'QUEUED'].includes(v)) return 'warn';
   if (v === 'RUNNING_DEPLOY') return 'info';
   if (['DOWN', 'STOPPED', 'FAILED', 'REVOKED', 'REFUSED'].includes(v) || v.startsWith('OFFLINE')) return 'bad';
+  if (v === 'CANCELLED') return 'cancelled';
   return 'muted';
+}
+
+/** A deployment's state as a badge: running in blue, cancelled in its own colour. */
+function deployBadge(state) {
+  return badge(state, state === 'running' ? 'info' : stateKind(state));
 }
 
 function notice(kind, ...kids) {
@@ -732,14 +740,54 @@ function groupSteps(steps) {
   const groups = new Map();
   for (const st of steps) {
     const key = `${st.instance}@${st.ip}`;
-    const g = groups.get(key) || {instance: st.instance, component: st.component, ip: st.ip, done: 0, total: 0, failed: 0, running: null, kind: st.kind};
+    const g = groups.get(key) || {instance: st.instance, component: st.component, ip: st.ip, done: 0, total: 0,
+      failed: 0, cancelled: 0, skipped: 0, running: null, kind: st.kind};
     g.total += 1;
-    if (st.state === 'done' || st.state === 'skipped') g.done += 1;
+    if (st.state === 'done') g.done += 1;
+    if (st.state === 'skipped') g.skipped += 1;
     if (st.state === 'failed') g.failed += 1;
+    if (st.state === 'cancelled') g.cancelled += 1;
     if (st.state === 'running') g.running = st.action;
     groups.set(key, g);
   }
   return [...groups.values()];
+}
+
+/** What one instance's row of a deployment says: failed, cancelled, running, done, skipped or waiting. */
+function groupState(g) {
+  if (g.failed) return badge('failed', 'bad');
+  if (g.cancelled) return badge('cancelled', 'cancelled');
+  if (g.running) return [badge('running', 'info'), ` ${g.running}`];
+  if (g.done === g.total) return badge('done', 'good');
+  if (g.skipped) return badge('skipped', 'muted');
+  return badge('waiting', 'muted');
+}
+
+const ACTION_KINDS = {install: 'info', uninstall: 'bad', reapply: 'warn', start: 'warn', nothing: 'muted'};
+
+/** The table of GET /api/v1/plan/diff: what a deployment started now would do, per instance. */
+function diffView(diff) {
+  const changes = diff.instances.filter((c) => c.action !== 'nothing');
+  const applied = diff.applied_revision ? `revision ${diff.applied_revision} applied` : 'none applied yet';
+  const revisions = `plan revision ${diff.plan_revision}, ${applied}`;
+  return [
+    diff.steps === 0 && !changes.length
+      ? notice('good', h('span', {id: 'plan-diff-summary'}, h('strong', {}, 'Nothing to do: '),
+        `every instance is as the plan says and runs as it should (${revisions}).`))
+      : h('p', {id: 'plan-diff-summary'}, h('strong', {}, `${changes.length} of ${diff.instances.length} instance${diff.instances.length === 1 ? '' : 's'} to change`),
+        `, ${diff.steps} step${diff.steps === 1 ? '' : 's'} (${revisions}).`),
+    diff.offline.length ? h('div', {id: 'plan-diff-offline'}, notice('warn',
+      h('strong', {}, `Offline: ${diff.offline.join(', ')}. `),
+      'A deployment is refused until these nodes are back (or the plan no longer uses them).')) : null,
+    diff.instances.length ? h('table', {class: 'grid', id: 'plan-diff-table'},
+      h('thead', {}, h('tr', {}, ['Instance', 'Node', 'Action', 'Why'].map((t) => h('th', {}, t)))),
+      h('tbody', {}, diff.instances.map((c) => h('tr', {'data-instance': c.instance || c.component, 'data-ip': c.ip, 'data-action': c.action},
+        h('td', {}, c.instance || h('span', {}, c.component, h('span', {class: 'small muted'}, ' (no node)'))),
+        h('td', {class: 'mono'}, c.ip),
+        h('td', {}, badge(c.action, ACTION_KINDS[c.action] || 'muted')),
+        h('td', {class: 'small'}, c.why)))))
+      : h('p', {class: 'muted'}, 'The plan places no component on any node.'),
+  ];
 }
 
 function progress(done, total, kind) {
@@ -749,18 +797,43 @@ function progress(done, total, kind) {
 
 function renderDeploy(main, selected) {
   const startMsg = h('div', {id: 'deploy-msg'});
+  const diffBox = h('div', {id: 'plan-diff'}, h('p', {class: 'muted'}, 'Loading…'));
+  const detailMsg = h('div', {id: 'deployment-msg'});
   const detail = h('div', {id: 'deployment'});
   const historyBox = h('div', {id: 'history'});
   const log = h('pre', {id: 'live-log', class: 'log', tabindex: '0'});
   const logState = h('span', {id: 'live-log-state', class: 'badge muted'}, 'connecting');
   let shownId = selected;
   let lines = 0;
+  const memo = {};
+  // The deployment last seen running: when it ends, the diff is asked again.
+  let watching = null;
+  let diffAsked = 0;
+  let diffAt = 0;
+
+  const loadDiff = async () => {
+    diffAsked += 1;
+    diffAt = Date.now();
+    const asked = diffAsked;
+    let diff;
+    try {
+      diff = await api('GET', 'api/v1/plan/diff');
+    } catch (e) {
+      if (asked !== diffAsked) return;
+      clear(diffBox, e.status === 403
+        ? notice('info', 'No plan is stored yet: write one on the ', h('a', {href: '#/plan'}, 'Plan'), ' page.')
+        : notice('bad', e.message));
+      return;
+    }
+    if (asked === diffAsked && changed(memo, 'diff', diff)) clear(diffBox, diffView(diff));
+  };
 
   const start = async (b) => {
     b.disabled = true;
     try {
       const d = await api('GET', 'deployment-engine/deploy');
       clear(startMsg, notice('good', `Deployment ${d.id} started: ${d.steps} step${d.steps === 1 ? '' : 's'}.`));
+      watching = d.id;
       shownId = d.id;
       window.history.replaceState(null, '', `#/deploy/${d.id}`);
       await refresh();
@@ -772,10 +845,12 @@ function renderDeploy(main, selected) {
   append(main,
     h('section', {class: 'card'},
       h('h2', {}, 'Deploy'),
-      h('p', {class: 'muted'}, 'Applies the saved plan: installs what is new, removes what left the plan, re-applies what changed. Components go in catalog order; nodes run in parallel.'),
+      h('p', {class: 'muted'}, 'Applies the saved plan: installs what is new, removes what left the plan, re-applies what changed or drifted on its node, starts what was stopped outside the controller. Components go in catalog order; nodes run in parallel.'),
+      h('h3', {}, 'What a deploy would do'),
+      diffBox,
       h('div', {class: 'row'}, h('button', {type: 'button', id: 'start-deploy', class: 'primary', onclick: (ev) => start(ev.currentTarget)}, 'Start deployment')),
       startMsg),
-    h('section', {class: 'card'}, h('h2', {}, 'Deployment'), detail),
+    h('section', {class: 'card'}, h('h2', {}, 'Deployment'), detailMsg, detail),
     h('section', {class: 'card'}, h('h2', {}, 'Live log ', logState), log),
     h('section', {class: 'card'}, h('h2', {}, 'History'), historyBox));
 
@@ -793,50 +868,78 @@ function renderDeploy(main, selected) {
     if (atBottom) log.scrollTop = log.scrollHeight;
   }, (s) => { logState.textContent = s; logState.className = `badge ${s === 'live' ? 'good' : 'warn'}`; });
 
-  const memo = {};
   let finishedShown = null;
   const head = h('div', {class: 'row spread'});
   const body = h('div');
+  const cancelSlot = h('span', {id: 'cancel-slot'});
   let headFor = null;
+
+  const cancelDeployment = async (id, b) => {
+    b.disabled = true;
+    clear(detailMsg, notice('info', `Cancelling deployment ${id}…`));
+    try {
+      const d = await api('POST', `api/v1/deployments/${encodeURIComponent(id)}/cancel`);
+      clear(detailMsg, notice('cancelled', h('strong', {}, `Deployment ${d.id} ${d.state}`),
+        `: ${d.steps_done} of ${d.steps_total} step${d.steps_total === 1 ? '' : 's'} were done; its running steps were stopped on their nodes and the rest skipped. A new deployment can start.`));
+      if (d.steps && d.id === headFor) drawDetail(d);
+    } catch (e) {
+      clear(detailMsg, notice('bad', e.message));
+    }
+    b.disabled = false;
+    finishedShown = null;
+    await refresh();
+  };
 
   const drawHead = (d) => {
     if (headFor === d.id) return;
     headFor = d.id;
+    clear(detailMsg);
+    clear(cancelSlot);
     clear(head,
       h('div', {}, h('strong', {class: 'mono', id: 'deployment-id'}, d.id), ' ', h('span', {id: 'deployment-state'})),
       h('div', {class: 'small muted', id: 'deployment-when'}),
-      h('button', {type: 'button', class: 'small', id: 'download-deployment-log', onclick: async () => {
-        try {
-          download(`${d.id}.log`, await api('GET', `api/v1/deployments/${encodeURIComponent(d.id)}/log`));
-        } catch (e) { clear(startMsg, notice('bad', e.message)); }
-      }}, 'Download log'));
+      h('div', {class: 'row'}, cancelSlot,
+        h('button', {type: 'button', class: 'small', id: 'download-deployment-log', onclick: async () => {
+          try {
+            download(`${d.id}.log`, await api('GET', `api/v1/deployments/${encodeURIComponent(d.id)}/log`));
+          } catch (e) { clear(startMsg, notice('bad', e.message)); }
+        }}, 'Download log')));
   };
 
   const drawDetail = (d) => {
     if (!detail.contains(head)) clear(detail, head, body);
     drawHead(d);
+    // Cancel while it runs; the button is kept across refreshes so a first
+    // click stays armed.
+    if (d.state !== 'running') clear(cancelSlot);
+    else if (!cancelSlot.firstChild) {
+      append(cancelSlot, confirmButton('Cancel deployment', 'Confirm cancel', {id: 'cancel-deployment', class: 'small danger'},
+        (b) => cancelDeployment(d.id, b)));
+    }
     if (!changed(memo, 'detail', d)) return;
-    clear(document.getElementById('deployment-state'), badge(d.state, d.state === 'running' ? 'info' : stateKind(d.state)));
+    clear(document.getElementById('deployment-state'), deployBadge(d.state));
     document.getElementById('deployment-when').textContent =
       `plan revision ${d.plan_revision} · started ${fmtTime(d.created_at)}${d.finished_at ? ` · finished ${fmtTime(d.finished_at)}` : ''}`;
     const steps = d.steps || [];
     const groups = groupSteps(steps);
-    const failed = steps.filter((st) => st.state === 'failed');
+    const failed = steps.filter((st) => st.state === 'failed' || st.state === 'cancelled');
+    const overall = d.state === 'failed' ? 'bad' : d.state === 'cancelled' ? 'cancelled' : 'good';
     clear(body,
-      h('div', {class: 'overall'}, progress(d.steps_done, d.steps_total, d.state === 'failed' ? 'bad' : 'good'),
+      h('div', {class: 'overall'}, progress(d.steps_done, d.steps_total, overall),
         h('span', {id: 'deployment-steps'}, ` ${d.steps_done}/${d.steps_total} steps`)),
-      d.error ? notice('bad', d.error) : null,
+      d.error ? notice(d.state === 'cancelled' ? 'cancelled' : 'bad', d.error) : null,
       groups.length ? h('table', {class: 'grid', id: 'progress'},
         h('thead', {}, h('tr', {}, ['Instance', 'Node', 'Kind', 'Progress', ''].map((t) => h('th', {}, t)))),
         h('tbody', {}, groups.map((g) => h('tr', {'data-instance': g.instance, 'data-ip': g.ip},
           h('td', {}, g.instance), h('td', {class: 'mono'}, g.ip), h('td', {class: 'small'}, g.kind),
-          h('td', {}, progress(g.done, g.total, g.failed ? 'bad' : 'good'), h('span', {class: 'small'}, ` ${g.done}/${g.total}`)),
-          h('td', {class: 'small'}, g.failed ? badge('failed', 'bad')
-            : g.running ? [badge('running', 'info'), ` ${g.running}`]
-              : g.done === g.total ? badge('done', 'good') : badge('waiting', 'muted'))))))
+          h('td', {}, progress(g.done, g.total, g.failed ? 'bad' : g.cancelled ? 'cancelled' : 'good'),
+            h('span', {class: 'small'}, ` ${g.done}/${g.total}${g.skipped ? ` · ${g.skipped} skipped` : ''}`)),
+          h('td', {class: 'small'}, groupState(g))))))
         : h('p', {class: 'muted'}, 'Nothing to do: the nodes already run this plan.'),
-      failed.length ? h('div', {class: 'failures'}, failed.map((st) => h('details', {open: true},
-        h('summary', {}, `${st.instance} on ${st.ip}: ${st.action} failed after ${st.attempts} attempt(s)${typeof st.exit_code === 'number' ? `, exit ${st.exit_code}` : ''}`),
+      failed.length ? h('div', {class: 'failures'}, failed.map((st) => h('details', {open: true, class: st.state},
+        h('summary', {}, st.state === 'cancelled'
+          ? `${st.instance} on ${st.ip}: ${st.action} was cancelled while it ran (attempt ${st.attempts})`
+          : `${st.instance} on ${st.ip}: ${st.action} failed after ${st.attempts} attempt(s)${typeof st.exit_code === 'number' ? `, exit ${st.exit_code}` : ''}`),
         st.error ? h('div', {}, st.error) : null,
         st.output ? h('pre', {class: 'log small'}, st.output) : null))) : null);
     sizeBars(body);
@@ -845,13 +948,25 @@ function renderDeploy(main, selected) {
   const refresh = async () => {
     let list;
     try { list = await api('GET', 'api/v1/deployments'); } catch (e) { clear(historyBox, notice('bad', e.message)); return; }
+    // What a deploy would do is asked again when a deployment ends (or
+    // started and ended between two looks), and every few seconds between
+    // deployments: it follows what the nodes report (a process stopped
+    // behind the controller's back, a changed file).
+    const running = list.find((d) => d.state === 'running');
+    if (watching && (!running || running.id !== watching)) {
+      watching = null;
+      loadDiff();
+    } else if (!running && Date.now() - diffAt >= DIFF_POLL_MS) {
+      loadDiff();
+    }
+    if (running) watching = running.id;
     const id = shownId || (list[0] && list[0].id);
     if (changed(memo, 'history', [id, list])) {
       clear(historyBox, list.length ? h('table', {class: 'grid', id: 'history-table'},
         h('thead', {}, h('tr', {}, ['Deployment', 'State', 'Plan', 'Steps', 'Started', 'Finished'].map((t) => h('th', {}, t)))),
         h('tbody', {}, list.map((d) => h('tr', {'data-deployment': d.id, class: d.id === id ? 'selected' : null},
           h('td', {}, h('a', {class: 'mono', href: `#/deploy/${encodeURIComponent(d.id)}`}, d.id)),
-          h('td', {}, badge(d.state, d.state === 'running' ? 'info' : stateKind(d.state))),
+          h('td', {}, deployBadge(d.state)),
           h('td', {}, `rev ${d.plan_revision}`),
           h('td', {}, `${d.steps_done}/${d.steps_total}`),
           h('td', {class: 'small'}, fmtTime(d.created_at)),
@@ -867,6 +982,7 @@ function renderDeploy(main, selected) {
       if (d.state !== 'running') finishedShown = d.id;
     } catch (e) { clear(detail, notice('bad', e.message)); }
   };
+  loadDiff();
   page.every(1000, refresh);
 }
 
@@ -891,7 +1007,8 @@ function renderStatus(main) {
     if (busy) return;
     setBusy(true);
     const what = comp === 'all' ? 'every component' : `${comp} on ${ip}`;
-    clear(msg, notice('info', `${verb === 'restart' ? 'Restarting' : 'Stopping'} ${what}…`));
+    const doing = {start: 'Starting', restart: 'Restarting', stop: 'Stopping'}[verb];
+    clear(msg, notice('info', `${doing} ${what}…`));
     try {
       const rows = await api('PUT', `deployment-engine/${verb}`, {name: comp, ip});
       const bad = rows.filter((r) => r.Result !== 'ok');
@@ -908,8 +1025,9 @@ function renderStatus(main) {
 
   append(main, h('section', {class: 'card'},
     h('div', {class: 'row spread'}, h('h2', {}, 'Status ', h('span', {class: 'live-dot', title: 'refreshed live'})), stamp),
-    h('p', {class: 'muted'}, 'Every component instance of the plan, as the node\'s monit reports it.'),
+    h('p', {class: 'muted'}, 'Every component instance of the plan, as the node\'s monit reports it. An instance stopped here stays stopped, deployments included, until it is started or restarted here.'),
     h('div', {class: 'row'},
+      h('button', {type: 'button', id: 'start-all', 'data-op': 'start', onclick: () => operate('start', 'all', '0.0.0.0')}, 'Start all'),
       h('button', {type: 'button', id: 'restart-all', 'data-op': 'restart', onclick: () => operate('restart', 'all', '0.0.0.0')}, 'Restart all'),
       confirmButton('Stop all', 'Confirm stop all', {id: 'stop-all', class: 'danger', 'data-op': 'stop'}, () => operate('stop', 'all', '0.0.0.0'))),
     msg, box));
@@ -932,6 +1050,7 @@ function renderStatus(main) {
       h('td', {class: 'status-cell'}, badge(r.Status, stateKind(r.Status.split(' ')[0]))),
       r.Cpu, r.Mem, r.Disk,
     ], (r) => [
+      h('button', {type: 'button', class: 'small', 'data-op': 'start', disabled: busy, onclick: () => operate('start', r.Comp, r.Ip)}, 'Start'),
       h('button', {type: 'button', class: 'small', 'data-op': 'restart', disabled: busy, onclick: () => operate('restart', r.Comp, r.Ip)}, 'Restart'),
       confirmButton('Stop', 'Confirm stop', {class: 'small danger', 'data-op': 'stop', disabled: busy}, () => operate('stop', r.Comp, r.Ip)),
     ], (r) => ({'data-comp': r.Comp, 'data-ip': r.Ip}));

@@ -1,8 +1,9 @@
 //! The web console in a real headless Chromium against a real controller and
 //! real agents with private monit (127.0.11.x): sign in, generate a code that
 //! agents then enrol with (the nodes appear without a reload), a plan with
-//! problems shown next to what they concern, a deployment followed live, a
-//! restart from the status page, and the log files.
+//! problems shown next to what they concern, what a deploy would do, a
+//! deployment followed live, one cancelled, a restart, stop and start from
+//! the status page, and the log files.
 //!
 //! With `DE_CONSOLE_SCREENSHOTS=DIR` it saves a screenshot of every page
 //! there (docs/console/ is made that way; see docs/CONSOLE.md).
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use de_common::api::{DeployState, DeploymentView};
 use de_tests::webdriver::Browser;
 use de_tests::{TestAgent, TestController, pidfile, supervised_sleeper, wait_until, write_catalog};
 
@@ -34,6 +36,25 @@ action = "script"
 run = 'echo "cannot start: no licence" >&2; exit 3'
 "#;
 
+/// A component whose install, the first time, says so and sleeps 30 s: long
+/// enough to cancel it. It leaves `slow.once` in the node root first, so the
+/// next install is quick.
+const SLOW: &str = r#"
+description = "Slow to install the first time"
+cardinality = "many"
+monit_check = """
+check process slow with pidfile {{ path("run/slow.pid") }}
+"""
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+[[install]]
+action = "script"
+run = 'if [ ! -e "$DE_ROOT/slow.once" ]; then touch "$DE_ROOT/slow.once"; echo "slow: waiting"; sleep 30; fi; echo "slow: installed"'
+"#;
+
 fn write_sleepers(data: &Path) -> Result<()> {
     // One supervised process per node; its install step prints a line the
     // live log must show.
@@ -44,6 +65,7 @@ fn write_sleepers(data: &Path) -> Result<()> {
         &[
             ("sleeper", &supervised_sleeper("sleeper")),
             ("broken", BROKEN),
+            ("slow", SLOW),
         ],
     )
 }
@@ -215,22 +237,51 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
     click(b, "#save-plan")?;
     b.wait_for_text("#plan-result", "Saved as revision 1", WAIT)?;
 
-    // Deploy: start it from the page and follow it live.
+    // Deploy: before the first one, the page says both instances would be
+    // installed, and why.
     click(b, "#nav-deploy")?;
     b.wait_for_text("#live-log-state", "live", WAIT)?;
+    for (i, ip) in IPS.iter().enumerate() {
+        let row = b.wait_for_text(
+            &format!("#plan-diff-table tr[data-instance=sleeper_{i}][data-ip='{ip}']"),
+            "install",
+            WAIT,
+        )?;
+        ensure!(row.contains("new in the plan"), "{row}");
+    }
+    ensure!(
+        b.find_all("#plan-diff-table tbody tr")?.len() == 2,
+        "{}",
+        b.find("#plan-diff")?.text()?
+    );
+    b.wait_for_text("#plan-diff-summary", "2 of 2 instances to change", WAIT)?;
+    // Start it from the page and follow it live.
     click(b, "#start-deploy")?;
     b.wait_for_text("#deploy-msg", "started", WAIT)?;
     for ip in IPS {
         b.wait_for_text("#live-log", &format!("installing sleeper on {ip}"), WAIT)?;
     }
     b.wait_for_text("#deployment-state", "succeeded", WAIT)?;
+    // Script, monit add, monit start, and the mark the agent keeps.
     let progress = b.wait_for_text("#progress", "done", WAIT)?;
     ensure!(
-        IPS.iter().all(|ip| progress.contains(ip)) && progress.contains("3/3"),
+        IPS.iter().all(|ip| progress.contains(ip)) && progress.contains("4/4"),
         "{progress}"
     );
     b.wait_for_text("#history-table", "succeeded", WAIT)?;
-    shot(b, scratch, "deploy")?;
+    ensure!(
+        b.find_all("#cancel-deployment")?.is_empty(),
+        "a finished deployment offers Cancel"
+    );
+    // Once it ended, the page asks again: nothing to do on either node.
+    b.wait_for_text("#plan-diff-summary", "Nothing to do", WAIT)?;
+    ensure!(
+        b.find_all("#plan-diff-table tr[data-action=nothing]")?
+            .len()
+            == 2,
+        "{}",
+        b.find("#plan-diff")?.text()?
+    );
 
     // Status: both running; restart one instance from its row.
     click(b, "#nav-status")?;
@@ -257,7 +308,6 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
         let t = b.find("#status-table").ok()?.text().ok()?;
         (t.matches("RUNNING").count() == 2).then_some(t)
     })?;
-    shot(b, scratch, "status")?;
     // Stop takes a second click; then monit stops node 2's process.
     let stop = "#status-table tr[data-comp=sleeper][data-ip='127.0.11.2'] button[data-op=stop]";
     click(b, stop)?;
@@ -273,6 +323,25 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
         "STOPPED",
         WAIT,
     )?;
+    // Start undoes the stop: a new process on node 2, RUNNING again.
+    click(
+        b,
+        "#status-table tr[data-comp=sleeper][data-ip='127.0.11.2'] button[data-op=start]",
+    )?;
+    b.wait_for_text("#op-result", "start done: ok on 1 instance", WAIT)?;
+    wait_until(WAIT, "a new sleeper on node 2", || {
+        pid_of(&agents[1]).filter(|p| *p != other && process_alive(*p))
+    })?;
+    b.wait_for_text(
+        "#status-table tr[data-comp=sleeper][data-ip='127.0.11.2']",
+        "RUNNING",
+        WAIT,
+    )?;
+    ensure!(
+        pid_of(&agents[0]) == Some(after),
+        "node 1 was started again too"
+    );
+    shot(b, scratch, "status")?;
 
     // Run: a command on the nodes picked (node 1 only), each one's output.
     click(b, "#nav-run")?;
@@ -340,6 +409,15 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
     b.wait_for_text("#plan-result", "Saved as revision 2", WAIT)?;
     click(b, "#nav-deploy")?;
     b.wait_for_text("#live-log-state", "live", WAIT)?;
+    // Only what the new revision adds; the sleepers run as applied (node 2's
+    // since it was started again).
+    b.wait_for_text("#plan-diff-summary", "1 of 3 instances to change", WAIT)?;
+    b.wait_for_text(
+        "#plan-diff-table tr[data-instance=broken_0][data-action=install]",
+        "new in the plan",
+        WAIT,
+    )?;
+    shot(b, scratch, "deploy")?;
     click(b, "#start-deploy")?;
     b.wait_for_text("#deployment-state", "failed", WAIT)?;
     let failure = b.wait_for_text(".failures", "broken_0 on 127.0.11.2", WAIT)?;
@@ -367,10 +445,89 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
         "{log}"
     );
 
+    // Cancel: a deployment whose step sleeps is cancelled from the page
+    // (a second click confirms), and the next one is accepted at once.
+    click(b, "#nav-plan")?;
+    let editor = b.wait_for("#plan-json", WAIT)?;
+    wait_until(WAIT, "the stored plan in the editor", || {
+        (editor.prop("readOnly").ok()? == false).then_some(())
+    })?;
+    editor.clear()?;
+    editor.send_keys(
+        r#"{"components": {"sleeper": ["127.0.11.1", "127.0.11.2"], "slow": ["127.0.11.1"]}, "properties": {"domain": "web.test", "catalog": "sleepers"}}"#,
+    )?;
+    click(b, "#save-plan")?;
+    b.wait_for_text("#plan-result", "Saved as revision 3", WAIT)?;
+    click(b, "#nav-deploy")?;
+    b.wait_for_text("#live-log-state", "live", WAIT)?;
+    b.wait_for_text(
+        "#plan-diff-table tr[data-instance=slow_0][data-action=install]",
+        "new in the plan",
+        WAIT,
+    )?;
+    click(b, "#start-deploy")?;
+    b.wait_for_text("#deploy-msg", "started", WAIT)?;
+    let once = agents[0].root.join("slow.once");
+    wait_until(WAIT, "the slow step to run on node 1", || {
+        once.exists().then_some(())
+    })?;
+    let slow_id = b.wait_for("#deployment-id", WAIT)?.text()?;
+    b.wait_for_text("#progress tr[data-instance=slow_0]", "running", WAIT)?;
+    click(b, "#cancel-deployment")?;
+    b.wait_for_text("#cancel-deployment", "Confirm cancel", WAIT)?;
+    let still: DeploymentView = ctl
+        .api("GET", &format!("/api/v1/deployments/{slow_id}"), None)?
+        .expect(200)?;
+    ensure!(
+        still.state == DeployState::Running,
+        "cancelled on the first click: {still:?}"
+    );
+    click(b, "#cancel-deployment")?;
+    b.wait_for_text(
+        "#deployment-msg",
+        &format!("Deployment {slow_id} cancelled"),
+        WAIT,
+    )?;
+    b.wait_for_text("#deployment-state", "cancelled", WAIT)?;
+    b.wait_for_text("#progress tr[data-instance=slow_0]", "cancelled", WAIT)?;
+    b.wait_for_text(".failures details.cancelled", "slow_0 on 127.0.11.1", WAIT)?;
+    b.wait_for_text(
+        &format!("#history-table tr[data-deployment='{slow_id}']"),
+        "cancelled",
+        WAIT,
+    )?;
+    ensure!(
+        b.find_all("#cancel-deployment")?.is_empty(),
+        "Cancel is still offered"
+    );
+    shot(b, scratch, "deploy-cancelled")?;
+    let cancelled: DeploymentView = ctl
+        .api("GET", &format!("/api/v1/deployments/{slow_id}"), None)?
+        .expect(200)?;
+    ensure!(cancelled.state == DeployState::Cancelled, "{cancelled:?}");
+    // It never got to install slow_0: the page still offers it, and a new
+    // deployment starts (and, the second time, installs it quickly).
+    b.wait_for_text(
+        "#plan-diff-table tr[data-instance=slow_0][data-action=install]",
+        "new in the plan",
+        WAIT,
+    )?;
+    click(b, "#start-deploy")?;
+    wait_until(WAIT, "a second deployment started", || {
+        let t = b.find("#deploy-msg").ok()?.text().ok()?;
+        (t.contains("started") && !t.contains(&slow_id)).then_some(t)
+    })?;
+    b.wait_for_text("#deployment-state", "succeeded", WAIT)?;
+    ensure!(
+        b.find("#deployment-id")?.text()? != slow_id,
+        "the page still shows the cancelled deployment"
+    );
+    b.wait_for_text("#plan-diff-summary", "Nothing to do", WAIT)?;
+
     // The deploy page opened later starts with local.log's last lines, and
     // any deployment of the history opens.
     click(b, "#nav-deploy")?;
-    b.wait_for_text("#live-log", "installing sleeper on 127.0.11.1", WAIT)?;
+    b.wait_for_text("#live-log", "slow: installed", WAIT)?;
     let id = b
         .wait_for("#history-table tr[data-deployment] a", WAIT)?
         .text()?;

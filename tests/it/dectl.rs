@@ -1,13 +1,17 @@
-//! The real `dectl` against a real controller and agents (127.0.10.x):
-//! codes, nodes, plans (with the API's own problems), deploy --follow, status,
-//! restart, exec, logs, --json, and clear failures.
+//! The real `dectl` against a real controller and agents with private monit
+//! (127.0.10.x): codes, nodes, plans (with the API's own problems), plan diff,
+//! deploy --follow, deploy cancel, status, stop/start/restart, exec, logs,
+//! --json, and clear failures.
 
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 use anyhow::Result;
-use de_tests::{Output, TestAgent, TestController, bin, run_bounded, spawn, wait_until};
+use de_common::api::{ChangeAction, PlanDiff};
+use de_tests::{
+    Output, TestAgent, TestController, bin, run_bounded, spawn, supervised_sleeper, wait_until,
+};
 
 fn dectl(ctl: &TestController, args: &[&str]) -> Result<Output> {
     let mut cmd = Command::new(bin("dectl"));
@@ -51,6 +55,27 @@ action = "script"
 run = 'echo "hello from {{ node.ip }}"'
 "#,
     )?;
+    std::fs::write(cat.join("sleeper.toml"), supervised_sleeper("sleeper"))?;
+    // Sleeps 30 s the first time it is installed (long enough to cancel),
+    // leaving slow.once in the node root first so the next time is quick.
+    std::fs::write(
+        cat.join("slow.toml"),
+        r#"
+description = "slow to install the first time"
+cardinality = "many"
+monit_check = '''
+check process slow with pidfile {{ path("run/slow.pid") }}
+'''
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+[[install]]
+action = "script"
+run = 'if [ ! -e "$DE_ROOT/slow.once" ]; then touch "$DE_ROOT/slow.once"; sleep 30; fi'
+"#,
+    )?;
     let ctl = TestController::start(&data)?;
 
     // Codes.
@@ -86,7 +111,7 @@ run = 'echo "hello from {{ node.ip }}"'
     // Nodes.
     let mut agents = Vec::new();
     for ip in ["127.0.10.1", "127.0.10.2"] {
-        let mut a = TestAgent::new(dir.path(), ip)?;
+        let mut a = TestAgent::new(dir.path(), ip)?.with_private_monit();
         assert!(a.enroll(&ctl.quic, &code)?.status.success());
         a.start(1)?;
         agents.push(a);
@@ -123,7 +148,7 @@ run = 'echo "hello from {{ node.ip }}"'
     let good = dir.path().join("good.json");
     std::fs::write(
         &good,
-        r#"{"components": {"hello": ["127.0.10.1", "127.0.10.2"]}, "properties": {"domain": "t.test", "catalog": "tiny"}}"#,
+        r#"{"components": {"hello": ["127.0.10.1", "127.0.10.2"], "sleeper": ["127.0.10.1"]}, "properties": {"domain": "t.test", "catalog": "tiny"}}"#,
     )?;
     assert!(ok(&dectl(
         &ctl,
@@ -131,8 +156,52 @@ run = 'echo "hello from {{ node.ip }}"'
     )?));
     let o = dectl(&ctl, &["status"])?;
     assert!(!ok(&o) && o.stderr.contains("no plan"), "{o:?}");
+    let o = dectl(&ctl, &["plan", "diff"])?;
+    assert!(!ok(&o) && o.stderr.contains("no plan"), "{o:?}");
     let o = dectl(&ctl, &["plan", "apply", good.to_str().unwrap_or_default()])?;
     assert!(ok(&o) && o.stdout.contains("revision 1"), "{o:?}");
+
+    // Plan diff: before the first deployment, every instance is installed.
+    let o = dectl(&ctl, &["plan", "diff"])?;
+    assert!(ok(&o), "{o:?}");
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        5,
+        "a header, three instances, a summary: {}",
+        o.stdout
+    );
+    assert!(lines[0].starts_with("COMPONENT  INSTANCE"), "{}", o.stdout);
+    for (comp, inst, ip) in [
+        ("hello", "hello_0", "127.0.10.1"),
+        ("hello", "hello_1", "127.0.10.2"),
+        ("sleeper", "sleeper_0", "127.0.10.1"),
+    ] {
+        assert!(
+            lines.iter().any(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.starts_with(&[comp, inst, ip, "install", "new"])
+            }),
+            "{comp} {ip}: {}",
+            o.stdout
+        );
+    }
+    // hello: script and mark, twice; sleeper: script, monit add, start, mark.
+    assert_eq!(
+        lines[4], "a deployment would run 8 steps (plan revision 1, none applied yet)",
+        "{}",
+        o.stdout
+    );
+    let o = dectl(&ctl, &["--json", "plan", "diff"])?;
+    let d: PlanDiff = serde_json::from_str(&o.stdout)?;
+    assert!(
+        d.instances.len() == 3
+            && d.instances
+                .iter()
+                .all(|i| i.action == ChangeAction::Install)
+            && d.offline.is_empty(),
+        "{d:?}"
+    );
 
     // Deploy and follow to the end.
     let o = dectl(&ctl, &["deploy", "--follow"])?;
@@ -144,6 +213,21 @@ run = 'echo "hello from {{ node.ip }}"'
     );
     let o = dectl(&ctl, &["deployments"])?;
     assert!(o.stdout.contains("succeeded"), "{}", o.stdout);
+    // Once the nodes report what they applied: nothing to do.
+    let diff = wait_until(
+        Duration::from_secs(30),
+        "dectl plan diff to say nothing to do",
+        || {
+            let o = dectl(&ctl, &["plan", "diff"]).ok()?;
+            o.stdout.contains("nothing to do").then_some(o.stdout)
+        },
+    )?;
+    assert!(
+        diff.ends_with(
+            "nothing to do: a deployment would run 0 steps (plan revision 1, revision 1 applied)\n"
+        ) && diff.lines().filter(|l| l.contains(" nothing ")).count() == 3,
+        "{diff}"
+    );
 
     let o = dectl(&ctl, &["status"])?;
     assert!(
@@ -222,6 +306,100 @@ run = 'echo "hello from {{ node.ip }}"'
         "{}",
         o.stdout
     );
+
+    // Stop, then start: the operator's stop is kept by a deployment until
+    // the start; both print a row per instance.
+    let status_of = |ip: &str| -> Option<String> {
+        let o = dectl(&ctl, &["status"]).ok()?;
+        o.stdout
+            .lines()
+            .find(|l| l.starts_with("sleeper") && l.contains(ip))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .map(str::to_owned)
+    };
+    let o = dectl(&ctl, &["stop", "sleeper", "127.0.10.1"])?;
+    assert!(ok(&o) && o.stdout == "sleeper 127.0.10.1: ok\n", "{o:?}");
+    wait_until(Duration::from_secs(30), "sleeper STOPPED", || {
+        status_of("127.0.10.1").filter(|s| s == "STOPPED")
+    })?;
+    let diff = wait_until(Duration::from_secs(30), "the diff to keep the stop", || {
+        let o = dectl(&ctl, &["plan", "diff"]).ok()?;
+        o.stdout
+            .contains("stopped through the API")
+            .then_some(o.stdout)
+    })?;
+    assert!(diff.contains("nothing to do"), "{diff}");
+    let o = dectl(&ctl, &["start", "sleeper", "127.0.10.1"])?;
+    assert!(ok(&o) && o.stdout == "sleeper 127.0.10.1: ok\n", "{o:?}");
+    wait_until(Duration::from_secs(30), "sleeper RUNNING again", || {
+        status_of("127.0.10.1").filter(|s| s == "RUNNING")
+    })?;
+    let o = dectl(&ctl, &["--json", "start", "sleeper"])?;
+    let rows: serde_json::Value = serde_json::from_str(&o.stdout)?;
+    assert!(
+        ok(&o) && rows[0]["Comp"] == "sleeper" && rows[0]["Result"] == "ok",
+        "{o:?}"
+    );
+    let o = dectl(&ctl, &["start", "nope"])?;
+    assert!(
+        o.status.code() == Some(1) && o.stderr.contains("HTTP 400"),
+        "{o:?}"
+    );
+
+    // Cancel: nothing running yet; then a deployment whose step sleeps is
+    // cancelled, and the next one runs.
+    let o = dectl(&ctl, &["deploy", "cancel"])?;
+    assert!(
+        o.status.code() == Some(1) && o.stderr.contains("no deployment is running"),
+        "{o:?}"
+    );
+    let o = dectl(&ctl, &["deploy", "cancel", "d-nope"])?;
+    assert!(
+        o.status.code() == Some(1) && o.stderr.contains("HTTP 404"),
+        "{o:?}"
+    );
+    let slow = dir.path().join("slow.json");
+    std::fs::write(
+        &slow,
+        r#"{"components": {"hello": ["127.0.10.1", "127.0.10.2"], "sleeper": ["127.0.10.1"], "slow": ["127.0.10.2"]}, "properties": {"domain": "t.test", "catalog": "tiny"}}"#,
+    )?;
+    assert!(ok(&dectl(
+        &ctl,
+        &["plan", "apply", slow.to_str().unwrap_or_default()]
+    )?));
+    let o = dectl(&ctl, &["deploy"])?;
+    assert!(ok(&o), "{o:?}");
+    let id = o
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let once = agents[1].root.join("slow.once");
+    wait_until(Duration::from_secs(30), "the slow step to run", || {
+        once.exists().then_some(())
+    })?;
+    let o = dectl(&ctl, &["deploy", "cancel"])?;
+    assert!(ok(&o), "{o:?}");
+    assert_eq!(
+        o.stdout,
+        format!("deployment {id} cancelled (0/2 steps done)\n")
+    );
+    let o = dectl(&ctl, &["deploy", "cancel", &id])?;
+    assert!(
+        o.status.code() == Some(1) && o.stderr.contains("HTTP 409"),
+        "{o:?}"
+    );
+    let o = dectl(&ctl, &["deployments"])?;
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("cancelled")),
+        "{}",
+        o.stdout
+    );
+    let o = dectl(&ctl, &["deploy", "--follow"])?;
+    assert!(ok(&o) && o.stdout.contains("succeeded"), "{o:?}");
 
     // Revoke by IP: the node is refused from then on; again, nothing to revoke.
     let o = dectl(&ctl, &["revoke", "127.0.10.2"])?;

@@ -1,6 +1,7 @@
 //! `dectl`: the operators' command line for a Deployment Engine controller —
-//! install codes, nodes, plans, deployments (with live progress), status,
-//! restart/stop, logs and ad-hoc commands, all through the controller's API.
+//! install codes, nodes, plans (and what a deploy would do), deployments
+//! (with live progress, and cancel), status, start/restart/stop, logs and
+//! ad-hoc commands, all through the controller's API.
 //!
 //! Errors from the API are printed as the API words them; the exit code is 1
 //! when the controller refused or something failed, 2 when it could not be
@@ -17,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use de_common::api::{
-    CodeView, DeployStarted, DeployState, DeploymentView, ErrorBody, ExecRequest, ExecResult,
-    LogFiles, NewCode, NodeView, OperateRequest, OperateRow, PhaseState, PlanCheck, PlanCreated,
-    Resolved, StatusRow, resolve,
+    ChangeAction, CodeView, DeployStarted, DeployState, DeploymentView, ErrorBody, ExecRequest,
+    ExecResult, LogFiles, NewCode, NodeView, OperateRequest, OperateRow, PhaseState, PlanCheck,
+    PlanCreated, PlanDiff, Resolved, StatusRow, resolve,
 };
 use serde::Serialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
@@ -63,20 +64,30 @@ enum Command {
     /// Revoke a node (by id or IP): its link is dropped and its certificate
     /// refused from then on; enrol it again with a new code to use it.
     Revoke { node: String },
-    /// Plans: `validate FILE`, `apply FILE`, `show`.
+    /// Plans: `validate FILE`, `apply FILE`, `show`, `diff`.
     Plan {
         #[command(subcommand)]
         what: Plan,
     },
     /// Deploy the current plan; `--follow` shows progress until it ends.
+    /// `deploy cancel [ID]` cancels the running deployment.
+    #[command(args_conflicts_with_subcommands = true)]
     Deploy {
         #[arg(long)]
         follow: bool,
+        #[command(subcommand)]
+        what: Option<Deploy>,
     },
     /// Deployments: all, or one with its steps.
     Deployments { id: Option<String> },
     /// Every component instance with its state.
     Status,
+    /// Start a component (on one IP, or everywhere); one stopped with `stop`
+    /// stays stopped, across deployments too, until started or restarted.
+    Start {
+        component: String,
+        ip: Option<String>,
+    },
     /// Restart a component (on one IP, or everywhere).
     Restart {
         component: String,
@@ -115,9 +126,24 @@ enum Codes {
 
 #[derive(Subcommand, Debug)]
 enum Plan {
-    Validate { file: PathBuf },
-    Apply { file: PathBuf },
+    Validate {
+        file: PathBuf,
+    },
+    Apply {
+        file: PathBuf,
+    },
     Show,
+    /// What a deployment would do now, per instance, and why.
+    Diff,
+}
+
+#[derive(Subcommand, Debug)]
+enum Deploy {
+    /// Cancel a running deployment: its steps are withdrawn or killed.
+    Cancel {
+        /// The deployment (default: the one running).
+        id: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -244,6 +270,11 @@ fn body<T: Serialize>(v: &T) -> Option<String> {
 
 /// Prints rows as aligned columns.
 fn table(header: &[&str], rows: &[Vec<String>]) {
+    print!("{}", table_text(header, rows));
+}
+
+/// Rows as aligned columns, a line each (the header first).
+fn table_text(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -252,18 +283,21 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
             }
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
         let s: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .map(|(i, c)| format!("{c:<width$}", width = w.get(i).copied().unwrap_or(0)))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        out.push_str(s.join("  ").trim_end());
+        out.push('\n');
     };
-    line(header.iter().map(|h| (*h).to_owned()).collect());
+    line(&header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>());
     for r in rows {
-        line(r.clone());
+        line(r);
     }
+    out
 }
 
 /// An optional value as a table cell: `-` when absent.
@@ -295,9 +329,14 @@ fn run(cli: Cli, api: &Api) -> Outcome {
         Command::Nodes => nodes(api, json),
         Command::Revoke { node } => revoke(api, &node, json),
         Command::Plan { what } => plan(api, what, json),
-        Command::Deploy { follow } => deploy(api, follow, json),
+        Command::Deploy {
+            what: Some(Deploy::Cancel { id }),
+            ..
+        } => cancel(api, id, json),
+        Command::Deploy { follow, what: None } => deploy(api, follow, json),
         Command::Deployments { id } => deployments(api, id.as_deref(), json),
         Command::Status => status(api, json),
+        Command::Start { component, ip } => operate(api, "start", &component, ip, json),
         Command::Restart { component, ip } => operate(api, "restart", &component, ip, json),
         Command::Stop { component, ip } => operate(api, "stop", &component, ip, json),
         Command::Logs { what } => logs(api, what, json),
@@ -440,12 +479,83 @@ fn plan(api: &Api, what: Plan, json: bool) -> Outcome {
         }
         // The plan document itself: printed as JSON.
         Plan::Show => (api.get("/deployment-engine/config")?, None),
+        Plan::Diff => return plan_diff(api, json),
     };
     match message {
         Some(m) => println!("{m}"),
         None => reply.print_json(),
     }
     Ok(())
+}
+
+/// What a deployment would do now: a row per instance, then the step count
+/// and the nodes that are offline.
+fn plan_diff(api: &Api, json: bool) -> Outcome {
+    let reply = api.get("/api/v1/plan/diff")?;
+    if json {
+        reply.print_json();
+        return Ok(());
+    }
+    let diff: PlanDiff = reply.parse()?;
+    print!("{}", diff_text(&diff));
+    Ok(())
+}
+
+/// `dectl plan diff`'s table and summary line.
+fn diff_text(d: &PlanDiff) -> String {
+    let rows: Vec<Vec<String>> = d
+        .instances
+        .iter()
+        .map(|c| {
+            // Empty when no enrolled node has the IP (the instance is named on its node).
+            let text = |s: &str| cell(Some(s).filter(|s| !s.is_empty()));
+            vec![
+                c.component.clone(),
+                text(&c.instance),
+                c.ip.clone(),
+                word(&c.action),
+                text(&c.why),
+            ]
+        })
+        .collect();
+    let mut out = table_text(&["COMPONENT", "INSTANCE", "IP", "ACTION", "WHY"], &rows);
+    out.push_str(&diff_summary(d));
+    out.push('\n');
+    out
+}
+
+/// The line under the diff: how many steps a deployment would run, of which
+/// revisions, and which nodes it would find offline.
+fn diff_summary(d: &PlanDiff) -> String {
+    let applied = match d.applied_revision {
+        0 => "none applied yet".to_owned(),
+        r => format!("revision {r} applied"),
+    };
+    let changes = d
+        .instances
+        .iter()
+        .filter(|c| c.action != ChangeAction::Nothing)
+        .count();
+    let mut line = if d.steps == 0 && changes == 0 {
+        format!(
+            "nothing to do: a deployment would run 0 steps (plan revision {}, {applied})",
+            d.plan_revision
+        )
+    } else {
+        format!(
+            "a deployment would run {} step{} (plan revision {}, {applied})",
+            d.steps,
+            if d.steps == 1 { "" } else { "s" },
+            d.plan_revision
+        )
+    };
+    if !d.offline.is_empty() {
+        line.push_str(&format!(
+            "; offline: {} (a deployment is refused until they are back)",
+            d.offline.join(", ")
+        ));
+    }
+    line
 }
 
 fn deploy(api: &Api, follow: bool, json: bool) -> Outcome {
@@ -459,6 +569,43 @@ fn deploy(api: &Api, follow: bool, json: bool) -> Outcome {
     if follow {
         follow_deployment(api, &d.id)?;
     }
+    Ok(())
+}
+
+/// The deployment that is running, of a list newest first.
+fn running_deployment(all: &[DeploymentView]) -> Option<&DeploymentView> {
+    all.iter().find(|d| d.state == DeployState::Running)
+}
+
+/// Cancels deployment `id`, or the one running.
+fn cancel(api: &Api, id: Option<String>, json: bool) -> Outcome {
+    let id = match id {
+        Some(id) => id,
+        None => {
+            let all: Vec<DeploymentView> = api.get("/api/v1/deployments")?.parse()?;
+            running_deployment(&all)
+                .map(|d| d.id.clone())
+                .ok_or_else(|| {
+                    Failure(
+                        "no deployment is running; dectl deployments lists them".into(),
+                        1,
+                    )
+                })?
+        }
+    };
+    let reply = api.ok("POST", &format!("/api/v1/deployments/{id}/cancel"), None)?;
+    if json {
+        reply.print_json();
+        return Ok(());
+    }
+    let d: DeploymentView = reply.parse()?;
+    println!(
+        "deployment {} {} ({}/{} steps done)",
+        d.id,
+        word(&d.state),
+        d.steps_done,
+        d.steps_total
+    );
     Ok(())
 }
 
@@ -481,7 +628,10 @@ fn follow_deployment(api: &Api, id: &str) -> Outcome {
         for st in d.steps.iter().flatten() {
             let key = format!("{} {}", st.instance, st.ip);
             let done = u64::from(st.state == PhaseState::Done);
-            let note = if matches!(st.state, PhaseState::Running | PhaseState::Failed) {
+            let note = if matches!(
+                st.state,
+                PhaseState::Running | PhaseState::Failed | PhaseState::Cancelled
+            ) {
                 format!("{} {}", st.action, word(&st.state))
             } else {
                 String::new()
@@ -529,13 +679,14 @@ fn follow_deployment(api: &Api, id: &str) -> Outcome {
                 d.steps_done,
                 d.steps_total
             );
-            return if d.state == DeployState::Succeeded {
-                Ok(())
-            } else {
-                Err(Failure(
-                    format!("deployment {id} failed: {}", cell(d.error.as_deref())),
+            let error = cell(d.error.as_deref());
+            return match d.state {
+                DeployState::Succeeded => Ok(()),
+                DeployState::Cancelled => Err(Failure(
+                    format!("deployment {id} was cancelled: {error}"),
                     1,
-                ))
+                )),
+                _ => Err(Failure(format!("deployment {id} failed: {error}"), 1)),
             };
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -629,7 +780,7 @@ fn status(api: &Api, json: bool) -> Outcome {
     Ok(())
 }
 
-/// `restart` or `stop` (`verb`) of a component, on one IP or everywhere.
+/// `start`, `restart` or `stop` (`verb`) of a component, on one IP or everywhere.
 fn operate(api: &Api, verb: &str, component: &str, ip: Option<String>, json: bool) -> Outcome {
     let req = OperateRequest {
         name: component.to_owned(),
@@ -839,6 +990,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use de_common::api::InstanceChange;
 
     fn reply(status: u16, text: &str) -> Reply {
         Reply {
@@ -880,6 +1032,146 @@ mod tests {
             ("Bad Gateway (HTTP 502)".to_owned(), 1)
         );
         assert!(reply(200, "{}").check().is_ok());
+    }
+
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        Cli::try_parse_from(std::iter::once("dectl").chain(args.iter().copied()))
+            .map(|c| c.command)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn deploy_start_and_plan_diff_parse_as_documented() {
+        let deploy = |args: &[&str]| match parse(args) {
+            Ok(Command::Deploy { follow, what }) => {
+                Some((follow, what.map(|Deploy::Cancel { id }| id)))
+            }
+            _ => None,
+        };
+        assert_eq!(deploy(&["deploy"]), Some((false, None)));
+        assert_eq!(deploy(&["deploy", "--follow"]), Some((true, None)));
+        assert_eq!(deploy(&["deploy", "cancel"]), Some((false, Some(None))));
+        assert_eq!(
+            deploy(&["deploy", "cancel", "d-1"]),
+            Some((false, Some(Some("d-1".to_owned()))))
+        );
+        // --follow means nothing to a cancel.
+        assert!(parse(&["deploy", "--follow", "cancel"]).is_err());
+        assert!(matches!(
+            parse(&["start", "nats"]),
+            Ok(Command::Start { component, ip: None }) if component == "nats"
+        ));
+        assert!(matches!(
+            parse(&["start", "nats", "10.0.0.1"]),
+            Ok(Command::Start { ip: Some(ip), .. }) if ip == "10.0.0.1"
+        ));
+        assert!(parse(&["start"]).is_err());
+        assert!(matches!(
+            parse(&["--json", "plan", "diff"]),
+            Ok(Command::Plan { what: Plan::Diff })
+        ));
+    }
+
+    fn change(instance: &str, ip: &str, action: ChangeAction, why: &str) -> InstanceChange {
+        InstanceChange {
+            component: instance.split('_').next().unwrap_or_default().to_owned(),
+            instance: instance.to_owned(),
+            ip: ip.to_owned(),
+            node_id: None,
+            action,
+            why: why.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_diff_prints_a_row_per_instance_then_the_steps_and_offline_nodes() {
+        let mut d = PlanDiff {
+            plan_revision: 3,
+            applied_revision: 2,
+            instances: vec![
+                change(
+                    "dea_1",
+                    "10.0.0.9",
+                    ChangeAction::Uninstall,
+                    "gone from the plan",
+                ),
+                change(
+                    "nats_0",
+                    "10.0.0.1",
+                    ChangeAction::Nothing,
+                    "as applied, running",
+                ),
+                change(
+                    "nginx_0",
+                    "10.0.0.2",
+                    ChangeAction::Install,
+                    "new in the plan",
+                ),
+                change("haproxy_0", "10.0.0.3", ChangeAction::Reapply, ""),
+                InstanceChange {
+                    instance: String::new(),
+                    ..change(
+                        "uaa_0",
+                        "10.0.0.8",
+                        ChangeAction::Install,
+                        "new in the plan; no enrolled node has this IP",
+                    )
+                },
+            ],
+            steps: 7,
+            offline: vec!["10.0.0.9".to_owned()],
+        };
+        assert_eq!(
+            diff_text(&d),
+            "COMPONENT  INSTANCE   IP        ACTION     WHY\n\
+             dea        dea_1      10.0.0.9  uninstall  gone from the plan\n\
+             nats       nats_0     10.0.0.1  nothing    as applied, running\n\
+             nginx      nginx_0    10.0.0.2  install    new in the plan\n\
+             haproxy    haproxy_0  10.0.0.3  reapply    -\n\
+             uaa        -          10.0.0.8  install    new in the plan; no enrolled node has this IP\n\
+             a deployment would run 7 steps (plan revision 3, revision 2 applied); \
+             offline: 10.0.0.9 (a deployment is refused until they are back)\n"
+        );
+        d.applied_revision = 0;
+        d.steps = 1;
+        d.offline.clear();
+        assert_eq!(
+            diff_summary(&d),
+            "a deployment would run 1 step (plan revision 3, none applied yet)"
+        );
+        d.applied_revision = 3;
+        d.steps = 0;
+        d.instances.retain(|c| c.action == ChangeAction::Nothing);
+        assert_eq!(
+            diff_summary(&d),
+            "nothing to do: a deployment would run 0 steps (plan revision 3, revision 3 applied)"
+        );
+    }
+
+    fn listed(id: &str, state: DeployState) -> DeploymentView {
+        DeploymentView {
+            id: id.to_owned(),
+            state,
+            plan_revision: 1,
+            created_at: "t".to_owned(),
+            finished_at: None,
+            error: None,
+            steps_total: 0,
+            steps_done: 0,
+            steps: None,
+        }
+    }
+
+    #[test]
+    fn cancel_without_an_id_picks_the_running_deployment() {
+        let all = [
+            listed("d-3", DeployState::Failed),
+            listed("d-2", DeployState::Running),
+            listed("d-1", DeployState::Cancelled),
+        ];
+        assert_eq!(running_deployment(&all).map(|d| d.id.as_str()), Some("d-2"));
+        assert_eq!(running_deployment(&all[..1]), None);
+        assert_eq!(running_deployment(&[]), None);
     }
 
     #[test]
