@@ -81,10 +81,22 @@ fn shot(b: &Browser, scratch: &Path, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Clicks the element `css` names once it is there. The page re-renders
+/// parts of itself (polls, navigation), so an element found a moment ago
+/// can be replaced before the click lands ("stale element reference"):
+/// then it is found again and clicked again, until `WAIT` has passed.
 fn click(b: &Browser, css: &str) -> Result<()> {
-    b.wait_for(css, WAIT)?
-        .click()
-        .with_context(|| format!("click {css}"))
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match b.wait_for(css, left)?.click() {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if format!("{e:#}").contains("stale element")
+                    && std::time::Instant::now() < deadline => {}
+            Err(e) => return Err(e).with_context(|| format!("click {css}")),
+        }
+    }
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie).
