@@ -433,6 +433,29 @@ fn nodes(api: &Api, json: bool) -> Outcome {
 /// Revokes the node `target` names, by the API's rule ([`resolve`]).
 fn revoke(api: &Api, target: &str, json: bool) -> Outcome {
     let nodes: Vec<NodeView> = api.get("/api/v1/nodes")?.parse()?;
+    // Revoking is for good: where several live records share the IP (a node
+    // enrolled again leaves a stale one), the operator names which by id,
+    // rather than the rule picking the online one behind their back.
+    let sharing: Vec<&NodeView> = nodes
+        .iter()
+        .filter(|n| !n.revoked && n.is_named(target))
+        .collect();
+    if sharing.len() > 1 {
+        let ids: Vec<String> = sharing
+            .iter()
+            .map(|n| {
+                let state = if n.online { "online" } else { "offline" };
+                format!("{} ({state})", n.id)
+            })
+            .collect();
+        return Err(Failure(
+            format!(
+                "several nodes have the IP {target}: {}; revoke one by its id",
+                ids.join(", ")
+            ),
+            1,
+        ));
+    }
     let id = match resolve(&nodes, target) {
         Resolved::Node(n) => n.id.clone(),
         Resolved::Unknown | Resolved::Revoked(_) => {
