@@ -180,6 +180,7 @@ mod tests {
         m.insert(StepId::from("s-1"), 1);
         assert_eq!(m.get("s-1"), Some(&1));
         assert_eq!(m.get("s-2"), None);
-        assert!(StepId::from("s-1") == "s-1");
+        let id = StepId::from("s-1");
+        assert!(id == "s-1" && id != "s-2");
     }
 }

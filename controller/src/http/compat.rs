@@ -40,7 +40,7 @@ async fn deploy(State(ctl): Ctl) -> Result<Response, ApiError> {
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(DeployStarted {
-            id: d.id,
+            id: d.id.into(),
             plan_revision: d.plan_revision,
             state: d.state,
             steps: d.steps.len(),
