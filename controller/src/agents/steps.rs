@@ -18,7 +18,7 @@ use tokio::sync::{Notify, broadcast};
 
 use de_common::api::StepRecordView;
 /// A step record's state: the API's words, also what the store keeps.
-pub use de_common::api::StepState;
+pub(crate) use de_common::api::StepState;
 use de_common::{
     DeploymentId, Lane, NodeId, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind,
     StepId, StepOutcome, sign_step,

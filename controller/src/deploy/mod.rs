@@ -28,11 +28,8 @@ mod reconcile;
 mod record;
 mod view;
 
-pub use de_common::api::{DeploymentView, StepView};
 pub use driver::Deployer;
-pub use record::{
-    Applied, AppliedInstance, DeployState, DeployStep, Deployment, PhaseState, TaskKind,
-};
+pub(crate) use record::{Deployment, PhaseState};
 
 /// How many times a failed step is tried in all (1 = no retry).
 pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;

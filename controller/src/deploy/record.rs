@@ -11,7 +11,7 @@ use de_common::{DeploymentId, NodeId, StepAction, StepId};
 
 /// Deployment and step states and step kinds are the API's words, defined
 /// once in `de_common::api`; the store keeps the same words.
-pub use de_common::api::{DeployState, PhaseState, TaskKind};
+pub(crate) use de_common::api::{DeployState, PhaseState, TaskKind};
 
 /// One action of one component instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

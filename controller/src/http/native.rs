@@ -26,9 +26,9 @@ use crate::util::rfc3339;
 type Ctl = State<Arc<Controller>>;
 
 /// The longest an install code may live.
-pub const MAX_CODE_TTL_SECS: u64 = 7 * 24 * 3600;
+pub(crate) const MAX_CODE_TTL_SECS: u64 = 7 * 24 * 3600;
 /// The default install-code lifetime (the COS guide's hour).
-pub const DEFAULT_CODE_TTL_SECS: u64 = 3600;
+pub(crate) const DEFAULT_CODE_TTL_SECS: u64 = 3600;
 
 pub(super) fn routes() -> Router<Arc<Controller>> {
     Router::new()
@@ -52,7 +52,7 @@ fn code_view(ctl: &Controller, issued: &de_install_codes::IssuedCode) -> CodeVie
     CodeView {
         code: issued.code.as_str().to_owned(),
         expires_at: rfc3339(issued.expires_at),
-        agent_command: crate::agent_command(&ctl.agent_addr, issued.code.as_str()),
+        agent_command: crate::agents::agent_command(&ctl.agent_addr, issued.code.as_str()),
         expires_in_secs: issued
             .expires_at
             .duration_since(std::time::SystemTime::now())

@@ -14,12 +14,10 @@ pub(crate) mod catalog;
 pub(crate) mod render;
 pub(crate) mod validate;
 
-pub use catalog::{
-    CATALOG_FILE, Cardinality, Catalog, CatalogError, Catalogs, ComponentDef, DEFAULT_CATALOG,
-    Minimum, STANDARD_PROPERTIES, StepSpec,
-};
-pub use render::{NodeContext, PlanRenderer, RenderError, RenderedComponent};
-pub use validate::{Problem, ValidPlan, validate_plan};
+pub use catalog::{Cardinality, Catalogs};
+pub(crate) use catalog::{Catalog, CatalogError};
+pub(crate) use validate::Problem;
+pub use validate::validate_plan;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
