@@ -71,7 +71,8 @@ impl std::fmt::Debug for Pki {
     }
 }
 
-/// What [`Pki::load_or_create`] did, so the caller can print the token once.
+/// What `Pki::load_or_create` did when [`crate::Controller::open`] ran, so
+/// the caller can print the token once.
 #[derive(Debug)]
 pub enum TokenOrigin {
     Created,
