@@ -3,14 +3,14 @@
 //! only parses the command line and wires these together.
 
 pub mod agents;
-pub mod deploy;
+mod deploy;
 pub mod http;
 mod oplog;
-pub mod plan;
+mod plan;
 mod store;
 #[cfg(test)]
 mod testkit;
-pub mod util;
+mod util;
 
 use std::path::Path;
 use std::sync::Arc;

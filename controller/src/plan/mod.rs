@@ -29,11 +29,11 @@ use crate::store::{Store, StoreError, StoreExt, Tree};
 use crate::util::rfc3339;
 
 /// What every route that needs the stored plan says when there is none.
-pub const NO_PLAN: &str =
+pub(crate) const NO_PLAN: &str =
     "no plan has been submitted yet: POST the plan JSON to /deployment-engine/config first";
 
 /// What a secret reads as in every answer; posting it back keeps the stored value.
-pub const REDACTED: &str = "******";
+pub(crate) const REDACTED: &str = "******";
 
 const CURRENT_KEY: &str = "current";
 
