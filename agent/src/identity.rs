@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use de_common::{ensure_private_dir, write_private};
+use de_common::{NodeId, ensure_private_dir, write_private};
 
 const META: &str = "agent.json";
 const KEY: &str = "node.key";
@@ -36,7 +36,7 @@ pub enum IdentityError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityMeta {
-    pub node_id: String,
+    pub node_id: NodeId,
     /// The controller's QUIC address as given at enrolment (HOST:PORT).
     pub controller: String,
     #[serde(default)]

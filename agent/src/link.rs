@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use de_common::{
     AgentMsg, ControllerMsg, ErrorChain, Heartbeat, Hello, Lane, LinkRefusal, StepEvent,
-    StepEventKind, check_step, close_codes, read_frame, write_frame,
+    StepEventKind, StepId, check_step, close_codes, read_frame, write_frame,
 };
 
 use crate::hardware::{Sampler, hostname};
@@ -170,7 +170,7 @@ async fn lane_worker(
                     // Name what was refused as far as the (possibly untrusted) body says.
                     let (step_id, seq) = de_common::decode_step_unverified(&signed)
                         .map(|s| (s.id, s.seq))
-                        .unwrap_or_default();
+                        .unwrap_or_else(|| (StepId::from(String::new()), 0));
                     warn!(lane = lane.as_str(), %step_id, seq, reason = %refusal, "refused a step");
                     let ev = StepEvent {
                         step_id,

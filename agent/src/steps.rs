@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use de_common::{
-    Lane, OutStream, Step, StepAction, StepEvent, StepEventKind, StepOutcome, write_private,
+    Lane, OutStream, Step, StepAction, StepEvent, StepEventKind, StepId, StepOutcome, write_private,
 };
 
 use crate::monit::Monit;
@@ -39,7 +39,7 @@ const MAX_COLLECT: u64 = 512 * 1024;
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 struct LaneState {
     last_done: u64,
-    running: Option<(u64, String)>,
+    running: Option<(u64, StepId)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -161,9 +161,9 @@ impl Ledger {
         self.save()
     }
 
-    pub fn acked(&mut self, step_id: &str) -> Result<(), LedgerError> {
+    pub fn acked(&mut self, step_id: &StepId) -> Result<(), LedgerError> {
         let before = self.state.unacked.len();
-        self.state.unacked.retain(|e| e.step_id != step_id);
+        self.state.unacked.retain(|e| e.step_id != *step_id);
         if self.state.unacked.len() != before {
             self.save()?;
         }
@@ -198,8 +198,8 @@ pub(crate) struct Cancels {
 
 #[derive(Debug, Default)]
 struct CancelsInner {
-    running: HashMap<String, CancellationToken>,
-    withdrawn: VecDeque<String>,
+    running: HashMap<StepId, CancellationToken>,
+    withdrawn: VecDeque<StepId>,
 }
 
 impl Cancels {
@@ -209,23 +209,23 @@ impl Cancels {
 
     /// The token of step `id`, which starts now: already cancelled when the
     /// controller withdrew the step before it came.
-    fn register(&self, id: &str) -> CancellationToken {
+    fn register(&self, id: &StepId) -> CancellationToken {
         let mut inner = self.lock();
         let token = CancellationToken::new();
         if let Some(i) = inner.withdrawn.iter().position(|w| w == id) {
             inner.withdrawn.remove(i);
             token.cancel();
         }
-        inner.running.insert(id.to_owned(), token.clone());
+        inner.running.insert(id.clone(), token.clone());
         token
     }
 
-    fn unregister(&self, id: &str) {
+    fn unregister(&self, id: &StepId) {
         self.lock().running.remove(id);
     }
 
     /// Cancels each step: a running one now, one still to come when it comes.
-    fn cancel(&self, ids: &[String]) -> String {
+    fn cancel(&self, ids: &[StepId]) -> String {
         let mut inner = self.lock();
         let mut report = String::new();
         for id in ids {
@@ -353,7 +353,7 @@ impl Lines {
 async fn pump<R: AsyncRead + Unpin>(
     mut r: R,
     stream: OutStream,
-    step: (String, Lane, u64),
+    step: (StepId, Lane, u64),
     events: mpsc::Sender<StepEvent>,
     stop: CancellationToken,
 ) -> String {
@@ -460,7 +460,7 @@ async fn run_script(
     };
     cmd.current_dir(cwd)
         .env("DE_ROOT", &ctx.root)
-        .env("DE_STEP_ID", &step.id)
+        .env("DE_STEP_ID", step.id.as_str())
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1022,7 +1022,7 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        l.acked("s-1").expect("ack");
+        l.acked(&"s-1".into()).expect("ack");
         let l = Ledger::load(dir.path()).expect("reload");
         assert!(l.unacked().is_empty());
         assert_eq!(l.last_done(Lane::Deploy), 0);

@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 pub use crate::hardware::{ComponentStatus, Hardware, Usage};
+use crate::ids::NodeId;
 use crate::step::{Lane, Step, StepAction};
 use crate::wire::StepOutcome;
 
@@ -225,6 +226,12 @@ pub struct NodeView {
 }
 
 impl NodeView {
+    /// The node's id, typed (the controller's calls take a [`NodeId`]; the
+    /// JSON keeps the plain string).
+    pub fn node_id(&self) -> NodeId {
+        NodeId::from(self.id.as_str())
+    }
+
     /// Whether `target` names this node: its id, or one of its IPs (compared
     /// as addresses, so `::1` and `0:0::1` are the same).
     pub fn is_named(&self, target: &str) -> bool {

@@ -14,6 +14,7 @@ mod error;
 mod files;
 mod frame;
 mod hardware;
+mod ids;
 mod signal;
 mod step;
 mod wire;
@@ -23,6 +24,7 @@ pub use error::ErrorChain;
 pub use files::{ensure_private_dir, write_private};
 pub use frame::{FrameError, MAX_FRAME_LEN, decode, encode, read_frame, write_frame};
 pub use hardware::{ComponentStatus, Hardware, Usage};
+pub use ids::{DeploymentId, NodeId, StepId};
 pub use signal::shutdown_signal;
 pub use step::{
     Lane, MonitOp, STEP_DOMAIN, SignError, SignedStep, Step, StepAction, StepRefusal, check_step,

@@ -7,6 +7,8 @@
 use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{DeploymentId, NodeId, StepId};
+
 /// Domain separation for step signatures.
 pub const STEP_DOMAIN: &[u8] = b"de-step/1\0";
 
@@ -74,7 +76,7 @@ pub enum StepAction {
     /// Stop these steps of this node: a running one has its process group
     /// killed and ends `cancelled`; one not started yet ends `cancelled`
     /// without running when it comes.
-    Cancel { step_ids: Vec<String> },
+    Cancel { step_ids: Vec<StepId> },
     /// The last step of applying `instance`: the agent records
     /// `fingerprint` and the content hashes of `files` (paths as the
     /// install's file steps wrote them) and of the monit check `check`, and
@@ -119,10 +121,10 @@ impl StepAction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
     /// Unique id (the controller's), used in events and results.
-    pub id: String,
+    pub id: StepId,
     /// The deployment it belongs to, if any.
-    pub deployment_id: Option<String>,
-    pub node_id: String,
+    pub deployment_id: Option<DeploymentId>,
+    pub node_id: NodeId,
     pub lane: Lane,
     /// Strictly increasing per (node, lane), starting at 1.
     pub seq: u64,
@@ -148,7 +150,7 @@ pub enum StepRefusal {
     #[error("step body is malformed")]
     Malformed,
     #[error("step is for node {0}, not this one")]
-    WrongNode(String),
+    WrongNode(NodeId),
     #[error("sequence {seq} on lane {lane} was already used (last done {last})")]
     Replayed { lane: String, seq: u64, last: u64 },
     #[error("step expired at {not_after} (now {now})")]
@@ -198,12 +200,12 @@ pub fn decode_step_unverified(signed: &SignedStep) -> Option<Step> {
 pub fn check_step(
     signed: &SignedStep,
     public_key: &[u8],
-    node_id: &str,
+    node_id: &NodeId,
     last_done: u64,
     now_unix: u64,
 ) -> Result<Step, StepRefusal> {
     let step = verify_step(signed, public_key)?;
-    if step.node_id != node_id {
+    if step.node_id != *node_id {
         return Err(StepRefusal::WrongNode(step.node_id));
     }
     if step.seq <= last_done {
@@ -232,9 +234,13 @@ mod tests {
         Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key")
     }
 
+    fn n1() -> NodeId {
+        NodeId::from("n-1")
+    }
+
     fn step(seq: u64) -> Step {
         Step {
-            id: format!("s-{seq}"),
+            id: format!("s-{seq}").into(),
             deployment_id: Some("d-1".into()),
             node_id: "n-1".into(),
             lane: Lane::Deploy,
@@ -255,19 +261,19 @@ mod tests {
         let k = key();
         let pk = k.public_key().as_ref().to_vec();
         let signed = sign_step(&step(3), &k).expect("sign");
-        assert_eq!(check_step(&signed, &pk, "n-1", 2, 1_500), Ok(step(3)));
+        assert_eq!(check_step(&signed, &pk, &n1(), 2, 1_500), Ok(step(3)));
 
         let mut tampered = signed.clone();
         let last = tampered.body.len() - 1;
         tampered.body[last] ^= 1;
         assert_eq!(
-            check_step(&tampered, &pk, "n-1", 2, 1_500),
+            check_step(&tampered, &pk, &n1(), 2, 1_500),
             Err(StepRefusal::BadSignature)
         );
         let other = key();
         let forged = sign_step(&step(3), &other).expect("sign");
         assert_eq!(
-            check_step(&forged, &pk, "n-1", 2, 1_500),
+            check_step(&forged, &pk, &n1(), 2, 1_500),
             Err(StepRefusal::BadSignature)
         );
     }
@@ -278,11 +284,11 @@ mod tests {
         let pk = k.public_key().as_ref().to_vec();
         let signed = sign_step(&step(3), &k).expect("sign");
         assert_eq!(
-            check_step(&signed, &pk, "n-2", 2, 1_500),
+            check_step(&signed, &pk, &"n-2".into(), 2, 1_500),
             Err(StepRefusal::WrongNode("n-1".into()))
         );
         assert!(matches!(
-            check_step(&signed, &pk, "n-1", 3, 1_500),
+            check_step(&signed, &pk, &n1(), 3, 1_500),
             Err(StepRefusal::Replayed {
                 seq: 3,
                 last: 3,
@@ -290,7 +296,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            check_step(&signed, &pk, "n-1", 2, 2_001),
+            check_step(&signed, &pk, &n1(), 2, 2_001),
             Err(StepRefusal::Expired { .. })
         ));
     }

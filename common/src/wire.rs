@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::hardware::{ComponentStatus, Hardware, Usage};
+use crate::ids::{NodeId, StepId};
 use crate::step::{Lane, SignedStep, StepRefusal};
 
 /// Version carried in every frame header; a peer speaking another version gets a clear error.
@@ -83,7 +84,7 @@ pub struct EnrollRequest {
 /// What the controller returns: the node's identity and the anchors to pin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollGrant {
-    pub node_id: String,
+    pub node_id: NodeId,
     pub cert_pem: String,
     pub ca_pem: String,
     /// Ed25519 public key that signs every step this node will run.
@@ -93,7 +94,7 @@ pub struct EnrollGrant {
 /// First message on an agent's control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
-    pub node_id: String,
+    pub node_id: NodeId,
     pub agent_version: String,
     pub hostname: String,
     pub ips: Vec<String>,
@@ -160,7 +161,7 @@ pub enum StepEventKind {
 /// An event about one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepEvent {
-    pub step_id: String,
+    pub step_id: StepId,
     pub lane: Lane,
     pub seq: u64,
     pub kind: StepEventKind,
@@ -221,6 +222,6 @@ pub enum ControllerMsg {
     /// Nothing queued within the long-poll window; pull again.
     Idle,
     Ack {
-        step_id: String,
+        step_id: StepId,
     },
 }

@@ -3,35 +3,29 @@
 //! only parses the command line and wires these together.
 
 pub mod agents;
-pub mod deploy;
+mod deploy;
 pub mod http;
 mod oplog;
-pub mod plan;
+mod plan;
 mod store;
 #[cfg(test)]
 mod testkit;
-pub mod util;
+mod util;
 
-pub use agents::quic;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use agents::{
-    Codes, CodesError, NodeRecord, NodeView, Nodes, Pki, PkiError, PublicAddr, PublicAddrError,
-    StepQueue, StepRecord, StepState, StepUpdate, StepsError, TokenOrigin, agent_address,
-    agent_command, hostname,
-};
-pub use deploy::{DEFAULT_STEP_ATTEMPTS, DeployError, DeployState, Deployer, Deployment};
-pub use oplog::{
-    DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_MB, LogFileError, LogHub, LogLimits, OPLOG_FILE,
-};
-pub use plan::{
-    CATALOG_FILE, Cardinality, Catalog, CatalogError, Catalogs, ComponentDef, DEFAULT_CATALOG,
-    DnsRecord, Minimum, NodeContext, Plan, PlanRenderer, Plans, Problem, Properties, REDACTED,
-    RenderError, RenderedComponent, STANDARD_PROPERTIES, Secret, StepSpec, StoredPlan, ValidPlan,
-    validate_plan,
-};
-pub use store::{SledStore, Store, StoreError, StoreExt, Tree};
+// What the binaries and the bench use; nothing else is re-exported.
+pub use agents::quic;
+pub use agents::{NodeView, PublicAddr, TokenOrigin, agent_address, hostname};
+pub use deploy::{DEFAULT_STEP_ATTEMPTS, Deployer};
+pub use oplog::{DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_MB, LogLimits};
+pub use plan::{Cardinality, Catalogs, validate_plan};
+
+use agents::{Codes, Nodes, Pki, PkiError, StepQueue};
+use oplog::LogHub;
+use plan::{CatalogError, Plans};
+use store::{SledStore, Store, StoreError};
 
 /// The agents' QUIC port unless `--quic-listen` says otherwise.
 pub const DEFAULT_QUIC_PORT: u16 = 50001;

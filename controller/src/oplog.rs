@@ -22,7 +22,7 @@ use tracing::warn;
 use crate::util::rfc3339;
 
 /// The operations log's file name, as the original's log list shows it.
-pub const OPLOG_FILE: &str = "local.log";
+pub(crate) const OPLOG_FILE: &str = "local.log";
 
 /// How many lines wait for a slow WebSocket client before it starts losing
 /// the oldest ones (it is told how many; the files keep all of them).

@@ -89,7 +89,7 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Typed JSON access on any [`Store`].
-pub trait StoreExt: Store {
+pub(crate) trait StoreExt: Store {
     fn get_json<T: DeserializeOwned>(
         &self,
         tree: Tree,
@@ -159,12 +159,12 @@ pub(crate) fn scan_json<T: DeserializeOwned>(
 
 /// [`Store`] on sled: one sled tree per [`Tree`], flushed on every write.
 #[derive(Debug, Clone)]
-pub struct SledStore {
+pub(crate) struct SledStore {
     db: sled::Db,
 }
 
 impl SledStore {
-    pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+    pub(crate) fn open(path: &Path) -> Result<SledStore, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)

@@ -74,7 +74,7 @@ pub(crate) fn enrol(
 ) {
     ctl.nodes
         .enrolled(crate::agents::nodes::NodeRecord {
-            id: id.to_owned(),
+            id: id.into(),
             hostname: format!("host-{id}"),
             ips: vec![ip.to_owned()],
             hardware: Hardware {

@@ -9,22 +9,22 @@ use ring::rand::SecureRandom;
 /// broken kernel; callers turn this into their own error).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the system's random number generator failed")]
-pub struct NoRandomness;
+pub(crate) struct NoRandomness;
 
 /// `t` as an RFC 3339 UTC timestamp (`2026-11-21T22:00:00Z`).
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
 
 /// Whether a request body is empty or only whitespace (so: not given).
-pub fn is_blank(body: &[u8]) -> bool {
+pub(crate) fn is_blank(body: &[u8]) -> bool {
     body.iter().all(u8::is_ascii_whitespace)
 }
 
 /// A random lowercase hex string of `bytes` bytes.
-pub fn random_hex(bytes: usize) -> Result<String, NoRandomness> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String, NoRandomness> {
     let mut b = vec![0u8; bytes];
     ring::rand::SystemRandom::new()
         .fill(&mut b)

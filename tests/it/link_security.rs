@@ -51,7 +51,7 @@ async fn try_link(
     write_frame(
         &mut send,
         &AgentMsg::Hello(Hello {
-            node_id: node_id.to_owned(),
+            node_id: node_id.into(),
             agent_version: "test".into(),
             hostname: "intruder".into(),
             ips: vec!["127.0.0.1".into()],

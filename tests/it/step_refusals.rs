@@ -61,9 +61,9 @@ fn bad_and_good_steps(data: &std::path::Path, node: &str) -> Result<Vec<SignedSt
     let key = ring::signature::Ed25519KeyPair::from_pkcs8(&doc)
         .map_err(|_| anyhow::anyhow!("step key"))?;
     let step = |id: &str, node: &str, seq: u64, not_after: u64| Step {
-        id: id.to_owned(),
+        id: id.into(),
         deployment_id: None,
-        node_id: node.to_owned(),
+        node_id: node.into(),
         lane: Lane::Deploy,
         seq,
         issued_at: now(),

@@ -113,7 +113,7 @@ fn queue(ctl: &de_tests::TestController, node: &str, script: &str) -> Result<Str
         Some(&serde_json::to_string(&req)?),
     )?;
     assert!(a.status == 200 || a.status == 202, "{}", a.body);
-    Ok(a.json::<StepRecordView>()?.step.id)
+    Ok(a.json::<StepRecordView>()?.step.id.into())
 }
 
 fn step_state(ctl: &de_tests::TestController, id: &str) -> Option<StepRecordView> {

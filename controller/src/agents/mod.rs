@@ -12,8 +12,11 @@ pub mod quic;
 pub(crate) mod steps;
 pub mod watchdog;
 
-pub use codes::{Codes, CodesError};
-pub use nodes::{NodeRecord, NodeView, Nodes};
-pub use pki::{Pki, PkiError, TokenOrigin};
-pub use public_addr::{PublicAddr, PublicAddrError, agent_address, agent_command, hostname};
-pub use steps::{StepQueue, StepRecord, StepState, StepUpdate, StepsError};
+pub(crate) use codes::{Codes, CodesError};
+pub use nodes::NodeView;
+pub(crate) use nodes::Nodes;
+pub use pki::TokenOrigin;
+pub(crate) use pki::{Pki, PkiError};
+pub(crate) use public_addr::agent_command;
+pub use public_addr::{PublicAddr, agent_address, hostname};
+pub(crate) use steps::{StepQueue, StepRecord, StepState, StepsError};

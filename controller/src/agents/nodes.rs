@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub use de_common::api::NodeView;
 use de_common::api::resolve;
-use de_common::{ComponentStatus, Hardware, Hello, InstanceState, Usage, close_codes};
+use de_common::{ComponentStatus, Hardware, Hello, InstanceState, NodeId, Usage, close_codes};
 
 use crate::store::{Store, StoreError, StoreExt, Tree};
 use crate::util::rfc3339;
@@ -19,7 +19,7 @@ use crate::util::rfc3339;
 /// What the store keeps about a node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeRecord {
-    pub id: String,
+    pub id: NodeId,
     pub hostname: String,
     pub ips: Vec<String>,
     pub hardware: Hardware,
@@ -50,14 +50,14 @@ struct Live {
 }
 
 /// Revoked node ids, shared with the TLS client-certificate verifier.
-pub(crate) type RevokedSet = Arc<RwLock<HashSet<String>>>;
+pub(crate) type RevokedSet = Arc<RwLock<HashSet<NodeId>>>;
 
 pub struct Nodes {
     /// When this controller started: a node not heard from since counts as silent from here.
     started: SystemTime,
     store: Arc<dyn Store>,
-    records: RwLock<HashMap<String, NodeRecord>>,
-    live: Mutex<HashMap<String, Live>>,
+    records: RwLock<HashMap<NodeId, NodeRecord>>,
+    live: Mutex<HashMap<NodeId, Live>>,
     revoked: RevokedSet,
 }
 
@@ -72,6 +72,7 @@ impl Nodes {
         let mut records = HashMap::new();
         let mut revoked = HashSet::new();
         for (id, rec) in store.list_json::<NodeRecord>(Tree::Nodes)? {
+            let id = NodeId::from(id);
             if rec.revoked {
                 revoked.insert(id.clone());
             }
@@ -90,17 +91,17 @@ impl Nodes {
         self.revoked.clone()
     }
 
-    pub fn is_revoked(&self, id: &str) -> bool {
+    pub fn is_revoked(&self, id: &NodeId) -> bool {
         self.revoked.read().map(|s| s.contains(id)).unwrap_or(true)
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Live>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a newly enrolled node; durable when this returns.
     pub fn enrolled(&self, rec: NodeRecord) -> Result<(), StoreError> {
-        self.store.put_json(Tree::Nodes, &rec.id, &rec)?;
+        self.store.put_json(Tree::Nodes, rec.id.as_str(), &rec)?;
         self.records
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -108,7 +109,7 @@ impl Nodes {
         Ok(())
     }
 
-    pub fn exists(&self, id: &str) -> bool {
+    pub fn exists(&self, id: &NodeId) -> bool {
         self.records
             .read()
             .map(|r| r.contains_key(id))
@@ -153,7 +154,7 @@ impl Nodes {
         Ok(())
     }
 
-    pub fn heartbeat(&self, id: &str, usage: Usage, components: Vec<ComponentStatus>) {
+    pub fn heartbeat(&self, id: &NodeId, usage: Usage, components: Vec<ComponentStatus>) {
         if let Some(l) = self.live().get_mut(id) {
             l.usage = usage;
             l.components = components;
@@ -162,19 +163,19 @@ impl Nodes {
     }
 
     /// The agent's report of what it applied and how it drifted.
-    pub fn inventory(&self, id: &str, instances: Vec<InstanceState>) {
+    pub fn inventory(&self, id: &NodeId, instances: Vec<InstanceState>) {
         if let Some(l) = self.live().get_mut(id) {
             l.inventory = Some(instances);
         }
     }
 
     /// What node `id` last reported it applied, if it is connected and has reported.
-    pub fn inventory_of(&self, id: &str) -> Option<Vec<InstanceState>> {
+    pub fn inventory_of(&self, id: &NodeId) -> Option<Vec<InstanceState>> {
         self.live().get(id).and_then(|l| l.inventory.clone())
     }
 
     /// The link `conn` of node `id` ended (only if it is still that node's current link).
-    pub fn disconnected(&self, id: &str, conn: &quinn::Connection) {
+    pub fn disconnected(&self, id: &NodeId, conn: &quinn::Connection) {
         if let Some(l) = self.live().get_mut(id)
             && l.conn.as_ref().map(quinn::Connection::stable_id) == Some(conn.stable_id())
         {
@@ -184,7 +185,7 @@ impl Nodes {
 
     /// Revokes a node: its link is dropped and its certificate refused from now on.
     /// Returns false when there is no such node.
-    pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
+    pub fn revoke(&self, id: &NodeId) -> Result<bool, StoreError> {
         let rec = {
             let records = self.records.read().unwrap_or_else(|p| p.into_inner());
             match records.get(id) {
@@ -199,14 +200,14 @@ impl Nodes {
         self.revoked
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_owned());
+            .insert(id.clone());
         if let Some(conn) = self.live().get_mut(id).and_then(|l| l.conn.take()) {
             conn.close(close_codes::REVOKED.into(), b"node revoked by an operator");
         }
         Ok(true)
     }
 
-    fn view(&self, rec: &NodeRecord, live: &HashMap<String, Live>, now: SystemTime) -> NodeView {
+    fn view(&self, rec: &NodeRecord, live: &HashMap<NodeId, Live>, now: SystemTime) -> NodeView {
         let l = live.get(&rec.id);
         let online = l.is_some_and(|l| {
             l.conn.is_some()
@@ -216,7 +217,7 @@ impl Nodes {
                     .unwrap_or(true)
         }) && !rec.revoked;
         NodeView {
-            id: rec.id.clone(),
+            id: rec.id.to_string(),
             hostname: rec.hostname.clone(),
             ips: rec.ips.clone(),
             hardware: rec.hardware.clone(),
@@ -241,7 +242,7 @@ impl Nodes {
         out
     }
 
-    pub fn get(&self, id: &str) -> Option<NodeView> {
+    pub fn get(&self, id: &NodeId) -> Option<NodeView> {
         let now = SystemTime::now();
         let records = self.records.read().unwrap_or_else(|p| p.into_inner());
         let live = self.live();
@@ -258,7 +259,7 @@ impl Nodes {
     /// How long node `id` has been silent at `now`: since its last
     /// heartbeat or Hello, or since this controller started when it has not
     /// been heard from since. `None` for a node this controller does not know.
-    pub fn silent_for(&self, id: &str, now: SystemTime) -> Option<Duration> {
+    pub fn silent_for(&self, id: &NodeId, now: SystemTime) -> Option<Duration> {
         if !self.exists(id) {
             return None;
         }

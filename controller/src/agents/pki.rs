@@ -16,7 +16,7 @@ use rcgen::{
 use ring::rand::SecureRandom;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use de_common::{CONTROLLER_SERVER_NAME, write_private};
+use de_common::{CONTROLLER_SERVER_NAME, NodeId, write_private};
 
 /// How long an issued node certificate is valid.
 pub(crate) const NODE_CERT_DAYS: i64 = 5 * 365;
@@ -71,7 +71,8 @@ impl std::fmt::Debug for Pki {
     }
 }
 
-/// What [`Pki::load_or_create`] did, so the caller can print the token once.
+/// What `Pki::load_or_create` did when [`crate::Controller::open`] ran, so
+/// the caller can print the token once.
 #[derive(Debug)]
 pub enum TokenOrigin {
     Created,
@@ -288,11 +289,13 @@ impl Pki {
     /// Issues a client certificate for `node_id` to the public key of `csr_pem`.
     /// Only the key is taken from the CSR (after its signature is checked);
     /// subject, SAN, EKU, CA flag and validity are the controller's.
-    pub fn issue_node_cert(&self, node_id: &str, csr_pem: &str) -> Result<String, PkiError> {
+    pub fn issue_node_cert(&self, node_id: &NodeId, csr_pem: &str) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::BadCsr)?;
         let now = time::OffsetDateTime::now_utc();
-        let mut p = CertificateParams::new(vec![node_id.to_owned()]).map_err(PkiError::Generate)?;
-        p.distinguished_name.push(DnType::CommonName, node_id);
+        let mut p =
+            CertificateParams::new(vec![node_id.to_string()]).map_err(PkiError::Generate)?;
+        p.distinguished_name
+            .push(DnType::CommonName, node_id.as_str());
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -308,10 +311,10 @@ impl Pki {
 }
 
 /// The node id a client certificate names (its subject CN), if any.
-pub(crate) fn node_id_of(cert: &CertificateDer<'_>) -> Option<String> {
+pub(crate) fn node_id_of(cert: &CertificateDer<'_>) -> Option<NodeId> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let cn = x509.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(str::to_owned)
+    cn.as_str().ok().map(NodeId::from)
 }
 
 #[cfg(test)]
@@ -356,10 +359,10 @@ mod tests {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         p.distinguished_name.push(DnType::CommonName, "evil");
         let csr = p.serialize_request(&key).expect("csr").pem().expect("pem");
-        let pem = pki.issue_node_cert("n-0123", &csr).expect("issue");
+        let pem = pki.issue_node_cert(&"n-0123".into(), &csr).expect("issue");
         let der = pem_to_der(Path::new("x"), &pem).expect("der");
         let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).expect("parse");
-        assert_eq!(node_id_of(&der).as_deref(), Some("n-0123"));
+        assert_eq!(node_id_of(&der), Some("n-0123".into()));
         assert!(!x.is_ca());
         let eku = x.extended_key_usage().expect("eku").expect("present").value;
         assert!(eku.client_auth && !eku.server_auth);
@@ -369,6 +372,6 @@ mod tests {
             .expect("present")
             .value;
         assert_eq!(format!("{:?}", san.general_names), "[DNSName(\"n-0123\")]");
-        assert!(pki.issue_node_cert("n-1", "not a csr").is_err());
+        assert!(pki.issue_node_cert(&"n-1".into(), "not a csr").is_err());
     }
 }

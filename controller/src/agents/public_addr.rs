@@ -124,7 +124,7 @@ pub fn hostname() -> String {
 }
 
 /// The one line that joins a node, as the console shows it next to the code.
-pub fn agent_command(agent_addr: &str, code: &str) -> String {
+pub(crate) fn agent_command(agent_addr: &str, code: &str) -> String {
     format!("packaging/install-agent.sh --controller {agent_addr} --code {code}")
 }
 

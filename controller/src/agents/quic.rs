@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 
 use de_common::{
     AGENT_ALPN, AgentMsg, ControllerMsg, ENROLL_ALPN, EnrollClientMsg, EnrollGrant, EnrollRefusal,
-    EnrollRequest, EnrollServerMsg, ErrorChain, LinkRefusal, Welcome, close_codes, decode, encode,
-    read_frame, write_frame,
+    EnrollRequest, EnrollServerMsg, ErrorChain, LinkRefusal, NodeId, Welcome, close_codes, decode,
+    encode, read_frame, write_frame,
 };
 use de_install_codes::{ChannelBinding, ControllerHandshake, EKM_LABEL, Refusal};
 
@@ -311,10 +311,10 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         _ => return Err(EnrollError::Unexpected("expected Request")),
     };
     let req: EnrollRequest = decode(&keys.open(&sealed)?)?;
-    let node_id = format!(
+    let node_id = NodeId::from(format!(
         "n-{}",
         random_hex(8).map_err(|_| EnrollError::Unexpected("rng"))?
-    );
+    ));
     let cert_pem = match ctl.pki.issue_node_cert(&node_id, &req.csr_pem) {
         Ok(c) => c,
         Err(e) => {
@@ -447,7 +447,7 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
 const PULL_WINDOW: Duration = Duration::from_secs(20);
 
 /// Serves the agent's pull and events streams until the connection ends.
-async fn accept_streams(conn: quinn::Connection, node_id: String, ctl: Arc<Controller>) {
+async fn accept_streams(conn: quinn::Connection, node_id: NodeId, ctl: Arc<Controller>) {
     let tasks = tokio_util::task::TaskTracker::new();
     while let Ok((send, recv)) = conn.accept_bi().await {
         tasks.spawn(serve_stream(
@@ -465,7 +465,7 @@ async fn accept_streams(conn: quinn::Connection, node_id: String, ctl: Arc<Contr
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    node_id: String,
+    node_id: NodeId,
     ctl: Arc<Controller>,
     conn: quinn::Connection,
 ) {

@@ -18,9 +18,10 @@ use tokio::sync::{Notify, broadcast};
 
 use de_common::api::StepRecordView;
 /// A step record's state: the API's words, also what the store keeps.
-pub use de_common::api::StepState;
+pub(crate) use de_common::api::StepState;
 use de_common::{
-    Lane, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind, StepOutcome, sign_step,
+    DeploymentId, Lane, NodeId, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind,
+    StepId, StepOutcome, sign_step,
 };
 
 use crate::store::{Store, StoreError, StoreExt, Tree, scan_json};
@@ -76,18 +77,18 @@ impl StepRecord {
 #[derive(Debug, Clone)]
 pub enum StepUpdate {
     Started {
-        step_id: String,
-        node_id: String,
+        step_id: StepId,
+        node_id: NodeId,
     },
     Output {
-        step_id: String,
-        node_id: String,
+        step_id: StepId,
+        node_id: NodeId,
         stream: OutStream,
         lines: Arc<Vec<String>>,
     },
     Finished {
-        step_id: String,
-        node_id: String,
+        step_id: StepId,
+        node_id: NodeId,
         state: StepState,
     },
 }
@@ -105,11 +106,11 @@ pub enum StepsError {
 /// One step for [`StepQueue::enqueue_many`]; `id` None picks a fresh one.
 #[derive(Debug, Clone)]
 pub struct NewStep {
-    pub id: Option<String>,
-    pub node: String,
+    pub id: Option<StepId>,
+    pub node: NodeId,
     pub lane: Lane,
     pub action: StepAction,
-    pub deployment_id: Option<String>,
+    pub deployment_id: Option<DeploymentId>,
     pub ttl: Duration,
 }
 
@@ -125,18 +126,18 @@ pub struct StepQueue {
     store: Arc<dyn Store>,
     key: Arc<ring::signature::Ed25519KeyPair>,
     alloc: Mutex<()>,
-    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    wakers: Mutex<HashMap<NodeId, Arc<Notify>>>,
     updates: broadcast::Sender<StepUpdate>,
     /// Every step not final yet, for the watchdog (`watchdog.rs`): small,
     /// and rebuilt from the store at start.
-    active: Mutex<HashMap<String, ActiveStep>>,
+    active: Mutex<HashMap<StepId, ActiveStep>>,
 }
 
 /// What the watchdog needs of a step that has not ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ActiveStep {
-    pub(crate) id: String,
-    pub(crate) node: String,
+    pub(crate) id: StepId,
+    pub(crate) node: NodeId,
     /// When this controller learnt that it started (a restarted controller
     /// counts from its start).
     pub(crate) started: Option<Instant>,
@@ -163,15 +164,15 @@ impl std::fmt::Debug for StepQueue {
     }
 }
 
-fn key_of(node: &str, lane: Lane, seq: u64) -> String {
+fn key_of(node: &NodeId, lane: Lane, seq: u64) -> String {
     format!("{node}/{}/{seq:020}", lane.as_str())
 }
 
-fn prefix_of(node: &str, lane: Lane) -> String {
+fn prefix_of(node: &NodeId, lane: Lane) -> String {
     format!("{node}/{}/", lane.as_str())
 }
 
-fn seq_key(node: &str, lane: Lane) -> String {
+fn seq_key(node: &NodeId, lane: Lane) -> String {
     format!("seq/{node}/{}", lane.as_str())
 }
 
@@ -214,7 +215,7 @@ impl StepQueue {
         })
     }
 
-    fn active_index(&self) -> std::sync::MutexGuard<'_, HashMap<String, ActiveStep>> {
+    fn active_index(&self) -> std::sync::MutexGuard<'_, HashMap<StepId, ActiveStep>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -227,7 +228,7 @@ impl StepQueue {
     /// error (the node went silent, was revoked, or never answered); a step
     /// already final is left as it is. Durable when this returns; the
     /// agent's own result, if it comes later, is acknowledged and ignored.
-    pub fn fail(&self, step_id: &str, reason: &str) -> Result<Option<StepRecord>, StoreError> {
+    pub fn fail(&self, step_id: &StepId, reason: &str) -> Result<Option<StepRecord>, StoreError> {
         let now = rfc3339(SystemTime::now());
         let mut changed = false;
         let r = self.update(step_id, |r| {
@@ -244,7 +245,7 @@ impl StepQueue {
         self.active_index().remove(step_id);
         if changed && let Some(r) = &r {
             let _ = self.updates.send(StepUpdate::Finished {
-                step_id: step_id.to_owned(),
+                step_id: step_id.clone(),
                 node_id: r.step.node_id.clone(),
                 state: r.state,
             });
@@ -257,30 +258,30 @@ impl StepQueue {
         self.updates.subscribe()
     }
 
-    fn waker(&self, node: &str) -> Arc<Notify> {
+    fn waker(&self, node: &NodeId) -> Arc<Notify> {
         self.wakers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(node.to_owned())
+            .entry(node.clone())
             .or_default()
             .clone()
     }
 
     /// A fresh step id.
-    pub fn new_id() -> Result<String, StepsError> {
-        Ok(format!(
+    pub fn new_id() -> Result<StepId, StepsError> {
+        Ok(StepId::from(format!(
             "s-{}",
             random_hex(8).map_err(|_| StepsError::Random)?
-        ))
+        )))
     }
 
     /// Queues `action` for `node` on `lane`; durable (and pullable) when this returns.
     pub fn enqueue(
         &self,
-        node: &str,
+        node: &NodeId,
         lane: Lane,
         action: StepAction,
-        deployment_id: Option<String>,
+        deployment_id: Option<DeploymentId>,
         ttl: Duration,
     ) -> Result<StepRecord, StepsError> {
         self.enqueue_with_id(StepQueue::new_id()?, node, lane, action, deployment_id, ttl)
@@ -292,16 +293,16 @@ impl StepQueue {
     /// queue the same work twice.
     pub fn enqueue_with_id(
         &self,
-        id: String,
-        node: &str,
+        id: StepId,
+        node: &NodeId,
         lane: Lane,
         action: StepAction,
-        deployment_id: Option<String>,
+        deployment_id: Option<DeploymentId>,
         ttl: Duration,
     ) -> Result<StepRecord, StepsError> {
         let mut records = self.enqueue_many(vec![NewStep {
             id: Some(id),
-            node: node.to_owned(),
+            node: node.clone(),
             lane,
             action,
             deployment_id,
@@ -322,13 +323,13 @@ impl StepQueue {
         let now = SystemTime::now();
         let mut records = Vec::with_capacity(steps.len());
         let mut writes: Vec<(Tree, String, Vec<u8>)> = Vec::new();
-        let mut nodes: Vec<String> = Vec::new();
+        let mut nodes: Vec<NodeId> = Vec::new();
         {
             // Held until the writes are flushed: `next_for` takes it too, so
             // no pull can see a step that is not on disk yet.
             let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
-            let mut seqs: HashMap<(String, Lane), u64> = HashMap::new();
-            let mut batch: HashMap<String, usize> = HashMap::new();
+            let mut seqs: HashMap<(NodeId, Lane), u64> = HashMap::new();
+            let mut batch: HashMap<StepId, usize> = HashMap::new();
             for new in steps {
                 let id = match new.id {
                     Some(id) => id,
@@ -339,7 +340,7 @@ impl StepQueue {
                     records.push(again.clone());
                     continue;
                 }
-                if let Some(key) = self.store.get_json::<String>(Tree::StepIds, &id)?
+                if let Some(key) = self.store.get_json::<String>(Tree::StepIds, id.as_str())?
                     && let Some(existing) = self.store.get_json::<StepRecord>(Tree::Steps, &key)?
                 {
                     records.push(existing);
@@ -390,7 +391,7 @@ impl StepQueue {
                 // never a reused number), the id index next, and the step
                 // itself last, so that the agent's events find it by id.
                 writes.push((Tree::Meta, seq_key(&node, lane), json(Tree::Meta, &seq)?));
-                writes.push((Tree::StepIds, id.clone(), json(Tree::StepIds, &key)?));
+                writes.push((Tree::StepIds, id.to_string(), json(Tree::StepIds, &key)?));
                 writes.push((Tree::Steps, key, json(Tree::Steps, &record)?));
                 self.active_index().insert(
                     id.clone(),
@@ -415,8 +416,11 @@ impl StepQueue {
         Ok(records)
     }
 
-    pub fn get(&self, step_id: &str) -> Result<Option<StepRecord>, StoreError> {
-        match self.store.get_json::<String>(Tree::StepIds, step_id)? {
+    pub fn get(&self, step_id: &StepId) -> Result<Option<StepRecord>, StoreError> {
+        match self
+            .store
+            .get_json::<String>(Tree::StepIds, step_id.as_str())?
+        {
             None => Ok(None),
             Some(key) => self.store.get_json(Tree::Steps, &key),
         }
@@ -425,7 +429,7 @@ impl StepQueue {
     /// The next step of (`node`, `lane`) after `after_seq` still to run.
     pub fn next_for(
         &self,
-        node: &str,
+        node: &NodeId,
         lane: Lane,
         after_seq: u64,
     ) -> Result<Option<StepRecord>, StoreError> {
@@ -451,7 +455,7 @@ impl StepQueue {
     /// Long-poll: waits up to `window` for a step of (`node`, `lane`) after `after_seq`.
     pub async fn pull(
         &self,
-        node: &str,
+        node: &NodeId,
         lane: Lane,
         after_seq: u64,
         window: Duration,
@@ -473,10 +477,13 @@ impl StepQueue {
 
     fn update(
         &self,
-        step_id: &str,
+        step_id: &StepId,
         f: impl FnOnce(&mut StepRecord),
     ) -> Result<Option<StepRecord>, StoreError> {
-        let Some(key) = self.store.get_json::<String>(Tree::StepIds, step_id)? else {
+        let Some(key) = self
+            .store
+            .get_json::<String>(Tree::StepIds, step_id.as_str())?
+        else {
             return Ok(None);
         };
         let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
@@ -490,12 +497,12 @@ impl StepQueue {
 
     /// Applies an agent's event. Returns whether it must be acknowledged
     /// (Finished/Refused, once durable).
-    pub fn on_event(&self, node: &str, ev: StepEvent) -> Result<bool, StoreError> {
+    pub fn on_event(&self, node: &NodeId, ev: StepEvent) -> Result<bool, StoreError> {
         let now = rfc3339(SystemTime::now());
         match ev.kind {
             StepEventKind::Started => {
                 let r = self.update(&ev.step_id, |r| {
-                    if r.step.node_id == node && !r.state.is_final() {
+                    if r.step.node_id == *node && !r.state.is_final() {
                         r.state = StepState::Running;
                         r.started_at = Some(now);
                     }
@@ -506,7 +513,7 @@ impl StepQueue {
                 if r.is_some() {
                     let _ = self.updates.send(StepUpdate::Started {
                         step_id: ev.step_id,
-                        node_id: node.to_owned(),
+                        node_id: node.clone(),
                     });
                 }
                 Ok(false)
@@ -514,7 +521,7 @@ impl StepQueue {
             StepEventKind::Output { stream, lines } => {
                 let _ = self.updates.send(StepUpdate::Output {
                     step_id: ev.step_id,
-                    node_id: node.to_owned(),
+                    node_id: node.clone(),
                     stream,
                     lines: Arc::new(lines),
                 });
@@ -527,7 +534,7 @@ impl StepQueue {
                     StepState::Failed
                 };
                 let r = self.update(&ev.step_id, |r| {
-                    if r.step.node_id == node && !r.state.is_final() {
+                    if r.step.node_id == *node && !r.state.is_final() {
                         r.state = state;
                         r.finished_at = Some(now);
                         r.outcome = Some(outcome);
@@ -537,7 +544,7 @@ impl StepQueue {
                 if let Some(r) = r {
                     let _ = self.updates.send(StepUpdate::Finished {
                         step_id: ev.step_id,
-                        node_id: node.to_owned(),
+                        node_id: node.clone(),
                         state: r.state,
                     });
                 }
@@ -545,18 +552,18 @@ impl StepQueue {
             }
             StepEventKind::Refused(why) => {
                 let r = self.update(&ev.step_id, |r| {
-                    if r.step.node_id == node && !r.state.is_final() {
+                    if r.step.node_id == *node && !r.state.is_final() {
                         r.state = StepState::Refused;
                         r.finished_at = Some(now);
                         r.refusal = Some(why.to_string());
                     }
                 })?;
                 self.forget_if_final(&ev.step_id, r.as_ref());
-                tracing::warn!(node, step = %ev.step_id, reason = %why, "agent refused a step");
+                tracing::warn!(node = node.as_str(), step = %ev.step_id, reason = %why, "agent refused a step");
                 if let Some(r) = r {
                     let _ = self.updates.send(StepUpdate::Finished {
                         step_id: ev.step_id,
-                        node_id: node.to_owned(),
+                        node_id: node.clone(),
                         state: r.state,
                     });
                 }
@@ -571,10 +578,10 @@ impl StepQueue {
     /// control lane, which kills a running step's process group and makes
     /// one not started yet end without running. Returns the records of the
     /// steps it cancelled.
-    pub fn cancel(&self, ids: &[String]) -> Result<Vec<StepRecord>, StepsError> {
+    pub fn cancel(&self, ids: &[StepId]) -> Result<Vec<StepRecord>, StepsError> {
         let now = rfc3339(SystemTime::now());
         let mut cancelled = Vec::new();
-        let mut per_node: Vec<(String, Vec<String>)> = Vec::new();
+        let mut per_node: Vec<(NodeId, Vec<StepId>)> = Vec::new();
         for id in ids {
             let mut changed = false;
             let r = self.update(id, |r| {
@@ -621,7 +628,7 @@ impl StepQueue {
         Ok(cancelled)
     }
 
-    fn forget_if_final(&self, step_id: &str, r: Option<&StepRecord>) {
+    fn forget_if_final(&self, step_id: &StepId, r: Option<&StepRecord>) {
         if r.is_none_or(|r| r.state.is_final()) {
             self.active_index().remove(step_id);
         }
@@ -635,7 +642,7 @@ impl StepQueue {
     /// counters agree, a queued step at or below the agent's mark is one it
     /// ran whose `Started` never got stored; its result is still in the
     /// agent's ledger and arrives on the events stream, so it is left alone.
-    pub fn resync(&self, node: &str, last_done: &[(Lane, u64)]) -> Result<(), StoreError> {
+    pub fn resync(&self, node: &NodeId, last_done: &[(Lane, u64)]) -> Result<(), StoreError> {
         for (lane, done) in last_done {
             let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
             let last: u64 = self
@@ -646,7 +653,7 @@ impl StepQueue {
                 continue;
             }
             tracing::warn!(
-                node,
+                node = node.as_str(),
                 lane = lane.as_str(),
                 agent = done,
                 controller = last,
@@ -681,7 +688,7 @@ impl StepQueue {
     /// Waits until every step in `ids` is final or `deadline` passes; returns the records as they are then.
     pub async fn wait_all(
         &self,
-        ids: &[String],
+        ids: &[StepId],
         deadline: tokio::time::Instant,
     ) -> Result<Vec<StepRecord>, StoreError> {
         let mut rx = self.subscribe();
@@ -731,6 +738,14 @@ mod tests {
         (StepQueue::open(store, Arc::new(key)).expect("open"), pk)
     }
 
+    fn n1() -> NodeId {
+        NodeId::from("n1")
+    }
+
+    fn n2() -> NodeId {
+        NodeId::from("n2")
+    }
+
     fn echo() -> StepAction {
         StepAction::Script {
             script: "echo".into(),
@@ -744,32 +759,32 @@ mod tests {
     async fn lanes_have_their_own_sequences_and_steps_come_in_order() {
         let (_d, q, pk) = queue();
         let a = q
-            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
             .expect("a");
         let b = q
-            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
             .expect("b");
         let c = q
-            .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
             .expect("c");
         let d = q
-            .enqueue("n2", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n2(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
             .expect("d");
         assert_eq!(
             (a.step.seq, b.step.seq, c.step.seq, d.step.seq),
             (1, 2, 1, 1)
         );
         let first = q
-            .pull("n1", Lane::Deploy, 0, Duration::from_millis(10))
+            .pull(&n1(), Lane::Deploy, 0, Duration::from_millis(10))
             .await
             .expect("pull")
             .expect("step");
         let step =
-            de_common::check_step(&first, &pk, "n1", 0, unix(SystemTime::now())).expect("valid");
+            de_common::check_step(&first, &pk, &n1(), 0, unix(SystemTime::now())).expect("valid");
         assert_eq!(step.id, a.step.id);
         // Finishing the first makes the second next; a pull past everything waits and times out.
         q.on_event(
-            "n1",
+            &n1(),
             StepEvent {
                 step_id: a.step.id.clone(),
                 lane: Lane::Deploy,
@@ -782,13 +797,13 @@ mod tests {
         )
         .expect("event");
         let second = q
-            .pull("n1", Lane::Deploy, 1, Duration::from_millis(10))
+            .pull(&n1(), Lane::Deploy, 1, Duration::from_millis(10))
             .await
             .expect("pull")
             .expect("step");
         assert_eq!(second, b.signed);
         assert!(
-            q.pull("n1", Lane::Deploy, 2, Duration::from_millis(20))
+            q.pull(&n1(), Lane::Deploy, 2, Duration::from_millis(20))
                 .await
                 .expect("pull")
                 .is_none()
@@ -803,11 +818,11 @@ mod tests {
     async fn a_batch_continues_each_queue_in_order_and_is_idempotent_on_ids() {
         let (dir, q, pk) = queue();
         let before = q
-            .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
             .expect("before");
         let new = |id: Option<&str>, node: &str, lane| NewStep {
-            id: id.map(str::to_owned),
-            node: node.to_owned(),
+            id: id.map(StepId::from),
+            node: node.into(),
             lane,
             action: echo(),
             deployment_id: None,
@@ -819,7 +834,7 @@ mod tests {
                 new(Some("s-b"), "n2", Lane::Adhoc),
                 new(Some("s-c"), "n1", Lane::Adhoc),
                 new(Some("s-a"), "n1", Lane::Adhoc),
-                new(Some(&before.step.id), "n1", Lane::Adhoc),
+                new(Some(before.step.id.as_str()), "n1", Lane::Adhoc),
                 new(None, "n1", Lane::Deploy),
             ])
             .expect("batch");
@@ -849,7 +864,7 @@ mod tests {
                 .expect("valid");
         }
         let next = q
-            .pull("n1", Lane::Adhoc, 1, Duration::from_millis(10))
+            .pull(&n1(), Lane::Adhoc, 1, Duration::from_millis(10))
             .await
             .expect("pull")
             .expect("step");
@@ -857,9 +872,12 @@ mod tests {
         // And all of it is on disk: a reopened queue continues the sequences.
         drop(q);
         let (q, _) = queue_on(dir.path());
-        assert_eq!(q.get("s-c").expect("get").map(|r| r.step.seq), Some(3));
+        assert_eq!(
+            q.get(&"s-c".into()).expect("get").map(|r| r.step.seq),
+            Some(3)
+        );
         let after = q
-            .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
             .expect("after");
         assert_eq!(after.step.seq, 4);
     }
@@ -870,12 +888,14 @@ mod tests {
         let q = Arc::new(q);
         let waiter = {
             let q = q.clone();
-            tokio::spawn(async move { q.pull("n1", Lane::Adhoc, 0, Duration::from_secs(20)).await })
+            tokio::spawn(
+                async move { q.pull(&n1(), Lane::Adhoc, 0, Duration::from_secs(20)).await },
+            )
         };
         tokio::task::yield_now().await;
         let started = std::time::Instant::now();
         let r = q
-            .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
             .expect("enqueue");
         let got = waiter.await.expect("join").expect("pull").expect("step");
         assert_eq!(got, r.signed);
@@ -892,7 +912,7 @@ mod tests {
             timeout_secs: 5,
         };
         let r = q
-            .enqueue("n1", Lane::Deploy, action, None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Deploy, action, None, DEFAULT_STEP_TTL)
             .expect("enqueue");
         let shown = r.redacted().to_string();
         assert!(!shown.contains("s3cret"), "{shown}");
@@ -907,13 +927,13 @@ mod tests {
     async fn a_failed_step_is_never_handed_out_and_a_late_result_is_acknowledged_and_ignored() {
         let (dir, q, _pk) = queue();
         let a = q
-            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
             .expect("a");
         let b = q
-            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
             .expect("b");
         let ids = |q: &StepQueue| {
-            let mut v: Vec<String> = q.active().into_iter().map(|s| s.id).collect();
+            let mut v: Vec<StepId> = q.active().into_iter().map(|s| s.id).collect();
             v.sort();
             v
         };
@@ -940,7 +960,7 @@ mod tests {
         assert_eq!(ids(&q), vec![b.step.id.clone()]);
         // The agent never gets the failed step: the next pull skips to b.
         let next = q
-            .pull("n1", Lane::Deploy, 0, Duration::from_millis(10))
+            .pull(&n1(), Lane::Deploy, 0, Duration::from_millis(10))
             .await
             .expect("pull")
             .expect("step");
@@ -948,7 +968,7 @@ mod tests {
         // Its result, if the node ran it after all, is acknowledged and changes nothing.
         let ack = q
             .on_event(
-                "n1",
+                &n1(),
                 StepEvent {
                     step_id: a.step.id.clone(),
                     lane: Lane::Deploy,
@@ -986,13 +1006,13 @@ mod tests {
     async fn cancelled_steps_are_never_handed_out_and_their_nodes_are_told() {
         let (_d, q, pk) = queue();
         let a = q
-            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
             .expect("a");
         let b = q
-            .enqueue("n2", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n2(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
             .expect("b");
         let done = q
-            .enqueue("n1", Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
             .expect("done");
         q.fail(&done.step.id, "already over").expect("fail");
         let got = q
@@ -1012,20 +1032,20 @@ mod tests {
         }
         assert!(q.active().is_empty(), "{:?}", q.active());
         assert!(
-            q.pull("n1", Lane::Deploy, 0, Duration::from_millis(10))
+            q.pull(&n1(), Lane::Deploy, 0, Duration::from_millis(10))
                 .await
                 .expect("pull")
                 .is_none(),
             "a cancelled step is not handed out"
         );
         // Each node gets one signed Cancel naming its own steps, on the control lane.
-        for (node, id) in [("n1", &a.step.id), ("n2", &b.step.id)] {
+        for (node, id) in [(n1(), &a.step.id), (n2(), &b.step.id)] {
             let notice = q
-                .pull(node, Lane::Control, 0, Duration::from_millis(10))
+                .pull(&node, Lane::Control, 0, Duration::from_millis(10))
                 .await
                 .expect("pull")
                 .expect("a cancel notice");
-            let step = de_common::check_step(&notice, &pk, node, 0, unix(SystemTime::now()))
+            let step = de_common::check_step(&notice, &pk, &node, 0, unix(SystemTime::now()))
                 .expect("signed for the node");
             assert_eq!(
                 step.action,
@@ -1045,20 +1065,20 @@ mod tests {
     async fn resync_raises_sequences_and_fails_unreachable_steps() {
         let (_d, q, _) = queue();
         let old = q
-            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
             .expect("old");
-        q.resync("n1", &[(Lane::Deploy, 5)]).expect("resync");
+        q.resync(&n1(), &[(Lane::Deploy, 5)]).expect("resync");
         assert_eq!(
             q.get(&old.step.id).expect("get").expect("rec").state,
             StepState::Failed
         );
         let new = q
-            .enqueue("n1", Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
             .expect("new");
         assert_eq!(new.step.seq, 6);
         // An agent that is not ahead changes nothing: a queued step it ran
         // keeps waiting for the result the agent still holds.
-        q.resync("n1", &[(Lane::Deploy, 6)]).expect("resync");
+        q.resync(&n1(), &[(Lane::Deploy, 6)]).expect("resync");
         assert_eq!(
             q.get(&new.step.id).expect("get").expect("rec").state,
             StepState::Queued

@@ -88,7 +88,7 @@ pub(crate) fn sweep(ctl: &Controller, grace: Duration) -> usize {
                 None => n.id.clone(),
             },
             revoked: n.revoked,
-            silent_for: ctl.nodes.silent_for(&n.id, wall).unwrap_or_default(),
+            silent_for: ctl.nodes.silent_for(&step.node, wall).unwrap_or_default(),
         });
         let Some(reason) = judge(&step, node.as_ref(), grace, now) else {
             continue;

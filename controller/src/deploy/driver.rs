@@ -13,7 +13,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
 
 use de_common::api::PlanDiff;
-use de_common::{Lane, OutStream};
+use de_common::{DeploymentId, Lane, OutStream, StepId};
 
 use super::planner::{NewDeployment, Observed, plan_changes, plan_deployment};
 use super::reconcile::{
@@ -39,12 +39,12 @@ const RECHECK_AFTER: Duration = Duration::from_secs(2);
 /// The deployment engine: starts deployments and drives running ones.
 pub struct Deployer {
     attempts: AtomicU32,
-    running: Mutex<Option<String>>,
+    running: Mutex<Option<DeploymentId>>,
     /// Held for a whole pass (read, reconcile, effects) and by a cancel, so
     /// the two never write the record over each other.
     pass_lock: Mutex<()>,
     /// queue step id -> instance, for routing output to the instance's log.
-    instances: Mutex<HashMap<String, String>>,
+    instances: Mutex<HashMap<StepId, String>>,
 }
 
 impl std::fmt::Debug for Deployer {
@@ -65,7 +65,7 @@ impl Default for Deployer {
 }
 
 impl Deployer {
-    fn lock_running(&self) -> MutexGuard<'_, Option<String>> {
+    fn lock_running(&self) -> MutexGuard<'_, Option<DeploymentId>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -77,9 +77,9 @@ impl Deployer {
     /// ones killed on their nodes, pending ones skipped, and it ends
     /// `cancelled`, durably, before this returns; a new deployment is
     /// accepted at once.
-    pub fn cancel(ctl: &Controller, id: &str) -> Result<Deployment, DeployError> {
+    pub fn cancel(ctl: &Controller, id: &DeploymentId) -> Result<Deployment, DeployError> {
         let _pass = ctl.deployer.lock_pass();
-        let mut d = Deployer::get(ctl, id)?.ok_or_else(|| DeployError::NotFound(id.to_owned()))?;
+        let mut d = Deployer::get(ctl, id)?.ok_or_else(|| DeployError::NotFound(id.clone()))?;
         if d.state != DeployState::Running {
             let state = match d.state {
                 DeployState::Running => "is running",
@@ -88,7 +88,7 @@ impl Deployer {
                 DeployState::Cancelled => "was cancelled",
             };
             return Err(DeployError::NotRunning {
-                id: id.to_owned(),
+                id: id.clone(),
                 state: state.to_owned(),
             });
         }
@@ -103,13 +103,13 @@ impl Deployer {
             PassError::Random(_) => DeployError::Render("no randomness".into()),
         })?;
         let mut running = ctl.deployer.lock_running();
-        if running.as_deref() == Some(id) {
+        if running.as_ref() == Some(id) {
             *running = None;
         }
         Ok(d)
     }
 
-    fn lock_instances(&self) -> MutexGuard<'_, HashMap<String, String>> {
+    fn lock_instances(&self) -> MutexGuard<'_, HashMap<StepId, String>> {
         self.instances.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -118,7 +118,7 @@ impl Deployer {
         self.attempts.store(n.max(1), Ordering::Relaxed);
     }
 
-    pub fn running(&self) -> Option<String> {
+    pub fn running(&self) -> Option<DeploymentId> {
         self.lock_running().clone()
     }
 
@@ -141,15 +141,15 @@ impl Deployer {
         let nodes = ctl.nodes.list();
         let observed = observe_nodes(ctl, &nodes)?;
         let new = NewDeployment {
-            id: format!(
+            id: DeploymentId::from(format!(
                 "d-{}",
                 random_hex(6).map_err(|_| DeployError::Render("no randomness".into()))?
-            ),
+            )),
             created_at: rfc3339(SystemTime::now()),
             max_attempts: ctl.deployer.attempts.load(Ordering::Relaxed),
         };
         let d = plan_deployment(&catalog, &cur, &applied, &nodes, &observed, new)?;
-        ctl.store.put_json(Tree::Deployments, &d.id, &d)?;
+        ctl.store.put_json(Tree::Deployments, d.id.as_str(), &d)?;
         *running = Some(d.id.clone());
         drop(running);
         ctl.logs.line(
@@ -180,6 +180,7 @@ impl Deployer {
     pub fn resume(ctl: &Arc<Controller>) -> Result<(), StoreError> {
         for (id, d) in ctl.store.list_json::<Deployment>(Tree::Deployments)? {
             if d.state == DeployState::Running {
+                let id = DeploymentId::from(id);
                 info!(deployment = %id, "resuming deployment");
                 for e in resumed(&d) {
                     if let Effect::Log { instance, line } = e {
@@ -231,8 +232,8 @@ impl Deployer {
         Ok(all)
     }
 
-    pub fn get(ctl: &Controller, id: &str) -> Result<Option<Deployment>, StoreError> {
-        ctl.store.get_json(Tree::Deployments, id)
+    pub fn get(ctl: &Controller, id: &DeploymentId) -> Result<Option<Deployment>, StoreError> {
+        ctl.store.get_json(Tree::Deployments, id.as_str())
     }
 }
 
@@ -240,7 +241,10 @@ impl Deployer {
 fn observe_nodes(ctl: &Controller, nodes: &[NodeView]) -> Result<Observed, StoreError> {
     let inventory = nodes
         .iter()
-        .filter_map(|n| ctl.nodes.inventory_of(&n.id).map(|i| (n.id.clone(), i)))
+        .filter_map(|n| {
+            let id = n.node_id();
+            ctl.nodes.inventory_of(&id).map(|i| (id, i))
+        })
         .collect();
     Ok(Observed {
         inventory,
@@ -282,12 +286,12 @@ impl RandomIds {
 }
 
 impl IdSource for RandomIds {
-    fn step_id(&mut self) -> String {
+    fn step_id(&mut self) -> StepId {
         self.next += 1;
         let input = format!("{}/{}", self.seed, self.next);
         let d = ring::digest::digest(&ring::digest::SHA256, input.as_bytes());
         let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
-        format!("s-{hex}")
+        StepId::from(format!("s-{hex}"))
     }
 }
 
@@ -312,7 +316,7 @@ fn finished(rec: &StepRecord) -> Option<Finished> {
 }
 
 /// What the queue says about every running step of `d`.
-fn observe(steps: &StepQueue, d: &Deployment) -> Result<HashMap<String, Seen>, StoreError> {
+fn observe(steps: &StepQueue, d: &Deployment) -> Result<HashMap<StepId, Seen>, StoreError> {
     let mut seen = HashMap::new();
     for s in d.steps.iter().filter(|s| s.state == PhaseState::Running) {
         let Some(id) = &s.step_id else { continue };
@@ -327,7 +331,7 @@ fn observe(steps: &StepQueue, d: &Deployment) -> Result<HashMap<String, Seen>, S
 
 /// One pass: read, reconcile, carry out the effects. Returns the state the
 /// deployment is in afterwards (None once it is gone from the store).
-fn pass(ctl: &Controller, id: &str) -> Result<Option<DeployState>, PassError> {
+fn pass(ctl: &Controller, id: &DeploymentId) -> Result<Option<DeployState>, PassError> {
     let _pass = ctl.deployer.lock_pass();
     let Some(mut d) = Deployer::get(ctl, id).map_err(PassError::Read)? else {
         return Ok(None);
@@ -363,7 +367,7 @@ fn apply(ctl: &Controller, d: &Deployment, effects: Vec<Effect>) -> Result<(), P
                 .map_err(PassError::Applied)?,
             Effect::Save => ctl
                 .store
-                .put_json(Tree::Deployments, &d.id, &d)
+                .put_json(Tree::Deployments, d.id.as_str(), &d)
                 .map_err(PassError::Save)?,
             Effect::Queue(steps) => {
                 let count = steps.len();
@@ -391,7 +395,7 @@ fn apply(ctl: &Controller, d: &Deployment, effects: Vec<Effect>) -> Result<(), P
     Ok(())
 }
 
-async fn drive(ctl: Arc<Controller>, id: String) {
+async fn drive(ctl: Arc<Controller>, id: DeploymentId) {
     let mut updates = ctl.steps.subscribe();
     loop {
         match pass(&ctl, &id) {
@@ -417,7 +421,7 @@ async fn drive(ctl: Arc<Controller>, id: String) {
         .await;
     }
     let mut running = ctl.deployer.lock_running();
-    if running.as_deref() == Some(id.as_str()) {
+    if running.as_ref() == Some(&id) {
         *running = None;
     }
 }

@@ -17,6 +17,8 @@
 //! written before the record that says the deployment succeeded. The core
 //! decides all of this; the driver only carries out its effects in order.
 
+use de_common::DeploymentId;
+
 use crate::store::StoreError;
 
 mod driver;
@@ -26,11 +28,8 @@ mod reconcile;
 mod record;
 mod view;
 
-pub use de_common::api::{DeploymentView, StepView};
 pub use driver::Deployer;
-pub use record::{
-    Applied, AppliedInstance, DeployState, DeployStep, Deployment, PhaseState, TaskKind,
-};
+pub(crate) use record::{Deployment, PhaseState};
 
 /// How many times a failed step is tried in all (1 = no retry).
 pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
@@ -40,7 +39,7 @@ pub enum DeployError {
     #[error("{}", crate::plan::NO_PLAN)]
     NoPlan,
     #[error("deployment {0} is still running: wait for it to finish")]
-    Busy(String),
+    Busy(DeploymentId),
     #[error(
         "nodes of the plan are offline: {0}; start their agents (or change the plan) and deploy again"
     )]
@@ -52,11 +51,11 @@ pub enum DeployError {
     #[error("cannot read or write deployments in the store")]
     Store(#[from] StoreError),
     #[error("no deployment {0:?}: GET /api/v1/deployments lists them")]
-    NotFound(String),
+    NotFound(DeploymentId),
     #[error(
         "deployment {id} is not running (it {state}): only a running deployment can be cancelled"
     )]
-    NotRunning { id: String, state: String },
+    NotRunning { id: DeploymentId, state: String },
     #[error("could not cancel the deployment's steps")]
     CancelSteps(#[source] crate::agents::StepsError),
 }

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use de_common::api::{ChangeAction, InstanceChange};
-use de_common::{InstanceState, MonitOp, StepAction};
+use de_common::{DeploymentId, InstanceState, MonitOp, NodeId, StepAction};
 
 use super::DeployError;
 use super::intent::key;
@@ -42,7 +42,7 @@ fn fingerprint(actions: &[StepAction]) -> String {
 /// the caller, so planning needs no clock and no randomness.
 #[derive(Debug, Clone)]
 pub(crate) struct NewDeployment {
-    pub(crate) id: String,
+    pub(crate) id: DeploymentId,
     pub(crate) created_at: String,
     pub(crate) max_attempts: u32,
 }
@@ -53,7 +53,7 @@ pub(crate) struct Observed {
     /// Node id -> the instances its agent reports it applied. A node
     /// missing here has not reported (an older agent): it is trusted to
     /// hold what was last applied.
-    pub(crate) inventory: HashMap<String, Vec<InstanceState>>,
+    pub(crate) inventory: HashMap<NodeId, Vec<InstanceState>>,
     /// Instances (`component@ip`) an operator stopped through the API.
     pub(crate) stopped: BTreeSet<String>,
 }
@@ -85,7 +85,7 @@ fn drift(
     node: &NodeView,
     observed: &Observed,
 ) -> Option<(ChangeAction, String)> {
-    let inventory = observed.inventory.get(&node.id)?;
+    let inventory = observed.inventory.get(node.id.as_str())?;
     let Some(mark) = inventory.iter().find(|i| i.instance == rendered.instance) else {
         return Some((
             ChangeAction::Reapply,
@@ -210,12 +210,12 @@ pub(crate) fn plan_changes(
     };
     let mut steps = Vec::new();
     let mut changes = Vec::new();
-    let step =
-        |component: &str, instance: &str, ip: &str, node: &str, kind, group, action| DeployStep {
+    let step = |component: &str, instance: &str, ip: &str, node: &NodeId, kind, group, action| {
+        DeployStep {
             component: component.to_owned(),
             instance: instance.to_owned(),
             ip: ip.to_owned(),
-            node_id: node.to_owned(),
+            node_id: node.clone(),
             kind,
             group,
             action,
@@ -227,7 +227,8 @@ pub(crate) fn plan_changes(
             exit_code: None,
             error: None,
             output: None,
-        };
+        }
+    };
     // Uninstalls first (group 0; they are independent of each other).
     for r in applied
         .instances
@@ -244,7 +245,9 @@ pub(crate) fn plan_changes(
             action: ChangeAction::Uninstall,
             why: "no longer in the plan".to_owned(),
         });
-        let Some(n) = node else { continue };
+        let Some(node_id) = node.map(|n| n.node_id()) else {
+            continue;
+        };
         // The catalog's uninstall steps (stop, clean up), then the check goes, then the mark.
         let actions = r.uninstall.iter().cloned().chain([
             StepAction::MonitRemove {
@@ -259,7 +262,7 @@ pub(crate) fn plan_changes(
                 &r.component,
                 &r.instance,
                 &r.ip,
-                &n.id,
+                &node_id,
                 TaskKind::Uninstall,
                 0,
                 a,
@@ -332,8 +335,9 @@ pub(crate) fn plan_changes(
                 ),
                 ChangeAction::Nothing | ChangeAction::Uninstall => (TaskKind::Reconfigure, vec![]),
             };
+            let node_id = n.node_id();
             for a in actions {
-                steps.push(step(c, &rendered.instance, ip, &n.id, kind, g + 1, a));
+                steps.push(step(c, &rendered.instance, ip, &node_id, kind, g + 1, a));
             }
             let why = if operator_stopped && action != ChangeAction::Nothing {
                 format!("{why}; stopped through the API, so it is not started")
@@ -465,7 +469,7 @@ contents = "members={{ components.base | join(',') }}"
 
     fn new(id: &str) -> NewDeployment {
         NewDeployment {
-            id: id.to_owned(),
+            id: id.into(),
             created_at: "t1".to_owned(),
             max_attempts: 3,
         }
@@ -648,7 +652,7 @@ contents = "members={{ components.base | join(',') }}"
                         drift: vec![],
                     });
                 if let Some(name) = check
-                    && let Some(n) = nodes.iter_mut().find(|n| n.id == s.node_id)
+                    && let Some(n) = nodes.iter_mut().find(|n| s.node_id == n.id.as_str())
                 {
                     n.components.push(de_common::ComponentStatus {
                         name: name.clone(),

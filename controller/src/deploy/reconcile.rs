@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use de_common::StepAction;
+use de_common::{NodeId, StepAction, StepId};
 
 use super::record::{Applied, DeployState, DeployStep, Deployment, PhaseState};
 use super::view::describe;
@@ -35,7 +35,7 @@ pub(crate) const OUTPUT_KEPT: usize = 2048;
 /// Where new step ids come from: random in the driver, a counter in tests.
 /// It cannot fail, so neither can a pass.
 pub(crate) trait IdSource {
-    fn step_id(&mut self) -> String;
+    fn step_id(&mut self) -> StepId;
 }
 
 /// What the step queue says about a running step's current attempt (its
@@ -79,8 +79,8 @@ pub(crate) enum Ending {
 /// One step to queue on its node's deploy lane, under the id the saved record holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct QueueStep {
-    pub(crate) id: String,
-    pub(crate) node: String,
+    pub(crate) id: StepId,
+    pub(crate) node: NodeId,
     pub(crate) action: StepAction,
 }
 
@@ -101,7 +101,7 @@ pub(crate) enum Effect {
     /// Queue these steps (idempotent on their ids), with one flush.
     Queue(Vec<QueueStep>),
     /// Withdraw these queue steps and have their nodes kill them (idempotent).
-    CancelSteps(Vec<String>),
+    CancelSteps(Vec<StepId>),
 }
 
 /// What the log and the record say of a cancelled deployment.
@@ -148,7 +148,7 @@ pub(crate) fn cancel(d: &mut Deployment, why: &str, now: &str) -> Vec<Effect> {
 /// `now` is an RFC 3339 time. A record that is not running is left alone.
 pub(crate) fn reconcile(
     d: &mut Deployment,
-    seen: &HashMap<String, Seen>,
+    seen: &HashMap<StepId, Seen>,
     ids: &mut impl IdSource,
     now: &str,
 ) -> Vec<Effect> {
@@ -165,7 +165,7 @@ pub(crate) fn reconcile(
         return cancel(d, CANCELLED_BY_OPERATOR, now);
     }
     let mut changed = false;
-    let mut to_queue: BTreeSet<String> = BTreeSet::new();
+    let mut to_queue: BTreeSet<StepId> = BTreeSet::new();
     // Record what ended; note what never reached the queue.
     for s in d.steps.iter_mut() {
         if s.state != PhaseState::Running {

@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use de_common::StepAction;
+use de_common::{DeploymentId, NodeId, StepAction, StepId};
 
 /// Deployment and step states and step kinds are the API's words, defined
 /// once in `de_common::api`; the store keeps the same words.
-pub use de_common::api::{DeployState, PhaseState, TaskKind};
+pub(crate) use de_common::api::{DeployState, PhaseState, TaskKind};
 
 /// One action of one component instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,7 +19,7 @@ pub struct DeployStep {
     pub component: String,
     pub instance: String,
     pub ip: String,
-    pub node_id: String,
+    pub node_id: NodeId,
     pub kind: TaskKind,
     /// Order group: every step of group n finishes before group n+1 starts.
     pub group: usize,
@@ -27,7 +27,7 @@ pub struct DeployStep {
     pub state: PhaseState,
     pub attempts: u32,
     /// The queue step of the current attempt (chosen before it is queued).
-    pub step_id: Option<String>,
+    pub step_id: Option<StepId>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub exit_code: Option<i32>,
@@ -39,7 +39,7 @@ pub struct DeployStep {
 /// A deployment as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deployment {
-    pub id: String,
+    pub id: DeploymentId,
     pub state: DeployState,
     pub plan_revision: u64,
     pub created_at: String,

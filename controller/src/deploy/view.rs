@@ -64,7 +64,7 @@ impl Deployment {
 
     pub fn view(&self, with_steps: bool) -> DeploymentView {
         DeploymentView {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             state: self.state,
             plan_revision: self.plan_revision,
             created_at: self.created_at.clone(),
@@ -83,12 +83,12 @@ impl Deployment {
                         component: s.component.clone(),
                         instance: s.instance.clone(),
                         ip: s.ip.clone(),
-                        node_id: s.node_id.clone(),
+                        node_id: s.node_id.to_string(),
                         kind: s.kind,
                         action: describe(&s.action),
                         state: s.state,
                         attempts: s.attempts,
-                        step_id: s.step_id.clone(),
+                        step_id: s.step_id.as_ref().map(ToString::to_string),
                         started_at: s.started_at.clone(),
                         finished_at: s.finished_at.clone(),
                         exit_code: s.exit_code,

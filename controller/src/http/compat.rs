@@ -40,7 +40,7 @@ async fn deploy(State(ctl): Ctl) -> Result<Response, ApiError> {
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(DeployStarted {
-            id: d.id,
+            id: d.id.into(),
             plan_revision: d.plan_revision,
             state: d.state,
             steps: d.steps.len(),
@@ -263,10 +263,13 @@ mod tests {
         let cur = ctl.plans.current().expect("stored");
         let p = &cur.plan.properties;
         assert_eq!(
-            p.password.as_ref().map(crate::Secret::expose),
+            p.password.as_ref().map(crate::plan::Secret::expose),
             Some("password")
         );
-        assert_eq!(p.root.as_ref().map(crate::Secret::expose), Some("123456"));
+        assert_eq!(
+            p.root.as_ref().map(crate::plan::Secret::expose),
+            Some("123456")
+        );
 
         let (s, native) = call(&ctl, "GET", "/api/v1/plan", Some(&t), None, "").await;
         assert_eq!(s, StatusCode::OK);

@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use de_common::ErrorChain;
 use de_common::api::ErrorBody;
-pub use de_common::api::ErrorCode;
+pub(crate) use de_common::api::ErrorCode;
 use tracing::error;
 
 use crate::agents::{CodesError, StepsError};
@@ -58,7 +58,7 @@ impl Status for ErrorCode {
 /// One error type for every route, rendered as `{"error": CODE, "message": TEXT}`
 /// (and `"problems": [...]` for an invalid plan).
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: ErrorCode,
     message: String,

@@ -29,8 +29,7 @@ use axum::response::Response;
 use axum::routing::get;
 use de_common::api::Health;
 
-pub use error::{ApiError, ErrorCode};
-pub use native::{DEFAULT_CODE_TTL_SECS, MAX_CODE_TTL_SECS};
+pub(crate) use error::{ApiError, ErrorCode};
 
 use crate::Controller;
 

@@ -16,6 +16,8 @@ use de_common::api::{
     CodeView, DeploymentView, ExecRequest, ExecResult, NewCode, NodeView, StepRequest,
 };
 
+use de_common::{DeploymentId, NodeId, StepId};
+
 use super::error::{ApiError, ErrorCode, parse_json, parse_optional_json};
 use crate::Controller;
 use crate::agents::{StepRecord, StepState};
@@ -24,9 +26,9 @@ use crate::util::rfc3339;
 type Ctl = State<Arc<Controller>>;
 
 /// The longest an install code may live.
-pub const MAX_CODE_TTL_SECS: u64 = 7 * 24 * 3600;
+pub(crate) const MAX_CODE_TTL_SECS: u64 = 7 * 24 * 3600;
 /// The default install-code lifetime (the COS guide's hour).
-pub const DEFAULT_CODE_TTL_SECS: u64 = 3600;
+pub(crate) const DEFAULT_CODE_TTL_SECS: u64 = 3600;
 
 pub(super) fn routes() -> Router<Arc<Controller>> {
     Router::new()
@@ -50,7 +52,7 @@ fn code_view(ctl: &Controller, issued: &de_install_codes::IssuedCode) -> CodeVie
     CodeView {
         code: issued.code.as_str().to_owned(),
         expires_at: rfc3339(issued.expires_at),
-        agent_command: crate::agent_command(&ctl.agent_addr, issued.code.as_str()),
+        agent_command: crate::agents::agent_command(&ctl.agent_addr, issued.code.as_str()),
         expires_in_secs: issued
             .expires_at
             .duration_since(std::time::SystemTime::now())
@@ -91,7 +93,7 @@ async fn list_nodes(State(ctl): Ctl) -> axum::Json<Vec<NodeView>> {
 
 async fn get_node(
     State(ctl): Ctl,
-    Path(id): Path<String>,
+    Path(id): Path<NodeId>,
 ) -> Result<axum::Json<NodeView>, ApiError> {
     ctl.nodes
         .get(&id)
@@ -99,7 +101,7 @@ async fn get_node(
         .ok_or_else(|| ApiError::not_found(format!("no node {id:?}: GET /api/v1/nodes lists them")))
 }
 
-async fn delete_node(State(ctl): Ctl, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_node(State(ctl): Ctl, Path(id): Path<NodeId>) -> Result<StatusCode, ApiError> {
     if ctl.nodes.revoke(&id)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -118,7 +120,7 @@ const EXEC_GRACE: Duration = Duration::from_secs(15);
 fn exec_result(
     node: &NodeView,
     rec: Option<&StepRecord>,
-    step_id: &str,
+    step_id: &StepId,
     waited: u64,
 ) -> ExecResult {
     let ip = node.ips.first().cloned().unwrap_or_default();
@@ -131,7 +133,7 @@ fn exec_result(
         duration_ms: 0,
         timed_out: false,
         error: None,
-        step_id: step_id.to_owned(),
+        step_id: step_id.to_string(),
     };
     match rec {
         Some(r) if r.state == StepState::Refused => ExecResult {
@@ -216,7 +218,7 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
         .iter()
         .map(|n| crate::agents::steps::NewStep {
             id: None,
-            node: n.id.clone(),
+            node: n.node_id(),
             lane: de_common::Lane::Adhoc,
             action: de_common::StepAction::Script {
                 script: req.script.clone(),
@@ -229,7 +231,7 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
         })
         .collect();
     // One flush for the whole fan-out.
-    let ids: Vec<String> = ctl
+    let ids: Vec<StepId> = ctl
         .steps
         .enqueue_many(steps)?
         .into_iter()
@@ -256,7 +258,7 @@ async fn list_deployments(State(ctl): Ctl) -> Result<axum::Json<Vec<DeploymentVi
 
 async fn get_deployment(
     State(ctl): Ctl,
-    Path(id): Path<String>,
+    Path(id): Path<DeploymentId>,
 ) -> Result<axum::Json<DeploymentView>, ApiError> {
     crate::Deployer::get(&ctl, &id)?
         .map(|d| axum::Json(d.view(true)))
@@ -268,7 +270,10 @@ async fn get_deployment(
 }
 
 /// The deployment's log as text: every step in order with its state and the end of its output.
-async fn get_deployment_log(State(ctl): Ctl, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_deployment_log(
+    State(ctl): Ctl,
+    Path(id): Path<DeploymentId>,
+) -> Result<Response, ApiError> {
     let d = crate::Deployer::get(&ctl, &id)?.ok_or_else(|| {
         ApiError::not_found(format!(
             "no deployment {id:?}: GET /api/v1/deployments lists them"
@@ -286,7 +291,7 @@ async fn get_deployment_log(State(ctl): Ctl, Path(id): Path<String>) -> Result<R
 /// one that is not running.
 async fn cancel_deployment(
     State(ctl): Ctl,
-    Path(id): Path<String>,
+    Path(id): Path<DeploymentId>,
 ) -> Result<axum::Json<DeploymentView>, ApiError> {
     let d = tokio::task::spawn_blocking(move || crate::Deployer::cancel(&ctl, &id))
         .await
@@ -312,7 +317,7 @@ async fn post_step(
     })?;
     let wait = Duration::from_secs(req.wait_secs.unwrap_or(30).min(MAX_EXEC_TIMEOUT));
     let r = ctl.steps.enqueue(
-        &node.id,
+        &node.node_id(),
         req.lane.unwrap_or(de_common::Lane::Adhoc),
         req.action,
         None,
@@ -336,7 +341,7 @@ async fn post_step(
 
 async fn get_step(
     State(ctl): Ctl,
-    Path(id): Path<String>,
+    Path(id): Path<StepId>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     ctl.steps
         .get(&id)?
@@ -485,7 +490,7 @@ mod tests {
         crate::testkit::enrol(&ctl, "n-1", "10.0.0.1", 1, 1024, 1024);
         crate::testkit::enrol(&ctl, "n-2", "10.0.0.2", 1, 1024, 1024);
         crate::testkit::enrol(&ctl, "n-3", "10.0.0.2", 1, 1024, 1024);
-        assert_eq!(ctl.nodes.revoke("n-1").ok(), Some(true));
+        assert_eq!(ctl.nodes.revoke(&"n-1".into()).ok(), Some(true));
         for target in ["10.0.0.1", "n-1", "10.0.0.2", "10.0.0.9"] {
             let body = format!(r#"{{"script": "true", "targets": ["{target}"]}}"#);
             let (s, body) = call(&ctl, "POST", "/api/v1/exec", Some(&t), &body).await;

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 
 use de_common::api::{NodeView, OperateRequest, OperateRow, StatusRow};
-use de_common::{Lane, MonitOp, StepAction};
+use de_common::{Lane, MonitOp, StepAction, StepId};
 
 use super::error::{ApiError, parse_json};
 use crate::Controller;
@@ -129,7 +129,7 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
                     rows.len(),
                     crate::agents::steps::NewStep {
                         id: None,
-                        node: n.id.clone(),
+                        node: n.node_id(),
                         lane: Lane::Adhoc,
                         action: StepAction::Monit {
                             name: comp.clone(),
@@ -159,7 +159,7 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
     }
     let (indexes, steps): (Vec<usize>, Vec<_>) = asked.into_iter().unzip();
     let queued = ctl.steps.enqueue_many(steps)?;
-    let waiting: Vec<(usize, String)> = indexes
+    let waiting: Vec<(usize, StepId)> = indexes
         .into_iter()
         .zip(queued)
         .map(|(i, r)| (i, r.step.id))
@@ -170,7 +170,7 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
         target.ip.trim(),
         rows.len()
     ));
-    let ids: Vec<String> = waiting.iter().map(|(_, id)| id.clone()).collect();
+    let ids: Vec<StepId> = waiting.iter().map(|(_, id)| id.clone()).collect();
     let records = ctl
         .steps
         .wait_all(&ids, tokio::time::Instant::now() + OPERATE_WAIT)

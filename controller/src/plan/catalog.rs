@@ -16,10 +16,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 /// The catalog a plan uses when its properties do not name one.
-pub const DEFAULT_CATALOG: &str = "cf-v170";
+pub(crate) const DEFAULT_CATALOG: &str = "cf-v170";
 
 /// The catalog-wide file in a catalog directory; every other `*.toml` is a component.
-pub const CATALOG_FILE: &str = "catalog.toml";
+pub(crate) const CATALOG_FILE: &str = "catalog.toml";
 
 macro_rules! builtin {
     ($catalog:literal, $file:literal) => {
@@ -55,7 +55,7 @@ const BUILTIN: &[(&str, &str, &str)] = &[
 ];
 
 /// Plan properties every catalog knows (`properties` in the original config JSON).
-pub const STANDARD_PROPERTIES: &[&str] = &[
+pub(crate) const STANDARD_PROPERTIES: &[&str] = &[
     "domain",
     "home",
     "disksize",

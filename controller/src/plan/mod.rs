@@ -14,12 +14,10 @@ pub(crate) mod catalog;
 pub(crate) mod render;
 pub(crate) mod validate;
 
-pub use catalog::{
-    CATALOG_FILE, Cardinality, Catalog, CatalogError, Catalogs, ComponentDef, DEFAULT_CATALOG,
-    Minimum, STANDARD_PROPERTIES, StepSpec,
-};
-pub use render::{NodeContext, PlanRenderer, RenderError, RenderedComponent};
-pub use validate::{Problem, ValidPlan, validate_plan};
+pub use catalog::{Cardinality, Catalogs};
+pub(crate) use catalog::{Catalog, CatalogError};
+pub(crate) use validate::Problem;
+pub use validate::validate_plan;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -31,11 +29,11 @@ use crate::store::{Store, StoreError, StoreExt, Tree};
 use crate::util::rfc3339;
 
 /// What every route that needs the stored plan says when there is none.
-pub const NO_PLAN: &str =
+pub(crate) const NO_PLAN: &str =
     "no plan has been submitted yet: POST the plan JSON to /deployment-engine/config first";
 
 /// What a secret reads as in every answer; posting it back keeps the stored value.
-pub const REDACTED: &str = "******";
+pub(crate) const REDACTED: &str = "******";
 
 const CURRENT_KEY: &str = "current";
 

@@ -16,7 +16,7 @@ use crate::plan::catalog::{Cardinality, Catalog, Catalogs, DEFAULT_CATALOG, STAN
 use crate::plan::render::NodeContext;
 use crate::plan::{DnsRecord, Plan, Properties, REDACTED, Secret};
 
-pub use de_common::api::Problem;
+pub(crate) use de_common::api::Problem;
 use de_common::api::{ProblemKind, Resolved, resolve};
 
 /// A plan that passed every check.

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use de_common::StepAction;
+use de_common::{StepAction, StepId};
 
 use super::*;
 use crate::deploy::record::{Applied, DeployStep, Deployment, TaskKind};
@@ -21,9 +21,9 @@ struct Counter {
 }
 
 impl IdSource for Counter {
-    fn step_id(&mut self) -> String {
+    fn step_id(&mut self) -> StepId {
         self.n += 1;
-        format!("{}s{}", self.prefix, self.n)
+        StepId::from(format!("{}s{}", self.prefix, self.n))
     }
 }
 
@@ -69,7 +69,7 @@ fn deployment(steps: &[&str], max_attempts: u32) -> Deployment {
                 component: component.to_owned(),
                 instance: instance.to_owned(),
                 ip: ip.to_owned(),
-                node_id: format!("n{}", ip.rsplit('.').next().unwrap_or(ip)),
+                node_id: format!("n{}", ip.rsplit('.').next().unwrap_or(ip)).into(),
                 kind: if group == 0 {
                     TaskKind::Uninstall
                 } else {
@@ -94,7 +94,7 @@ fn deployment(steps: &[&str], max_attempts: u32) -> Deployment {
         })
         .collect();
     Deployment {
-        id: "d-test".to_owned(),
+        id: "d-test".into(),
         state: DeployState::Running,
         plan_revision: 2,
         created_at: "t0".to_owned(),
@@ -160,7 +160,7 @@ impl World {
     }
 
     /// What the queue says about the saved record's running steps.
-    fn seen(&self) -> HashMap<String, Seen> {
+    fn seen(&self) -> HashMap<StepId, Seen> {
         self.saved
             .steps
             .iter()
@@ -386,7 +386,7 @@ fn a_fresh_deployment_starts_the_first_step_of_every_instance_of_the_lowest_grou
         (
             s.state,
             s.attempts,
-            s.step_id.as_deref(),
+            s.step_id.as_ref().map(StepId::as_str),
             s.started_at.as_deref()
         ),
         (PhaseState::Running, 1, Some("s1"), Some("t1"))
@@ -507,7 +507,11 @@ fn a_failed_step_is_retried_under_a_new_id_until_it_works() {
     );
     let s = w.step("/app/flaky");
     assert_eq!(
-        (s.attempts, s.step_id.as_deref(), s.error.as_deref()),
+        (
+            s.attempts,
+            s.step_id.as_ref().map(StepId::as_str),
+            s.error.as_deref()
+        ),
         (3, Some("s3"), None),
         "the last attempt's id stays; its success clears the error"
     );
@@ -746,18 +750,21 @@ fn a_finish_reported_again_or_for_an_earlier_attempt_changes_nothing() {
         w.tick();
     }
     w.transcript.clear();
-    assert_eq!(w.step("/base/b").step_id.as_deref(), Some("s3"));
+    assert_eq!(
+        w.step("/base/b").step_id.as_ref().map(StepId::as_str),
+        Some("s3")
+    );
     let before = w.saved.clone();
     let mut seen = HashMap::from([
-        ("s1".to_owned(), Seen::Finished(exit(5, "late"))),
-        ("s2".to_owned(), Seen::Finished(done())),
-        ("s3".to_owned(), Seen::Waiting),
+        ("s1".into(), Seen::Finished(exit(5, "late"))),
+        ("s2".into(), Seen::Finished(done())),
+        ("s3".into(), Seen::Waiting),
     ]);
     let mut d = before.clone();
     let fx = reconcile(&mut d, &seen, &mut w.ids, "t9");
     assert_eq!((&d, fx), (&before, Vec::new()));
     // The current attempt's own result counts, once.
-    seen.insert("s3".to_owned(), Seen::Finished(done()));
+    seen.insert("s3".into(), Seen::Finished(done()));
     let fx = reconcile(&mut d, &seen, &mut w.ids, "t10");
     assert_eq!(fx.iter().filter(|e| **e == Effect::Save).count(), 1);
     let again = d.clone();
