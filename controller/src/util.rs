@@ -9,7 +9,7 @@ use ring::rand::SecureRandom;
 /// broken kernel; callers turn this into their own error).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the system's random number generator failed")]
-pub(crate) struct NoRandomness;
+pub struct NoRandomness;
 
 /// `t` as an RFC 3339 UTC timestamp (`2026-11-21T22:00:00Z`).
 pub(crate) fn rfc3339(t: SystemTime) -> String {

@@ -24,6 +24,7 @@ use super::{DEFAULT_STEP_ATTEMPTS, DeployError};
 use crate::Controller;
 use crate::agents::NodeView;
 use crate::agents::steps::{NewStep, StepQueue, StepRecord, StepState, StepUpdate};
+use crate::plan::{Catalog, StoredPlan};
 use crate::store::{StoreError, StoreExt, Tree};
 use crate::util::{NoRandomness, random_hex, rfc3339};
 
@@ -99,8 +100,7 @@ impl Deployer {
             | PassError::Read(e)
             | PassError::Steps(e)
             | PassError::Applied(e) => DeployError::Store(e),
-            // A cancel draws no ids.
-            PassError::Random(_) => DeployError::Render("no randomness".into()),
+            PassError::Random(e) => DeployError::NoRandomness(e),
         })?;
         let mut running = ctl.deployer.lock_running();
         if running.as_ref() == Some(id) {
@@ -128,27 +128,23 @@ impl Deployer {
         if let Some(id) = running.as_ref() {
             return Err(DeployError::Busy(id.clone()));
         }
-        let cur = ctl.plans.current().ok_or(DeployError::NoPlan)?;
-        let catalog = ctl
-            .catalogs
-            .get(&cur.plan.properties.catalog)
-            .ok_or_else(|| DeployError::NoCatalog(cur.plan.properties.catalog.clone()))?
-            .clone();
-        let applied: Applied = ctl
-            .store
-            .get_json(Tree::Plans, APPLIED_KEY)?
-            .unwrap_or_default();
-        let nodes = ctl.nodes.list();
-        let observed = observe_nodes(ctl, &nodes)?;
+        let inputs = PlanInputs::read(ctl)?;
         let new = NewDeployment {
             id: DeploymentId::from(format!(
                 "d-{}",
-                random_hex(6).map_err(|_| DeployError::Render("no randomness".into()))?
+                random_hex(6).map_err(DeployError::NoRandomness)?
             )),
             created_at: rfc3339(SystemTime::now()),
             max_attempts: ctl.deployer.attempts.load(Ordering::Relaxed),
         };
-        let d = plan_deployment(&catalog, &cur, &applied, &nodes, &observed, new)?;
+        let d = plan_deployment(
+            &inputs.catalog,
+            &inputs.plan,
+            &inputs.applied,
+            &inputs.nodes,
+            &inputs.observed,
+            new,
+        )?;
         ctl.store.put_json(Tree::Deployments, d.id.as_str(), &d)?;
         *running = Some(d.id.clone());
         drop(running);
@@ -199,22 +195,11 @@ impl Deployer {
 
     /// What a deployment started now would do, per instance, with why.
     pub fn diff(ctl: &Controller) -> Result<PlanDiff, DeployError> {
-        let cur = ctl.plans.current().ok_or(DeployError::NoPlan)?;
-        let catalog = ctl
-            .catalogs
-            .get(&cur.plan.properties.catalog)
-            .ok_or_else(|| DeployError::NoCatalog(cur.plan.properties.catalog.clone()))?
-            .clone();
-        let applied: Applied = ctl
-            .store
-            .get_json(Tree::Plans, APPLIED_KEY)?
-            .unwrap_or_default();
-        let nodes = ctl.nodes.list();
-        let observed = observe_nodes(ctl, &nodes)?;
-        let planned = plan_changes(&catalog, &cur, &applied, &nodes, &observed)?;
+        let i = PlanInputs::read(ctl)?;
+        let planned = plan_changes(&i.catalog, &i.plan, &i.applied, &i.nodes, &i.observed)?;
         Ok(PlanDiff {
-            plan_revision: cur.revision,
-            applied_revision: applied.revision,
+            plan_revision: i.plan.revision,
+            applied_revision: i.applied.revision,
             instances: planned.changes,
             steps: planned.steps.len(),
             offline: planned.offline,
@@ -234,6 +219,41 @@ impl Deployer {
 
     pub fn get(ctl: &Controller, id: &DeploymentId) -> Result<Option<Deployment>, StoreError> {
         ctl.store.get_json(Tree::Deployments, id.as_str())
+    }
+}
+
+/// Everything the planner reads: the current plan, its catalog, the applied
+/// plan, the nodes and what they report. One read for a deployment and for
+/// the diff, so the two cannot disagree.
+struct PlanInputs {
+    plan: Arc<StoredPlan>,
+    catalog: Arc<Catalog>,
+    applied: Applied,
+    nodes: Vec<NodeView>,
+    observed: Observed,
+}
+
+impl PlanInputs {
+    fn read(ctl: &Controller) -> Result<PlanInputs, DeployError> {
+        let plan = ctl.plans.current().ok_or(DeployError::NoPlan)?;
+        let catalog = ctl
+            .catalogs
+            .get(&plan.plan.properties.catalog)
+            .ok_or_else(|| DeployError::NoCatalog(plan.plan.properties.catalog.clone()))?
+            .clone();
+        let applied: Applied = ctl
+            .store
+            .get_json(Tree::Plans, APPLIED_KEY)?
+            .unwrap_or_default();
+        let nodes = ctl.nodes.list();
+        let observed = observe_nodes(ctl, &nodes)?;
+        Ok(PlanInputs {
+            plan,
+            catalog,
+            applied,
+            nodes,
+            observed,
+        })
     }
 }
 

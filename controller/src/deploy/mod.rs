@@ -50,6 +50,8 @@ pub enum DeployError {
     Render(String),
     #[error("cannot read or write deployments in the store")]
     Store(#[from] StoreError),
+    #[error("could not make a deployment id")]
+    NoRandomness(#[source] crate::util::NoRandomness),
     #[error("no deployment {0:?}: GET /api/v1/deployments lists them")]
     NotFound(DeploymentId),
     #[error(

@@ -164,7 +164,9 @@ impl From<DeployError> for ApiError {
             DeployError::NotRunning { .. } => {
                 ApiError::new(ErrorCode::DeploymentNotRunning, e.to_string())
             }
-            DeployError::CancelSteps(_) => ApiError::internal_from(&e),
+            DeployError::CancelSteps(_) | DeployError::NoRandomness(_) => {
+                ApiError::internal_from(&e)
+            }
         }
     }
 }
