@@ -260,14 +260,21 @@ impl Nodes {
     /// heartbeat or Hello, or since this controller started when it has not
     /// been heard from since. `None` for a node this controller does not know.
     pub fn silent_for(&self, id: &NodeId, now: SystemTime) -> Option<Duration> {
+        self.silence(id, now).map(|(silent, _)| silent)
+    }
+
+    /// [`Nodes::silent_for`], and the heartbeat interval the node's agent
+    /// announced (none known yet: zero), so that a node with a long
+    /// interval is not taken for silent between two heartbeats.
+    pub fn silence(&self, id: &NodeId, now: SystemTime) -> Option<(Duration, Duration)> {
         if !self.exists(id) {
             return None;
         }
-        let since = self
-            .live()
-            .get(id)
-            .map_or(self.started, |l| l.last_seen.max(self.started));
-        Some(now.duration_since(since).unwrap_or_default())
+        let live = self.live();
+        let l = live.get(id);
+        let since = l.map_or(self.started, |l| l.last_seen.max(self.started));
+        let heartbeat = l.map(|l| l.heartbeat).unwrap_or_default();
+        Some((now.duration_since(since).unwrap_or_default(), heartbeat))
     }
 
     /// Closes every live link (controller shutdown).

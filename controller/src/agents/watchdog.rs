@@ -33,6 +33,8 @@ pub(crate) struct NodeState {
     pub(crate) label: String,
     pub(crate) revoked: bool,
     pub(crate) silent_for: Duration,
+    /// The interval its agent sends heartbeats at: silence counts past it.
+    pub(crate) heartbeat: Duration,
 }
 
 /// Why `step` must fail now, if it must.
@@ -54,7 +56,7 @@ pub(crate) fn judge(
             node.label
         ));
     }
-    if node.silent_for > grace {
+    if node.silent_for > grace + node.heartbeat {
         return Some(format!(
             "node {} has been silent for {} s, past the node grace of {} s (--node-grace): \
              check that its agent runs and reaches the controller",
@@ -82,13 +84,17 @@ pub(crate) fn sweep(ctl: &Controller, grace: Duration) -> usize {
     let wall = SystemTime::now();
     let mut failed = 0;
     for step in ctl.steps.active() {
-        let node = ctl.nodes.get(&step.node).map(|n| NodeState {
-            label: match n.ips.first() {
-                Some(ip) => format!("{} ({ip})", n.id),
-                None => n.id.clone(),
-            },
-            revoked: n.revoked,
-            silent_for: ctl.nodes.silent_for(&step.node, wall).unwrap_or_default(),
+        let node = ctl.nodes.get(&step.node).map(|n| {
+            let (silent_for, heartbeat) = ctl.nodes.silence(&step.node, wall).unwrap_or_default();
+            NodeState {
+                label: match n.ips.first() {
+                    Some(ip) => format!("{} ({ip})", n.id),
+                    None => n.id.clone(),
+                },
+                revoked: n.revoked,
+                silent_for,
+                heartbeat,
+            }
         });
         let Some(reason) = judge(&step, node.as_ref(), grace, now) else {
             continue;
@@ -146,6 +152,7 @@ mod tests {
             label: "n-1 (10.0.0.2)".into(),
             revoked,
             silent_for: Duration::from_secs(silent),
+            heartbeat: Duration::ZERO,
         }
     }
 
@@ -184,6 +191,24 @@ mod tests {
                 "{why}"
             );
         }
+    }
+
+    #[test]
+    fn silence_counts_past_the_nodes_own_heartbeat_interval() {
+        let now = Instant::now() + Duration::from_secs(1000);
+        let slow = NodeState {
+            heartbeat: Duration::from_secs(120),
+            ..node(false, 100)
+        };
+        assert_eq!(
+            judge(&step(Some(1), 600, now), Some(&slow), GRACE, now),
+            None
+        );
+        let gone = NodeState {
+            silent_for: Duration::from_secs(131),
+            ..slow
+        };
+        assert!(judge(&step(Some(1), 600, now), Some(&gone), GRACE, now).is_some());
     }
 
     #[test]
