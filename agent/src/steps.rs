@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use de_common::{
-    Lane, OutStream, Step, StepAction, StepEvent, StepEventKind, StepOutcome, write_private,
+    Lane, OutStream, Step, StepAction, StepEvent, StepEventKind, StepOutcome, StepRefusal,
+    write_private,
 };
 
 use crate::monit::Monit;
@@ -246,6 +247,20 @@ impl Cancels {
 
 /// The error of a step the controller cancelled.
 const CANCELLED: &str = "cancelled by the controller";
+
+/// `step`, if it is signed for `lane`, the lane whose pull brought it: its
+/// sequence number was checked against that lane's last done, so a step of
+/// another lane would run out of its own lane's order.
+pub(crate) fn pulled_on(step: Step, lane: Lane) -> Result<Step, StepRefusal> {
+    if step.lane == lane {
+        Ok(step)
+    } else {
+        Err(StepRefusal::WrongLane {
+            expected: lane,
+            got: step.lane,
+        })
+    }
+}
 
 /// `path` inside the node root; `..` is refused.
 pub(crate) fn under_root(root: &Path, path: &str) -> Result<PathBuf, String> {
@@ -998,6 +1013,24 @@ mod tests {
         let out = execute(&logs, &ctx(dir.path()), &tx).await;
         assert_eq!(out.files, vec![("etc/app/conf".to_owned(), b"ta".to_vec())]);
         assert!(out.stderr_tail.contains("missing.log"));
+    }
+
+    #[test]
+    fn a_step_signed_for_another_lane_is_refused() {
+        let s = step(script("true", 1));
+        assert_eq!(pulled_on(s.clone(), Lane::Adhoc), Ok(s.clone()));
+        let refusal = pulled_on(s, Lane::Deploy).expect_err("refused");
+        assert_eq!(
+            refusal,
+            StepRefusal::WrongLane {
+                expected: Lane::Deploy,
+                got: Lane::Adhoc
+            }
+        );
+        assert_eq!(
+            refusal.to_string(),
+            "step is signed for lane adhoc, but came on a pull of lane deploy"
+        );
     }
 
     #[test]
