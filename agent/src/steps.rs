@@ -938,8 +938,9 @@ fn resolve_owner(owner: &str) -> Result<(Option<u32>, Option<u32>), String> {
         })
     };
     let gid = match group {
-        None | Some("") if user.is_empty() => None,
         None => None,
+        // ":" alone changes nothing, as with chown(1).
+        Some("") if user.is_empty() => None,
         Some("") => Some(
             login_group.ok_or_else(|| format!("user {user:?} has no login group on this node"))?,
         ),
@@ -1698,6 +1699,7 @@ mod tests {
         assert_eq!(resolve_owner("0:0"), Ok((Some(0), Some(0))));
         assert_eq!(resolve_owner("root:"), Ok((Some(0), Some(0))));
         assert_eq!(resolve_owner(":0"), Ok((None, Some(0))));
+        assert_eq!(resolve_owner(":"), Ok((None, None)));
         assert_eq!(resolve_owner("4242:4343"), Ok((Some(4242), Some(4343))));
         assert!(resolve_owner("").is_err());
         assert_eq!(
