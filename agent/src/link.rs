@@ -165,7 +165,9 @@ async fn lane_worker(
                 node,
                 after_seq,
                 now_unix(),
-            ) {
+            )
+            .and_then(|step| crate::steps::pulled_on(step, lane))
+            {
                 Err(refusal) => {
                     // Name what was refused as far as the (possibly untrusted) body says.
                     let (step_id, seq) = de_common::decode_step_unverified(&signed)

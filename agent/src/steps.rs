@@ -10,6 +10,7 @@
 //! however much a step prints.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::{OsStr, OsString};
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use de_common::{
-    Lane, OutStream, Step, StepAction, StepEvent, StepEventKind, StepId, StepOutcome, write_private,
+    Lane, OutStream, Step, StepAction, StepEvent, StepEventKind, StepId, StepOutcome, StepRefusal,
+    write_private,
 };
 
 use crate::monit::Monit;
@@ -246,6 +248,20 @@ impl Cancels {
 
 /// The error of a step the controller cancelled.
 const CANCELLED: &str = "cancelled by the controller";
+
+/// `step`, if it is signed for `lane`, the lane whose pull brought it: its
+/// sequence number was checked against that lane's last done, so a step of
+/// another lane would run out of its own lane's order.
+pub(crate) fn pulled_on(step: Step, lane: Lane) -> Result<Step, StepRefusal> {
+    if step.lane == lane {
+        Ok(step)
+    } else {
+        Err(StepRefusal::WrongLane {
+            expected: lane,
+            got: step.lane,
+        })
+    }
+}
 
 /// `path` inside the node root; `..` is refused.
 pub(crate) fn under_root(root: &Path, path: &str) -> Result<PathBuf, String> {
@@ -556,56 +572,459 @@ async fn run_script(
     }
 }
 
+/// Writes `contents` to `path` under the node root safely even in a directory
+/// another user can write (a component's own directory, as
+/// `/var/vcap/deploy` owned by `vcap`):
+///
+/// - the directories from the node root down are walked by [`walk_to`], so
+///   a planted symbolic link on the way is refused, naming it;
+/// - the data goes to a new file with an unpredictable name, created
+///   exclusively and without following links (`O_CREAT|O_EXCL|O_NOFOLLOW`:
+///   an existing name, a link included, is never opened);
+/// - owner and mode are set on the open file (`fchown`, `fchmod`), never by
+///   path; the file is synced, then renamed over the target;
+/// - after the rename the target must be that very file (same device and
+///   inode), or another user swapped something meanwhile and the step fails.
+///
+/// Residual race (closing it needs `openat`, which std does not offer
+/// without `unsafe`): the create and the rename name their files by path
+/// from the node root, so a directory whose *parent* another user can
+/// write could be swapped for a link between the walk and those calls. The
+/// walk checks each directory just before the write, narrowing that window,
+/// and the check after the rename catches a swap not undone in time. A
+/// directory another user can only write *into* is not exposed: its own
+/// entry sits in a directory only root writes.
 fn write_file(
-    ctx: &ExecContext,
+    root: &Path,
     path: &str,
     contents: &[u8],
     mode: u32,
+    owner: Option<&str>,
 ) -> Result<PathBuf, String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let target = under_root(&ctx.root, path)?;
-    let dir = target
-        .parent()
-        .ok_or_else(|| format!("{path:?} has no parent directory"))?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| format!("{path:?} names no file"))?;
-    let tmp = dir.join(format!(".{name}.de-tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode & 0o7777)
-        .open(&tmp)
-        .map_err(|e| format!("open {}: {e}", tmp.display()))?;
-    f.write_all(contents)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("write {}: {e}", tmp.display()))?;
-    drop(f);
+    use std::os::unix::fs::MetadataExt;
+    let target = under_root(root, path)?;
+    let ids = match owner {
+        Some(o) => {
+            Some(resolve_owner(o).map_err(|e| format!("chown {o} {}: {e}", target.display()))?)
+        }
+        None => None,
+    };
+    let (dir, name) = walk_to(root, &target, true, "write")?;
+    let dest = dir.path.join(name);
+    // rename(2) replaces a link at the target name rather than writing
+    // through it, so such a link is no danger to this write. It is refused
+    // all the same: either someone planted it, or an operator expects writes
+    // to land where it points, and silently replacing it surprises both.
+    if let Ok(m) = std::fs::symlink_metadata(&dest)
+        && m.file_type().is_symlink()
     {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(|e| format!("chmod {}: {e}", tmp.display()))?;
+        return Err(format!(
+            "{} is a symbolic link{}; refusing to replace it: remove the link, or write to the file it points to",
+            target.display(),
+            link_target(&dest)
+        ));
     }
-    std::fs::rename(&tmp, &target).map_err(|e| format!("rename to {}: {e}", target.display()))?;
+    let (tmp, file) = create_temp(&dir.path, name)?;
+    let chown = format!("chown {} {}", owner.unwrap_or_default(), target.display());
+    let filled = fill_temp(&file, &tmp, contents, mode, ids, &chown).and_then(|()| {
+        std::fs::rename(&tmp, &dest).map_err(|e| format!("rename to {}: {e}", target.display()))
+    });
+    if let Err(e) = filled {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let ours = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    match std::fs::symlink_metadata(&dest) {
+        Ok(m) if m.is_file() && m.dev() == ours.dev() && m.ino() == ours.ino() => {}
+        _ => {
+            return Err(format!(
+                "{} is not the file just written: something replaced it, or a directory above it, while it was written; check who else can write {}",
+                target.display(),
+                dir.path.display()
+            ));
+        }
+    }
+    // Makes the rename durable; the new file is in place whether or not this works.
+    let _ = dir.file.sync_all();
     Ok(target)
 }
 
-fn tail_of(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+/// Writes, owns (`chown` names that action in a message), chmods and syncs
+/// the open temporary file.
+fn fill_temp(
+    file: &std::fs::File,
+    tmp: &Path,
+    contents: &[u8],
+    mode: u32,
+    ids: Option<(Option<u32>, Option<u32>)>,
+    chown: &str,
+) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let mut w = file;
+    w.write_all(contents)
+        .map_err(|e| format!("write {}: {e}", tmp.display()))?;
+    if let Some((uid, gid)) = ids {
+        std::os::unix::fs::fchown(file, uid, gid).map_err(|e| format!("{chown}: {e}"))?;
+    }
+    // After the chown, which clears the set-user-id and set-group-id bits.
+    file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+        .map_err(|e| format!("chmod {}: {e}", tmp.display()))?;
+    file.sync_all()
+        .map_err(|e| format!("write {}: {e}", tmp.display()))
+}
+
+/// Creates a new, empty, private temporary file next to `name` in `dir`.
+fn create_temp(dir: &Path, name: &OsStr) -> Result<(PathBuf, std::fs::File), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        let tmp = dir.join(temp_name(name)?);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => taken.push(tmp),
+            Err(e) => return Err(format!("open {}: {e}", tmp.display())),
+        }
+    }
+    Err(format!(
+        "could not create a temporary file in {}: every random name tried was taken ({}); check who else writes there",
+        dir.display(),
+        taken
+            .iter()
+            .map(|t| t.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// `.<name>.<24 random hex digits>.de-tmp`: a name nobody can create ahead
+/// (the name part cut to 64 bytes to stay within the file name limit).
+fn temp_name(name: &OsStr) -> Result<OsString, String> {
+    use ring::rand::SecureRandom;
+    let mut random = [0u8; 12];
+    ring::rand::SystemRandom::new()
+        .fill(&mut random)
+        .map_err(|_| "the system's random source failed".to_owned())?;
+    let mut short = String::new();
+    for c in name.to_string_lossy().chars() {
+        if short.len() + c.len_utf8() > 64 {
+            break;
+        }
+        short.push(c);
+    }
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(".{short}.{hex}.de-tmp").into())
+}
+
+/// ` (to X)` for the link at `p`, or nothing when it cannot be read.
+fn link_target(p: &Path) -> String {
+    std::fs::read_link(p)
+        .map(|t| format!(" (to {})", t.display()))
+        .unwrap_or_default()
+}
+
+/// How many symbolic links a walk follows at most (the kernel's limit too).
+const MAX_LINKS: usize = 40;
+
+/// A directory reached by [`walk_to`]: its path with links resolved, and the
+/// directory itself, open.
+#[derive(Debug)]
+struct WalkedDir {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+/// One move of a walk.
+#[derive(Debug)]
+enum Hop {
+    Down(OsString),
+    Up,
+}
+
+fn open_dir(p: &Path, follow: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = if follow {
+        libc::O_DIRECTORY
+    } else {
+        libc::O_DIRECTORY | libc::O_NOFOLLOW
+    };
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(p)
+}
+
+/// Whether a symbolic link may be followed: it and the directory holding it
+/// are root's and nobody else may write that directory, so only root could
+/// have made the link or could swap it (as `/lib -> usr/lib` or
+/// `/var/run -> /run`).
+fn trusted_link(link: &std::fs::Metadata, holder: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    link.uid() == 0 && holder.uid() == 0 && holder.mode() & 0o022 == 0
+}
+
+/// Walks from the node root to the directory holding `full` (a path
+/// [`under_root`] made), one directory at a time, each opened with
+/// `O_NOFOLLOW|O_DIRECTORY` and checked to be the one just looked at;
+/// missing ones are made when `create`. A directory that is a symbolic link
+/// is refused, naming it, unless [`trusted_link`]; a trusted link is
+/// followed, and the directories its target names are checked the same
+/// way. Returns the directory reached and the file name. `verb` ("write",
+/// "read") is for messages.
+fn walk_to<'a>(
+    root: &Path,
+    full: &'a Path,
+    create: bool,
+    verb: &str,
+) -> Result<(WalkedDir, &'a OsStr), String> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = full.display();
+    let rel = full
+        .strip_prefix(root)
+        .map_err(|_| format!("{shown} is not under the node root {}", root.display()))?;
+    let name = rel
+        .file_name()
+        .ok_or_else(|| format!("{shown} names no file under the node root"))?;
+    let mut hops: VecDeque<Hop> = rel
+        .parent()
+        .into_iter()
+        .flat_map(Path::components)
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(Hop::Down(n.to_owned())),
+            _ => None,
+        })
+        .collect();
+    let open_trusted = |p: &Path| {
+        open_dir(p, true)
+            .map(|file| WalkedDir {
+                path: p.to_owned(),
+                file,
+            })
+            .map_err(|e| format!("open {}: {e}", p.display()))
+    };
+    let mut here = open_trusted(root)?;
+    let mut above: Vec<WalkedDir> = Vec::new();
+    let mut links = 0;
+    while let Some(hop) = hops.pop_front() {
+        let next = match hop {
+            Hop::Up => {
+                here = match above.pop() {
+                    Some(d) => d,
+                    None => match here.path.parent() {
+                        // Above the node root: only a trusted link leads here.
+                        Some(p) => open_trusted(p)?,
+                        None => here,
+                    },
+                };
+                continue;
+            }
+            Hop::Down(n) => n,
+        };
+        let p = here.path.join(&next);
+        let meta = match std::fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                match std::fs::create_dir(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(format!("create {}: {e}", p.display())),
+                }
+                std::fs::symlink_metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("{shown}: {e}"));
+            }
+            Err(e) => return Err(format!("{}: {e}", p.display())),
+        };
+        if meta.file_type().is_symlink() {
+            let holder = here
+                .file
+                .metadata()
+                .map_err(|e| format!("{}: {e}", here.path.display()))?;
+            if !trusted_link(&meta, &holder) {
+                return Err(format!(
+                    "{} is a symbolic link{} that a user other than root could have planted; refusing to {verb} {shown} through it: remove the link, or give the step the real path",
+                    p.display(),
+                    link_target(&p)
+                ));
+            }
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(format!(
+                    "{shown}: more than {MAX_LINKS} symbolic links on the way"
+                ));
+            }
+            let to = std::fs::read_link(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            for c in to.components().rev() {
+                match c {
+                    Component::Normal(n) => hops.push_front(Hop::Down(n.to_owned())),
+                    Component::ParentDir => hops.push_front(Hop::Up),
+                    Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+                }
+            }
+            if to.has_root() {
+                above.clear();
+                here = open_trusted(Path::new("/"))?;
+            }
+            continue;
+        }
+        if !meta.is_dir() {
+            return Err(format!(
+                "{} is not a directory; cannot {verb} {shown}",
+                p.display()
+            ));
+        }
+        let file = open_dir(&p, false).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                format!(
+                    "{} became a symbolic link while it was checked; refusing to {verb} {shown} through it",
+                    p.display()
+                )
+            } else {
+                format!("open {}: {e}", p.display())
+            }
+        })?;
+        let opened = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        if (opened.dev(), opened.ino()) != (meta.dev(), meta.ino()) {
+            return Err(format!(
+                "{} was replaced while it was checked; refusing to {verb} {shown}",
+                p.display()
+            ));
+        }
+        above.push(std::mem::replace(&mut here, WalkedDir { path: p, file }));
+    }
+    Ok((here, name))
+}
+
+/// The uid and gid `owner` names, read as chown(1) reads it: `user`,
+/// `user:group`, `user:` (the user's login group) or `:group`, each a name
+/// or a numeric id.
+fn resolve_owner(owner: &str) -> Result<(Option<u32>, Option<u32>), String> {
+    let (user, group) = match owner.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (owner, None),
+    };
+    if user.is_empty() && group.is_none() {
+        return Err("no user or group given".to_owned());
+    }
+    let id = |fields: &[String], key: &str| {
+        fields
+            .get(2)
+            .and_then(|f| f.parse::<u32>().ok())
+            .ok_or_else(|| format!("the entry for {key:?} has no numeric id"))
+    };
+    let mut login_group = None;
+    let uid = if user.is_empty() {
+        None
+    } else {
+        Some(match lookup("passwd", user)? {
+            Some(f) => {
+                login_group = f.get(3).and_then(|g| g.parse::<u32>().ok());
+                id(&f, user)?
+            }
+            None => user
+                .parse()
+                .map_err(|_| format!("no user {user:?} on this node"))?,
+        })
+    };
+    let gid = match group {
+        None => None,
+        // ":" alone changes nothing, as with chown(1).
+        Some("") if user.is_empty() => None,
+        Some("") => Some(
+            login_group.ok_or_else(|| format!("user {user:?} has no login group on this node"))?,
+        ),
+        Some(g) => Some(match lookup("group", g)? {
+            Some(f) => id(&f, g)?,
+            None => g
+                .parse()
+                .map_err(|_| format!("no group {g:?} on this node"))?,
+        }),
+    };
+    Ok((uid, gid))
+}
+
+/// The fields of the entry for `key` (a name or numeric id) in `db`
+/// (`passwd` or `group`): through getent, so users from NSS count too, or
+/// from /etc/<db> where getent is missing.
+fn lookup(db: &str, key: &str) -> Result<Option<Vec<String>>, String> {
+    let fields = |line: &str| line.split(':').map(str::to_owned).collect::<Vec<_>>();
+    match std::process::Command::new("getent")
+        .args([db, "--", key])
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .map(fields)),
+        // getent's exit status for "no such entry".
+        Ok(o) if o.status.code() == Some(2) => Ok(None),
+        Ok(o) => Err(format!(
+            "getent {db} {key}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let file = Path::new("/etc").join(db);
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            Ok(text.lines().map(fields).find(|f| {
+                f.first().is_some_and(|n| n == key) || f.get(2).is_some_and(|n| n == key)
+            }))
+        }
+        Err(e) => Err(format!("getent: {e}")),
+    }
+}
+
+/// The last `max` bytes of the log at `full` (a path [`under_root`] made).
+/// Log directories belong to their component's user, who could plant a link
+/// to a file only root may read: the directories are walked as for a write,
+/// and the log is opened with `O_NOFOLLOW` (and `O_NONBLOCK`, so a planted
+/// FIFO cannot hang the step) and must be a regular file.
+fn tail_of(root: &Path, full: &Path, max: u64) -> Result<Vec<u8>, String> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = full.display();
+    let (dir, name) = walk_to(root, full, false, "read")?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(dir.path.join(name))
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                format!(
+                    "{shown}: a symbolic link{}; logs are read from regular files only, never through a link",
+                    link_target(&dir.path.join(name))
+                )
+            } else {
+                format!("{shown}: {e}")
+            }
+        })?;
+    let meta = f.metadata().map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "{shown}: not a regular file; logs are read from regular files only"
+        ));
+    }
+    let len = meta.len();
     if len > max {
         f.seek(SeekFrom::Start(len - max))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| format!("{shown}: {e}"))?;
     }
     let mut out = Vec::new();
     f.take(max)
         .read_to_end(&mut out)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| format!("{shown}: {e}"))?;
     Ok(out)
 }
 
@@ -665,31 +1084,12 @@ pub(crate) async fn execute(
             contents,
             mode,
             owner,
-        } => match write_file(ctx, path, contents, *mode) {
+        } => match write_file(&ctx.root, path, contents, *mode, owner.as_deref()) {
             Err(e) => failed(e),
-            Ok(target) => match owner {
-                None => ok(format!(
-                    "wrote {} ({} bytes)",
-                    target.display(),
-                    contents.len()
-                )),
-                Some(owner) => match tokio::process::Command::new("chown")
-                    .arg(owner)
-                    .arg(&target)
-                    .output()
-                    .await
-                {
-                    Ok(o) if o.status.success() => {
-                        ok(format!("wrote {} owned by {owner}", target.display()))
-                    }
-                    Ok(o) => failed(format!(
-                        "chown {owner} {}: {}",
-                        target.display(),
-                        String::from_utf8_lossy(&o.stderr).trim()
-                    )),
-                    Err(e) => failed(format!("chown: {e}")),
-                },
-            },
+            Ok(target) => ok(match owner {
+                None => format!("wrote {} ({} bytes)", target.display(), contents.len()),
+                Some(owner) => format!("wrote {} owned by {owner}", target.display()),
+            }),
         },
         StepAction::MonitAdd { name, check } => match ctx.monit.add(name, check).await {
             Ok(out) => ok(out),
@@ -709,7 +1109,7 @@ pub(crate) async fn execute(
             let mut errors = Vec::new();
             for p in paths {
                 let per = (*max_bytes).min(budget);
-                match under_root(&ctx.root, p).and_then(|full| tail_of(&full, per)) {
+                match under_root(&ctx.root, p).and_then(|full| tail_of(&ctx.root, &full, per)) {
                     Ok(bytes) => {
                         budget = budget.saturating_sub(bytes.len() as u64);
                         files.push((p.clone(), bytes));
@@ -998,6 +1398,332 @@ mod tests {
         let out = execute(&logs, &ctx(dir.path()), &tx).await;
         assert_eq!(out.files, vec![("etc/app/conf".to_owned(), b"ta".to_vec())]);
         assert!(out.stderr_tail.contains("missing.log"));
+    }
+
+    /// Whether the tests run as root: then a planted link must be made to
+    /// look like another user's, or the walk would rightly trust it.
+    fn running_as_root(dir: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(dir)
+            .map(|m| m.uid() == 0)
+            .unwrap_or(false)
+    }
+
+    /// Gives `path` (a link itself, not what it points to) to `nobody`, as a
+    /// component's user would own it, when running as root; unprivileged,
+    /// it already belongs to a user other than root.
+    fn give_away(path: &Path) {
+        if running_as_root(Path::new("/")) {
+            std::os::unix::fs::lchown(path, Some(65534), Some(65534)).expect("lchown");
+        }
+    }
+
+    fn write_step(path: &str, mode: u32, owner: Option<&str>) -> Step {
+        step(StepAction::WriteFile {
+            path: path.into(),
+            contents: b"data".to_vec(),
+            mode,
+            owner: owner.map(str::to_owned),
+        })
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn is_link(p: &Path) -> bool {
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+    }
+
+    #[tokio::test]
+    async fn a_planted_temporary_or_target_link_is_never_written_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let (tx, _rx) = mpsc::channel(16);
+        let c = ctx(dir.path());
+        let secret = outside.path().join("passwd");
+        std::fs::write(&secret, b"root:x:0:0::/root:/bin/sh\n").expect("write");
+        let app = dir.path().join("etc/app");
+        std::fs::create_dir_all(&app).expect("mkdir");
+        give_away(&app);
+        // The temporary name the agent used to write through, and a guess at a new one.
+        let old_tmp = app.join(".conf.de-tmp");
+        std::os::unix::fs::symlink(&secret, &old_tmp).expect("symlink");
+        give_away(&old_tmp);
+        let guess = app.join(".conf.000000000000000000000000.de-tmp");
+        std::os::unix::fs::symlink(&secret, &guess).expect("symlink");
+        give_away(&guess);
+
+        let out = execute(&write_step("etc/app/conf", 0o640, None), &c, &tx).await;
+        assert!(out.succeeded(), "{out:?}");
+        assert_eq!(
+            std::fs::read(&secret).expect("read"),
+            b"root:x:0:0::/root:/bin/sh\n"
+        );
+        assert!(is_link(&old_tmp) && is_link(&guess));
+        assert_eq!(std::fs::read(app.join("conf")).expect("read"), b"data");
+        assert!(!is_link(&app.join("conf")));
+        assert_eq!(
+            names_in(&app),
+            [
+                ".conf.000000000000000000000000.de-tmp",
+                ".conf.de-tmp",
+                "conf"
+            ],
+            "no temporary file is left behind"
+        );
+
+        // A link at the target name is refused, naming it, and left alone.
+        let linked = app.join("linked");
+        std::os::unix::fs::symlink(&secret, &linked).expect("symlink");
+        give_away(&linked);
+        let out = execute(&write_step("etc/app/linked", 0o640, None), &c, &tx).await;
+        let error = out.error.unwrap_or_default();
+        assert!(
+            error.contains(&format!("{} is a symbolic link", linked.display())),
+            "{error}"
+        );
+        assert!(is_link(&linked));
+        assert_eq!(
+            std::fs::read(&secret).expect("read"),
+            b"root:x:0:0::/root:/bin/sh\n"
+        );
+
+        // Temporary names cannot be known ahead.
+        let a = temp_name(OsStr::new("conf")).expect("name");
+        let b = temp_name(OsStr::new("conf")).expect("name");
+        assert_ne!(a, b);
+        let a = a.to_string_lossy().into_owned();
+        assert!(
+            a.starts_with(".conf.") && a.ends_with(".de-tmp") && a.len() == 37,
+            "{a}"
+        );
+        let long = "x".repeat(255);
+        assert!(temp_name(OsStr::new(&long)).expect("name").len() <= 255);
+    }
+
+    #[tokio::test]
+    async fn a_symlinked_directory_on_the_way_is_refused_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let (tx, _rx) = mpsc::channel(16);
+        let c = ctx(dir.path());
+        std::fs::write(outside.path().join("cf.yml"), b"original").expect("write");
+        // A prepare step gave /var/vcap/deploy to vcap; vcap plants a link in it.
+        let deploy = dir.path().join("var/vcap/deploy");
+        std::fs::create_dir_all(&deploy).expect("mkdir");
+        give_away(&deploy);
+        let planted = deploy.join("conf");
+        std::os::unix::fs::symlink(outside.path(), &planted).expect("symlink");
+        give_away(&planted);
+
+        let out = execute(
+            &write_step("/var/vcap/deploy/conf/cf.yml", 0o600, None),
+            &c,
+            &tx,
+        )
+        .await;
+        assert!(!out.succeeded(), "{out:?}");
+        let error = out.error.unwrap_or_default();
+        assert!(
+            error.contains(&format!("{} is a symbolic link", planted.display())),
+            "{error}"
+        );
+        assert_eq!(names_in(outside.path()), ["cf.yml"]);
+        assert_eq!(
+            std::fs::read(outside.path().join("cf.yml")).expect("read"),
+            b"original"
+        );
+        // Writing into the directory vcap owns is fine.
+        let out = execute(&write_step("var/vcap/deploy/cf.yml", 0o600, None), &c, &tx).await;
+        assert!(out.succeeded(), "{out:?}");
+        assert_eq!(std::fs::read(deploy.join("cf.yml")).expect("read"), b"data");
+
+        if !running_as_root(dir.path()) {
+            return;
+        }
+        // A link only root could have made is followed (as /lib -> usr/lib),
+        // and what its target names is checked the same way.
+        std::fs::create_dir_all(dir.path().join("usr/lib")).expect("mkdir");
+        std::os::unix::fs::symlink("usr/lib", dir.path().join("lib")).expect("symlink");
+        let out = execute(&write_step("lib/app.conf", 0o644, None), &c, &tx).await;
+        assert!(out.succeeded(), "{out:?}");
+        assert_eq!(
+            std::fs::read(dir.path().join("usr/lib/app.conf")).expect("read"),
+            b"data"
+        );
+        std::os::unix::fs::symlink("../../var/vcap/deploy", dir.path().join("usr/lib/deploy"))
+            .expect("symlink");
+        let out = execute(&write_step("lib/deploy/up.yml", 0o644, None), &c, &tx).await;
+        assert!(out.succeeded(), "{out:?}");
+        assert_eq!(std::fs::read(deploy.join("up.yml")).expect("read"), b"data");
+        std::os::unix::fs::symlink("var/vcap/deploy/conf", dir.path().join("via"))
+            .expect("symlink");
+        let out = execute(&write_step("via/cf.yml", 0o600, None), &c, &tx).await;
+        let error = out.error.unwrap_or_default();
+        assert!(
+            error.contains(&format!("{} is a symbolic link", planted.display())),
+            "{error}"
+        );
+        assert_eq!(names_in(outside.path()), ["cf.yml"]);
+    }
+
+    #[tokio::test]
+    async fn logs_are_read_from_regular_files_only_never_through_links() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let (tx, _rx) = mpsc::channel(16);
+        let secret = outside.path().join("shadow");
+        std::fs::write(&secret, b"TOP SECRET").expect("write");
+        let logs = dir.path().join("var/vcap/sys/log/app");
+        std::fs::create_dir_all(&logs).expect("mkdir");
+        give_away(&logs);
+        std::fs::write(logs.join("app.log"), b"line one\nline two\n").expect("write");
+        std::os::unix::fs::symlink(&secret, logs.join("stolen.log")).expect("symlink");
+        give_away(&logs.join("stolen.log"));
+        std::os::unix::fs::symlink(outside.path(), logs.join("sub")).expect("symlink");
+        give_away(&logs.join("sub"));
+        let fifo = logs.join("pipe.log");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+
+        let rel = |n: &str| format!("var/vcap/sys/log/app/{n}");
+        let step = step(StepAction::CollectLogs {
+            paths: vec![rel("app.log"), rel("stolen.log"), rel("sub/shadow")],
+            max_bytes: 9,
+        });
+        let out = execute(&step, &ctx(dir.path()), &tx).await;
+        assert_eq!(out.files, vec![(rel("app.log"), b"line two\n".to_vec())]);
+        assert!(!format!("{out:?}").contains("TOP SECRET"), "{out:?}");
+        let errors = out.stderr_tail;
+        assert!(
+            errors.contains(&format!(
+                "{}: a symbolic link",
+                logs.join("stolen.log").display()
+            )),
+            "{errors}"
+        );
+        assert!(
+            errors.contains(&format!(
+                "{} is a symbolic link",
+                logs.join("sub").display()
+            )),
+            "{errors}"
+        );
+
+        // A FIFO is refused at once (opening one to read would wait for a writer).
+        let (done, got) = std::sync::mpsc::channel();
+        let (root, path) = (dir.path().to_owned(), fifo.clone());
+        std::thread::spawn(move || {
+            let _ = done.send(tail_of(&root, &path, 16));
+        });
+        let read = got
+            .recv_timeout(Duration::from_secs(10))
+            .expect("reading a FIFO returned");
+        assert_eq!(
+            read,
+            Err(format!(
+                "{}: not a regular file; logs are read from regular files only",
+                fifo.display()
+            ))
+        );
+    }
+
+    fn id(args: &[&str]) -> String {
+        let out = std::process::Command::new("id")
+            .args(args)
+            .output()
+            .expect("id");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[tokio::test]
+    async fn mode_and_owner_are_those_asked_set_on_the_file_written() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, _rx) = mpsc::channel(16);
+        let c = ctx(dir.path());
+        let mut cases = vec![(format!("{}:{}", id(&["-un"]), id(&["-gn"])), ["", ""])];
+        if running_as_root(dir.path()) {
+            cases.push(("nobody:".to_owned(), ["nobody", "nobody"]));
+        }
+        for (i, (owner, of)) in cases.iter().enumerate() {
+            let path = format!("etc/app/tool-{i}");
+            // Set-user-id survives only if the mode is set after the owner.
+            let out = execute(&write_step(&path, 0o4750, Some(owner)), &c, &tx).await;
+            assert!(out.succeeded(), "{out:?}");
+            assert!(
+                out.stdout_tail.ends_with(&format!("owned by {owner}")),
+                "{out:?}"
+            );
+            let meta = std::fs::metadata(dir.path().join(&path)).expect("meta");
+            let want = |flag: &str, who: &str| {
+                let args: Vec<&str> = [flag]
+                    .into_iter()
+                    .chain((!who.is_empty()).then_some(who))
+                    .collect();
+                id(&args).parse::<u32>().expect("numeric id")
+            };
+            assert_eq!(meta.uid(), want("-u", of[0]), "{owner}");
+            assert_eq!(meta.gid(), want("-g", of[1]), "{owner}");
+            assert_eq!(meta.mode() & 0o7777, 0o4750, "{owner}");
+        }
+        // An unknown owner fails before anything is written.
+        let out = execute(
+            &write_step("etc/app/bad", 0o640, Some("no-such-user-de:root")),
+            &c,
+            &tx,
+        )
+        .await;
+        let error = out.error.unwrap_or_default();
+        assert!(error.contains("no user \"no-such-user-de\""), "{error}");
+        assert!(!dir.path().join("etc/app/bad").exists());
+        assert!(
+            names_in(&dir.path().join("etc/app"))
+                .iter()
+                .all(|n| !n.ends_with(".de-tmp"))
+        );
+    }
+
+    #[test]
+    fn owners_are_read_as_chown_reads_them() {
+        assert_eq!(resolve_owner("root"), Ok((Some(0), None)));
+        assert_eq!(resolve_owner("0:0"), Ok((Some(0), Some(0))));
+        assert_eq!(resolve_owner("root:"), Ok((Some(0), Some(0))));
+        assert_eq!(resolve_owner(":0"), Ok((None, Some(0))));
+        assert_eq!(resolve_owner(":"), Ok((None, None)));
+        assert_eq!(resolve_owner("4242:4343"), Ok((Some(4242), Some(4343))));
+        assert!(resolve_owner("").is_err());
+        assert_eq!(
+            resolve_owner("root:no-such-group-de"),
+            Err("no group \"no-such-group-de\" on this node".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_step_signed_for_another_lane_is_refused() {
+        let s = step(script("true", 1));
+        assert_eq!(pulled_on(s.clone(), Lane::Adhoc), Ok(s.clone()));
+        let refusal = pulled_on(s, Lane::Deploy).expect_err("refused");
+        assert_eq!(
+            refusal,
+            StepRefusal::WrongLane {
+                expected: Lane::Deploy,
+                got: Lane::Adhoc
+            }
+        );
+        assert_eq!(
+            refusal.to_string(),
+            "step is signed for lane adhoc, but came on a pull of lane deploy"
+        );
     }
 
     #[test]

@@ -155,6 +155,13 @@ pub enum StepRefusal {
     Replayed { lane: String, seq: u64, last: u64 },
     #[error("step expired at {not_after} (now {now})")]
     Expired { not_after: u64, now: u64 },
+    /// Signed for lane `got` but handed out on a pull of lane `expected`.
+    #[error(
+        "step is signed for lane {}, but came on a pull of lane {}",
+        .got.as_str(),
+        .expected.as_str()
+    )]
+    WrongLane { expected: Lane, got: Lane },
 }
 
 #[derive(Debug, thiserror::Error)]

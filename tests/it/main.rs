@@ -13,5 +13,6 @@ mod link_security;
 mod monit;
 mod operate;
 mod plans;
+mod planted;
 mod step_refusals;
 mod steps;
