@@ -257,3 +257,54 @@ run = 'echo $$ > {{ properties.marker }}; sleep {{ properties.pause }}; echo fin
     ensure!(missing.status == 404, "{}", missing.status);
     Ok(())
 }
+
+#[test]
+fn a_script_leaving_a_child_on_its_output_ends_with_its_own_exit_code() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ips = ["127.0.13.21"];
+    let (ctl, agents) = cluster(dir.path(), &ips, false)?;
+    let node = agents[0].node_id()?;
+    let pidfile = dir.path().join("child.pid");
+    // `sleep 60 &` keeps the step's stdout open for a minute after the
+    // script itself exits 0: the step ends at once all the same.
+    let req = de_common::api::StepRequest {
+        action: de_common::StepAction::Script {
+            script: format!(
+                "echo starting; sleep 60 & echo $! > {}; exit 0",
+                pidfile.display()
+            ),
+            user: None,
+            env: Vec::new(),
+            timeout_secs: 120,
+        },
+        lane: None,
+        wait_secs: Some(30),
+    };
+    let a = ctl.api(
+        "POST",
+        &format!("/api/v1/nodes/{node}/steps"),
+        Some(&serde_json::to_string(&req)?),
+    )?;
+    let child: Option<u32> = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse().ok());
+    if let Some(pid) = child {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    }
+    ensure!(
+        a.status == 200,
+        "the step did not end within 30 s: {} {}",
+        a.status,
+        a.body
+    );
+    let rec: de_common::api::StepRecordView = a.json()?;
+    let out = rec.outcome.context("an outcome")?;
+    ensure!(out.exit_code == Some(0) && !out.timed_out, "{out:?}");
+    ensure!(out.stdout_tail.contains("starting"), "{out:?}");
+    ensure!(
+        out.stderr_tail.contains("kept stdout or stderr open"),
+        "the result says why reading stopped: {out:?}"
+    );
+    ensure!(child.is_some(), "the script ran");
+    Ok(())
+}

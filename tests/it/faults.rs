@@ -10,8 +10,9 @@
 //! runs the full suite with one command (docs/RELIABILITY.md):
 //! `DE_FAULT_KILLS` (controller kills, default 6), `DE_FAULT_AGENT_KILLS`
 //! (agent kills, default 4), `DE_FAULT_BOTH_KILLS` (the controller and an
-//! agent together, default 3), `DE_FAULT_SEED` (replay a failure: the seed
-//! is printed at the start of each test).
+//! agent together, default 3), `DE_FAULT_ADHOC_KILLS` (controller kills
+//! under ad-hoc commands, default 3), `DE_FAULT_SEED` (replay a failure: the
+//! seed is printed at the start of each test).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -507,6 +508,99 @@ fn controller_and_an_agent_killed_together_lose_nothing_and_rerun_only_interrupt
     println!(
         "controller and agent kills: {done_kills} double kills over {round} deployments, {checked} steps checked, {interrupted_seen} interrupted and re-run, {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Queues `script` on `node`'s ad-hoc lane without waiting; its step id.
+fn queue_adhoc(ctl: &TestController, node: &str, script: &str) -> Result<String> {
+    let req = de_common::api::StepRequest {
+        action: de_common::StepAction::Script {
+            script: script.to_owned(),
+            user: None,
+            env: Vec::new(),
+            timeout_secs: 60,
+        },
+        lane: Some(de_common::Lane::Adhoc),
+        wait_secs: Some(0),
+    };
+    let a = ctl.api(
+        "POST",
+        &format!("/api/v1/nodes/{node}/steps"),
+        Some(&serde_json::to_string(&req)?),
+    )?;
+    ensure!(
+        a.status == 200 || a.status == 202,
+        "queue: {} {}",
+        a.status,
+        a.body
+    );
+    Ok(a.json::<de_common::api::StepRecordView>()?
+        .step
+        .id
+        .to_string())
+}
+
+#[test]
+fn ad_hoc_steps_survive_controller_kills_with_each_result_recorded_once() -> Result<()> {
+    let kills = count_from_env("DE_FAULT_ADHOC_KILLS", 3);
+    let mut rng = Rng::from_env("ad-hoc kills");
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let ips = ["127.0.12.51", "127.0.12.52", "127.0.12.53", "127.0.12.54"];
+    let (first, agents) = cluster(dir.path(), &ips, false)?;
+    let (api, quic) = (first.api.to_string(), first.quic.to_string());
+    drop(first);
+    let mut ctl = controller_on(&data, &api, &quic, 3)?;
+    let log = dir.path().join("adhoc.log");
+    let nodes: Vec<String> = agents
+        .iter()
+        .map(TestAgent::node_id)
+        .collect::<Result<_>>()?;
+    let mut queued: Vec<String> = Vec::new();
+    for kill in 0..kills.max(1) {
+        all_online(&ctl, &ips)?;
+        // Three commands per node, each writing its own step id to the journal.
+        for node in &nodes {
+            for _ in 0..3 {
+                queued.push(queue_adhoc(
+                    &ctl,
+                    node,
+                    &format!(
+                        "sleep 0.0{}; echo \"$DE_STEP_ID\" >> {}",
+                        rng.below(9),
+                        log.display()
+                    ),
+                )?);
+            }
+        }
+        if kill < kills {
+            std::thread::sleep(Duration::from_millis(rng.below(600)));
+            drop(ctl); // SIGKILL, while commands run, finish or wait to be acknowledged
+            ctl = controller_on(&data, &api, &quic, 3)?;
+        }
+    }
+    // Every command's result reaches the restarted controller, once.
+    for id in &queued {
+        let rec = wait_until(DEPLOY_LIMIT, &format!("step {id} to end"), || {
+            ctl.api("GET", &format!("/api/v1/steps/{id}"), None)
+                .ok()
+                .and_then(|a| a.json::<de_common::api::StepRecordView>().ok())
+                .filter(|r| r.state.is_final())
+        })?;
+        ensure!(
+            rec.state == de_common::api::StepState::Done,
+            "step {id}: {rec:?}"
+        );
+    }
+    let text = std::fs::read_to_string(&log)?;
+    for id in &queued {
+        let n = text.lines().filter(|l| l.trim() == id).count();
+        ensure!(n == 1, "step {id} ran {n} times");
+    }
+    println!(
+        "ad-hoc kills: {kills} kills, {} commands each recorded done and run once",
+        queued.len()
     );
     Ok(())
 }
