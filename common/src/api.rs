@@ -58,6 +58,9 @@ pub enum ErrorCode {
     PlanUnusable,
     /// 502: nodes of the plan are offline.
     NodesOffline,
+    /// 403: the token's role does not allow the route; the message names the
+    /// role needed.
+    Forbidden,
     /// A code this build does not know (from a newer controller).
     #[serde(other)]
     Other,
@@ -65,7 +68,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code the controller sends, in the order `docs/API.md` lists them.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPlan,
         ErrorCode::WebsocketRequired,
@@ -80,6 +83,7 @@ impl ErrorCode {
         ErrorCode::Store,
         ErrorCode::PlanUnusable,
         ErrorCode::NodesOffline,
+        ErrorCode::Forbidden,
     ];
 }
 
@@ -688,6 +692,133 @@ pub struct HardwareRow {
 
 /// `GET /deployment-engine/download`, `GET /api/v1/logs`: the log file names, sorted.
 pub type LogFiles = Vec<String>;
+
+// ---------------------------------------------------------------- tokens and audit
+
+/// What an API token may do. Each role allows what the one before it does:
+/// `read-only` reads (nodes, status, plans, logs, deployments), `operator`
+/// also acts on nodes (deploy, exec, raw steps, restart, stop, start,
+/// cancel, plan submission), `admin` also manages access (install codes,
+/// tokens, node revocation, the audit log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    ReadOnly,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    /// Every role, weakest first.
+    pub const ALL: [Role; 3] = [Role::ReadOnly, Role::Operator, Role::Admin];
+
+    /// The role's name on the wire and in messages (`read-only`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ReadOnly => "read-only",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Whether a token with this role may use a route that needs `needed`.
+    pub fn allows(self, needed: Role) -> bool {
+        self >= needed
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("no role {s:?}: use read-only, operator or admin"))
+    }
+}
+
+/// Body of `POST /api/v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// `[A-Za-z0-9._-]`, 1 to 64 characters, unique.
+    pub name: String,
+    pub role: Role,
+}
+
+/// A stored token as `GET /api/v1/tokens` lists it: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub name: String,
+    pub role: Role,
+    /// RFC 3339.
+    pub created_at: String,
+    /// The name of the token that created it (`-` for the first admin token).
+    pub created_by: String,
+}
+
+/// The answer to `POST /api/v1/tokens` (201): the token, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub name: String,
+    pub role: Role,
+    /// The bearer token; the controller keeps only its SHA-256.
+    pub token: String,
+    pub created_at: String,
+}
+
+/// What an audit entry records was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    /// `POST /api/v1/exec`.
+    Exec,
+    /// `POST /api/v1/nodes/{id}/steps`.
+    Step,
+    Restart,
+    Stop,
+    Start,
+    Deploy,
+    /// A deployment cancelled.
+    Cancel,
+    /// A plan submitted (`POST /deployment-engine/config`).
+    Plan,
+    /// A node revoked.
+    Revoke,
+    /// An install code issued.
+    Code,
+    /// The install code ended.
+    EndCode,
+    /// An API token created.
+    Token,
+    /// An API token revoked.
+    RevokeToken,
+    /// An action this build does not know (from a newer controller).
+    #[serde(other)]
+    Other,
+}
+
+/// One entry of the audit log (`GET /api/v1/audit`, newest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// RFC 3339.
+    pub at: String,
+    /// The name of the token that asked.
+    pub token: String,
+    pub action: AuditAction,
+    /// The node ids (or components, token names, deployment ids) acted on.
+    pub targets: Vec<String>,
+    /// What was asked, in a line (a command's first 200 characters, a
+    /// step's kind, a role, ...).
+    pub detail: String,
+}
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,7 @@
 //! the HTTP API ([`http::app`]) and the QUIC endpoint ([`quic`]). `main.rs`
 //! only parses the command line and wires these together.
 
+mod access;
 pub mod agents;
 mod deploy;
 pub mod http;
@@ -22,6 +23,7 @@ pub use deploy::{DEFAULT_STEP_ATTEMPTS, Deployer};
 pub use oplog::{DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_MB, LogLimits};
 pub use plan::{Cardinality, Catalogs, validate_plan};
 
+use access::{Audit, Tokens};
 use agents::{Codes, Nodes, Pki, PkiError, StepQueue};
 use oplog::LogHub;
 use plan::{CatalogError, Plans};
@@ -41,6 +43,8 @@ pub enum OpenError {
     Store(#[from] StoreError),
     #[error("could not load the component catalogs: fix or remove the file named here")]
     Catalog(#[from] CatalogError),
+    #[error("could not load the API tokens or the audit log")]
+    Access(#[source] StoreError),
     #[error("could not open the log dir {0}")]
     Logs(String, #[source] std::io::Error),
 }
@@ -51,6 +55,10 @@ pub struct Controller {
     pub store: Arc<dyn Store>,
     pub pki: Pki,
     pub codes: Codes,
+    /// The API tokens and their roles (the first one is `admin.token`).
+    pub(crate) tokens: Tokens,
+    /// Which token asked for what (`GET /api/v1/audit`).
+    pub(crate) audit: Audit,
     pub nodes: Nodes,
     pub steps: StepQueue,
     /// Built-in catalogs and the operator's (`DATA/catalogs/`), loaded at start.
@@ -79,6 +87,8 @@ impl Controller {
         let (pki, origin) = Pki::load_or_create(data_dir)?;
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
         let codes = Codes::load(store.clone())?;
+        let tokens = Tokens::load(store.clone(), pki.token()).map_err(OpenError::Access)?;
+        let audit = Audit::open(store.clone()).map_err(OpenError::Access)?;
         let nodes = Nodes::load(store.clone())?;
         let steps = StepQueue::open(store.clone(), pki.step_key())?;
         let catalogs = Catalogs::load(&data_dir.join("catalogs"))?;
@@ -91,6 +101,8 @@ impl Controller {
                 store,
                 pki,
                 codes,
+                tokens,
+                audit,
                 nodes,
                 steps,
                 catalogs,

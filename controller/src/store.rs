@@ -24,6 +24,10 @@ pub enum Tree {
     Plans,
     /// Deployments by id.
     Deployments,
+    /// API tokens by name: role and SHA-256, never the token.
+    Tokens,
+    /// The audit log by sequence (zero-padded, so keys sort in order).
+    Audit,
 }
 
 impl Tree {
@@ -35,6 +39,8 @@ impl Tree {
             Tree::StepIds => "step-ids",
             Tree::Plans => "plans",
             Tree::Deployments => "deployments",
+            Tree::Tokens => "tokens",
+            Tree::Audit => "audit",
         }
     }
 }

@@ -16,3 +16,4 @@ mod plans;
 mod planted;
 mod step_refusals;
 mod steps;
+mod tokens;

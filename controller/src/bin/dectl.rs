@@ -22,6 +22,7 @@ use de_common::api::{
     ExecResult, LogFiles, NewCode, NodeView, OperateRequest, OperateRow, PhaseState, PlanCheck,
     PlanCreated, PlanDiff, Resolved, StatusRow, resolve,
 };
+use de_common::api::{NewToken, Role, TokenCreated, TokenView};
 use serde::Serialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::Value;
@@ -112,6 +113,26 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// API tokens: `create NAME --role ROLE`, `list`, `revoke NAME` (admin only).
+    Tokens {
+        #[command(subcommand)]
+        what: TokenCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Create a token; it is printed this once.
+    Create {
+        name: String,
+        /// read-only, operator or admin.
+        #[arg(long)]
+        role: Role,
+    },
+    /// The tokens with their roles (never the tokens themselves).
+    List,
+    /// Revoke a token: it is refused from then on.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -345,7 +366,47 @@ fn run(cli: Cli, api: &Api) -> Outcome {
             targets,
             timeout,
         } => exec(api, command, targets, timeout, json),
+        Command::Tokens { what } => tokens(api, what, json),
     }
+}
+
+fn tokens(api: &Api, what: TokenCmd, json: bool) -> Outcome {
+    match what {
+        TokenCmd::Create { name, role } => {
+            let reply = api.ok("POST", "/api/v1/tokens", body(&NewToken { name, role }))?;
+            if json {
+                reply.print_json();
+                return Ok(());
+            }
+            let t: TokenCreated = reply.parse()?;
+            println!("{}", t.token);
+            eprintln!(
+                "token {:?} ({}) created: it is shown only this once; keep it in a file readable only by its user and pass that file with --token-file",
+                t.name, t.role
+            );
+        }
+        TokenCmd::List => {
+            let reply = api.get("/api/v1/tokens")?;
+            if json {
+                reply.print_json();
+                return Ok(());
+            }
+            let all: Vec<TokenView> = reply.parse()?;
+            let rows: Vec<Vec<String>> = all
+                .into_iter()
+                .map(|t| vec![t.name, t.role.to_string(), t.created_at, t.created_by])
+                .collect();
+            table(&["NAME", "ROLE", "CREATED", "BY"], &rows);
+        }
+        TokenCmd::Revoke { name } => {
+            let path = format!("/api/v1/tokens/{name}");
+            api.ok("DELETE", &path, None)?;
+            if !json {
+                println!("token {name:?} revoked: it is refused from now on");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn codes(api: &Api, what: Codes, json: bool) -> Outcome {
@@ -1061,6 +1122,20 @@ mod tests {
         Cli::try_parse_from(std::iter::once("dectl").chain(args.iter().copied()))
             .map(|c| c.command)
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tokens_parse_with_a_known_role_only() {
+        assert!(matches!(
+            parse(&["tokens", "create", "ci", "--role", "read-only"]),
+            Ok(Command::Tokens { what: TokenCmd::Create { name, role: Role::ReadOnly } }) if name == "ci"
+        ));
+        assert!(parse(&["tokens", "create", "ci", "--role", "root"]).is_err());
+        assert!(parse(&["tokens", "create", "ci"]).is_err());
+        assert!(matches!(
+            parse(&["tokens", "revoke", "ci"]),
+            Ok(Command::Tokens { what: TokenCmd::Revoke { name } }) if name == "ci"
+        ));
     }
 
     #[test]

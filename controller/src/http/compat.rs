@@ -8,18 +8,20 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
 
-use de_common::api::{DeployStarted, HardwareRequest, HardwareRow, NodeView};
+use de_common::api::{AuditAction, DeployStarted, HardwareRequest, HardwareRow, NodeView};
 
+use super::auth::audit;
 use super::error::{ApiError, ErrorCode, parse_optional_json};
 use super::plan::{created, submit};
 use crate::Controller;
+use crate::access::Caller;
 use crate::plan::validate::find_node;
 use crate::plan::{NO_PLAN, StoredPlan};
 
@@ -35,8 +37,18 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         .merge(super::logs::compat_routes())
 }
 
-async fn deploy(State(ctl): Ctl) -> Result<Response, ApiError> {
+async fn deploy(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
     let d = crate::deploy::Deployer::start(&ctl)?;
+    audit(
+        &ctl,
+        &caller,
+        AuditAction::Deploy,
+        vec![d.id.to_string()],
+        &format!("plan revision {}", d.plan_revision),
+    )?;
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(DeployStarted {
@@ -57,8 +69,20 @@ async fn get_config(State(ctl): Ctl) -> Result<Response, ApiError> {
     Ok(axum::Json(cur.plan.redacted()).into_response())
 }
 
-async fn post_config(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
+async fn post_config(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let accepted = submit(&ctl, body, true).await?;
+    let revision = accepted.stored.as_ref().map_or(0, |p| p.revision);
+    audit(
+        &ctl,
+        &caller,
+        AuditAction::Plan,
+        Vec::new(),
+        &format!("revision {revision}"),
+    )?;
     Ok(created(&accepted).into_response())
 }
 

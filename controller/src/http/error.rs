@@ -18,6 +18,7 @@ use de_common::api::ErrorBody;
 pub(crate) use de_common::api::ErrorCode;
 use tracing::error;
 
+use crate::access::TokensError;
 use crate::agents::{CodesError, StepsError};
 use crate::deploy::DeployError;
 use crate::oplog::LogFileError;
@@ -49,6 +50,7 @@ impl Status for ErrorCode {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             ErrorCode::NodesOffline => StatusCode::BAD_GATEWAY,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             // Only a newer controller sends a code this one does not know.
             ErrorCode::Other => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -189,6 +191,19 @@ impl From<CodesError> for ApiError {
     }
 }
 
+impl From<TokensError> for ApiError {
+    fn from(e: TokensError) -> ApiError {
+        match &e {
+            TokensError::InvalidName(_) => ApiError::bad_request(e.to_string()),
+            TokensError::Exists(_) | TokensError::LastAdmin(_) => {
+                ApiError::new(ErrorCode::Conflict, e.to_string())
+            }
+            TokensError::NotFound(_) => ApiError::not_found(e.to_string()),
+            TokensError::NoRandomness(_) | TokensError::Store(_) => ApiError::internal_from(&e),
+        }
+    }
+}
+
 impl From<LogFileError> for ApiError {
     fn from(e: LogFileError) -> ApiError {
         match &e {
@@ -278,6 +293,7 @@ mod tests {
                 "store",
                 "plan_unusable",
                 "nodes_offline",
+                "forbidden",
             ]
         );
     }

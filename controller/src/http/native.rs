@@ -5,21 +5,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 
 use de_common::api::{
-    CodeView, DeploymentView, ExecRequest, ExecResult, NewCode, NodeView, StepRequest,
+    AuditAction, CodeView, DeploymentView, ExecRequest, ExecResult, NewCode, NodeView, StepRequest,
 };
 
 use de_common::{DeploymentId, NodeId, StepId};
 
+use super::auth::audit;
 use super::error::{ApiError, ErrorCode, parse_json, parse_optional_json};
 use crate::Controller;
+use crate::access::Caller;
 use crate::agents::{StepRecord, StepState};
 use crate::util::rfc3339;
 
@@ -61,7 +63,11 @@ fn code_view(ctl: &Controller, issued: &de_install_codes::IssuedCode) -> CodeVie
     }
 }
 
-async fn post_code(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
+async fn post_code(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req: NewCode =
         parse_optional_json(&body, r#"no body, or {"ttl_secs": N}"#)?.unwrap_or_default();
     let ttl = req.ttl_secs.unwrap_or(DEFAULT_CODE_TTL_SECS);
@@ -71,6 +77,13 @@ async fn post_code(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
         )));
     }
     let issued = ctl.codes.issue(Duration::from_secs(ttl))?;
+    audit(
+        &ctl,
+        &caller,
+        AuditAction::Code,
+        Vec::new(),
+        &format!("ttl {ttl} s"),
+    )?;
     let view = code_view(&ctl, &issued);
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
@@ -82,8 +95,12 @@ async fn get_code(State(ctl): Ctl) -> Result<axum::Json<CodeView>, ApiError> {
     Ok(axum::Json(code_view(&ctl, &issued)))
 }
 
-async fn delete_code(State(ctl): Ctl) -> Result<StatusCode, ApiError> {
+async fn delete_code(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+) -> Result<StatusCode, ApiError> {
     ctl.codes.end()?;
+    audit(&ctl, &caller, AuditAction::EndCode, Vec::new(), "")?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -101,8 +118,13 @@ async fn get_node(
         .ok_or_else(|| ApiError::not_found(format!("no node {id:?}: GET /api/v1/nodes lists them")))
 }
 
-async fn delete_node(State(ctl): Ctl, Path(id): Path<NodeId>) -> Result<StatusCode, ApiError> {
+async fn delete_node(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<NodeId>,
+) -> Result<StatusCode, ApiError> {
     if ctl.nodes.revoke(&id)? {
+        audit(&ctl, &caller, AuditAction::Revoke, vec![id.to_string()], "")?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!(
@@ -170,7 +192,11 @@ fn exec_result(
     }
 }
 
-async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>>, ApiError> {
+async fn exec(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<axum::Json<Vec<ExecResult>>, ApiError> {
     let req: ExecRequest = parse_json(
         &body,
         r#"{"script": "...", "targets": ["IP or node id", ...], "timeout_secs": N}"#,
@@ -230,6 +256,13 @@ async fn exec(State(ctl): Ctl, body: Bytes) -> Result<axum::Json<Vec<ExecResult>
             ttl,
         })
         .collect();
+    audit(
+        &ctl,
+        &caller,
+        AuditAction::Exec,
+        nodes.iter().map(|n| n.id.clone()).collect(),
+        &req.script,
+    )?;
     // One flush for the whole fan-out.
     let ids: Vec<StepId> = ctl
         .steps
@@ -291,11 +324,15 @@ async fn get_deployment_log(
 /// one that is not running.
 async fn cancel_deployment(
     State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<DeploymentId>,
 ) -> Result<axum::Json<DeploymentView>, ApiError> {
-    let d = tokio::task::spawn_blocking(move || crate::Deployer::cancel(&ctl, &id))
+    let asked = id.to_string();
+    let c = ctl.clone();
+    let d = tokio::task::spawn_blocking(move || crate::Deployer::cancel(&c, &id))
         .await
         .map_err(|e| ApiError::internal("the cancel did not finish", &e))??;
+    audit(&ctl, &caller, AuditAction::Cancel, vec![asked], "")?;
     Ok(axum::Json(d.view(true)))
 }
 
@@ -303,6 +340,7 @@ async fn cancel_deployment(
 /// finished record, or 202 with the record as it stands.
 async fn post_step(
     State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -316,6 +354,13 @@ async fn post_step(
         ))
     })?;
     let wait = Duration::from_secs(req.wait_secs.unwrap_or(30).min(MAX_EXEC_TIMEOUT));
+    audit(
+        &ctl,
+        &caller,
+        AuditAction::Step,
+        vec![node.id.clone()],
+        req.action.kind(),
+    )?;
     let r = ctl.steps.enqueue(
         &node.node_id(),
         req.lane.unwrap_or(de_common::Lane::Adhoc),

@@ -5,17 +5,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
+use axum::{Extension, Router};
 
-use de_common::api::{NodeView, OperateRequest, OperateRow, StatusRow};
+use de_common::api::{AuditAction, NodeView, OperateRequest, OperateRow, StatusRow};
 use de_common::{Lane, MonitOp, StepAction, StepId};
 
+use super::auth::audit;
 use super::error::{ApiError, parse_json};
 use crate::Controller;
+use crate::access::Caller;
 use crate::agents::steps::StepState;
 use crate::plan::StoredPlan;
 use crate::plan::validate::find_node;
@@ -98,7 +100,12 @@ fn targets(plan: &StoredPlan, t: &OperateRequest) -> Result<Vec<(String, String)
     Ok(picked)
 }
 
-async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Response, ApiError> {
+async fn operate(
+    ctl: Arc<Controller>,
+    caller: Caller,
+    body: Bytes,
+    op: MonitOp,
+) -> Result<Response, ApiError> {
     let plan = ctl.plans.current().ok_or_else(ApiError::no_plan)?;
     let target: OperateRequest = parse_json(
         &body,
@@ -158,6 +165,25 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
         }
     }
     let (indexes, steps): (Vec<usize>, Vec<_>) = asked.into_iter().unzip();
+    let action = match op {
+        MonitOp::Restart => AuditAction::Restart,
+        MonitOp::Stop => AuditAction::Stop,
+        MonitOp::Start => AuditAction::Start,
+    };
+    let mut targets: Vec<String> = Vec::new();
+    for s in &steps {
+        let id = s.node.to_string();
+        if !targets.contains(&id) {
+            targets.push(id);
+        }
+    }
+    audit(
+        &ctl,
+        &caller,
+        action,
+        targets,
+        &format!("{} on {}", target.name.trim(), target.ip.trim()),
+    )?;
     let queued = ctl.steps.enqueue_many(steps)?;
     let waiting: Vec<(usize, StepId)> = indexes
         .into_iter()
@@ -197,18 +223,30 @@ async fn operate(ctl: Arc<Controller>, body: Bytes, op: MonitOp) -> Result<Respo
     Ok(axum::Json(rows).into_response())
 }
 
-async fn restart(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
-    operate(ctl, body, MonitOp::Restart).await
+async fn restart(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    operate(ctl, caller, body, MonitOp::Restart).await
 }
 
-async fn stop(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
-    operate(ctl, body, MonitOp::Stop).await
+async fn stop(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    operate(ctl, caller, body, MonitOp::Stop).await
 }
 
 /// Starts what `stop` stopped (and ends the operator's stop, so deployments
 /// run it again).
-async fn start(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
-    operate(ctl, body, MonitOp::Start).await
+async fn start(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    operate(ctl, caller, body, MonitOp::Start).await
 }
 
 #[cfg(test)]
