@@ -189,9 +189,38 @@ pub struct Health {
 pub struct NewCode {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_secs: Option<u64>,
+    /// How many nodes the code admits; it closes after the last. Absent:
+    /// any number until it expires or is ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
 }
 
-/// The active install code (`POST` and `GET /api/v1/install-codes`).
+/// Where an install code shown by `GET /api/v1/install-codes` stands.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InstallCodeState {
+    /// Admits nodes.
+    #[default]
+    Open,
+    /// Too many wrong guesses: it admits nobody (see `failed_attempts`).
+    Burned,
+    /// It admitted all the nodes it was made for.
+    Used,
+}
+
+/// A guess on an install code that did not prove it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailedCodeAttempt {
+    /// The address the attempt came from.
+    pub source: String,
+    /// When it was answered (RFC 3339).
+    pub at: String,
+    /// The exchange is still running (it may yet prove the code).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_progress: bool,
+}
+
+/// The install code (`POST` and `GET /api/v1/install-codes`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CodeView {
     pub code: String,
@@ -201,6 +230,20 @@ pub struct CodeView {
     /// Seconds the code has left, by the controller's clock (a console's
     /// countdown must not trust the browser's clock).
     pub expires_in_secs: u64,
+    #[serde(default)]
+    pub state: InstallCodeState,
+    /// Guesses that did not prove the code, oldest first (at most the burn limit).
+    #[serde(default)]
+    pub failed_attempts: Vec<FailedCodeAttempt>,
+    /// How many nodes the code admits (absent: any number until it expires or is ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
+    /// Nodes enrolled with this code.
+    #[serde(default)]
+    pub nodes_admitted: u32,
+    /// Nodes it may still admit (absent when `nodes` is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_left: Option<u32>,
 }
 
 // ------------------------------------------------------------------ nodes

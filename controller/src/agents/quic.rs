@@ -22,7 +22,7 @@ use de_common::{
     EnrollRequest, EnrollServerMsg, ErrorChain, LinkRefusal, NodeId, Welcome, close_codes, decode,
     encode, read_frame, write_frame,
 };
-use de_install_codes::{ChannelBinding, ControllerHandshake, EKM_LABEL, Refusal};
+use de_install_codes::{ChannelBinding, EKM_LABEL, Refusal};
 
 use crate::Controller;
 use crate::agents::codes::AttemptError;
@@ -241,6 +241,25 @@ async fn refuse(send: &mut quinn::SendStream, why: EnrollRefusal) -> Result<(), 
     Err(EnrollError::Refused(why))
 }
 
+/// The refusal an agent is sent for a book's [`Refusal`].
+fn enroll_refusal(r: Refusal) -> EnrollRefusal {
+    match r {
+        Refusal::NoInstallation => EnrollRefusal::NoInstallation,
+        Refusal::Expired => EnrollRefusal::Expired,
+        Refusal::Burned => EnrollRefusal::Burned,
+        Refusal::RateLimited { retry_after_secs } => {
+            EnrollRefusal::RateLimited { retry_after_secs }
+        }
+        other @ (Refusal::SourceExhausted | Refusal::Used { .. } | Refusal::Malformed(_)) => {
+            EnrollRefusal::Invalid(other.to_string())
+        }
+    }
+}
+
+fn store_unavailable() -> EnrollRefusal {
+    EnrollRefusal::Invalid("the controller could not save its state; try again later".into())
+}
+
 async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), EnrollError> {
     let (mut send, mut recv) = tokio::time::timeout(ENROLL_TIMEOUT, conn.accept_bi())
         .await
@@ -250,30 +269,6 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         _ => return Err(EnrollError::Unexpected("expected Start")),
     };
     let source = conn.remote_address().ip();
-    let attempt = match ctl.codes.begin_attempt(source) {
-        Ok(a) => a,
-        Err(AttemptError::Refused(r)) => {
-            let why = match r {
-                Refusal::NoInstallation => EnrollRefusal::NoInstallation,
-                Refusal::Expired => EnrollRefusal::Expired,
-                Refusal::Burned => EnrollRefusal::Burned,
-                Refusal::RateLimited { retry_after_secs } => {
-                    EnrollRefusal::RateLimited { retry_after_secs }
-                }
-            };
-            return refuse(&mut send, why).await;
-        }
-        Err(AttemptError::Store(e)) => {
-            warn!(error = %ErrorChain(&e), "install-code book could not be saved; refusing enrolment");
-            return refuse(
-                &mut send,
-                EnrollRefusal::Invalid(
-                    "the controller could not save its state; try again later".into(),
-                ),
-            )
-            .await;
-        }
-    };
     let mut ekm = [0u8; 32];
     if conn
         .export_keying_material(&mut ekm, EKM_LABEL, b"")
@@ -289,23 +284,56 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         ekm,
         controller_cert_der: ctl.pki.server_cert().as_ref().to_vec(),
     };
-    let (state, reply) = match ControllerHandshake::respond(attempt.code(), binding, &spake) {
-        Ok(x) => x,
-        Err(e) => return refuse(&mut send, EnrollRefusal::Invalid(e.to_string())).await,
-    };
-    write_frame(&mut send, &EnrollServerMsg::Challenge { reply }).await?;
-    let mac = match next::<EnrollClientMsg>(&mut recv).await? {
-        EnrollClientMsg::Confirm { mac } => mac,
-        _ => return Err(EnrollError::Unexpected("expected Confirm")),
-    };
-    let mut keys = match state.confirm(&mac) {
-        Ok(k) => k,
-        Err(_) => {
-            warn!(%source, "enrolment with a wrong install code");
-            return refuse(&mut send, EnrollRefusal::WrongCode).await;
+    let challenge = match ctl.codes.challenge(source, binding, &spake) {
+        Ok(c) => c,
+        Err(AttemptError::Refused(r)) => return refuse(&mut send, enroll_refusal(r)).await,
+        Err(AttemptError::Store(e)) => {
+            warn!(error = %ErrorChain(&e), "install-code book could not be saved; refusing enrolment");
+            return refuse(&mut send, store_unavailable()).await;
         }
     };
-    ctl.codes.succeeded(&attempt)?;
+    let attempt = challenge.attempt;
+    let mac = async {
+        write_frame(
+            &mut send,
+            &EnrollServerMsg::Challenge {
+                reply: challenge.reply,
+            },
+        )
+        .await?;
+        match next::<EnrollClientMsg>(&mut recv).await? {
+            EnrollClientMsg::Confirm { mac } => Ok(mac),
+            _ => Err(EnrollError::Unexpected("expected Confirm")),
+        }
+    }
+    .await;
+    let keys = mac.and_then(|mac| {
+        challenge
+            .handshake
+            .confirm(&mac)
+            .map_err(EnrollError::Handshake)
+    });
+    let mut keys = match keys {
+        Ok(k) => k,
+        Err(e) => {
+            ctl.codes.failed(&attempt);
+            if attempt.counted() {
+                warn!(%source, error = %ErrorChain(&e), "install-code guess failed; it counts against the code");
+            }
+            return match e {
+                EnrollError::Handshake(_) => refuse(&mut send, EnrollRefusal::WrongCode).await,
+                other => Err(other),
+            };
+        }
+    };
+    match ctl.codes.admit(&attempt) {
+        Ok(Ok(())) => {}
+        Ok(Err(r)) => return refuse(&mut send, enroll_refusal(r)).await,
+        Err(e) => {
+            warn!(error = %ErrorChain(&e), "install-code book could not be saved; refusing enrolment");
+            return refuse(&mut send, store_unavailable()).await;
+        }
+    }
     let sealed = match next::<EnrollClientMsg>(&mut recv).await? {
         EnrollClientMsg::Request { sealed } => sealed,
         _ => return Err(EnrollError::Unexpected("expected Request")),

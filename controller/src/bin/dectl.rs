@@ -351,7 +351,12 @@ fn run(cli: Cli, api: &Api) -> Outcome {
 fn codes(api: &Api, what: Codes, json: bool) -> Outcome {
     let reply = match what {
         Codes::New { ttl } => {
-            let req = ttl.and_then(|t| body(&NewCode { ttl_secs: Some(t) }));
+            let req = ttl.and_then(|t| {
+                body(&NewCode {
+                    ttl_secs: Some(t),
+                    nodes: None,
+                })
+            });
             api.ok("POST", "/api/v1/install-codes", req)?
         }
         Codes::Show => api.get("/api/v1/install-codes")?,
