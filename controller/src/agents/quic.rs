@@ -328,7 +328,13 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
     };
     match ctl.codes.admit(&attempt) {
         Ok(Ok(())) => {}
-        Ok(Err(r)) => return refuse(&mut send, enroll_refusal(r)).await,
+        Ok(Err(r)) => {
+            // The agent sends its request right after its confirmation: take
+            // it, so that it reads the refusal instead of a closed stream.
+            let _ = next::<EnrollClientMsg>(&mut recv).await;
+            info!(%source, refusal = %r, "the agent proved the install code but may not enrol");
+            return refuse(&mut send, enroll_refusal(r)).await;
+        }
         Err(e) => {
             warn!(error = %ErrorChain(&e), "install-code book could not be saved; refusing enrolment");
             return refuse(&mut send, store_unavailable()).await;
