@@ -7,9 +7,10 @@
 #
 # The install code can instead come from the DE_INSTALL_CODE environment
 # variable or the first line of standard input (--code-stdin), which keep it
-# out of the process list and shell history; `--code NNNN` is visible to every
-# local user while the script runs its first instant (it then re-executes
-# itself with the code in its environment) and stays in shell history.
+# out of the process list and shell history; `--code NNNN` stays in shell
+# history and is visible to every local user in the argv of whatever started
+# the script (sudo), though the script re-executes itself at once with the
+# code in its environment.
 #
 # It installs the agent package (the one given, or a deployment-engine-agent_*.deb
 # next to this script, unless de-agent is installed already), writes
@@ -75,7 +76,7 @@ while [ $# -gt 0 ]; do
   case $arg in
     -h | --help)
       echo "$usage"
-      sed -n '2,22s/^# \{0,1\}//p' "$0"
+      sed -n '2,23s/^# \{0,1\}//p' "$0"
       exit 0
       ;;
     --dry-run) dry_run=1; rest+=("$arg"); continue ;;

@@ -904,6 +904,25 @@ mod tests {
     }
 
     #[test]
+    fn a_code_view_from_before_node_counts_reads_as_open_with_no_limit() {
+        let old = r#"{"code":"0427","expires_at":"t","agent_command":"c","expires_in_secs":5}"#;
+        let view: CodeView = serde_json::from_str(old).expect("old view");
+        assert_eq!(view.state, InstallCodeState::Open);
+        assert!(view.failed_attempts.is_empty());
+        assert_eq!(
+            (view.nodes, view.nodes_admitted, view.nodes_left),
+            (None, 0, None)
+        );
+        let req: NewCode =
+            serde_json::from_str(r#"{"ttl_secs": 60, "nodes": 3}"#).expect("new code");
+        assert_eq!((req.ttl_secs, req.nodes), (Some(60), Some(3)));
+        assert_eq!(
+            serde_json::to_string(&NewCode::default()).expect("json"),
+            "{}"
+        );
+    }
+
+    #[test]
     fn requests_send_only_what_was_given_and_refuse_unknown_fields() {
         let req = ExecRequest {
             script: "true".into(),

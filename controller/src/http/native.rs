@@ -497,6 +497,43 @@ mod tests {
                 "{bad}: {body}"
             );
         }
+        let (s, body) = call(
+            &ctl,
+            "POST",
+            "/api/v1/install-codes",
+            Some(&t),
+            r#"{"nodes": 0}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            body["message"],
+            "nodes must be between 1 and 100000 (or absent for any number), got 0"
+        );
+        let (s, made) = call(
+            &ctl,
+            "POST",
+            "/api/v1/install-codes",
+            Some(&t),
+            r#"{"nodes": 2}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED);
+        assert_eq!(
+            (
+                &made["state"],
+                &made["nodes"],
+                &made["nodes_admitted"],
+                &made["nodes_left"]
+            ),
+            (
+                &serde_json::json!("open"),
+                &serde_json::json!(2),
+                &serde_json::json!(0),
+                &serde_json::json!(2)
+            )
+        );
+        assert_eq!(made["failed_attempts"], serde_json::json!([]));
     }
 
     #[tokio::test]
