@@ -326,12 +326,45 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
             };
         }
     };
+    // The request is read, and the certificate made, before the node counts
+    // toward the code, so an agent that fails here does not use up a node.
+    let request = match next::<EnrollClientMsg>(&mut recv).await {
+        Ok(EnrollClientMsg::Request { sealed }) => Ok(sealed),
+        Ok(_) => Err(EnrollError::Unexpected("expected Request")),
+        Err(e) => Err(e),
+    };
+    let sealed = match request {
+        Ok(sealed) => sealed,
+        Err(e) => {
+            ctl.codes.failed(&attempt);
+            return Err(e);
+        }
+    };
+    let req: EnrollRequest = match keys
+        .open(&sealed)
+        .map_err(EnrollError::from)
+        .and_then(|payload| decode(&payload).map_err(EnrollError::from))
+    {
+        Ok(req) => req,
+        Err(e) => {
+            ctl.codes.failed(&attempt);
+            return Err(e);
+        }
+    };
+    let node_id = NodeId::from(format!(
+        "n-{}",
+        random_hex(8).map_err(|_| EnrollError::Unexpected("rng"))?
+    ));
+    let cert_pem = match ctl.pki.issue_node_cert(&node_id, &req.csr_pem) {
+        Ok(c) => c,
+        Err(e) => {
+            ctl.codes.failed(&attempt);
+            return refuse(&mut send, EnrollRefusal::Invalid(e.to_string())).await;
+        }
+    };
     match ctl.codes.admit(&attempt) {
         Ok(Ok(())) => {}
         Ok(Err(r)) => {
-            // The agent sends its request right after its confirmation: take
-            // it, so that it reads the refusal instead of a closed stream.
-            let _ = next::<EnrollClientMsg>(&mut recv).await;
             info!(%source, refusal = %r, "the agent proved the install code but may not enrol");
             return refuse(&mut send, enroll_refusal(r)).await;
         }
@@ -340,21 +373,6 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
             return refuse(&mut send, store_unavailable()).await;
         }
     }
-    let sealed = match next::<EnrollClientMsg>(&mut recv).await? {
-        EnrollClientMsg::Request { sealed } => sealed,
-        _ => return Err(EnrollError::Unexpected("expected Request")),
-    };
-    let req: EnrollRequest = decode(&keys.open(&sealed)?)?;
-    let node_id = NodeId::from(format!(
-        "n-{}",
-        random_hex(8).map_err(|_| EnrollError::Unexpected("rng"))?
-    ));
-    let cert_pem = match ctl.pki.issue_node_cert(&node_id, &req.csr_pem) {
-        Ok(c) => c,
-        Err(e) => {
-            return refuse(&mut send, EnrollRefusal::Invalid(e.to_string())).await;
-        }
-    };
     ctl.nodes.enrolled(NodeRecord {
         id: node_id.clone(),
         hostname: req.hostname.clone(),
