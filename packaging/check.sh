@@ -229,7 +229,8 @@ arg_error() {
 }
 check "no arguments" arg_error "--controller HOST:PORT is required (the controller's QUIC address, as the console shows it)"
 check "missing --controller" arg_error "--controller HOST:PORT is required (the controller's QUIC address, as the console shows it)" --code 0427
-check "missing --code" arg_error "--code NNNN is required (the 4-digit install code the console shows)" --controller ctl.example:50001
+check "missing --code" arg_error "--code NNNN is required (the 4-digit install code the console shows; or set DE_INSTALL_CODE, or pass --code-stdin)" --controller ctl.example:50001
+check "--code and --code-stdin together" arg_error "give the install code once: --code or --code-stdin" --controller ctl.example:50001 --code 0427 --code-stdin
 check "--code with no value" arg_error "--code needs a value" --controller ctl.example:50001 --code
 check "--controller followed by a flag" arg_error "--controller needs a value" --controller --code 0427
 check "code of 3 digits" arg_error "--code '427' is not 4 digits" --controller ctl.example:50001 --code 427
@@ -250,11 +251,24 @@ dry_run() {
   before=$(md5sum /etc/deployment-engine/agent.toml)
   out=$(bash "$script" --controller=[2001:db8::1]:50001 --code=0427 --advertise-ip 2001:db8::7 --dry-run) || return 1
   echo "$out"
-  echo "$out" | grep -Fqx 'would run: de-agent enroll --config /etc/deployment-engine/agent.toml --controller [2001:db8::1]:50001 --code 0427' &&
+  echo "$out" | grep -Fqx 'would run: de-agent enroll --config /etc/deployment-engine/agent.toml --controller [2001:db8::1]:50001' &&
     echo "$out" | grep -Fqx 'would set: advertise_ip = "2001:db8::7"' &&
     [ "$(md5sum /etc/deployment-engine/agent.toml)" = "$before" ]
 }
 check "--dry-run (and --flag=value) prints what it would do and changes nothing" dry_run
+# code_elsewhere HOW: the code from DE_INSTALL_CODE or standard input, never on de-agent's command line.
+code_elsewhere() {
+  local out
+  case $1 in
+    env) out=$(DE_INSTALL_CODE=0427 bash "$script" --controller ctl.example:50001 --dry-run) || return 1 ;;
+    stdin) out=$(echo 0427 | bash "$script" --controller ctl.example:50001 --code-stdin --dry-run) || return 1 ;;
+  esac
+  echo "$out"
+  echo "$out" | grep -Fqx 'would run: de-agent enroll --config /etc/deployment-engine/agent.toml --controller ctl.example:50001' &&
+    ! echo "$out" | grep -q 0427
+}
+check "the code can come from DE_INSTALL_CODE" code_elsewhere env
+check "the code can come from standard input (--code-stdin)" code_elsewhere stdin
 
 echo "== remove keeps the data, purge deletes it"
 check "dpkg -r removes both packages" dpkg -r "$agent_pkg" "$ctl_pkg"

@@ -5,12 +5,20 @@
 #   install-agent.sh --controller HOST:PORT --code NNNN [--package FILE.deb]
 #                    [--advertise-ip IP] [--state-dir DIR] [--dry-run]
 #
+# The install code can instead come from the DE_INSTALL_CODE environment
+# variable or the first line of standard input (--code-stdin), which keep it
+# out of the process list and shell history; `--code NNNN` stays in shell
+# history and is visible to every local user in the argv of whatever started
+# the script (sudo), though the script re-executes itself at once with the
+# code in its environment.
+#
 # It installs the agent package (the one given, or a deployment-engine-agent_*.deb
 # next to this script, unless de-agent is installed already), writes
 # /etc/deployment-engine/agent.toml (controller, advertise_ip, state_dir), enrols
 # the node with `de-agent enroll`, then enables and starts the
 # deployment-engine-agent unit when systemd runs (else it says what to run).
-# The install code goes only on de-agent's command line, never to disk.
+# The install code goes to de-agent in its environment, never on a command
+# line nor to disk.
 #
 # Exit status: 0 done, 64 bad arguments, 1 anything else failed.
 set -euo pipefail
@@ -19,7 +27,7 @@ prog=install-agent.sh
 config=/etc/deployment-engine/agent.toml
 unit=deployment-engine-agent
 default_state_dir=/var/lib/deployment-engine/agent
-usage="usage: $prog --controller HOST:PORT --code NNNN [--package FILE.deb] [--advertise-ip IP] [--state-dir DIR] [--dry-run]"
+usage="usage: $prog --controller HOST:PORT --code NNNN [--package FILE.deb] [--advertise-ip IP] [--state-dir DIR] [--dry-run] (or the code in DE_INSTALL_CODE, or on standard input with --code-stdin)"
 
 usage_error() {
   echo "$prog: $1" >&2
@@ -60,17 +68,19 @@ valid_controller() {
   fi
 }
 
-controller="" code="" package="" advertise_ip="" state_dir="" dry_run=0
+controller="" code="" code_arg=0 code_stdin=0 package="" advertise_ip="" state_dir="" dry_run=0
+rest=()
 while [ $# -gt 0 ]; do
   arg=$1
   shift
   case $arg in
     -h | --help)
       echo "$usage"
-      sed -n '2,15s/^# \{0,1\}//p' "$0"
+      sed -n '2,23s/^# \{0,1\}//p' "$0"
       exit 0
       ;;
-    --dry-run) dry_run=1; continue ;;
+    --dry-run) dry_run=1; rest+=("$arg"); continue ;;
+    --code-stdin) code_stdin=1; continue ;;
     --*=*) name=${arg%%=*} value=${arg#*=} ;;
     --controller | --code | --package | --advertise-ip | --state-dir)
       name=$arg
@@ -82,19 +92,35 @@ while [ $# -gt 0 ]; do
   esac
   case $name in
     --controller) controller=$value ;;
-    --code) code=$value ;;
+    --code) code=$value code_arg=1 ;;
     --package) package=$value ;;
     --advertise-ip) advertise_ip=$value ;;
     --state-dir) state_dir=$value ;;
     *) usage_error "unknown argument '$name'" ;;
   esac
+  [ "$name" = --code ] || rest+=("$name=$value")
 done
 
+if [ "$code_stdin" = 1 ]; then
+  [ "$code_arg" = 0 ] || usage_error "give the install code once: --code or --code-stdin"
+  IFS= read -r code || [ -n "$code" ] || usage_error "--code-stdin: standard input is empty (give the 4-digit install code on its first line)"
+  code=${code//[[:space:]]/}
+elif [ "$code_arg" = 0 ]; then
+  code=${DE_INSTALL_CODE:-}
+fi
+# Only de-agent gets the code (in its environment), not apt, dpkg or systemctl.
+unset DE_INSTALL_CODE
+
 [ -n "$controller" ] || usage_error "--controller HOST:PORT is required (the controller's QUIC address, as the console shows it)"
-[ -n "$code" ] || usage_error "--code NNNN is required (the 4-digit install code the console shows)"
+[ -n "$code" ] || usage_error "--code NNNN is required (the 4-digit install code the console shows; or set DE_INSTALL_CODE, or pass --code-stdin)"
 valid_controller "$controller" ||
   usage_error "--controller '$controller' is not HOST:PORT (a host name or IPv4 address, or [IPv6], and a port from 1 to 65535)"
 [[ $code =~ ^[0-9]{4}$ ]] || usage_error "--code '$code' is not 4 digits"
+# A code given as an argument is visible in /proc for as long as this script
+# runs: start again with it in the environment instead.
+if [ "$code_arg" = 1 ]; then
+  DE_INSTALL_CODE=$code exec bash "$0" "${rest[@]}"
+fi
 if [ -n "$advertise_ip" ] && ! valid_ipv4 "$advertise_ip" && ! valid_ipv6 "$advertise_ip"; then
   usage_error "--advertise-ip '$advertise_ip' is not an IPv4 or IPv6 address"
 fi
@@ -175,7 +201,7 @@ if [ "$dry_run" = 0 ] && [ -f "$meta" ]; then
   fi
 else
   say "enrolling with $controller"
-  run de-agent enroll --config "$config" --controller "$controller" --code "$code" ||
+  DE_INSTALL_CODE=$code run de-agent enroll --config "$config" --controller "$controller" ||
     fail "enrolment failed (de-agent said why above); get a new code from the console if it expired"
 fi
 

@@ -4,7 +4,7 @@
 //! The packaged file is [`PACKAGED_PATH`], read when it exists and no `--config` is given.
 //!
 //! The install code is deliberately *not* an option: it is used once, at enrolment, and must
-//! not stay on disk, so a `code` key is refused with a message saying to pass `--code`.
+//! not stay on disk, so a `code` key is refused with a message saying how to pass it.
 //! `controller` is the address to enrol with; after enrolment the agent dials the address
 //! recorded in the state dir's `agent.json`.
 //!
@@ -59,7 +59,7 @@ fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
 
 fn refuse_code<'de, D: Deserializer<'de>>(_: D) -> Result<(), D::Error> {
     Err(D::Error::custom(
-        "the install code does not belong in a config file (it is used once, at enrolment): pass it with --code",
+        "the install code does not belong in a config file (it is used once, at enrolment): pass it in DE_INSTALL_CODE or with --code-stdin",
     ))
 }
 

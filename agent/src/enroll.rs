@@ -33,7 +33,12 @@ pub enum EnrollError {
         port: u16,
         reason: String,
     },
-    #[error("wrong install code: check the 4 digits shown in the console")]
+    /// The controller's confirmation did not verify. A controller with no
+    /// open code answers like one with another code (so that nobody without
+    /// the code learns whether one is open), hence both causes.
+    #[error(
+        "wrong install code, or no installation is open on the controller: check the 4 digits and that the console shows the code"
+    )]
     WrongCode,
     #[error("the install code has expired: generate a new one in the console")]
     Expired,

@@ -67,17 +67,33 @@ enum Command {
         #[arg(long, env = "DE_CONTROLLER")]
         controller: Option<String>,
         /// The 4-digit install code shown in the console (never read from the config file).
-        #[arg(long, env = "DE_INSTALL_CODE")]
-        code: String,
+        /// Prefer the DE_INSTALL_CODE environment variable or --code-stdin: a command-line
+        /// argument is visible to every local user (ps, /proc) and lands in shell history.
+        #[arg(
+            long,
+            env = "DE_INSTALL_CODE",
+            hide_env_values = true,
+            required_unless_present = "code_stdin"
+        )]
+        code: Option<String>,
+        /// Read the install code from the first line of standard input.
+        #[arg(long)]
+        code_stdin: bool,
         #[command(flatten)]
         common: Common,
     },
     /// Keep this node linked to the controller (enrolling first if --code is given and the node has no identity yet).
+    #[command(group(clap::ArgGroup::new("code_source").args(["code", "code_stdin"])))]
     Run {
-        #[arg(long, env = "DE_CONTROLLER", requires = "code")]
+        #[arg(long, env = "DE_CONTROLLER", requires = "code_source")]
         controller: Option<String>,
-        #[arg(long, env = "DE_INSTALL_CODE")]
+        /// The install code to enrol with when the node has no identity yet (see `enroll --code`;
+        /// prefer DE_INSTALL_CODE or --code-stdin, as an argument is visible to local users).
+        #[arg(long, env = "DE_INSTALL_CODE", hide_env_values = true)]
         code: Option<String>,
+        /// Read the install code from the first line of standard input.
+        #[arg(long)]
+        code_stdin: bool,
         /// Seconds between heartbeats [default: 5].
         #[arg(long, value_parser = secs)]
         heartbeat_secs: Option<u64>,
@@ -162,6 +178,28 @@ fn main() -> ExitCode {
     rt.block_on(async_main(cli.command, file))
 }
 
+/// The install code from standard input (`--code-stdin`, first line) or
+/// from `--code`/DE_INSTALL_CODE; `None` if neither was given.
+fn install_code(code: Option<String>, from_stdin: bool) -> Result<Option<String>, ExitCode> {
+    if !from_stdin {
+        return Ok(code);
+    }
+    let mut line = String::new();
+    match std::io::stdin().read_line(&mut line) {
+        Ok(n) if n > 0 => Ok(Some(line.trim().to_owned())),
+        Ok(_) => {
+            eprintln!(
+                "de-agent: --code-stdin: standard input is empty: give the 4-digit install code on its first line"
+            );
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+        Err(e) => {
+            eprintln!("de-agent: --code-stdin: could not read standard input: {e}");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
 async fn do_enroll(code: String, settings: &Settings) -> Result<Identity, ExitCode> {
     let Some(controller) = settings.controller.clone() else {
         eprintln!(
@@ -193,6 +231,7 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
         Command::Enroll {
             controller,
             code,
+            code_stdin,
             common,
         } => {
             let settings = Settings::resolve(common, controller, None, None, None, file);
@@ -203,6 +242,16 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
                 );
                 return ExitCode::FAILURE;
             }
+            let code = match install_code(code, code_stdin) {
+                Ok(Some(code)) => code,
+                Ok(None) => {
+                    eprintln!(
+                        "de-agent: no install code: set DE_INSTALL_CODE or pass --code-stdin"
+                    );
+                    return ExitCode::from(EXIT_USAGE);
+                }
+                Err(c) => return c,
+            };
             match do_enroll(code, &settings).await {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(c) => c,
@@ -211,6 +260,7 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
         Command::Run {
             controller,
             code,
+            code_stdin,
             heartbeat_secs,
             max_backoff_secs,
             monit_control,
@@ -225,6 +275,7 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
                 file,
             );
             let identity = if Identity::exists(&settings.state_dir) {
+                // Already enrolled: a code given as well is not needed (nor read).
                 match Identity::load(&settings.state_dir) {
                     Ok(id) => id,
                     Err(e) => {
@@ -232,14 +283,17 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 }
-            } else if let Some(code) = code {
+            } else if let Some(code) = match install_code(code, code_stdin) {
+                Ok(code) => code,
+                Err(c) => return c,
+            } {
                 match do_enroll(code, &settings).await {
                     Ok(id) => id,
                     Err(c) => return c,
                 }
             } else {
                 eprintln!(
-                    "de-agent: {} holds no identity: enrol first with 'de-agent enroll --controller HOST:PORT --code NNNN' or pass --code to run (with --controller, or `controller` in the config file)",
+                    "de-agent: {} holds no identity: enrol first with 'de-agent enroll --controller HOST:PORT' and the install code in DE_INSTALL_CODE (or on standard input with --code-stdin), or give run the code the same way (with --controller, or `controller` in the config file)",
                     settings.state_dir.display()
                 );
                 return ExitCode::FAILURE;

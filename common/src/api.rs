@@ -193,9 +193,38 @@ pub struct Health {
 pub struct NewCode {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_secs: Option<u64>,
+    /// How many nodes the code admits; it closes after the last. Absent:
+    /// any number until it expires or is ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
 }
 
-/// The active install code (`POST` and `GET /api/v1/install-codes`).
+/// Where an install code shown by `GET /api/v1/install-codes` stands.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InstallCodeState {
+    /// Admits nodes.
+    #[default]
+    Open,
+    /// Too many wrong guesses: it admits nobody (see `failed_attempts`).
+    Burned,
+    /// It admitted all the nodes it was made for.
+    Used,
+}
+
+/// A guess on an install code that did not prove it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailedCodeAttempt {
+    /// The address the attempt came from.
+    pub source: String,
+    /// When it was answered (RFC 3339).
+    pub at: String,
+    /// The exchange is still running (it may yet prove the code).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_progress: bool,
+}
+
+/// The install code (`POST` and `GET /api/v1/install-codes`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CodeView {
     pub code: String,
@@ -205,6 +234,20 @@ pub struct CodeView {
     /// Seconds the code has left, by the controller's clock (a console's
     /// countdown must not trust the browser's clock).
     pub expires_in_secs: u64,
+    #[serde(default)]
+    pub state: InstallCodeState,
+    /// Guesses that did not prove the code, oldest first (at most the burn limit).
+    #[serde(default)]
+    pub failed_attempts: Vec<FailedCodeAttempt>,
+    /// How many nodes the code admits (absent: any number until it expires or is ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
+    /// Nodes enrolled with this code.
+    #[serde(default)]
+    pub nodes_admitted: u32,
+    /// Nodes it may still admit (absent when `nodes` is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_left: Option<u32>,
 }
 
 // ------------------------------------------------------------------ nodes
@@ -988,6 +1031,25 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&listed).expect("json"),
             r#"{"id":"d-1","state":"succeeded","plan_revision":3,"created_at":"t0","finished_at":null,"error":null,"steps_total":0,"steps_done":0,"steps":null}"#
+        );
+    }
+
+    #[test]
+    fn a_code_view_from_before_node_counts_reads_as_open_with_no_limit() {
+        let old = r#"{"code":"0427","expires_at":"t","agent_command":"c","expires_in_secs":5}"#;
+        let view: CodeView = serde_json::from_str(old).expect("old view");
+        assert_eq!(view.state, InstallCodeState::Open);
+        assert!(view.failed_attempts.is_empty());
+        assert_eq!(
+            (view.nodes, view.nodes_admitted, view.nodes_left),
+            (None, 0, None)
+        );
+        let req: NewCode =
+            serde_json::from_str(r#"{"ttl_secs": 60, "nodes": 3}"#).expect("new code");
+        assert_eq!((req.ttl_secs, req.nodes), (Some(60), Some(3)));
+        assert_eq!(
+            serde_json::to_string(&NewCode::default()).expect("json"),
+            "{}"
         );
     }
 

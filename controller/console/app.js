@@ -365,8 +365,29 @@ function renderInstall(main) {
     el.className = left < 120 ? 'remaining soon' : 'remaining';
   };
 
+  // Wrong guesses on the code (where from, when), and why it no longer admits nodes.
+  const guesses = () => {
+    const tries = code.failed_attempts || [];
+    const kids = [];
+    if (code.state === 'burned') {
+      kids.push(notice('bad', `This code was burned by ${tries.length} wrong guesses and admits no node: generate a new one.`));
+    } else if (code.state === 'used') {
+      kids.push(notice('good', `This code admitted all ${code.nodes} node(s) it was made for: generate a new one to add more.`));
+    } else if (code.nodes) {
+      kids.push(h('p', {class: 'muted small'}, `Admits ${code.nodes_left} more of ${code.nodes} node(s).`));
+    }
+    if (tries.length) {
+      kids.push(h('p', {class: 'small'}, 'Wrong guesses:'),
+        h('ul', {id: 'code-guesses', class: 'small'},
+          ...tries.map((t) => h('li', {}, `${t.source} at ${fmtTime(t.at)}${t.in_progress ? ' (in progress)' : ''}`))));
+    }
+    return kids;
+  };
+
   const draw = () => {
-    const shown = code && remaining() > 0 ? code.code : null;
+    const shown = code && remaining() > 0
+      ? `${code.code} ${code.state || 'open'} ${(code.failed_attempts || []).map((t) => t.at + t.in_progress).join()} ${code.nodes_admitted || 0}`
+      : null;
     if (shown === drawn) { tick(); return; }
     drawn = shown;
     if (!shown) {
@@ -392,6 +413,7 @@ function renderInstall(main) {
           else fallback();
         }}, 'Copy')),
       h('p', {class: 'muted small'}, 'Anyone with this code can enrol a machine until it expires or you end the install; a few wrong tries burn it.'),
+      ...guesses(),
       h('div', {class: 'row'},
         h('label', {}, 'Valid for ', ttl),
         h('button', {type: 'button', id: 'regenerate-code', onclick: newCode}, 'New code'),

@@ -258,8 +258,8 @@ impl ControllerHandshake {
     }
 
     /// Checks the agent's confirmation (constant time).
-    /// `Err(HandshakeError::WrongCode)` if it does not verify; count that
-    /// against the code (see [`crate::CodeBook::begin_attempt`]).
+    /// `Err(HandshakeError::WrongCode)` if it does not verify (the guess
+    /// stays counted against the code: see [`crate::CodeBook::failed`]).
     pub fn confirm(self, agent_confirmation: &[u8]) -> Result<SessionKeys, HandshakeError> {
         if agent_confirmation.len() != MAC_LEN {
             return Err(HandshakeError::Malformed(

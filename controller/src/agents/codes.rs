@@ -4,7 +4,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use de_install_codes::{Attempt, CodeBook, IssuedCode, Refusal};
+use de_install_codes::{
+    Attempt, Challenge, ChannelBinding, CodeBook, CodeStatus, IssuedCode, Refusal,
+};
 
 use crate::store::{Store, StoreError, StoreExt, Tree};
 
@@ -56,11 +58,12 @@ impl Codes {
         self.store.put_json(Tree::Meta, KEY, book)
     }
 
-    /// A new code replacing any other; durable when this returns.
-    pub fn issue(&self, ttl: Duration) -> Result<IssuedCode, CodesError> {
+    /// A new code replacing any other, admitting `nodes` nodes (`None`: any
+    /// number until it expires or is ended); durable when this returns.
+    pub fn issue(&self, ttl: Duration, nodes: Option<u32>) -> Result<IssuedCode, CodesError> {
         let mut book = self.lock();
         let mut next = book.clone();
-        let issued = next.issue(SystemTime::now(), ttl)?;
+        let issued = next.issue(SystemTime::now(), ttl, nodes)?;
         self.persist(&next)?;
         *book = next;
         Ok(issued)
@@ -68,6 +71,11 @@ impl Codes {
 
     pub fn active(&self) -> Option<IssuedCode> {
         self.lock().active(SystemTime::now())
+    }
+
+    /// The last code issued, whatever its state, with its failed guesses and nodes.
+    pub fn status(&self) -> Option<CodeStatus> {
+        self.lock().status(SystemTime::now())
     }
 
     /// Ends installation; durable when this returns.
@@ -80,19 +88,37 @@ impl Codes {
         Ok(())
     }
 
-    /// Begins an attempt; the failure it provisionally counts is durable before the handshake goes on.
-    pub fn begin_attempt(&self, source: IpAddr) -> Result<Attempt, AttemptError> {
+    /// Answers an agent's first handshake message; a guess it counts is
+    /// durable before the reply (which lets the peer test the code) is sent.
+    pub fn challenge(
+        &self,
+        source: IpAddr,
+        binding: ChannelBinding,
+        msg_a: &[u8],
+    ) -> Result<Challenge, AttemptError> {
         let mut book = self.lock();
-        let attempt = book
-            .begin_attempt(source, SystemTime::now())
+        let challenge = book
+            .challenge(source, SystemTime::now(), binding, msg_a)
             .map_err(AttemptError::Refused)?;
-        self.persist(&book).map_err(AttemptError::Store)?;
-        Ok(attempt)
+        if challenge.attempt.counted() {
+            self.persist(&book).map_err(AttemptError::Store)?;
+        }
+        Ok(challenge)
     }
 
-    pub fn succeeded(&self, attempt: &Attempt) -> Result<(), StoreError> {
+    /// The agent proved the code: admits one node (durable when this
+    /// returns), or says why it may not enrol.
+    pub fn admit(&self, attempt: &Attempt) -> Result<Result<(), Refusal>, StoreError> {
         let mut book = self.lock();
-        book.succeeded(attempt);
-        self.persist(&book)
+        let mut next = book.clone();
+        let admitted = next.admit(attempt, SystemTime::now());
+        self.persist(&next)?;
+        *book = next;
+        Ok(admitted)
+    }
+
+    /// The attempt ended without proving the code; its guess stays counted.
+    pub fn failed(&self, attempt: &Attempt) {
+        self.lock().failed(attempt);
     }
 }

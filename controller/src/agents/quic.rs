@@ -22,7 +22,7 @@ use de_common::{
     EnrollRequest, EnrollServerMsg, ErrorChain, LinkRefusal, NodeId, Welcome, close_codes, decode,
     encode, read_frame, write_frame,
 };
-use de_install_codes::{ChannelBinding, ControllerHandshake, EKM_LABEL, Refusal};
+use de_install_codes::{ChannelBinding, EKM_LABEL, Refusal};
 
 use crate::Controller;
 use crate::agents::codes::AttemptError;
@@ -241,6 +241,25 @@ async fn refuse(send: &mut quinn::SendStream, why: EnrollRefusal) -> Result<(), 
     Err(EnrollError::Refused(why))
 }
 
+/// The refusal an agent is sent for a book's [`Refusal`].
+fn enroll_refusal(r: Refusal) -> EnrollRefusal {
+    match r {
+        Refusal::NoInstallation => EnrollRefusal::NoInstallation,
+        Refusal::Expired => EnrollRefusal::Expired,
+        Refusal::Burned => EnrollRefusal::Burned,
+        Refusal::RateLimited { retry_after_secs } => {
+            EnrollRefusal::RateLimited { retry_after_secs }
+        }
+        other @ (Refusal::SourceExhausted | Refusal::Used { .. } | Refusal::Malformed(_)) => {
+            EnrollRefusal::Invalid(other.to_string())
+        }
+    }
+}
+
+fn store_unavailable() -> EnrollRefusal {
+    EnrollRefusal::Invalid("the controller could not save its state; try again later".into())
+}
+
 async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), EnrollError> {
     let (mut send, mut recv) = tokio::time::timeout(ENROLL_TIMEOUT, conn.accept_bi())
         .await
@@ -250,30 +269,6 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         _ => return Err(EnrollError::Unexpected("expected Start")),
     };
     let source = conn.remote_address().ip();
-    let attempt = match ctl.codes.begin_attempt(source) {
-        Ok(a) => a,
-        Err(AttemptError::Refused(r)) => {
-            let why = match r {
-                Refusal::NoInstallation => EnrollRefusal::NoInstallation,
-                Refusal::Expired => EnrollRefusal::Expired,
-                Refusal::Burned => EnrollRefusal::Burned,
-                Refusal::RateLimited { retry_after_secs } => {
-                    EnrollRefusal::RateLimited { retry_after_secs }
-                }
-            };
-            return refuse(&mut send, why).await;
-        }
-        Err(AttemptError::Store(e)) => {
-            warn!(error = %ErrorChain(&e), "install-code book could not be saved; refusing enrolment");
-            return refuse(
-                &mut send,
-                EnrollRefusal::Invalid(
-                    "the controller could not save its state; try again later".into(),
-                ),
-            )
-            .await;
-        }
-    };
     let mut ekm = [0u8; 32];
     if conn
         .export_keying_material(&mut ekm, EKM_LABEL, b"")
@@ -289,28 +284,73 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         ekm,
         controller_cert_der: ctl.pki.server_cert().as_ref().to_vec(),
     };
-    let (state, reply) = match ControllerHandshake::respond(attempt.code(), binding, &spake) {
-        Ok(x) => x,
-        Err(e) => return refuse(&mut send, EnrollRefusal::Invalid(e.to_string())).await,
-    };
-    write_frame(&mut send, &EnrollServerMsg::Challenge { reply }).await?;
-    let mac = match next::<EnrollClientMsg>(&mut recv).await? {
-        EnrollClientMsg::Confirm { mac } => mac,
-        _ => return Err(EnrollError::Unexpected("expected Confirm")),
-    };
-    let mut keys = match state.confirm(&mac) {
-        Ok(k) => k,
-        Err(_) => {
-            warn!(%source, "enrolment with a wrong install code");
-            return refuse(&mut send, EnrollRefusal::WrongCode).await;
+    let challenge = match ctl.codes.challenge(source, binding, &spake) {
+        Ok(c) => c,
+        Err(AttemptError::Refused(r)) => return refuse(&mut send, enroll_refusal(r)).await,
+        Err(AttemptError::Store(e)) => {
+            warn!(error = %ErrorChain(&e), "install-code book could not be saved; refusing enrolment");
+            return refuse(&mut send, store_unavailable()).await;
         }
     };
-    ctl.codes.succeeded(&attempt)?;
-    let sealed = match next::<EnrollClientMsg>(&mut recv).await? {
-        EnrollClientMsg::Request { sealed } => sealed,
-        _ => return Err(EnrollError::Unexpected("expected Request")),
+    let attempt = challenge.attempt;
+    let mac = async {
+        write_frame(
+            &mut send,
+            &EnrollServerMsg::Challenge {
+                reply: challenge.reply,
+            },
+        )
+        .await?;
+        match next::<EnrollClientMsg>(&mut recv).await? {
+            EnrollClientMsg::Confirm { mac } => Ok(mac),
+            _ => Err(EnrollError::Unexpected("expected Confirm")),
+        }
+    }
+    .await;
+    let keys = mac.and_then(|mac| {
+        challenge
+            .handshake
+            .confirm(&mac)
+            .map_err(EnrollError::Handshake)
+    });
+    let mut keys = match keys {
+        Ok(k) => k,
+        Err(e) => {
+            ctl.codes.failed(&attempt);
+            if attempt.counted() {
+                warn!(%source, error = %ErrorChain(&e), "install-code guess failed; it counts against the code");
+            }
+            return match e {
+                EnrollError::Handshake(_) => refuse(&mut send, EnrollRefusal::WrongCode).await,
+                other => Err(other),
+            };
+        }
     };
-    let req: EnrollRequest = decode(&keys.open(&sealed)?)?;
+    // The request is read, and the certificate made, before the node counts
+    // toward the code, so an agent that fails here does not use up a node.
+    let request = match next::<EnrollClientMsg>(&mut recv).await {
+        Ok(EnrollClientMsg::Request { sealed }) => Ok(sealed),
+        Ok(_) => Err(EnrollError::Unexpected("expected Request")),
+        Err(e) => Err(e),
+    };
+    let sealed = match request {
+        Ok(sealed) => sealed,
+        Err(e) => {
+            ctl.codes.failed(&attempt);
+            return Err(e);
+        }
+    };
+    let req: EnrollRequest = match keys
+        .open(&sealed)
+        .map_err(EnrollError::from)
+        .and_then(|payload| decode(&payload).map_err(EnrollError::from))
+    {
+        Ok(req) => req,
+        Err(e) => {
+            ctl.codes.failed(&attempt);
+            return Err(e);
+        }
+    };
     let node_id = NodeId::from(format!(
         "n-{}",
         random_hex(8).map_err(|_| EnrollError::Unexpected("rng"))?
@@ -318,9 +358,21 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
     let cert_pem = match ctl.pki.issue_node_cert(&node_id, &req.csr_pem) {
         Ok(c) => c,
         Err(e) => {
+            ctl.codes.failed(&attempt);
             return refuse(&mut send, EnrollRefusal::Invalid(e.to_string())).await;
         }
     };
+    match ctl.codes.admit(&attempt) {
+        Ok(Ok(())) => {}
+        Ok(Err(r)) => {
+            info!(%source, refusal = %r, "the agent proved the install code but may not enrol");
+            return refuse(&mut send, enroll_refusal(r)).await;
+        }
+        Err(e) => {
+            warn!(error = %ErrorChain(&e), "install-code book could not be saved; refusing enrolment");
+            return refuse(&mut send, store_unavailable()).await;
+        }
+    }
     ctl.nodes.enrolled(NodeRecord {
         id: node_id.clone(),
         hostname: req.hostname.clone(),

@@ -412,7 +412,12 @@ fn tokens(api: &Api, what: TokenCmd, json: bool) -> Outcome {
 fn codes(api: &Api, what: Codes, json: bool) -> Outcome {
     let reply = match what {
         Codes::New { ttl } => {
-            let req = ttl.and_then(|t| body(&NewCode { ttl_secs: Some(t) }));
+            let req = ttl.and_then(|t| {
+                body(&NewCode {
+                    ttl_secs: Some(t),
+                    nodes: None,
+                })
+            });
             api.ok("POST", "/api/v1/install-codes", req)?
         }
         Codes::Show => api.get("/api/v1/install-codes")?,

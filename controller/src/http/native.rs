@@ -13,7 +13,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 
 use de_common::api::{
-    AuditAction, CodeView, DeploymentView, ExecRequest, ExecResult, NewCode, NodeView, StepRequest,
+    AuditAction, CodeView, DeploymentView, ExecRequest, ExecResult, FailedCodeAttempt,
+    InstallCodeState, NewCode, NodeView, StepRequest,
 };
 
 use de_common::{DeploymentId, NodeId, StepId};
@@ -49,17 +50,39 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
         .route("/deployments/{id}/cancel", post(cancel_deployment))
 }
 
-/// An issued code as the API shows it, with the install command and the time left.
-fn code_view(ctl: &Controller, issued: &de_install_codes::IssuedCode) -> CodeView {
+/// The most nodes one install code may be made for.
+pub(crate) const MAX_CODE_NODES: u32 = 100_000;
+
+/// A code as the API shows it, with the install command, the time left,
+/// the guesses that failed (and where from) and the nodes it admitted.
+fn code_view(ctl: &Controller, status: &de_install_codes::CodeStatus) -> CodeView {
+    use de_install_codes::CodeState;
     CodeView {
-        code: issued.code.as_str().to_owned(),
-        expires_at: rfc3339(issued.expires_at),
-        agent_command: crate::agents::agent_command(&ctl.agent_addr, issued.code.as_str()),
-        expires_in_secs: issued
+        code: status.code.as_str().to_owned(),
+        expires_at: rfc3339(status.expires_at),
+        agent_command: crate::agents::agent_command(&ctl.agent_addr, status.code.as_str()),
+        expires_in_secs: status
             .expires_at
             .duration_since(std::time::SystemTime::now())
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        state: match status.state {
+            CodeState::Burned => InstallCodeState::Burned,
+            CodeState::Used => InstallCodeState::Used,
+            _ => InstallCodeState::Open,
+        },
+        failed_attempts: status
+            .failed
+            .iter()
+            .map(|a| FailedCodeAttempt {
+                source: a.source.to_canonical().to_string(),
+                at: rfc3339(a.at),
+                in_progress: a.in_progress(),
+            })
+            .collect(),
+        nodes: status.nodes,
+        nodes_admitted: status.admitted,
+        nodes_left: status.nodes.map(|n| n.saturating_sub(status.admitted)),
     }
 }
 
@@ -68,31 +91,51 @@ async fn post_code(
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: NewCode =
-        parse_optional_json(&body, r#"no body, or {"ttl_secs": N}"#)?.unwrap_or_default();
+    let req: NewCode = parse_optional_json(&body, r#"no body, or {"ttl_secs": N, "nodes": N}"#)?
+        .unwrap_or_default();
     let ttl = req.ttl_secs.unwrap_or(DEFAULT_CODE_TTL_SECS);
     if ttl == 0 || ttl > MAX_CODE_TTL_SECS {
         return Err(ApiError::bad_request(format!(
             "ttl_secs must be between 1 and {MAX_CODE_TTL_SECS} (7 days), got {ttl}"
         )));
     }
-    let issued = ctl.codes.issue(Duration::from_secs(ttl))?;
-    audit(
-        &ctl,
-        &caller,
-        AuditAction::Code,
-        Vec::new(),
-        &format!("ttl {ttl} s"),
-    )?;
-    let view = code_view(&ctl, &issued);
+    if let Some(n) = req.nodes.filter(|n| !(1..=MAX_CODE_NODES).contains(n)) {
+        return Err(ApiError::bad_request(format!(
+            "nodes must be between 1 and {MAX_CODE_NODES} (or absent for any number), got {n}"
+        )));
+    }
+    ctl.codes.issue(Duration::from_secs(ttl), req.nodes)?;
+    let detail = match req.nodes {
+        Some(n) => format!("ttl {ttl} s, {n} node(s)"),
+        None => format!("ttl {ttl} s"),
+    };
+    audit(&ctl, &caller, AuditAction::Code, Vec::new(), &detail)?;
+    let status = ctl.codes.status().ok_or_else(|| {
+        ApiError::not_found("no install code is active: create one with POST /api/v1/install-codes")
+    })?;
+    let view = code_view(&ctl, &status);
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
+/// The open code, or a burned or used-up one (so the operator sees where the
+/// guesses came from); 404 when none was issued, or it was ended or expired.
 async fn get_code(State(ctl): Ctl) -> Result<axum::Json<CodeView>, ApiError> {
-    let issued = ctl.codes.active().ok_or_else(|| {
-        ApiError::not_found("no install code is active: create one with POST /api/v1/install-codes")
-    })?;
-    Ok(axum::Json(code_view(&ctl, &issued)))
+    use de_install_codes::CodeState;
+    let status = ctl
+        .codes
+        .status()
+        .filter(|s| {
+            matches!(
+                s.state,
+                CodeState::Open | CodeState::Burned | CodeState::Used
+            )
+        })
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "no install code is active: create one with POST /api/v1/install-codes",
+            )
+        })?;
+    Ok(axum::Json(code_view(&ctl, &status)))
 }
 
 async fn delete_code(
@@ -497,6 +540,43 @@ mod tests {
                 "{bad}: {body}"
             );
         }
+        let (s, body) = call(
+            &ctl,
+            "POST",
+            "/api/v1/install-codes",
+            Some(&t),
+            r#"{"nodes": 0}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            body["message"],
+            "nodes must be between 1 and 100000 (or absent for any number), got 0"
+        );
+        let (s, made) = call(
+            &ctl,
+            "POST",
+            "/api/v1/install-codes",
+            Some(&t),
+            r#"{"nodes": 2}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED);
+        assert_eq!(
+            (
+                &made["state"],
+                &made["nodes"],
+                &made["nodes_admitted"],
+                &made["nodes_left"]
+            ),
+            (
+                &serde_json::json!("open"),
+                &serde_json::json!(2),
+                &serde_json::json!(0),
+                &serde_json::json!(2)
+            )
+        );
+        assert_eq!(made["failed_attempts"], serde_json::json!([]));
     }
 
     #[tokio::test]
