@@ -49,16 +49,25 @@ pub struct StepRecord {
 }
 
 impl StepRecord {
-    /// The record as the API shows it: without the signed bytes, and with
-    /// script environment values (where plans pass passwords) as `******`.
-    /// Its keys are sorted at every level, as they always were (the view
-    /// goes through a `Value`).
-    pub fn redacted(&self) -> serde_json::Value {
+    /// The record as the API shows it: without the signed bytes, with
+    /// script environment values (where plans pass passwords) as `******`,
+    /// and with every text of `secrets` (the current plan's secrets, as
+    /// `Plan::secret_texts` gives them) as `******` wherever it appears in
+    /// the action, the output or the refusal; file contents that hold one
+    /// are shown as `******` whole. The signed step the agent runs keeps the
+    /// real values. Its keys are sorted at every level, as they always were
+    /// (the view goes through a `Value`).
+    pub fn redacted(&self, secrets: &[String]) -> serde_json::Value {
+        let hide = Hide::new(secrets);
         let mut step = self.step.clone();
-        if let StepAction::Script { env, .. } = &mut step.action {
-            for (_, v) in env.iter_mut() {
-                *v = "******".to_owned();
-            }
+        hide.action(&mut step.action);
+        let mut outcome = self.outcome.clone();
+        if let Some(o) = &mut outcome {
+            hide.outcome(o);
+        }
+        let mut refusal = self.refusal.clone();
+        if let Some(r) = &mut refusal {
+            hide.text(r);
         }
         let view = StepRecordView {
             step,
@@ -66,10 +75,112 @@ impl StepRecord {
             created_at: self.created_at.clone(),
             started_at: self.started_at.clone(),
             finished_at: self.finished_at.clone(),
-            outcome: self.outcome.clone(),
-            refusal: self.refusal.clone(),
+            outcome,
+            refusal,
         };
         serde_json::to_value(view).unwrap_or_default()
+    }
+}
+
+/// What a hidden value reads as.
+const HIDDEN: &str = "******";
+
+/// Hides secret texts in what a step record shows.
+struct Hide<'a> {
+    /// Not empty, longest first: a secret that holds another is hidden
+    /// whole, not around the shorter one.
+    secrets: Vec<&'a str>,
+}
+
+impl<'a> Hide<'a> {
+    fn new(secrets: &'a [String]) -> Hide<'a> {
+        let mut secrets: Vec<&str> = secrets
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+            .collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        Hide { secrets }
+    }
+
+    fn text(&self, s: &mut String) {
+        for secret in &self.secrets {
+            if s.contains(secret) {
+                *s = s.replace(secret, HIDDEN);
+            }
+        }
+    }
+
+    /// Bytes that hold a secret are hidden whole: they may be any format,
+    /// and a file's other contents say too much around a cut.
+    fn bytes(&self, b: &mut Vec<u8>) {
+        let holds = |secret: &&str| b.windows(secret.len()).any(|w| w == secret.as_bytes());
+        if self.secrets.iter().any(holds) {
+            *b = HIDDEN.as_bytes().to_vec();
+        }
+    }
+
+    /// Every text of the action; no `_` arm, so a new action has to say
+    /// what it shows.
+    fn action(&self, action: &mut StepAction) {
+        match action {
+            StepAction::Script {
+                script, user, env, ..
+            } => {
+                self.text(script);
+                if let Some(u) = user {
+                    self.text(u);
+                }
+                for (_, v) in env.iter_mut() {
+                    *v = HIDDEN.to_owned();
+                }
+            }
+            StepAction::WriteFile {
+                path,
+                contents,
+                owner,
+                ..
+            } => {
+                self.text(path);
+                self.bytes(contents);
+                if let Some(o) = owner {
+                    self.text(o);
+                }
+            }
+            StepAction::MonitAdd { name, check } => {
+                self.text(name);
+                self.text(check);
+            }
+            StepAction::MonitRemove { name } | StepAction::Monit { name, .. } => self.text(name),
+            StepAction::CollectLogs { paths, .. } => paths.iter_mut().for_each(|p| self.text(p)),
+            StepAction::Cancel { .. } => {}
+            StepAction::MarkApplied {
+                instance,
+                fingerprint,
+                files,
+                check,
+            } => {
+                self.text(instance);
+                self.text(fingerprint);
+                files.iter_mut().for_each(|f| self.text(f));
+                if let Some(c) = check {
+                    self.text(c);
+                }
+            }
+            StepAction::Unmark { instance } => self.text(instance),
+        }
+    }
+
+    fn outcome(&self, o: &mut StepOutcome) {
+        self.text(&mut o.stdout_tail);
+        self.text(&mut o.stderr_tail);
+        if let Some(e) = &mut o.error {
+            self.text(e);
+        }
+        for (path, contents) in &mut o.files {
+            self.text(path);
+            self.bytes(contents);
+        }
     }
 }
 
@@ -914,13 +1025,113 @@ mod tests {
         let r = q
             .enqueue(&n1(), Lane::Deploy, action, None, DEFAULT_STEP_TTL)
             .expect("enqueue");
-        let shown = r.redacted().to_string();
+        let shown = r.redacted(&[]).to_string();
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(
             shown.contains("DE_PASSWORD") && shown.contains("******"),
             "{shown}"
         );
         assert!(!shown.contains("\"signed\""), "{shown}");
+    }
+
+    /// The plan's secrets are hidden in every text the API shows of a step
+    /// (script, file contents, output), while the signed step the agent
+    /// pulls carries them as rendered.
+    #[tokio::test]
+    async fn the_api_view_hides_plan_secrets_the_signed_step_keeps_them() {
+        let (_d, q, pk) = queue();
+        let secrets = [
+            "s3cret".to_owned(),
+            "r00t".to_owned(),
+            "s3cret-r00t".to_owned(),
+        ];
+        let script = StepAction::Script {
+            script: "echo 'vcap:s3cret' | chpasswd; echo root:r00t | chpasswd".into(),
+            user: None,
+            env: vec![],
+            timeout_secs: 5,
+        };
+        let file = StepAction::WriteFile {
+            path: "etc/app.yml".into(),
+            contents: b"user: vcap\npassword: s3cret-r00t\n".to_vec(),
+            mode: 0o600,
+            owner: Some("vcap".into()),
+        };
+        let plain = StepAction::WriteFile {
+            path: "etc/motd".into(),
+            contents: b"welcome\n".to_vec(),
+            mode: 0o644,
+            owner: None,
+        };
+        let s = q
+            .enqueue(&n1(), Lane::Deploy, script.clone(), None, DEFAULT_STEP_TTL)
+            .expect("script");
+        let f = q
+            .enqueue(&n1(), Lane::Deploy, file.clone(), None, DEFAULT_STEP_TTL)
+            .expect("file");
+        let p = q
+            .enqueue(&n1(), Lane::Deploy, plain.clone(), None, DEFAULT_STEP_TTL)
+            .expect("plain");
+        // What the agent pulls is the step as rendered, signed.
+        for (r, action) in [(&s, &script), (&f, &file)] {
+            let pulled = q
+                .pull(
+                    &n1(),
+                    Lane::Deploy,
+                    r.step.seq - 1,
+                    Duration::from_millis(10),
+                )
+                .await
+                .expect("pull")
+                .expect("step");
+            let step = de_common::check_step(&pulled, &pk, &n1(), 0, unix(SystemTime::now()))
+                .expect("valid");
+            assert_eq!(&step.action, action);
+        }
+        q.on_event(
+            &n1(),
+            StepEvent {
+                step_id: s.step.id.clone(),
+                lane: Lane::Deploy,
+                seq: 1,
+                kind: StepEventKind::Finished(StepOutcome {
+                    exit_code: Some(1),
+                    stderr_tail: "+ echo vcap:s3cret\nchpasswd: failed\n".into(),
+                    ..Default::default()
+                }),
+            },
+        )
+        .expect("event");
+        let s = q.get(&s.step.id).expect("get").expect("stored");
+
+        let shown = s.redacted(&secrets);
+        assert_eq!(
+            shown["step"]["action"]["Script"]["script"],
+            "echo 'vcap:******' | chpasswd; echo root:****** | chpasswd"
+        );
+        assert_eq!(
+            shown["outcome"]["stderr_tail"],
+            "+ echo vcap:******\nchpasswd: failed\n"
+        );
+        let shown_file = f.redacted(&secrets);
+        assert_eq!(
+            shown_file["step"]["action"]["WriteFile"]["contents"],
+            serde_json::json!(b"******".to_vec()),
+            "a file holding a secret is hidden whole"
+        );
+        assert_eq!(
+            shown_file["step"]["action"]["WriteFile"]["path"],
+            "etc/app.yml"
+        );
+        for text in [shown.to_string(), shown_file.to_string()] {
+            assert!(!text.contains("s3cret") && !text.contains("r00t"), "{text}");
+        }
+        let shown_plain = p.redacted(&secrets);
+        assert_eq!(
+            shown_plain["step"]["action"]["WriteFile"]["contents"],
+            serde_json::json!(b"welcome\n".to_vec()),
+            "a file without a secret is shown as it is"
+        );
     }
 
     #[tokio::test]
