@@ -80,7 +80,7 @@ impl Controller {
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
         let codes = Codes::load(store.clone())?;
         let nodes = Nodes::load(store.clone())?;
-        let steps = StepQueue::open(store.clone(), pki.step_key())?;
+        let steps = StepQueue::open(store.clone(), pki.step_key(), nodes.clocks().clone())?;
         let catalogs = Catalogs::load(&data_dir.join("catalogs"))?;
         let plans = Plans::load(store.clone())?;
         let log_dir = data_dir.join("logs");

@@ -14,5 +14,6 @@ mod monit;
 mod operate;
 mod plans;
 mod planted;
+mod skew;
 mod step_refusals;
 mod steps;

@@ -21,9 +21,10 @@ use de_common::api::StepRecordView;
 pub(crate) use de_common::api::StepState;
 use de_common::{
     DeploymentId, Lane, NodeId, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind,
-    StepId, StepOutcome, sign_step,
+    StepId, StepOutcome, deadline_on_node, sign_step,
 };
 
+use crate::agents::clock::ClockSkews;
 use crate::store::{Store, StoreError, StoreExt, Tree, scan_json};
 use crate::util::random_hex;
 use crate::util::rfc3339;
@@ -242,6 +243,8 @@ pub struct StepQueue {
     /// Every step not final yet, for the watchdog (`watchdog.rs`): small,
     /// and rebuilt from the store at start.
     active: Mutex<HashMap<StepId, ActiveStep>>,
+    /// Each node's clock skew: a step's `not_after` is on its node's clock.
+    clocks: ClockSkews,
 }
 
 /// What the watchdog needs of a step that has not ended.
@@ -296,9 +299,10 @@ fn unix(t: SystemTime) -> u64 {
 impl StepQueue {
     /// The queues in `store`, with the index of the steps not final yet
     /// rebuilt from it (one scan of the steps tree).
-    pub fn open(
+    pub(crate) fn open(
         store: Arc<dyn Store>,
         key: Arc<ring::signature::Ed25519KeyPair>,
+        clocks: ClockSkews,
     ) -> Result<StepQueue, StoreError> {
         let (updates, _) = broadcast::channel(4096);
         let now = Instant::now();
@@ -323,6 +327,7 @@ impl StepQueue {
             wakers: Mutex::new(HashMap::new()),
             updates,
             active: Mutex::new(active),
+            clocks,
         })
     }
 
@@ -483,7 +488,14 @@ impl StepQueue {
                     lane,
                     seq,
                     issued_at: unix(now),
-                    not_after: unix(now + ttl),
+                    // The agent checks it with its own clock: give the step
+                    // its whole TTL there (a skew measured later does not
+                    // change a step already signed).
+                    not_after: deadline_on_node(
+                        unix(now),
+                        ttl.as_secs(),
+                        self.clocks.of(&node).unwrap_or(0),
+                    ),
                     action,
                 };
                 let signed = sign_step(&step, &self.key)?;
@@ -841,12 +853,20 @@ mod tests {
     /// A queue on the store in `dir` (reopened if this process just closed
     /// it), with a fresh step key; the key's public half.
     fn queue_on(dir: &std::path::Path) -> (StepQueue, Vec<u8>) {
+        queue_with(dir, ClockSkews::default())
+    }
+
+    /// [`queue_on`], issuing steps with the node clock skews in `clocks`.
+    fn queue_with(dir: &std::path::Path, clocks: ClockSkews) -> (StepQueue, Vec<u8>) {
         let store: Arc<dyn Store> = Arc::new(crate::testkit::reopen(|| SledStore::open(dir)));
         let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
             .expect("gen");
         let key = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
         let pk = key.public_key().as_ref().to_vec();
-        (StepQueue::open(store, Arc::new(key)).expect("open"), pk)
+        (
+            StepQueue::open(store, Arc::new(key), clocks).expect("open"),
+            pk,
+        )
     }
 
     fn n1() -> NodeId {
@@ -1011,6 +1031,43 @@ mod tests {
         let got = waiter.await.expect("join").expect("pull").expect("step");
         assert_eq!(got, r.signed);
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// The issue's case: a node whose clock is 75 s fast refused every
+    /// default exec (timeout 60 s + 15 s grace). Issued with its measured
+    /// skew, the step lives its whole TTL on the node's clock.
+    #[test]
+    fn a_step_lives_its_whole_ttl_on_a_node_whose_clock_is_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clocks = ClockSkews::default();
+        clocks.record(&n1(), 75);
+        let (q, pk) = queue_with(dir.path(), clocks.clone());
+        let ttl = Duration::from_secs(75);
+        let fast = q
+            .enqueue(&n1(), Lane::Adhoc, echo(), None, ttl)
+            .expect("enqueue");
+        assert_eq!(fast.step.not_after, fast.step.issued_at + 75 + 75);
+        let issued = fast.step.issued_at;
+        // n1's clock reads 75 s more than the controller's, from the issue
+        // to the end of the TTL.
+        for node_now in [issued + 75, issued + 75 + 75] {
+            de_common::check_step(&fast.signed, &pk, &n1(), 0, node_now)
+                .expect("good on the node's clock");
+        }
+        assert!(matches!(
+            de_common::check_step(&fast.signed, &pk, &n1(), 0, issued + 75 + 76),
+            Err(de_common::StepRefusal::Expired { .. })
+        ));
+        // A node whose clock is behind; one whose skew is not known.
+        clocks.record(&n2(), -40);
+        let slow = q
+            .enqueue(&n2(), Lane::Adhoc, echo(), None, ttl)
+            .expect("slow");
+        assert_eq!(slow.step.not_after, slow.step.issued_at + 75 - 40);
+        let unknown = q
+            .enqueue(&"n3".into(), Lane::Adhoc, echo(), None, ttl)
+            .expect("unknown");
+        assert_eq!(unknown.step.not_after, unknown.step.issued_at + 75);
     }
 
     #[test]
