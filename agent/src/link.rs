@@ -251,9 +251,12 @@ async fn reporter(
                 }
             })
         };
-        let unacked = shared.ledger().unacked();
-        for ev in unacked {
-            if write_frame(&mut send, &AgentMsg::Event(ev)).await.is_err() {
+        let mut unacked = shared.ledger().unacked();
+        for ev in &unacked {
+            if write_frame(&mut send, &AgentMsg::Event(ev.clone()))
+                .await
+                .is_err()
+            {
                 acks.abort();
                 continue 'connection;
             }
@@ -273,6 +276,12 @@ async fn reporter(
                     ev = events.recv() => match ev { Some(ev) => ev, None => return },
                 },
             };
+            // A result recorded in the ledger just before this connection
+            // read it is also still in the channel: it went once already.
+            if let Some(i) = unacked.iter().position(|u| *u == ev) {
+                unacked.swap_remove(i);
+                continue;
+            }
             if write_frame(&mut send, &AgentMsg::Event(ev.clone()))
                 .await
                 .is_err()
