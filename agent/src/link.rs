@@ -1,8 +1,9 @@
 //! The agent's link to the controller: one mutual-TLS QUIC connection
 //! (`de-agent/1`) carrying a control stream (`Hello`, heartbeats with monit
-//! status, and this node's clock when the controller asks for it), one long-poll pull stream per lane, and an events stream for step
-//! output and results. Re-established with jittered exponential backoff
-//! whenever it drops, until shutdown.
+//! status, and this node's clock when the controller asks for it), one
+//! long-poll pull stream per lane, and an events stream for step output and
+//! results. Re-established with jittered exponential backoff whenever it
+//! drops, until shutdown.
 //!
 //! The lane workers and the reporter outlive any one connection: a step keeps
 //! running through a reconnect, and its result (persisted in the ledger) is
