@@ -1,8 +1,9 @@
 //! The agent's link to the controller: one mutual-TLS QUIC connection
 //! (`de-agent/1`) carrying a control stream (`Hello`, heartbeats with monit
-//! status), one long-poll pull stream per lane, and an events stream for step
-//! output and results. Re-established with jittered exponential backoff
-//! whenever it drops, until shutdown.
+//! status, and this node's clock when the controller asks for it), one
+//! long-poll pull stream per lane, and an events stream for step output and
+//! results. Re-established with jittered exponential backoff whenever it
+//! drops, until shutdown.
 //!
 //! The lane workers and the reporter outlive any one connection: a step keeps
 //! running through a reconnect, and its result (persisted in the ledger) is
@@ -19,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use de_common::{
-    AgentMsg, ControllerMsg, ErrorChain, Heartbeat, Hello, Lane, LinkRefusal, StepEvent,
-    StepEventKind, StepId, check_step, close_codes, read_frame, write_frame,
+    AgentMsg, CLOCK_SKEW_WARN_SECS, ControllerMsg, ErrorChain, Heartbeat, Hello, Lane, LinkRefusal,
+    StepEvent, StepEventKind, StepId, check_step, close_codes, read_frame, skew_secs, unix_ms,
+    write_frame,
 };
 
 use crate::hardware::{Sampler, hostname};
@@ -250,9 +252,12 @@ async fn reporter(
                 }
             })
         };
-        let unacked = shared.ledger().unacked();
-        for ev in unacked {
-            if write_frame(&mut send, &AgentMsg::Event(ev)).await.is_err() {
+        let mut unacked = shared.ledger().unacked();
+        for ev in &unacked {
+            if write_frame(&mut send, &AgentMsg::Event(ev.clone()))
+                .await
+                .is_err()
+            {
                 acks.abort();
                 continue 'connection;
             }
@@ -272,6 +277,12 @@ async fn reporter(
                     ev = events.recv() => match ev { Some(ev) => ev, None => return },
                 },
             };
+            // A result recorded in the ledger just before this connection
+            // read it is also still in the channel: it went once already.
+            if let Some(i) = unacked.iter().position(|u| *u == ev) {
+                unacked.swap_remove(i);
+                continue;
+            }
             if write_frame(&mut send, &AgentMsg::Event(ev.clone()))
                 .await
                 .is_err()
@@ -491,6 +502,20 @@ impl Link {
             Err(_) => return SessionEnd::Failed("the controller did not answer Hello".into()),
         }
         let _ = self.conn_tx.send(Some(conn.clone()));
+        // After Welcome the control stream only ever brings a ClockQuery
+        // (from controllers that want this node's clock); a task reads it
+        // so that the loop below never cuts a frame in half.
+        let (query_tx, mut queries) = mpsc::channel::<u64>(1);
+        let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            while let Ok(Some(m)) = read_frame::<_, ControllerMsg>(&mut recv).await {
+                if let ControllerMsg::ClockQuery { unix_ms } = m
+                    && query_tx.send(unix_ms).await.is_err()
+                {
+                    return;
+                }
+            }
+        }));
+        let mut clock_asked = false;
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -507,6 +532,22 @@ impl Link {
                         SessionEnd::Failed(why) => SessionEnd::Lost(why),
                         other => other,
                     };
+                }
+                Some(controller_ms) = queries.recv() => {
+                    let now = unix_ms(SystemTime::now());
+                    let skew = skew_secs(now, controller_ms);
+                    if skew.unsigned_abs() >= CLOCK_SKEW_WARN_SECS.unsigned_abs() {
+                        warn!(
+                            skew_secs = skew,
+                            "this node's clock is {} s {} the controller's: set it right (NTP)",
+                            skew.unsigned_abs(),
+                            if skew > 0 { "ahead of" } else { "behind" }
+                        );
+                    }
+                    clock_asked = true;
+                    if let Err(e) = write_frame(&mut send, &AgentMsg::Clock { unix_ms: now }).await {
+                        return SessionEnd::Lost(format!("clock not sent: {}", ErrorChain(&e)));
+                    }
                 }
                 _ = tick.tick() => {
                     let components = match self.monit.status().await {
@@ -531,6 +572,13 @@ impl Link {
                         .unwrap_or_default();
                     if let Err(e) = write_frame(&mut send, &AgentMsg::Inventory(inventory)).await {
                         return SessionEnd::Lost(format!("inventory not sent: {}", ErrorChain(&e)));
+                    }
+                    // The controller issues steps with this node's skew; keep it current.
+                    if clock_asked {
+                        let clock = AgentMsg::Clock { unix_ms: unix_ms(SystemTime::now()) };
+                        if let Err(e) = write_frame(&mut send, &clock).await {
+                            return SessionEnd::Lost(format!("clock not sent: {}", ErrorChain(&e)));
+                        }
                     }
                 }
             }

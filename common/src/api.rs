@@ -270,6 +270,11 @@ pub struct NodeView {
     pub root: String,
     /// What the node's monit supervises, from the last heartbeat.
     pub components: Vec<ComponentStatus>,
+    /// How many seconds the node's clock is ahead of the controller's
+    /// (negative: behind), as its agent last reported; `None` until an
+    /// agent that reports its clock has linked since the controller started.
+    #[serde(default)]
+    pub clock_skew_secs: Option<i64>,
 }
 
 impl NodeView {
@@ -881,6 +886,7 @@ mod tests {
             revoked,
             root: "/".to_owned(),
             components: Vec::new(),
+            clock_skew_secs: None,
         }
     }
 

@@ -9,6 +9,7 @@
 //! `AsyncWrite`) and holds no sled, axum or quinn types.
 
 pub mod api;
+mod clock;
 mod config;
 mod error;
 mod files;
@@ -19,6 +20,7 @@ mod signal;
 mod step;
 mod wire;
 
+pub use clock::{CLOCK_SKEW_WARN_SECS, deadline_on_node, skew_secs, unix_ms};
 pub use config::{ConfigError, load_config, load_toml, parse_toml};
 pub use error::ErrorChain;
 pub use files::{ensure_private_dir, write_private};

@@ -183,6 +183,14 @@ pub enum AgentMsg {
     /// after each heartbeat). Agents older than this message send none, and
     /// the controller then trusts its own record of what it applied.
     Inventory(Vec<InstanceState>),
+    /// The node's clock, in answer to [`ControllerMsg::ClockQuery`] and then
+    /// after each heartbeat (control stream). Sent only to a controller
+    /// that asked, so an older controller, which would take this variant
+    /// for a malformed frame, never gets one; an older agent never answers,
+    /// and its node's skew stays unknown (steps are issued as before).
+    Clock {
+        unix_ms: u64,
+    },
 }
 
 /// One instance the agent applied (a `MarkApplied` step), as it stands now.
@@ -223,5 +231,12 @@ pub enum ControllerMsg {
     Idle,
     Ack {
         step_id: StepId,
+    },
+    /// Sent once after `Welcome` on the control stream, with the
+    /// controller's clock: "tell me yours" (`AgentMsg::Clock`). Older
+    /// agents do not read the control stream after `Welcome`, so they
+    /// never see it.
+    ClockQuery {
+        unix_ms: u64,
     },
 }

@@ -35,6 +35,7 @@ fn nodes() -> Vec<NodeView> {
             revoked: false,
             root: "/".to_owned(),
             components: Vec::new(),
+            clock_skew_secs: None,
         })
         .collect()
 }

@@ -90,7 +90,7 @@ impl Controller {
         let tokens = Tokens::load(store.clone(), pki.token()).map_err(OpenError::Access)?;
         let audit = Audit::open(store.clone()).map_err(OpenError::Access)?;
         let nodes = Nodes::load(store.clone())?;
-        let steps = StepQueue::open(store.clone(), pki.step_key())?;
+        let steps = StepQueue::open(store.clone(), pki.step_key(), nodes.clocks().clone())?;
         let catalogs = Catalogs::load(&data_dir.join("catalogs"))?;
         let plans = Plans::load(store.clone())?;
         let log_dir = data_dir.join("logs");

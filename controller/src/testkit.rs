@@ -26,6 +26,7 @@ pub(crate) fn node(id: &str, ip: &str, cpus: u32, ram_mb: u64, disk_mb: u64) -> 
         revoked: false,
         root: format!("/tmp/de-test/{id}"),
         components: Vec::new(),
+        clock_skew_secs: None,
     }
 }
 

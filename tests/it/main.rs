@@ -15,6 +15,7 @@ mod monit;
 mod operate;
 mod plans;
 mod planted;
+mod skew;
 mod step_refusals;
 mod steps;
 mod tokens;

@@ -1,9 +1,11 @@
 //! Everything about the nodes and their agents: the controller's keys and
 //! certificates (`pki`), install codes (`codes`), enrolled nodes and their
-//! live links (`nodes`), the per-node step queues (`steps`), the QUIC
+//! live links (`nodes`), their clocks' skew (`clock`), the per-node step
+//! queues (`steps`), the QUIC
 //! endpoint that enrols agents and serves their links (`quic`), and the
 //! address agents are told to dial (`public_addr`).
 
+pub(crate) mod clock;
 pub(crate) mod codes;
 pub(crate) mod nodes;
 pub(crate) mod pki;

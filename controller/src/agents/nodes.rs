@@ -13,6 +13,7 @@ pub use de_common::api::NodeView;
 use de_common::api::resolve;
 use de_common::{ComponentStatus, Hardware, Hello, InstanceState, NodeId, Usage, close_codes};
 
+use crate::agents::clock::ClockSkews;
 use crate::store::{Store, StoreError, StoreExt, Tree};
 use crate::util::rfc3339;
 
@@ -59,6 +60,8 @@ pub struct Nodes {
     records: RwLock<HashMap<NodeId, NodeRecord>>,
     live: Mutex<HashMap<NodeId, Live>>,
     revoked: RevokedSet,
+    /// Each node's last reported clock skew, shared with the step queue.
+    clocks: ClockSkews,
 }
 
 impl std::fmt::Debug for Nodes {
@@ -84,7 +87,13 @@ impl Nodes {
             records: RwLock::new(records),
             live: Mutex::new(HashMap::new()),
             revoked: Arc::new(RwLock::new(revoked)),
+            clocks: ClockSkews::default(),
         })
+    }
+
+    /// Each node's last reported clock skew (the step queue issues steps with it).
+    pub(crate) fn clocks(&self) -> &ClockSkews {
+        &self.clocks
     }
 
     pub fn revoked_set(&self) -> RevokedSet {
@@ -229,6 +238,7 @@ impl Nodes {
             revoked: rec.revoked,
             root: rec.root.clone(),
             components: l.map(|l| l.components.clone()).unwrap_or_default(),
+            clock_skew_secs: self.clocks.of(&rec.id),
         }
     }
 

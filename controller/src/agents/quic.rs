@@ -20,11 +20,12 @@ use tracing::{debug, info, warn};
 use de_common::{
     AGENT_ALPN, AgentMsg, ControllerMsg, ENROLL_ALPN, EnrollClientMsg, EnrollGrant, EnrollRefusal,
     EnrollRequest, EnrollServerMsg, ErrorChain, LinkRefusal, NodeId, Welcome, close_codes, decode,
-    encode, read_frame, write_frame,
+    encode, read_frame, skew_secs, unix_ms, write_frame,
 };
 use de_install_codes::{ChannelBinding, EKM_LABEL, Refusal};
 
 use crate::Controller;
+use crate::agents::clock::{ClockNote, ClockWatch};
 use crate::agents::codes::AttemptError;
 use crate::agents::nodes::{NodeRecord, RevokedSet};
 use crate::agents::pki::{Pki, node_id_of};
@@ -462,6 +463,16 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
         return;
     }
     info!(node = %node_id, %remote, hostname = %hello.hostname, "agent online");
+    // Agents that know the question answer with their clock (and then send
+    // it after every heartbeat); older ones never read it.
+    let query = ControllerMsg::ClockQuery {
+        unix_ms: unix_ms(SystemTime::now()),
+    };
+    if write_frame(&mut send, &query).await.is_err() {
+        ctl.nodes.disconnected(&node_id, &conn);
+        return;
+    }
+    let mut clock = ClockWatch::default();
     let streams = tokio::spawn(accept_streams(conn.clone(), node_id.clone(), ctl.clone()));
     loop {
         match read_frame::<_, AgentMsg>(&mut recv).await {
@@ -469,6 +480,23 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
                 ctl.nodes.heartbeat(&node_id, hb.usage, hb.components)
             }
             Ok(Some(AgentMsg::Inventory(instances))) => ctl.nodes.inventory(&node_id, instances),
+            Ok(Some(AgentMsg::Clock { unix_ms: node_ms })) => {
+                let skew = skew_secs(node_ms, unix_ms(SystemTime::now()));
+                ctl.nodes.clocks().record(&node_id, skew);
+                match clock.observe(skew) {
+                    Some(ClockNote::Skewed(s)) => warn!(
+                        node = %node_id,
+                        skew_secs = s,
+                        "the node's clock is {} s {} the controller's: steps are issued with the skew allowed for, but set the node's clock right (NTP)",
+                        s.unsigned_abs(),
+                        if s > 0 { "ahead of" } else { "behind" }
+                    ),
+                    Some(ClockNote::Fixed(s)) => {
+                        info!(node = %node_id, skew_secs = s, "the node's clock agrees with the controller's again")
+                    }
+                    None => {}
+                }
+            }
             Ok(Some(AgentMsg::Hello(_) | AgentMsg::Pull { .. } | AgentMsg::Event(_))) => {
                 conn.close(
                     close_codes::PROTOCOL.into(),
@@ -569,7 +597,10 @@ async fn serve_stream(
                     }
                 }
             }
-            AgentMsg::Hello(_) | AgentMsg::Heartbeat(_) | AgentMsg::Inventory(_) => {
+            AgentMsg::Hello(_)
+            | AgentMsg::Heartbeat(_)
+            | AgentMsg::Inventory(_)
+            | AgentMsg::Clock { .. } => {
                 conn.close(
                     close_codes::PROTOCOL.into(),
                     b"control message on a work stream",

@@ -21,9 +21,10 @@ use de_common::api::StepRecordView;
 pub(crate) use de_common::api::StepState;
 use de_common::{
     DeploymentId, Lane, NodeId, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind,
-    StepId, StepOutcome, sign_step,
+    StepId, StepOutcome, deadline_on_node, sign_step,
 };
 
+use crate::agents::clock::ClockSkews;
 use crate::store::{Store, StoreError, StoreExt, Tree, scan_json};
 use crate::util::random_hex;
 use crate::util::rfc3339;
@@ -49,16 +50,25 @@ pub struct StepRecord {
 }
 
 impl StepRecord {
-    /// The record as the API shows it: without the signed bytes, and with
-    /// script environment values (where plans pass passwords) as `******`.
-    /// Its keys are sorted at every level, as they always were (the view
-    /// goes through a `Value`).
-    pub fn redacted(&self) -> serde_json::Value {
+    /// The record as the API shows it: without the signed bytes, with
+    /// script environment values (where plans pass passwords) as `******`,
+    /// and with every text of `secrets` (the current plan's secrets, as
+    /// `Plan::secret_texts` gives them) as `******` wherever it appears in
+    /// the action, the output or the refusal; file contents that hold one
+    /// are shown as `******` whole. The signed step the agent runs keeps the
+    /// real values. Its keys are sorted at every level, as they always were
+    /// (the view goes through a `Value`).
+    pub fn redacted(&self, secrets: &[String]) -> serde_json::Value {
+        let hide = Hide::new(secrets);
         let mut step = self.step.clone();
-        if let StepAction::Script { env, .. } = &mut step.action {
-            for (_, v) in env.iter_mut() {
-                *v = "******".to_owned();
-            }
+        hide.action(&mut step.action);
+        let mut outcome = self.outcome.clone();
+        if let Some(o) = &mut outcome {
+            hide.outcome(o);
+        }
+        let mut refusal = self.refusal.clone();
+        if let Some(r) = &mut refusal {
+            hide.text(r);
         }
         let view = StepRecordView {
             step,
@@ -66,10 +76,112 @@ impl StepRecord {
             created_at: self.created_at.clone(),
             started_at: self.started_at.clone(),
             finished_at: self.finished_at.clone(),
-            outcome: self.outcome.clone(),
-            refusal: self.refusal.clone(),
+            outcome,
+            refusal,
         };
         serde_json::to_value(view).unwrap_or_default()
+    }
+}
+
+/// What a hidden value reads as.
+const HIDDEN: &str = "******";
+
+/// Hides secret texts in what a step record shows.
+struct Hide<'a> {
+    /// Not empty, longest first: a secret that holds another is hidden
+    /// whole, not around the shorter one.
+    secrets: Vec<&'a str>,
+}
+
+impl<'a> Hide<'a> {
+    fn new(secrets: &'a [String]) -> Hide<'a> {
+        let mut secrets: Vec<&str> = secrets
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+            .collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        Hide { secrets }
+    }
+
+    fn text(&self, s: &mut String) {
+        for secret in &self.secrets {
+            if s.contains(secret) {
+                *s = s.replace(secret, HIDDEN);
+            }
+        }
+    }
+
+    /// Bytes that hold a secret are hidden whole: they may be any format,
+    /// and a file's other contents say too much around a cut.
+    fn bytes(&self, b: &mut Vec<u8>) {
+        let holds = |secret: &&str| b.windows(secret.len()).any(|w| w == secret.as_bytes());
+        if self.secrets.iter().any(holds) {
+            *b = HIDDEN.as_bytes().to_vec();
+        }
+    }
+
+    /// Every text of the action; no `_` arm, so a new action has to say
+    /// what it shows.
+    fn action(&self, action: &mut StepAction) {
+        match action {
+            StepAction::Script {
+                script, user, env, ..
+            } => {
+                self.text(script);
+                if let Some(u) = user {
+                    self.text(u);
+                }
+                for (_, v) in env.iter_mut() {
+                    *v = HIDDEN.to_owned();
+                }
+            }
+            StepAction::WriteFile {
+                path,
+                contents,
+                owner,
+                ..
+            } => {
+                self.text(path);
+                self.bytes(contents);
+                if let Some(o) = owner {
+                    self.text(o);
+                }
+            }
+            StepAction::MonitAdd { name, check } => {
+                self.text(name);
+                self.text(check);
+            }
+            StepAction::MonitRemove { name } | StepAction::Monit { name, .. } => self.text(name),
+            StepAction::CollectLogs { paths, .. } => paths.iter_mut().for_each(|p| self.text(p)),
+            StepAction::Cancel { .. } => {}
+            StepAction::MarkApplied {
+                instance,
+                fingerprint,
+                files,
+                check,
+            } => {
+                self.text(instance);
+                self.text(fingerprint);
+                files.iter_mut().for_each(|f| self.text(f));
+                if let Some(c) = check {
+                    self.text(c);
+                }
+            }
+            StepAction::Unmark { instance } => self.text(instance),
+        }
+    }
+
+    fn outcome(&self, o: &mut StepOutcome) {
+        self.text(&mut o.stdout_tail);
+        self.text(&mut o.stderr_tail);
+        if let Some(e) = &mut o.error {
+            self.text(e);
+        }
+        for (path, contents) in &mut o.files {
+            self.text(path);
+            self.bytes(contents);
+        }
     }
 }
 
@@ -131,6 +243,8 @@ pub struct StepQueue {
     /// Every step not final yet, for the watchdog (`watchdog.rs`): small,
     /// and rebuilt from the store at start.
     active: Mutex<HashMap<StepId, ActiveStep>>,
+    /// Each node's clock skew: a step's `not_after` is on its node's clock.
+    clocks: ClockSkews,
 }
 
 /// What the watchdog needs of a step that has not ended.
@@ -185,9 +299,10 @@ fn unix(t: SystemTime) -> u64 {
 impl StepQueue {
     /// The queues in `store`, with the index of the steps not final yet
     /// rebuilt from it (one scan of the steps tree).
-    pub fn open(
+    pub(crate) fn open(
         store: Arc<dyn Store>,
         key: Arc<ring::signature::Ed25519KeyPair>,
+        clocks: ClockSkews,
     ) -> Result<StepQueue, StoreError> {
         let (updates, _) = broadcast::channel(4096);
         let now = Instant::now();
@@ -212,6 +327,7 @@ impl StepQueue {
             wakers: Mutex::new(HashMap::new()),
             updates,
             active: Mutex::new(active),
+            clocks,
         })
     }
 
@@ -372,7 +488,14 @@ impl StepQueue {
                     lane,
                     seq,
                     issued_at: unix(now),
-                    not_after: unix(now + ttl),
+                    // The agent checks it with its own clock: give the step
+                    // its whole TTL there (a skew measured later does not
+                    // change a step already signed).
+                    not_after: deadline_on_node(
+                        unix(now),
+                        ttl.as_secs(),
+                        self.clocks.of(&node).unwrap_or(0),
+                    ),
                     action,
                 };
                 let signed = sign_step(&step, &self.key)?;
@@ -730,12 +853,20 @@ mod tests {
     /// A queue on the store in `dir` (reopened if this process just closed
     /// it), with a fresh step key; the key's public half.
     fn queue_on(dir: &std::path::Path) -> (StepQueue, Vec<u8>) {
+        queue_with(dir, ClockSkews::default())
+    }
+
+    /// [`queue_on`], issuing steps with the node clock skews in `clocks`.
+    fn queue_with(dir: &std::path::Path, clocks: ClockSkews) -> (StepQueue, Vec<u8>) {
         let store: Arc<dyn Store> = Arc::new(crate::testkit::reopen(|| SledStore::open(dir)));
         let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
             .expect("gen");
         let key = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
         let pk = key.public_key().as_ref().to_vec();
-        (StepQueue::open(store, Arc::new(key)).expect("open"), pk)
+        (
+            StepQueue::open(store, Arc::new(key), clocks).expect("open"),
+            pk,
+        )
     }
 
     fn n1() -> NodeId {
@@ -902,6 +1033,43 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
+    /// The issue's case: a node whose clock is 75 s fast refused every
+    /// default exec (timeout 60 s + 15 s grace). Issued with its measured
+    /// skew, the step lives its whole TTL on the node's clock.
+    #[test]
+    fn a_step_lives_its_whole_ttl_on_a_node_whose_clock_is_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clocks = ClockSkews::default();
+        clocks.record(&n1(), 75);
+        let (q, pk) = queue_with(dir.path(), clocks.clone());
+        let ttl = Duration::from_secs(75);
+        let fast = q
+            .enqueue(&n1(), Lane::Adhoc, echo(), None, ttl)
+            .expect("enqueue");
+        assert_eq!(fast.step.not_after, fast.step.issued_at + 75 + 75);
+        let issued = fast.step.issued_at;
+        // n1's clock reads 75 s more than the controller's, from the issue
+        // to the end of the TTL.
+        for node_now in [issued + 75, issued + 75 + 75] {
+            de_common::check_step(&fast.signed, &pk, &n1(), 0, node_now)
+                .expect("good on the node's clock");
+        }
+        assert!(matches!(
+            de_common::check_step(&fast.signed, &pk, &n1(), 0, issued + 75 + 76),
+            Err(de_common::StepRefusal::Expired { .. })
+        ));
+        // A node whose clock is behind; one whose skew is not known.
+        clocks.record(&n2(), -40);
+        let slow = q
+            .enqueue(&n2(), Lane::Adhoc, echo(), None, ttl)
+            .expect("slow");
+        assert_eq!(slow.step.not_after, slow.step.issued_at + 75 - 40);
+        let unknown = q
+            .enqueue(&"n3".into(), Lane::Adhoc, echo(), None, ttl)
+            .expect("unknown");
+        assert_eq!(unknown.step.not_after, unknown.step.issued_at + 75);
+    }
+
     #[test]
     fn the_api_view_hides_script_environment_values_and_signed_bytes() {
         let (_d, q, _) = queue();
@@ -914,13 +1082,113 @@ mod tests {
         let r = q
             .enqueue(&n1(), Lane::Deploy, action, None, DEFAULT_STEP_TTL)
             .expect("enqueue");
-        let shown = r.redacted().to_string();
+        let shown = r.redacted(&[]).to_string();
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(
             shown.contains("DE_PASSWORD") && shown.contains("******"),
             "{shown}"
         );
         assert!(!shown.contains("\"signed\""), "{shown}");
+    }
+
+    /// The plan's secrets are hidden in every text the API shows of a step
+    /// (script, file contents, output), while the signed step the agent
+    /// pulls carries them as rendered.
+    #[tokio::test]
+    async fn the_api_view_hides_plan_secrets_the_signed_step_keeps_them() {
+        let (_d, q, pk) = queue();
+        let secrets = [
+            "s3cret".to_owned(),
+            "r00t".to_owned(),
+            "s3cret-r00t".to_owned(),
+        ];
+        let script = StepAction::Script {
+            script: "echo 'vcap:s3cret' | chpasswd; echo root:r00t | chpasswd".into(),
+            user: None,
+            env: vec![],
+            timeout_secs: 5,
+        };
+        let file = StepAction::WriteFile {
+            path: "etc/app.yml".into(),
+            contents: b"user: vcap\npassword: s3cret-r00t\n".to_vec(),
+            mode: 0o600,
+            owner: Some("vcap".into()),
+        };
+        let plain = StepAction::WriteFile {
+            path: "etc/motd".into(),
+            contents: b"welcome\n".to_vec(),
+            mode: 0o644,
+            owner: None,
+        };
+        let s = q
+            .enqueue(&n1(), Lane::Deploy, script.clone(), None, DEFAULT_STEP_TTL)
+            .expect("script");
+        let f = q
+            .enqueue(&n1(), Lane::Deploy, file.clone(), None, DEFAULT_STEP_TTL)
+            .expect("file");
+        let p = q
+            .enqueue(&n1(), Lane::Deploy, plain.clone(), None, DEFAULT_STEP_TTL)
+            .expect("plain");
+        // What the agent pulls is the step as rendered, signed.
+        for (r, action) in [(&s, &script), (&f, &file)] {
+            let pulled = q
+                .pull(
+                    &n1(),
+                    Lane::Deploy,
+                    r.step.seq - 1,
+                    Duration::from_millis(10),
+                )
+                .await
+                .expect("pull")
+                .expect("step");
+            let step = de_common::check_step(&pulled, &pk, &n1(), 0, unix(SystemTime::now()))
+                .expect("valid");
+            assert_eq!(&step.action, action);
+        }
+        q.on_event(
+            &n1(),
+            StepEvent {
+                step_id: s.step.id.clone(),
+                lane: Lane::Deploy,
+                seq: 1,
+                kind: StepEventKind::Finished(StepOutcome {
+                    exit_code: Some(1),
+                    stderr_tail: "+ echo vcap:s3cret\nchpasswd: failed\n".into(),
+                    ..Default::default()
+                }),
+            },
+        )
+        .expect("event");
+        let s = q.get(&s.step.id).expect("get").expect("stored");
+
+        let shown = s.redacted(&secrets);
+        assert_eq!(
+            shown["step"]["action"]["Script"]["script"],
+            "echo 'vcap:******' | chpasswd; echo root:****** | chpasswd"
+        );
+        assert_eq!(
+            shown["outcome"]["stderr_tail"],
+            "+ echo vcap:******\nchpasswd: failed\n"
+        );
+        let shown_file = f.redacted(&secrets);
+        assert_eq!(
+            shown_file["step"]["action"]["WriteFile"]["contents"],
+            serde_json::json!(b"******".to_vec()),
+            "a file holding a secret is hidden whole"
+        );
+        assert_eq!(
+            shown_file["step"]["action"]["WriteFile"]["path"],
+            "etc/app.yml"
+        );
+        for text in [shown.to_string(), shown_file.to_string()] {
+            assert!(!text.contains("s3cret") && !text.contains("r00t"), "{text}");
+        }
+        let shown_plain = p.redacted(&secrets);
+        assert_eq!(
+            shown_plain["step"]["action"]["WriteFile"]["contents"],
+            serde_json::json!(b"welcome\n".to_vec()),
+            "a file without a secret is shown as it is"
+        );
     }
 
     #[tokio::test]

@@ -171,13 +171,16 @@ enum Deploy {
 enum Logs {
     /// The log file names.
     List,
-    /// One file, whole or its last N lines.
+    /// One file, whole or its last N lines. On a terminal, control
+    /// characters (escape sequences) are shown as `^[` and the like;
+    /// redirected, the file comes as it is.
     Get {
         name: String,
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         tail: Option<u32>,
     },
-    /// local.log live, as it is written (after its last N lines); Ctrl-C stops.
+    /// local.log live, as it is written (after its last N lines), control
+    /// characters shown as `^[` and the like; Ctrl-C stops.
     Follow {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=10_000))]
         tail: u32,
@@ -913,7 +916,13 @@ fn logs(api: &Api, what: Logs, json: bool) -> Outcome {
                 Some(n) => api.get(&format!("/api/v1/logs/{name}?tail={n}"))?,
                 None => api.ok("PUT", "/deployment-engine/download", body(&name))?,
             };
-            print!("{}", r.text);
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                for line in r.text.lines() {
+                    println!("{}", terminal_safe(line));
+                }
+            } else {
+                print!("{}", r.text);
+            }
         }
         Logs::Follow { tail } => return follow_log(api, tail),
     }
@@ -961,6 +970,31 @@ fn exec(api: &Api, command: String, targets: Vec<String>, timeout: u64, json: bo
         ));
     }
     Ok(())
+}
+
+/// `line` as a terminal may show it: control characters other than tab
+/// (ESC, CR, BEL, ... and the C1 range, which some terminals obey too) in
+/// caret or `\u{..}` notation, so that a log line (where node output ends
+/// up) can neither move the cursor, rewrite what is on screen, set the
+/// window title nor reach the clipboard, and what was there stays visible.
+fn terminal_safe(line: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c != '\t' && c.is_control();
+    if !line.contains(unsafe_char) {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len() + 8);
+    for c in line.chars() {
+        match c {
+            c if !unsafe_char(c) => out.push(c),
+            '\u{7f}' => out.push_str("^?"),
+            c if u32::from(c) < 0x20 => {
+                out.push('^');
+                out.push(char::from(b'@' + c as u8));
+            }
+            c => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Prints local.log's last `tail` lines, then every line as it is written,
@@ -1019,7 +1053,7 @@ fn follow_log(api: &Api, tail: u32) -> Outcome {
         let mut o = out.lock();
         for line in text.lines() {
             printed.insert(line.to_owned());
-            let _ = writeln!(o, "{line}");
+            let _ = writeln!(o, "{}", terminal_safe(line));
         }
         let _ = o.flush();
     }
@@ -1031,7 +1065,10 @@ fn follow_log(api: &Api, tail: u32) -> Outcome {
                     continue;
                 }
                 let mut o = out.lock();
-                if writeln!(o, "{line}").and_then(|()| o.flush()).is_err() {
+                if writeln!(o, "{}", terminal_safe(line))
+                    .and_then(|()| o.flush())
+                    .is_err()
+                {
                     // stdout closed (| head): done.
                     return Ok(());
                 }
@@ -1290,5 +1327,36 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A log line cannot drive the terminal: escape sequences (colour,
+    /// title, clipboard, cursor moves), CR, BEL, DEL and C1 controls are
+    /// shown in notation; tabs and other text pass as they are.
+    #[test]
+    fn log_lines_reach_the_terminal_without_control_characters() {
+        for (line, shown) in [
+            ("plain\ttabbed \u{e9}t\u{e9}", "plain\ttabbed \u{e9}t\u{e9}"),
+            ("\u{1b}[31mred\u{1b}[0m", "^[[31mred^[[0m"),
+            ("\u{1b}]0;pwned\u{7}", "^[]0;pwned^G"),
+            (
+                "\u{1b}]52;c;ZWNobyBoaQ==\u{1b}\\",
+                "^[]52;c;ZWNobyBoaQ==^[\\",
+            ),
+            ("ok\rFAKE", "ok^MFAKE"),
+            ("del\u{7f}", "del^?"),
+            ("\u{9b}2J", "\\u{9b}2J"),
+            ("nul\u{0}", "nul^@"),
+        ] {
+            let got = terminal_safe(line);
+            assert_eq!(got, shown, "{line:?}");
+            assert!(
+                !got.contains(|c: char| c != '\t' && c.is_control()),
+                "{got:?}"
+            );
+        }
+        assert!(matches!(
+            terminal_safe("nothing to do"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

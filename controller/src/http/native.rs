@@ -424,7 +424,18 @@ async fn post_step(
     } else {
         StatusCode::ACCEPTED
     };
-    Ok((status, axum::Json(rec.redacted())).into_response())
+    Ok((status, step_answer(&ctl, &rec)).into_response())
+}
+
+/// A step record as answers show it: the current plan's secrets hidden
+/// wherever they appear (see [`StepRecord::redacted`]).
+fn step_answer(ctl: &Controller, rec: &StepRecord) -> axum::Json<serde_json::Value> {
+    let secrets = ctl
+        .plans
+        .current()
+        .map(|p| p.plan.secret_texts())
+        .unwrap_or_default();
+    axum::Json(rec.redacted(&secrets))
 }
 
 async fn get_step(
@@ -433,7 +444,7 @@ async fn get_step(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     ctl.steps
         .get(&id)?
-        .map(|r| axum::Json(r.redacted()))
+        .map(|r| step_answer(&ctl, &r))
         .ok_or_else(|| ApiError::not_found(format!("no step {id:?}")))
 }
 
@@ -631,6 +642,51 @@ mod tests {
         }
         assert_eq!(ctl.nodes.find("n-2").map(|n| n.id), Some("n-2".to_owned()));
         assert_eq!(ctl.nodes.find("10.0.0.2"), None);
+    }
+
+    /// `POST /api/v1/nodes/{id}/steps` and `GET /api/v1/steps/{id}` never
+    /// show the current plan's secrets, as given or as `sh` quotes them.
+    #[tokio::test]
+    async fn step_answers_hide_the_plans_secrets() {
+        let (_d, ctl) = controller();
+        let t = ctl.pki.token().to_owned();
+        crate::testkit::enrol(&ctl, "n-1", "10.0.0.1", 1, 1024, 1024);
+        // Its password is pass'word, its root password 123456.
+        let plan = crate::testkit::plan("cf-v170", &[("nats", &["10.0.0.1"])]);
+        ctl.plans.store(plan).expect("store the plan");
+        let script = r#"echo 'pass'\''word' | passwd vcap; echo 123456 | passwd"#;
+        let body = serde_json::json!({
+            "action": {"Script": {"script": script, "user": null, "env": [], "timeout_secs": 5}},
+            "wait_secs": 0
+        });
+        let (s, queued) = call(
+            &ctl,
+            "POST",
+            "/api/v1/nodes/n-1/steps",
+            Some(&t),
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{queued}");
+        let id = queued["step"]["id"].as_str().expect("step id").to_owned();
+        let (s, got) = call(&ctl, "GET", &format!("/api/v1/steps/{id}"), Some(&t), "").await;
+        assert_eq!(s, StatusCode::OK);
+        for answer in [&queued, &got] {
+            assert_eq!(
+                answer["step"]["action"]["Script"]["script"],
+                "echo '******' | passwd vcap; echo ****** | passwd",
+                "{answer}"
+            );
+        }
+        let stored = ctl
+            .steps
+            .get(&id.as_str().into())
+            .expect("get")
+            .expect("step");
+        let de_common::StepAction::Script { script: kept, .. } = stored.step.action else {
+            panic!("not a script: {:?}", stored.step.action);
+        };
+        assert_eq!(kept, script, "the node gets the step as posted");
     }
 
     #[tokio::test]

@@ -358,7 +358,12 @@ pub(crate) fn join_root(root: &str, rel: &str) -> String {
 
 /// `{{ value | sh }}`: one POSIX shell word, single-quoted.
 fn sh_quote(value: String) -> String {
-    format!("'{}'", value.replace('\'', r#"'\''"#))
+    format!("'{}'", sh_escape(&value))
+}
+
+/// What the `sh` filter puts between its quotes: `value` with each `'` as `'\''`.
+pub(crate) fn sh_escape(value: &str) -> String {
+    value.replace('\'', r#"'\''"#)
 }
 
 impl Catalog {

@@ -125,6 +125,27 @@ impl Plan {
         p
     }
 
+    /// Every text a secret of this plan can take in a rendered step: each
+    /// secret that is not empty as given, and, when it holds a `'`, as the
+    /// `sh` filter writes it between its quotes. Answers that show steps
+    /// hide these (`StepRecord::redacted`).
+    pub fn secret_texts(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in [&self.properties.password, &self.properties.root]
+            .into_iter()
+            .flatten()
+            .map(Secret::expose)
+            .filter(|s| !s.is_empty())
+        {
+            let quoted = catalog::sh_escape(s);
+            if quoted != s {
+                out.push(quoted);
+            }
+            out.push(s.to_owned());
+        }
+        out
+    }
+
     /// Every (component, IP) pair, components by name, IPs in plan order.
     pub fn instances(&self) -> impl Iterator<Item = (&str, &str)> {
         self.components
@@ -275,6 +296,17 @@ mod tests {
         assert_eq!(json["properties"]["root"], REDACTED);
         assert_eq!(json["properties"]["checkdisk"], 1);
         assert_eq!(json["properties"]["disksize"], 15);
+    }
+
+    #[test]
+    fn secret_texts_are_the_secrets_as_given_and_as_sh_quotes_them() {
+        let mut plan = sample();
+        assert_eq!(plan.secret_texts(), ["s3cret", "r00t"]);
+        plan.properties.password = Some(Secret::new("it's"));
+        plan.properties.root = Some(Secret::new(""));
+        assert_eq!(plan.secret_texts(), [r#"it'\''s"#, "it's"]);
+        plan.properties.password = None;
+        assert!(plan.secret_texts().is_empty());
     }
 
     #[test]
