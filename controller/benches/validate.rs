@@ -35,6 +35,9 @@ fn nodes() -> Vec<NodeView> {
             revoked: false,
             root: "/".to_owned(),
             components: Vec::new(),
+            allow_nat: false,
+            source_ip: None,
+            ip_mismatch: None,
         })
         .collect()
 }
