@@ -471,11 +471,10 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
                 LinkRefusal::Invalid(e.to_string())
             }
         };
-        ctl.nodes.disconnected(&node_id, &conn);
         let _ = write_frame(&mut send, &ControllerMsg::Refused(refusal)).await;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-        conn.close(close_codes::PROTOCOL.into(), b"link refused");
+        ctl.nodes.disconnected(&node_id, &conn);
         return;
     }
     let welcome = ControllerMsg::Welcome(Welcome {
