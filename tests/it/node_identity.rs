@@ -13,10 +13,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use de_common::api::{ExecRequest, NodeView};
 use de_common::{
-    AGENT_ALPN, AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, Hardware, Hello, Lane,
-    LinkRefusal, Usage, Welcome, read_frame, write_frame,
+    AGENT_ALPN, AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, ENROLL_ALPN, Hardware, Hello,
+    Lane, LinkRefusal, Usage, Welcome, read_frame, write_frame,
 };
-use de_tests::{TestAgent, TestController, wait_until};
+use de_tests::{TestAgent, TestController, bin, run_bounded, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -173,13 +173,20 @@ fn a_node_cannot_take_another_nodes_ip() -> Result<()> {
     assert!(!out.status.success(), "{}", out.stdout);
     assert!(out.stderr.contains("already node"), "{}", out.stderr);
 
-    // With NAT allowed by the operator A comes back, still as A only.
-    let put = ctl.api(
-        "PUT",
-        &format!("/api/v1/nodes/{id_a}"),
-        Some(r#"{"allow_nat": true}"#),
-    )?;
-    assert_eq!(put.status, 200, "{:?}", put.body);
+    // With NAT allowed by the operator (through dectl) A comes back, still as A only.
+    let mut cmd = std::process::Command::new(bin("dectl"));
+    cmd.arg("--controller")
+        .arg(format!("http://{}", ctl.api))
+        .arg("--token-file")
+        .arg(ctl.data_dir.join("admin.token"))
+        .args(["nodes", "set-ip", &id_a, "--allow-nat"]);
+    let out = run_bounded(cmd, WAIT)?;
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.contains(ip_a) && out.stdout.contains("NAT"),
+        "{}",
+        out.stdout
+    );
     let back = wait_until(WAIT, "A online behind NAT", || {
         node(&ctl, &id_a).ok().filter(|n| n.online)
     })?;
@@ -335,5 +342,53 @@ fn an_absurd_last_done_is_refused_with_the_reason() -> Result<()> {
     )?;
     assert!(queued.status < 300, "{:?}", queued.body);
     assert!(ctl.proc.log_text().contains("issued only 0"));
+    Ok(())
+}
+
+/// A peer without a certificate (an enrolment) gets one stream and a few
+/// frames of buffer, and only so many enrolments run at once.
+#[test]
+fn enrolment_peers_get_small_limits_and_a_cap() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let ctl = TestController::start(&data)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let _in = rt.enter();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(&std::fs::read(
+        data.join("ca.pem"),
+    )?)?)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+    let cfg = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
+    let mut ep = quinn::Endpoint::client("127.0.15.41:0".parse()?)?;
+    ep.set_default_client_config(cfg);
+    rt.block_on(async {
+        let first = ep.connect(ctl.quic, CONTROLLER_SERVER_NAME)?.await?;
+        let _one = first.open_bi().await?;
+        let second = tokio::time::timeout(Duration::from_secs(2), first.open_bi()).await;
+        assert!(
+            second.is_err(),
+            "a second stream is not granted before enrolment"
+        );
+        // 32 enrolments at once (this one among them); the next is closed.
+        let mut held = vec![first];
+        for _ in 1..32 {
+            held.push(ep.connect(ctl.quic, CONTROLLER_SERVER_NAME)?.await?);
+        }
+        let extra = ep.connect(ctl.quic, CONTROLLER_SERVER_NAME)?.await?;
+        let why = tokio::time::timeout(Duration::from_secs(10), extra.closed()).await?;
+        assert!(why.to_string().contains("too many enrolments"), "{why}");
+        for c in &held {
+            assert!(c.close_reason().is_none(), "{:?}", c.close_reason());
+        }
+        anyhow::Ok(())
+    })?;
     Ok(())
 }
