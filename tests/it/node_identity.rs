@@ -193,6 +193,20 @@ fn a_node_cannot_take_another_nodes_ip() -> Result<()> {
     assert!(back.allow_nat, "{back:?}");
     assert_eq!(back.ips, vec![ip_a.to_owned()], "{back:?}");
     assert!(back.ip_mismatch.is_some(), "still shown: {back:?}");
+    let mut cmd = std::process::Command::new(bin("dectl"));
+    cmd.arg("--controller")
+        .arg(format!("http://{}", ctl.api))
+        .arg("--token-file")
+        .arg(ctl.data_dir.join("admin.token"))
+        .arg("nodes");
+    let out = run_bounded(cmd, WAIT)?;
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("{id_a}: the link comes from {ip_b}"))),
+        "{}",
+        out.stdout
+    );
     Ok(())
 }
 

@@ -454,6 +454,12 @@ fn nodes(api: &Api, json: bool) -> Outcome {
         ],
         &rows,
     );
+    // Where a node's link disagreed with its IPs, say so under the table.
+    for n in nodes.iter().filter(|n| !n.revoked) {
+        if let Some(why) = &n.ip_mismatch {
+            println!("{}: {why}", n.id);
+        }
+    }
     Ok(())
 }
 
