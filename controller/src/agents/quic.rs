@@ -1,9 +1,12 @@
 //! The controller's QUIC endpoint: install-code enrolment (`de-enroll/1`) and
 //! the enrolled agents' mutual-TLS links (`de-agent/1`) on one port.
 //!
-//! Invariant: a `de-agent/1` connection is served only if it presented a
-//! certificate of this controller's CA whose node is enrolled and not revoked;
-//! "connected" is never taken for "authorized".
+//! Invariants: a `de-agent/1` connection is served only if it presented a
+//! certificate of this controller's CA whose node is enrolled and not revoked,
+//! and came from one of the node's IPs (or the operator allowed NAT for it);
+//! "connected" is never taken for "authorized". Revocation is checked again on
+//! every pull and event. A peer without a certificate gets one stream and
+//! small windows, and at most `MAX_ENROLLING` enrolments run at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -132,7 +135,7 @@ impl ClientCertVerifier for RevocationAwareVerifier {
 
 /// QUIC transport settings of the controller's endpoint: keep-alives well
 /// inside the idle timeout, and the small stream and window limits of a peer
-/// not known yet ([`link`] raises them for an enrolled agent).
+/// not known yet (`link` raises them for an enrolled agent).
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(5)));

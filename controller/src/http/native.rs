@@ -130,8 +130,15 @@ async fn put_node(
 
 async fn delete_node(State(ctl): Ctl, Path(id): Path<NodeId>) -> Result<StatusCode, ApiError> {
     if ctl.nodes.revoke(&id)? {
-        let failed = ctl.steps.fail_node(&id, "the node was revoked")?;
-        tracing::info!(node = %id, failed_steps = failed, "node revoked");
+        // The revoke stands either way; steps not failed here are failed by the watchdog.
+        match ctl.steps.fail_node(&id, "the node was revoked") {
+            Ok(failed) => tracing::info!(node = %id, failed_steps = failed, "node revoked"),
+            Err(e) => tracing::warn!(
+                node = %id,
+                error = %de_common::ErrorChain(&e),
+                "node revoked; its open steps could not be failed yet (the watchdog will)"
+            ),
+        }
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!(
