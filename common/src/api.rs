@@ -275,6 +275,16 @@ pub struct NodeView {
     /// agent that reports its clock has linked since the controller started.
     #[serde(default)]
     pub clock_skew_secs: Option<i64>,
+    /// The operator lets the node's links come from addresses other than its
+    /// IPs (the node is behind NAT).
+    #[serde(default)]
+    pub allow_nat: bool,
+    /// The address the node's last link attempt came from (none before one).
+    #[serde(default)]
+    pub source_ip: Option<String>,
+    /// Why the node's last link attempt disagreed with its IPs (none when it agreed).
+    #[serde(default)]
+    pub ip_mismatch: Option<String>,
 }
 
 impl NodeView {
@@ -378,6 +388,19 @@ pub struct ExecResult {
     pub timed_out: bool,
     pub error: Option<String>,
     pub step_id: String,
+}
+
+/// `PUT /api/v1/nodes/{id}` body: what the operator changes about a node
+/// after enrolment (a field left out stays as it is).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeUpdate {
+    /// The node's IPs from now on (at least one; none another live node has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ips: Option<Vec<String>>,
+    /// Whether the node's links may come from addresses other than its IPs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_nat: Option<bool>,
 }
 
 /// `POST /api/v1/nodes/{id}/steps` body.
@@ -840,6 +863,8 @@ pub enum AuditAction {
     Plan,
     /// A node revoked.
     Revoke,
+    /// A node's IPs or NAT allowance changed (`PUT /api/v1/nodes/{id}`).
+    NodeUpdate,
     /// An install code issued.
     Code,
     /// The install code ended.
@@ -887,6 +912,9 @@ mod tests {
             root: "/".to_owned(),
             components: Vec::new(),
             clock_skew_secs: None,
+            allow_nat: false,
+            source_ip: None,
+            ip_mismatch: None,
         }
     }
 

@@ -36,6 +36,9 @@ fn nodes() -> Vec<NodeView> {
             root: "/".to_owned(),
             components: Vec::new(),
             clock_skew_secs: None,
+            allow_nat: false,
+            source_ip: None,
+            ip_mismatch: None,
         })
         .collect()
 }

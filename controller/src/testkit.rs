@@ -27,6 +27,9 @@ pub(crate) fn node(id: &str, ip: &str, cpus: u32, ram_mb: u64, disk_mb: u64) -> 
         root: format!("/tmp/de-test/{id}"),
         components: Vec::new(),
         clock_skew_secs: None,
+        allow_nat: false,
+        source_ip: None,
+        ip_mismatch: None,
     }
 }
 
@@ -74,22 +77,34 @@ pub(crate) fn enrol(
     disk_mb: u64,
 ) {
     ctl.nodes
-        .enrolled(crate::agents::nodes::NodeRecord {
-            id: id.into(),
-            hostname: format!("host-{id}"),
-            ips: vec![ip.to_owned()],
-            hardware: Hardware {
-                cpus,
-                ram_mb,
-                disk_mb,
-            },
-            agent_version: "test".to_owned(),
-            enrolled_at: "2026-01-01T00:00:00Z".to_owned(),
-            revoked: false,
-            last_seen: None,
-            root: "/".to_owned(),
-        })
+        .enrolled(record(id, ip, cpus, ram_mb, disk_mb))
         .expect("enrol");
+}
+
+/// The record of an enrolled node with one IP.
+pub(crate) fn record(
+    id: &str,
+    ip: &str,
+    cpus: u32,
+    ram_mb: u64,
+    disk_mb: u64,
+) -> crate::agents::nodes::NodeRecord {
+    crate::agents::nodes::NodeRecord {
+        id: id.into(),
+        hostname: format!("host-{id}"),
+        ips: vec![ip.to_owned()],
+        hardware: Hardware {
+            cpus,
+            ram_mb,
+            disk_mb,
+        },
+        agent_version: "test".to_owned(),
+        enrolled_at: "2026-01-01T00:00:00Z".to_owned(),
+        revoked: false,
+        last_seen: None,
+        root: "/".to_owned(),
+        allow_nat: false,
+    }
 }
 
 /// One request through `api::app` (oneshot); the answer's status and JSON body

@@ -12,6 +12,7 @@ mod enrolment;
 mod faults;
 mod link_security;
 mod monit;
+mod node_identity;
 mod operate;
 mod plans;
 mod planted;

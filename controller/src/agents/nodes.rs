@@ -1,9 +1,18 @@
 //! Enrolled nodes: durable records in the store, live link state in memory.
 //!
 //! Per-node memory on the controller stays small (the last heartbeat and the
-//! connection handle), so one controller can hold thousands of agents.
+//! connection handles), so one controller can hold thousands of agents.
+//!
+//! Invariants: a node's IPs are set at enrolment and changed only by an
+//! operator ([`Nodes::update`]); no IP belongs to two nodes that are not
+//! revoked; a link is taken only from one of the node's IPs (or from anywhere
+//! when the operator allowed NAT). Every change of a record happens under the
+//! `records` write lock and starts from the record as it is then, so a
+//! revoke is never overwritten by a stale copy; a connection is registered
+//! under the same lock, so a revoke closes every connection that was let in.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -22,6 +31,7 @@ use crate::util::rfc3339;
 pub struct NodeRecord {
     pub id: NodeId,
     pub hostname: String,
+    /// Set at enrolment; changed only by an operator.
     pub ips: Vec<String>,
     pub hardware: Hardware,
     pub agent_version: String,
@@ -33,14 +43,40 @@ pub struct NodeRecord {
     /// The node root its agent reported (`/` on a real node).
     #[serde(default = "default_root")]
     pub root: String,
+    /// The operator lets the node's links come from other addresses than its IPs.
+    #[serde(default)]
+    pub allow_nat: bool,
 }
 
 fn default_root() -> String {
     "/".to_owned()
 }
 
+/// Why a node change or a link was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("no node {0:?}: GET /api/v1/nodes lists them")]
+    Unknown(NodeId),
+    #[error("node {0} is revoked: enrol the machine again")]
+    Revoked(NodeId),
+    #[error(
+        "IP {ip} is already node {owner}'s: revoke {owner} or change its IPs first (PUT /api/v1/nodes/{owner})"
+    )]
+    Taken { ip: String, owner: NodeId },
+    #[error("{0:?} is not an IP address")]
+    BadIp(String),
+    #[error("a node needs at least one IP")]
+    NoIps,
+    /// The link's address does not fit the node's IPs and NAT is not allowed.
+    #[error("{0}")]
+    Address(String),
+    #[error("the node store could not be updated")]
+    Store(#[from] StoreError),
+}
+
 struct Live {
-    conn: Option<quinn::Connection>,
+    /// Every connection of the node that was let in and has not ended.
+    conns: Vec<quinn::Connection>,
     usage: Usage,
     components: Vec<ComponentStatus>,
     last_seen: SystemTime,
@@ -48,6 +84,13 @@ struct Live {
     /// What the agent reports it applied (None until its first inventory,
     /// and for agents too old to send one).
     inventory: Option<Vec<InstanceState>>,
+}
+
+/// Where the node's last link attempt came from, and how it disagreed with the node's IPs.
+#[derive(Debug, Clone, Default)]
+struct AddressCheck {
+    source: Option<IpAddr>,
+    mismatch: Option<String>,
 }
 
 /// Revoked node ids, shared with the TLS client-certificate verifier.
@@ -59,6 +102,7 @@ pub struct Nodes {
     store: Arc<dyn Store>,
     records: RwLock<HashMap<NodeId, NodeRecord>>,
     live: Mutex<HashMap<NodeId, Live>>,
+    checks: Mutex<HashMap<NodeId, AddressCheck>>,
     revoked: RevokedSet,
     /// Each node's last reported clock skew, shared with the step queue.
     clocks: ClockSkews,
@@ -68,6 +112,79 @@ impl std::fmt::Debug for Nodes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Nodes").finish_non_exhaustive()
     }
+}
+
+/// `ip` parsed, with an IPv4 address in IPv6 form taken as the IPv4 one.
+fn addr(ip: &str) -> Option<IpAddr> {
+    ip.trim().parse::<IpAddr>().ok().map(|a| a.to_canonical())
+}
+
+/// The addresses of `ips` (those that parse), sorted and without repeats.
+fn addr_set(ips: &[String]) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = ips.iter().filter_map(|i| addr(i)).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// How a link from `source` whose Hello claims `claimed` disagrees with
+/// `rec`: (the source is not one of the node's IPs, a sentence for the
+/// operator). None when both agree.
+fn address_mismatch(
+    rec: &NodeRecord,
+    source: IpAddr,
+    claimed: &[String],
+) -> Option<(bool, String)> {
+    let known = addr_set(&rec.ips);
+    let mut why = Vec::new();
+    let foreign_source = !known.contains(&source.to_canonical());
+    if foreign_source {
+        why.push(format!(
+            "the link comes from {source}, which is not one of the node's IPs {:?}",
+            rec.ips
+        ));
+    }
+    if addr_set(claimed) != known {
+        why.push(format!(
+            "the agent claims the IPs {claimed:?} but the node was enrolled with {:?} (not applied)",
+            rec.ips
+        ));
+    }
+    if why.is_empty() {
+        return None;
+    }
+    Some((
+        foreign_source,
+        format!(
+            "{}; if the node's address really changed, set it with PUT /api/v1/nodes/{} or `dectl nodes set-ip`{}",
+            why.join("; "),
+            rec.id,
+            if foreign_source && !rec.allow_nat {
+                ", or allow NAT for the node"
+            } else {
+                ""
+            }
+        ),
+    ))
+}
+
+/// The owner of the first of `ips` that a live node other than `except` has.
+fn taken_by(
+    records: &HashMap<NodeId, NodeRecord>,
+    ips: &[IpAddr],
+    except: Option<&NodeId>,
+) -> Option<(IpAddr, NodeId)> {
+    let mut holders: Vec<&NodeRecord> = records
+        .values()
+        .filter(|r| !r.revoked && Some(&r.id) != except)
+        .collect();
+    holders.sort_by(|a, b| a.id.cmp(&b.id));
+    for ip in ips {
+        if let Some(r) = holders.iter().find(|r| addr_set(&r.ips).contains(ip)) {
+            return Some((*ip, r.id.clone()));
+        }
+    }
+    None
 }
 
 impl Nodes {
@@ -86,6 +203,7 @@ impl Nodes {
             store,
             records: RwLock::new(records),
             live: Mutex::new(HashMap::new()),
+            checks: Mutex::new(HashMap::new()),
             revoked: Arc::new(RwLock::new(revoked)),
             clocks: ClockSkews::default(),
         })
@@ -108,14 +226,50 @@ impl Nodes {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a newly enrolled node; durable when this returns.
-    pub fn enrolled(&self, rec: NodeRecord) -> Result<(), StoreError> {
+    fn checks(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, AddressCheck>> {
+        self.checks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn records_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeId, NodeRecord>> {
+        self.records.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores `rec` and keeps it; the caller holds the `records` write lock.
+    fn put(
+        &self,
+        records: &mut HashMap<NodeId, NodeRecord>,
+        rec: NodeRecord,
+    ) -> Result<(), StoreError> {
         self.store.put_json(Tree::Nodes, rec.id.as_str(), &rec)?;
-        self.records
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.id.clone(), rec);
+        records.insert(rec.id.clone(), rec);
         Ok(())
+    }
+
+    /// Records a newly enrolled node, with the IPs it enrolled with; durable
+    /// when this returns. Refused when an IP is not an address or is
+    /// already another live node's.
+    pub fn enrolled(&self, rec: NodeRecord) -> Result<(), NodeError> {
+        let ips = addr_set(&rec.ips);
+        if let Some(bad) = rec.ips.iter().find(|i| addr(i).is_none()) {
+            return Err(NodeError::BadIp(bad.clone()));
+        }
+        let mut records = self.records_mut();
+        if let Some((ip, owner)) = taken_by(&records, &ips, Some(&rec.id)) {
+            return Err(NodeError::Taken {
+                ip: ip.to_string(),
+                owner,
+            });
+        }
+        self.put(&mut records, rec)?;
+        Ok(())
+    }
+
+    /// Stores `rec` without the IP checks, as controllers before them did
+    /// (stores may still hold two live nodes with one IP).
+    #[cfg(test)]
+    pub(crate) fn enrolled_unchecked(&self, rec: NodeRecord) -> Result<(), StoreError> {
+        let mut records = self.records_mut();
+        self.put(&mut records, rec)
     }
 
     pub fn exists(&self, id: &NodeId) -> bool {
@@ -125,28 +279,54 @@ impl Nodes {
             .unwrap_or(false)
     }
 
-    /// An agent said Hello on a new connection: refresh its record and take its link.
-    pub fn connected(&self, conn: quinn::Connection, hello: &Hello) -> Result<(), StoreError> {
+    /// An agent said Hello on a new connection from `source`: checks its
+    /// addresses against the node's IPs, refreshes what the agent reports
+    /// (never the IPs, never `revoked`) and takes its link. Refused for a
+    /// revoked or unknown node, and for a link from an address that is not
+    /// the node's when NAT is not allowed for it.
+    pub fn connected(
+        &self,
+        conn: quinn::Connection,
+        source: IpAddr,
+        hello: &Hello,
+    ) -> Result<(), NodeError> {
         let now = SystemTime::now();
-        let updated = {
-            let records = self.records.read().unwrap_or_else(|p| p.into_inner());
-            records.get(&hello.node_id).map(|r| NodeRecord {
-                hostname: hello.hostname.clone(),
-                ips: hello.ips.clone(),
-                hardware: hello.hardware.clone(),
-                agent_version: hello.agent_version.clone(),
-                last_seen: Some(rfc3339(now)),
-                root: hello.root.clone(),
-                ..r.clone()
-            })
+        let id = &hello.node_id;
+        let mut records = self.records_mut();
+        let Some(current) = records.get(id) else {
+            return Err(NodeError::Unknown(id.clone()));
         };
-        if let Some(rec) = updated {
-            self.enrolled(rec)?;
+        if current.revoked || self.is_revoked(id) {
+            return Err(NodeError::Revoked(id.clone()));
         }
+        let mismatch = address_mismatch(current, source, &hello.ips);
+        self.checks().insert(
+            id.clone(),
+            AddressCheck {
+                source: Some(source),
+                mismatch: mismatch.as_ref().map(|(_, why)| why.clone()),
+            },
+        );
+        if let Some((foreign_source, why)) = &mismatch {
+            tracing::warn!(node = %id, %source, claimed = ?hello.ips, ips = ?current.ips, allow_nat = current.allow_nat, "{why}");
+            if *foreign_source && !current.allow_nat {
+                return Err(NodeError::Address(format!("node {id} refused: {why}")));
+            }
+        }
+        let rec = NodeRecord {
+            hostname: hello.hostname.clone(),
+            hardware: hello.hardware.clone(),
+            agent_version: hello.agent_version.clone(),
+            last_seen: Some(rfc3339(now)),
+            root: hello.root.clone(),
+            ..current.clone()
+        };
+        self.put(&mut records, rec)?;
+        // Registered while `records` is held: a revoke after this closes it.
         let old = self.live().insert(
-            hello.node_id.clone(),
+            id.clone(),
             Live {
-                conn: Some(conn),
+                conns: vec![conn],
                 usage: hello.usage.clone(),
                 components: Vec::new(),
                 last_seen: now,
@@ -154,7 +334,8 @@ impl Nodes {
                 inventory: None,
             },
         );
-        if let Some(conn) = old.and_then(|l| l.conn) {
+        drop(records);
+        for conn in old.map(|l| l.conns).unwrap_or_default() {
             conn.close(
                 close_codes::REPLACED.into(),
                 b"replaced by a newer connection",
@@ -183,43 +364,120 @@ impl Nodes {
         self.live().get(id).and_then(|l| l.inventory.clone())
     }
 
-    /// The link `conn` of node `id` ended (only if it is still that node's current link).
+    /// The link `conn` of node `id` ended: the connection is closed (its
+    /// pull and event streams end with it) and no longer counts.
     pub fn disconnected(&self, id: &NodeId, conn: &quinn::Connection) {
-        if let Some(l) = self.live().get_mut(id)
-            && l.conn.as_ref().map(quinn::Connection::stable_id) == Some(conn.stable_id())
-        {
-            l.conn = None;
+        if let Some(l) = self.live().get_mut(id) {
+            l.conns.retain(|c| c.stable_id() != conn.stable_id());
         }
+        conn.close(close_codes::SHUTDOWN.into(), b"link ended");
     }
 
-    /// Revokes a node: its link is dropped and its certificate refused from now on.
-    /// Returns false when there is no such node.
+    /// Revokes a node in one change under the records lock: it is marked
+    /// revoked on disk, its certificate is refused from now on, and every
+    /// connection it has is closed. Returns false when there is no such node.
     pub fn revoke(&self, id: &NodeId) -> Result<bool, StoreError> {
-        let rec = {
-            let records = self.records.read().unwrap_or_else(|p| p.into_inner());
-            match records.get(id) {
-                None => return Ok(false),
-                Some(r) => NodeRecord {
-                    revoked: true,
-                    ..r.clone()
-                },
-            }
+        let mut records = self.records_mut();
+        let Some(current) = records.get(id) else {
+            return Ok(false);
         };
-        self.enrolled(rec)?;
+        let rec = NodeRecord {
+            revoked: true,
+            ..current.clone()
+        };
+        self.put(&mut records, rec)?;
         self.revoked
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone());
-        if let Some(conn) = self.live().get_mut(id).and_then(|l| l.conn.take()) {
+        let conns = self
+            .live()
+            .get_mut(id)
+            .map(|l| std::mem::take(&mut l.conns))
+            .unwrap_or_default();
+        drop(records);
+        for conn in conns {
             conn.close(close_codes::REVOKED.into(), b"node revoked by an operator");
         }
         Ok(true)
     }
 
+    /// An operator's change of node `id`: its IPs (none another live node
+    /// has) and whether its links may come from other addresses (NAT). A
+    /// link that no longer fits is closed; the agent reconnects and is
+    /// checked again.
+    pub fn update(
+        &self,
+        id: &NodeId,
+        ips: Option<Vec<String>>,
+        allow_nat: Option<bool>,
+    ) -> Result<NodeView, NodeError> {
+        let mut records = self.records_mut();
+        let Some(current) = records.get(id) else {
+            return Err(NodeError::Unknown(id.clone()));
+        };
+        if current.revoked {
+            return Err(NodeError::Revoked(id.clone()));
+        }
+        let mut rec = current.clone();
+        if let Some(ips) = ips {
+            let ips: Vec<String> = ips.iter().map(|i| i.trim().to_owned()).collect();
+            if let Some(bad) = ips.iter().find(|i| addr(i).is_none()) {
+                return Err(NodeError::BadIp(bad.clone()));
+            }
+            let set = addr_set(&ips);
+            if set.is_empty() {
+                return Err(NodeError::NoIps);
+            }
+            if let Some((ip, owner)) = taken_by(&records, &set, Some(id)) {
+                return Err(NodeError::Taken {
+                    ip: ip.to_string(),
+                    owner,
+                });
+            }
+            rec.ips = ips;
+        }
+        if let Some(nat) = allow_nat {
+            rec.allow_nat = nat;
+        }
+        tracing::info!(node = %id, ips = ?rec.ips, allow_nat = rec.allow_nat, "node changed by an operator");
+        let mut stale = Vec::new();
+        if let Some(l) = self.live().get_mut(id) {
+            l.conns.retain(|c| {
+                let fits = rec.allow_nat
+                    || addr_set(&rec.ips).contains(&c.remote_address().ip().to_canonical());
+                if !fits {
+                    stale.push(c.clone());
+                }
+                fits
+            });
+        }
+        {
+            let mut checks = self.checks();
+            if let Some(c) = checks.get_mut(id) {
+                c.mismatch = None;
+            }
+        }
+        self.put(&mut records, rec.clone())?;
+        let view = {
+            let live = self.live();
+            self.view(&rec, &live, SystemTime::now())
+        };
+        drop(records);
+        for conn in stale {
+            conn.close(
+                close_codes::PROTOCOL.into(),
+                b"the node's IPs changed: connect again",
+            );
+        }
+        Ok(view)
+    }
+
     fn view(&self, rec: &NodeRecord, live: &HashMap<NodeId, Live>, now: SystemTime) -> NodeView {
         let l = live.get(&rec.id);
+        let check = self.checks().get(&rec.id).cloned().unwrap_or_default();
         let online = l.is_some_and(|l| {
-            l.conn.is_some()
+            !l.conns.is_empty()
                 && now
                     .duration_since(l.last_seen)
                     .map(|d| d < l.heartbeat * 3)
@@ -239,6 +497,9 @@ impl Nodes {
             root: rec.root.clone(),
             components: l.map(|l| l.components.clone()).unwrap_or_default(),
             clock_skew_secs: self.clocks.of(&rec.id),
+            allow_nat: rec.allow_nat,
+            source_ip: check.source.map(|a| a.to_string()),
+            ip_mismatch: check.mismatch,
         }
     }
 
@@ -290,9 +551,84 @@ impl Nodes {
     /// Closes every live link (controller shutdown).
     pub fn close_all(&self) {
         for l in self.live().values_mut() {
-            if let Some(c) = l.conn.take() {
+            for c in l.conns.drain(..) {
                 c.close(close_codes::SHUTDOWN.into(), b"controller shutting down");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::record;
+
+    fn nodes(dir: &std::path::Path) -> Nodes {
+        let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir).expect("store"));
+        Nodes::load(store).expect("load")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn a_link_must_come_from_the_nodes_ips_and_claim_them() {
+        let rec = record("n-a", "10.0.0.1", 1, 1, 1);
+        let own = vec!["10.0.0.1".to_owned()];
+        assert_eq!(address_mismatch(&rec, ip("10.0.0.1"), &own), None);
+        // The same address in IPv6-mapped form is the same address.
+        assert_eq!(address_mismatch(&rec, ip("::ffff:10.0.0.1"), &own), None);
+        let (foreign, why) =
+            address_mismatch(&rec, ip("10.0.0.2"), &["10.0.0.2".to_owned()]).expect("mismatch");
+        assert!(foreign);
+        assert!(why.contains("comes from 10.0.0.2"), "{why}");
+        assert!(why.contains("claims the IPs [\"10.0.0.2\"]"), "{why}");
+        assert!(why.contains("allow NAT"), "{why}");
+        // A claim alone is not applied but the link is not foreign.
+        let (foreign, why) =
+            address_mismatch(&rec, ip("10.0.0.1"), &["10.0.0.9".to_owned()]).expect("claim");
+        assert!(!foreign, "{why}");
+    }
+
+    #[test]
+    fn an_ip_is_never_given_to_two_live_nodes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let n = nodes(dir.path());
+        n.enrolled(record("n-a", "10.0.0.1", 1, 1, 1)).expect("a");
+        n.enrolled(record("n-b", "10.0.0.2", 1, 1, 1)).expect("b");
+        let e = n
+            .enrolled(record("n-c", "10.0.0.1", 1, 1, 1))
+            .expect_err("taken");
+        assert!(e.to_string().contains("already node n-a's"), "{e}");
+        let e = n
+            .update(&"n-b".into(), Some(vec!["10.0.0.1".into()]), None)
+            .expect_err("taken");
+        assert!(
+            matches!(e, NodeError::Taken { ref owner, .. } if owner.as_str() == "n-a"),
+            "{e}"
+        );
+        for bad in [vec![], vec!["ten".to_owned()]] {
+            assert!(n.update(&"n-b".into(), Some(bad), None).is_err());
+        }
+        // Once n-a is revoked its IP is free, and the change is durable.
+        assert!(n.revoke(&"n-a".into()).expect("revoke"));
+        let view = n
+            .update(&"n-b".into(), Some(vec!["10.0.0.1".into()]), Some(true))
+            .expect("update");
+        assert_eq!(
+            (view.ips.clone(), view.allow_nat),
+            (vec!["10.0.0.1".to_owned()], true)
+        );
+        drop(n);
+        let n = nodes(dir.path());
+        let b = n.get(&"n-b".into()).expect("b");
+        assert_eq!((b.ips, b.allow_nat), (vec!["10.0.0.1".to_owned()], true));
+        assert!(n.get(&"n-a".into()).expect("a").revoked);
+        assert!(n.is_revoked(&"n-a".into()));
+        assert!(matches!(
+            n.update(&"n-a".into(), None, Some(true)),
+            Err(NodeError::Revoked(_))
+        ));
     }
 }

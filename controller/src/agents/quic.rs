@@ -1,9 +1,12 @@
 //! The controller's QUIC endpoint: install-code enrolment (`de-enroll/1`) and
 //! the enrolled agents' mutual-TLS links (`de-agent/1`) on one port.
 //!
-//! Invariant: a `de-agent/1` connection is served only if it presented a
-//! certificate of this controller's CA whose node is enrolled and not revoked;
-//! "connected" is never taken for "authorized".
+//! Invariants: a `de-agent/1` connection is served only if it presented a
+//! certificate of this controller's CA whose node is enrolled and not revoked,
+//! and came from one of the node's IPs (or the operator allowed NAT for it);
+//! "connected" is never taken for "authorized". Revocation is checked again on
+//! every pull and event. A peer without a certificate gets one stream and
+//! small windows, and at most `MAX_ENROLLING` enrolments run at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,8 +30,9 @@ use de_install_codes::{ChannelBinding, EKM_LABEL, Refusal};
 use crate::Controller;
 use crate::agents::clock::{ClockNote, ClockWatch};
 use crate::agents::codes::AttemptError;
-use crate::agents::nodes::{NodeRecord, RevokedSet};
+use crate::agents::nodes::{NodeError, NodeRecord, RevokedSet};
 use crate::agents::pki::{Pki, node_id_of};
+use crate::agents::steps::ResyncError;
 use crate::util::random_hex;
 use crate::util::rfc3339;
 
@@ -36,6 +40,18 @@ use crate::util::rfc3339;
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an agent has to send its Hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// How many enrolments (peers without a certificate) may be under way at once;
+/// more are closed at once.
+const MAX_ENROLLING: usize = 32;
+/// What a peer may make the controller buffer before it has shown a
+/// certificate: one stream of enrolment messages, a few frames deep.
+const UNAUTHENTICATED_STREAMS: u32 = 1;
+const UNAUTHENTICATED_STREAM_WINDOW: u32 = 64 * 1024;
+const UNAUTHENTICATED_WINDOW: u32 = 128 * 1024;
+/// What an enrolled agent's link gets once its certificate is checked: the
+/// control stream, one pull stream per lane and the events stream, with room.
+const AGENT_STREAMS: u32 = 16;
+const AGENT_WINDOW: u32 = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuicSetupError {
@@ -118,11 +134,17 @@ impl ClientCertVerifier for RevocationAwareVerifier {
     }
 }
 
-/// QUIC transport settings shared by both ends: keep-alives well inside the idle timeout.
+/// QUIC transport settings of the controller's endpoint: keep-alives well
+/// inside the idle timeout, and the small stream and window limits of a peer
+/// not known yet (`link` raises them for an enrolled agent).
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
+    t.max_concurrent_bidi_streams(UNAUTHENTICATED_STREAMS.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window(UNAUTHENTICATED_STREAM_WINDOW.into());
+    t.receive_window(UNAUTHENTICATED_WINDOW.into());
     Arc::new(t)
 }
 
@@ -166,16 +188,18 @@ pub fn endpoint(
 /// Accepts connections until `shutdown` fires.
 pub async fn serve(endpoint: quinn::Endpoint, ctl: Arc<Controller>, shutdown: CancellationToken) {
     let tasks = tokio_util::task::TaskTracker::new();
+    let enrolling = Arc::new(tokio::sync::Semaphore::new(MAX_ENROLLING));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
         let ctl = ctl.clone();
+        let enrolling = enrolling.clone();
         tasks.spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => handle(conn, ctl).await,
+                Ok(conn) => handle(conn, ctl, &enrolling).await,
                 Err(e) => debug!(%remote, error = %ErrorChain(&e), "QUIC handshake failed"),
             }
         });
@@ -186,7 +210,7 @@ pub async fn serve(endpoint: quinn::Endpoint, ctl: Arc<Controller>, shutdown: Ca
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
 }
 
-async fn handle(conn: quinn::Connection, ctl: Arc<Controller>) {
+async fn handle(conn: quinn::Connection, ctl: Arc<Controller>, enrolling: &tokio::sync::Semaphore) {
     let alpn = conn
         .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
@@ -194,6 +218,14 @@ async fn handle(conn: quinn::Connection, ctl: Arc<Controller>) {
     match alpn.as_deref() {
         Some(p) if p == ENROLL_ALPN => {
             let remote = conn.remote_address();
+            let Ok(_permit) = enrolling.try_acquire() else {
+                warn!(%remote, limit = MAX_ENROLLING, "too many enrolments under way; connection closed");
+                conn.close(
+                    close_codes::PROTOCOL.into(),
+                    b"too many enrolments under way: try again later",
+                );
+                return;
+            };
             if let Err(e) = enroll(&conn, &ctl).await {
                 info!(%remote, error = %ErrorChain(&e), "enrolment ended without a node");
             }
@@ -374,7 +406,7 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
             return refuse(&mut send, store_unavailable()).await;
         }
     }
-    ctl.nodes.enrolled(NodeRecord {
+    let enrolled = ctl.nodes.enrolled(NodeRecord {
         id: node_id.clone(),
         hostname: req.hostname.clone(),
         ips: req.ips.clone(),
@@ -384,7 +416,16 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         revoked: false,
         last_seen: None,
         root: "/".to_owned(),
-    })?;
+        allow_nat: false,
+    });
+    match enrolled {
+        Ok(()) => {}
+        Err(NodeError::Store(e)) => return Err(e.into()),
+        Err(e) => {
+            warn!(%source, hostname = %req.hostname, ips = ?req.ips, reason = %e, "enrolment refused");
+            return refuse(&mut send, EnrollRefusal::Invalid(e.to_string())).await;
+        }
+    }
     let grant = EnrollGrant {
         node_id: node_id.clone(),
         cert_pem,
@@ -416,6 +457,9 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
         conn.close(close_codes::REVOKED.into(), b"node revoked: enrol again");
         return;
     }
+    // An enrolled node: room for its streams.
+    conn.set_max_concurrent_bi_streams(AGENT_STREAMS.into());
+    conn.set_receive_window(AGENT_WINDOW.into());
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         _ => {
@@ -441,18 +485,52 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
         conn.close(close_codes::PROTOCOL.into(), b"Hello names another node");
         return;
     }
-    if let Err(e) = ctl
-        .nodes
-        .connected(conn.clone(), &hello)
-        .and_then(|_| ctl.steps.resync(&node_id, &hello.last_done))
-    {
-        warn!(node = %node_id, error = %ErrorChain(&e), "could not record the node's link");
-        let _ = write_frame(
-            &mut send,
-            &ControllerMsg::Refused(LinkRefusal::Invalid("controller store unavailable".into())),
-        )
-        .await;
-        conn.close(close_codes::PROTOCOL.into(), b"store unavailable");
+    if let Err(e) = ctl.nodes.connected(conn.clone(), remote.ip(), &hello) {
+        let (refusal, code, why): (LinkRefusal, u32, &[u8]) = match &e {
+            NodeError::Revoked(_) | NodeError::Unknown(_) => (
+                LinkRefusal::Revoked,
+                close_codes::REVOKED,
+                b"node revoked: enrol again",
+            ),
+            NodeError::Store(_) => {
+                warn!(node = %node_id, error = %ErrorChain(&e), "could not record the node's link");
+                (
+                    LinkRefusal::Invalid("controller store unavailable".into()),
+                    close_codes::PROTOCOL,
+                    b"store unavailable",
+                )
+            }
+            other => {
+                warn!(node = %node_id, %remote, reason = %other, "agent link refused");
+                (
+                    LinkRefusal::Invalid(other.to_string()),
+                    close_codes::PROTOCOL,
+                    b"link refused: see the node on the controller",
+                )
+            }
+        };
+        let _ = write_frame(&mut send, &ControllerMsg::Refused(refusal)).await;
+        let _ = send.finish();
+        // Let the agent read why before the connection goes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        conn.close(code.into(), why);
+        return;
+    }
+    if let Err(e) = ctl.steps.resync(&node_id, &hello.last_done) {
+        let refusal = match &e {
+            ResyncError::Store(_) => {
+                warn!(node = %node_id, error = %ErrorChain(&e), "could not record the node's link");
+                LinkRefusal::Invalid("controller store unavailable".into())
+            }
+            ResyncError::Implausible { .. } => {
+                warn!(node = %node_id, %remote, reason = %e, "agent link refused");
+                LinkRefusal::Invalid(e.to_string())
+            }
+        };
+        let _ = write_frame(&mut send, &ControllerMsg::Refused(refusal)).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        ctl.nodes.disconnected(&node_id, &conn);
         return;
     }
     let welcome = ControllerMsg::Welcome(Welcome {
@@ -564,9 +642,19 @@ async fn serve_stream(
                 return;
             }
         };
+        // Checked on every message: a revoked node gets nothing more.
+        if ctl.nodes.is_revoked(&node_id) {
+            conn.close(close_codes::REVOKED.into(), b"node revoked by an operator");
+            return;
+        }
         match msg {
             AgentMsg::Pull { lane, after_seq } => {
                 let answer = match ctl.steps.pull(&node_id, lane, after_seq, PULL_WINDOW).await {
+                    // Revoked while the pull waited: the step is not handed out.
+                    Ok(Some(_)) if ctl.nodes.is_revoked(&node_id) => {
+                        conn.close(close_codes::REVOKED.into(), b"node revoked by an operator");
+                        return;
+                    }
                     Ok(Some(step)) => ControllerMsg::Step(step),
                     Ok(None) => ControllerMsg::Idle,
                     Err(e) => {

@@ -215,6 +215,26 @@ pub enum StepsError {
     Random,
 }
 
+/// Why an agent's report of the steps it has done was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "the agent reports step {done} done on lane {lane}, but this controller issued only {issued} there (at most {MAX_RESYNC_AHEAD} more are taken as a restored backup); reset the agent's ledger or enrol the node again"
+    )]
+    Implausible {
+        lane: &'static str,
+        done: u64,
+        issued: u64,
+    },
+}
+
+/// How far beyond the steps this controller issued on a lane an agent's
+/// report of its last done step is still believed (a controller restored
+/// from an older backup); beyond it, the report is refused.
+pub(crate) const MAX_RESYNC_AHEAD: u64 = 1_000_000;
+
 /// One step for [`StepQueue::enqueue_many`]; `id` None picks a fresh one.
 #[derive(Debug, Clone)]
 pub struct NewStep {
@@ -367,6 +387,24 @@ impl StepQueue {
             });
         }
         Ok(r)
+    }
+
+    /// Fails every step of `node` not final yet with `reason` (the node was
+    /// revoked). Returns how many it failed.
+    pub fn fail_node(&self, node: &NodeId, reason: &str) -> Result<usize, StoreError> {
+        let ids: Vec<StepId> = self
+            .active_index()
+            .values()
+            .filter(|a| a.node == *node)
+            .map(|a| a.id.clone())
+            .collect();
+        let mut failed = 0;
+        for id in ids {
+            if self.fail(&id, reason)?.is_some() {
+                failed += 1;
+            }
+        }
+        Ok(failed)
     }
 
     /// Live updates of every step.
@@ -765,7 +803,23 @@ impl StepQueue {
     /// counters agree, a queued step at or below the agent's mark is one it
     /// ran whose `Started` never got stored; its result is still in the
     /// agent's ledger and arrives on the events stream, so it is left alone.
-    pub fn resync(&self, node: &NodeId, last_done: &[(Lane, u64)]) -> Result<(), StoreError> {
+    ///
+    /// A report more than [`MAX_RESYNC_AHEAD`] beyond what this controller
+    /// issued on any lane is refused as a whole, and nothing changes.
+    pub fn resync(&self, node: &NodeId, last_done: &[(Lane, u64)]) -> Result<(), ResyncError> {
+        for (lane, done) in last_done {
+            let issued: u64 = self
+                .store
+                .get_json(Tree::Meta, &seq_key(node, *lane))?
+                .unwrap_or(0);
+            if *done > issued.saturating_add(MAX_RESYNC_AHEAD) {
+                return Err(ResyncError::Implausible {
+                    lane: lane.as_str(),
+                    done: *done,
+                    issued,
+                });
+            }
+        }
         for (lane, done) in last_done {
             let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
             let last: u64 = self
@@ -1326,6 +1380,66 @@ mod tests {
             q.cancel(std::slice::from_ref(&a.step.id))
                 .expect("again")
                 .is_empty()
+        );
+    }
+
+    /// An agent's claim to have done absurdly many steps (a modified agent
+    /// sending `u64::MAX`) is refused with the reason, and changes nothing.
+    #[tokio::test]
+    async fn resync_refuses_an_implausible_report_and_keeps_counting() {
+        let (_d, q, _) = queue();
+        let first = q
+            .enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("first");
+        for absurd in [u64::MAX, 1 + 1 + MAX_RESYNC_AHEAD] {
+            let e = q
+                .resync(&n1(), &[(Lane::Adhoc, 0), (Lane::Deploy, absurd)])
+                .expect_err("refused");
+            assert!(
+                matches!(e, ResyncError::Implausible { done, issued: 1, .. } if done == absurd),
+                "{e}"
+            );
+            assert!(e.to_string().contains("issued only 1"), "{e}");
+        }
+        assert_eq!(
+            q.get(&first.step.id).expect("get").expect("rec").state,
+            StepState::Queued
+        );
+        let next = q
+            .enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("next");
+        assert_eq!(next.step.seq, 2);
+        // At the bound it is still believed (a restored backup).
+        q.resync(&n1(), &[(Lane::Deploy, 2 + MAX_RESYNC_AHEAD)])
+            .expect("resync");
+    }
+
+    /// Revoking a node fails its steps not final yet, and only its.
+    #[tokio::test]
+    async fn fail_node_fails_only_that_nodes_open_steps() {
+        let (_d, q, _) = queue();
+        let mine = q
+            .enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("mine");
+        let other = q
+            .enqueue(&"n-2".into(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+            .expect("other");
+        assert_eq!(q.fail_node(&n1(), "the node was revoked").expect("fail"), 1);
+        let r = q.get(&mine.step.id).expect("get").expect("rec");
+        assert_eq!(r.state, StepState::Failed);
+        assert_eq!(
+            r.outcome.and_then(|o| o.error).as_deref(),
+            Some("the node was revoked")
+        );
+        assert_eq!(
+            q.next_for(&n1(), Lane::Deploy, 0)
+                .expect("next")
+                .map(|r| r.step.id),
+            None
+        );
+        assert_eq!(
+            q.get(&other.step.id).expect("get").expect("rec").state,
+            StepState::Queued
         );
     }
 

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use de_common::api::{
     ChangeAction, CodeView, DeployStarted, DeployState, DeploymentView, ErrorBody, ExecRequest,
-    ExecResult, LogFiles, NewCode, NodeView, OperateRequest, OperateRow, PhaseState, PlanCheck,
-    PlanCreated, PlanDiff, Resolved, StatusRow, resolve,
+    ExecResult, LogFiles, NewCode, NodeUpdate, NodeView, OperateRequest, OperateRow, PhaseState,
+    PlanCheck, PlanCreated, PlanDiff, Resolved, StatusRow, resolve,
 };
 use de_common::api::{NewToken, Role, TokenCreated, TokenView};
 use serde::Serialize;
@@ -60,8 +60,12 @@ enum Command {
         #[command(subcommand)]
         what: Codes,
     },
-    /// Enrolled nodes with hardware, usage and online state.
-    Nodes,
+    /// Enrolled nodes with hardware, usage and online state;
+    /// `nodes set-ip NODE IP...` changes a node's IPs.
+    Nodes {
+        #[command(subcommand)]
+        what: Option<NodesCmd>,
+    },
     /// Revoke a node (by id or IP): its link is dropped and its certificate
     /// refused from then on; enrol it again with a new code to use it.
     Revoke { node: String },
@@ -133,6 +137,20 @@ enum TokenCmd {
     List,
     /// Revoke a token: it is refused from then on.
     Revoke { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodesCmd {
+    /// Set the IPs of a node (by id or IP) after its address changed;
+    /// `--allow-nat`/`--no-nat` let its links come from other addresses or not.
+    SetIp {
+        node: String,
+        ips: Vec<String>,
+        #[arg(long, conflicts_with = "no_nat")]
+        allow_nat: bool,
+        #[arg(long)]
+        no_nat: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -350,7 +368,16 @@ fn run(cli: Cli, api: &Api) -> Outcome {
     let json = cli.json;
     match cli.command {
         Command::Codes { what } => codes(api, what, json),
-        Command::Nodes => nodes(api, json),
+        Command::Nodes { what: None } => nodes(api, json),
+        Command::Nodes {
+            what:
+                Some(NodesCmd::SetIp {
+                    node,
+                    ips,
+                    allow_nat,
+                    no_nat,
+                }),
+        } => set_ip(api, &node, ips, allow_nat, no_nat, json),
         Command::Revoke { node } => revoke(api, &node, json),
         Command::Plan { what } => plan(api, what, json),
         Command::Deploy {
@@ -496,6 +523,12 @@ fn nodes(api: &Api, json: bool) -> Outcome {
         ],
         &rows,
     );
+    // Where a node's link disagreed with its IPs, say so under the table.
+    for n in nodes.iter().filter(|n| !n.revoked) {
+        if let Some(why) = &n.ip_mismatch {
+            println!("{}: {why}", n.id);
+        }
+    }
     Ok(())
 }
 
@@ -550,6 +583,63 @@ fn revoke(api: &Api, target: &str, json: bool) -> Outcome {
     if !json {
         println!("revoked node {id} ({target}): its link is closed and its certificate refused");
     }
+    Ok(())
+}
+
+/// Changes the IPs (and NAT allowance) of the node `target` names.
+fn set_ip(
+    api: &Api,
+    target: &str,
+    ips: Vec<String>,
+    allow_nat: bool,
+    no_nat: bool,
+    json: bool,
+) -> Outcome {
+    let nodes: Vec<NodeView> = api.get("/api/v1/nodes")?.parse()?;
+    let id = match resolve(&nodes, target) {
+        Resolved::Node(n) => n.id.clone(),
+        Resolved::Ambiguous(many) => {
+            let ids: Vec<&str> = many.iter().map(|n| n.id.as_str()).collect();
+            return Err(Failure(
+                format!(
+                    "several nodes have the IP {target}: {}; name one by its id",
+                    ids.join(", ")
+                ),
+                1,
+            ));
+        }
+        Resolved::Unknown | Resolved::Revoked(_) => {
+            return Err(Failure(
+                format!(
+                    "no enrolled node that is not revoked has the id or IP {target:?}; dectl nodes lists them"
+                ),
+                1,
+            ));
+        }
+    };
+    let update = NodeUpdate {
+        ips: (!ips.is_empty()).then_some(ips),
+        allow_nat: match (allow_nat, no_nat) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+    };
+    let reply = api.ok("PUT", &format!("/api/v1/nodes/{id}"), body(&update))?;
+    if json {
+        reply.print_json();
+        return Ok(());
+    }
+    let node: NodeView = reply.parse()?;
+    println!(
+        "node {id}: IPs {}{}",
+        node.ips.join(","),
+        if node.allow_nat {
+            ", links from other addresses allowed (NAT)"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 

@@ -29,6 +29,7 @@ pub(crate) const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     ("POST", "/api/v1/install-codes", Role::Admin),
     ("DELETE", "/api/v1/install-codes", Role::Admin),
     ("DELETE", "/api/v1/nodes/{id}", Role::Admin),
+    ("PUT", "/api/v1/nodes/{id}", Role::Admin),
     ("GET", "/api/v1/tokens", Role::Admin),
     ("POST", "/api/v1/tokens", Role::Admin),
     ("DELETE", "/api/v1/tokens/{name}", Role::Admin),

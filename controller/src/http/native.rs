@@ -14,7 +14,7 @@ use axum::{Extension, Router};
 
 use de_common::api::{
     AuditAction, CodeView, DeploymentView, ExecRequest, ExecResult, FailedCodeAttempt,
-    InstallCodeState, NewCode, NodeView, StepRequest,
+    InstallCodeState, NewCode, NodeUpdate, NodeView, StepRequest,
 };
 
 use de_common::{DeploymentId, NodeId, StepId};
@@ -23,6 +23,7 @@ use super::auth::audit;
 use super::error::{ApiError, ErrorCode, parse_json, parse_optional_json};
 use crate::Controller;
 use crate::access::Caller;
+use crate::agents::nodes::NodeError;
 use crate::agents::{StepRecord, StepState};
 use crate::util::rfc3339;
 
@@ -40,7 +41,10 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
             get(get_code).post(post_code).delete(delete_code),
         )
         .route("/nodes", get(list_nodes))
-        .route("/nodes/{id}", get(get_node).delete(delete_node))
+        .route(
+            "/nodes/{id}",
+            get(get_node).put(put_node).delete(delete_node),
+        )
         .route("/nodes/{id}/steps", post(post_step))
         .route("/steps/{id}", get(get_step))
         .route("/exec", post(exec))
@@ -161,6 +165,40 @@ async fn get_node(
         .ok_or_else(|| ApiError::not_found(format!("no node {id:?}: GET /api/v1/nodes lists them")))
 }
 
+/// An operator's change of a node's IPs or NAT allowance.
+async fn put_node(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<NodeId>,
+    body: Bytes,
+) -> Result<axum::Json<NodeView>, ApiError> {
+    let req: NodeUpdate = parse_json(&body, r#"{"ips": ["10.0.0.5"], "allow_nat": false}"#)?;
+    if req.ips.is_none() && req.allow_nat.is_none() {
+        return Err(ApiError::bad_request(
+            r#"nothing to change: give "ips", "allow_nat" or both"#,
+        ));
+    }
+    let detail = format!("ips {:?}, allow_nat {:?}", req.ips, req.allow_nat);
+    match ctl.nodes.update(&id, req.ips, req.allow_nat) {
+        Ok(view) => {
+            audit(
+                &ctl,
+                &caller,
+                AuditAction::NodeUpdate,
+                vec![id.to_string()],
+                &detail,
+            )?;
+            Ok(axum::Json(view))
+        }
+        Err(e @ NodeError::Unknown(_)) => Err(ApiError::not_found(e.to_string())),
+        Err(e @ (NodeError::Revoked(_) | NodeError::Taken { .. })) => {
+            Err(ApiError::new(ErrorCode::Conflict, e.to_string()))
+        }
+        Err(NodeError::Store(e)) => Err(e.into()),
+        Err(e) => Err(ApiError::bad_request(e.to_string())),
+    }
+}
+
 async fn delete_node(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -168,6 +206,15 @@ async fn delete_node(
 ) -> Result<StatusCode, ApiError> {
     if ctl.nodes.revoke(&id)? {
         audit(&ctl, &caller, AuditAction::Revoke, vec![id.to_string()], "")?;
+        // The revoke stands either way; steps not failed here are failed by the watchdog.
+        match ctl.steps.fail_node(&id, "the node was revoked") {
+            Ok(failed) => tracing::info!(node = %id, failed_steps = failed, "node revoked"),
+            Err(e) => tracing::warn!(
+                node = %id,
+                error = %de_common::ErrorChain(&e),
+                "node revoked; its open steps could not be failed yet (the watchdog will)"
+            ),
+        }
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!(
@@ -625,7 +672,12 @@ mod tests {
         let t = ctl.pki.token().to_owned();
         crate::testkit::enrol(&ctl, "n-1", "10.0.0.1", 1, 1024, 1024);
         crate::testkit::enrol(&ctl, "n-2", "10.0.0.2", 1, 1024, 1024);
-        crate::testkit::enrol(&ctl, "n-3", "10.0.0.2", 1, 1024, 1024);
+        // A second claim of an IP is refused now; an older store may still hold one.
+        let again = crate::testkit::record("n-3", "10.0.0.2", 1, 1024, 1024);
+        assert!(
+            matches!(ctl.nodes.enrolled(again.clone()), Err(NodeError::Taken { owner, .. }) if owner.as_str() == "n-2")
+        );
+        ctl.nodes.enrolled_unchecked(again).expect("old store");
         assert_eq!(ctl.nodes.revoke(&"n-1".into()).ok(), Some(true));
         for target in ["10.0.0.1", "n-1", "10.0.0.2", "10.0.0.9"] {
             let body = format!(r#"{{"script": "true", "targets": ["{target}"]}}"#);
