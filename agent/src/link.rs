@@ -550,6 +550,10 @@ impl Link {
                     }
                 }
                 _ = tick.tick() => {
+                    // The lanes' progress before anything is read: every step up to
+                    // it shows in the monit status and the inventory sent below
+                    // (see `AgentMsg::Inventory`).
+                    let last_done = self.shared.ledger().last_done_all();
                     let components = match self.monit.status().await {
                         Ok(c) => { monit_warned = false; c }
                         Err(e) => {
@@ -570,7 +574,7 @@ impl Link {
                     let inventory = tokio::task::spawn_blocking(move || applied.inventory(&root, &m))
                         .await
                         .unwrap_or_default();
-                    if let Err(e) = write_frame(&mut send, &AgentMsg::Inventory(inventory)).await {
+                    if let Err(e) = write_frame(&mut send, &AgentMsg::Inventory { last_done, instances: inventory }).await {
                         return SessionEnd::Lost(format!("inventory not sent: {}", ErrorChain(&e)));
                     }
                     // The controller issues steps with this node's skew; keep it current.

@@ -182,7 +182,14 @@ pub enum AgentMsg {
     /// What the agent applied, and how it drifted since (control stream,
     /// after each heartbeat). Agents older than this message send none, and
     /// the controller then trusts its own record of what it applied.
-    Inventory(Vec<InstanceState>),
+    Inventory {
+        /// Each lane's last done sequence number, taken before `instances`
+        /// and the heartbeat just before were read: every step up to these
+        /// shows in both, so the controller knows which of its recorded
+        /// results the report reflects.
+        last_done: Vec<(Lane, u64)>,
+        instances: Vec<InstanceState>,
+    },
     /// The node's clock, in answer to [`ControllerMsg::ClockQuery`] and then
     /// after each heartbeat (control stream). Sent only to a controller
     /// that asked, so an older controller, which would take this variant

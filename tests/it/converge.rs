@@ -96,6 +96,13 @@ fn an_unchanged_plan_repairs_drift_and_keeps_what_an_operator_stopped() -> Resul
         "{d:?}"
     );
     deploy_and_wait(&ctl)?;
+    // Deployed again at once, before the nodes report what the first one
+    // did: nothing is re-applied for want of a report.
+    let again = deploy_and_wait(&ctl)?;
+    ensure!(
+        again.steps_total == 0,
+        "an immediate redeploy ran steps: {again:?}"
+    );
     for ip in ips {
         wait_until(WAIT, &format!("sleeper RUNNING on {ip}"), || {
             status_of(&ctl, ip).filter(|s| s == "RUNNING")
@@ -126,8 +133,13 @@ fn an_unchanged_plan_repairs_drift_and_keeps_what_an_operator_stopped() -> Resul
             && why[1].contains("monit check sleeper is missing"),
         "{why:?}"
     );
-    // The same plan's deployment repairs both.
+    // The same plan's deployment repairs both, and one right after does nothing.
     deploy_and_wait(&ctl)?;
+    let again = deploy_and_wait(&ctl)?;
+    ensure!(
+        again.steps_total == 0,
+        "a redeploy after the repair ran steps: {again:?}"
+    );
     ensure!(check_file(&agents[1])?.exists(), "the check file is back");
     for ip in ips {
         wait_until(WAIT, &format!("sleeper RUNNING again on {ip}"), || {

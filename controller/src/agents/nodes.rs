@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 
 pub use de_common::api::NodeView;
 use de_common::api::resolve;
-use de_common::{ComponentStatus, Hardware, Hello, InstanceState, NodeId, Usage, close_codes};
+use de_common::{
+    ComponentStatus, Hardware, Hello, InstanceState, Lane, NodeId, Usage, close_codes,
+};
 
 use crate::agents::clock::ClockSkews;
 use crate::store::{Store, StoreError, StoreExt, Tree};
@@ -84,6 +86,39 @@ struct Live {
     /// What the agent reports it applied (None until its first inventory,
     /// and for agents too old to send one).
     inventory: Option<Vec<InstanceState>>,
+    /// Each lane's last done sequence as of the last inventory, and the
+    /// highest sequence per lane whose result this controller recorded: a
+    /// report that does not count a recorded step done may not show what
+    /// that step did (a mark just written, a check just added or started).
+    reported_done: Vec<(Lane, u64)>,
+    finished: Vec<(Lane, u64)>,
+}
+
+/// Raises `lane`'s entry in `marks` to at least `seq`.
+fn raise(marks: &mut Vec<(Lane, u64)>, lane: Lane, seq: u64) {
+    match marks.iter_mut().find(|(l, _)| *l == lane) {
+        Some((_, s)) => *s = (*s).max(seq),
+        None => marks.push((lane, seq)),
+    }
+}
+
+/// Whether a report taken when the lanes stood at `reported` shows every
+/// step in `finished` (per lane, the highest sequence whose result was recorded).
+fn report_is_fresh(reported: &[(Lane, u64)], finished: &[(Lane, u64)]) -> bool {
+    finished
+        .iter()
+        .all(|(lane, seq)| reported.iter().any(|(l, done)| l == lane && done >= seq))
+}
+
+/// What a node reports of what it applied, as the planner may use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// Not connected, or an agent too old to report.
+    Unknown,
+    /// It ended a step since its last report: wait for the next one.
+    Stale,
+    /// Its inventory, sent after everything it has done.
+    Fresh(Vec<InstanceState>),
 }
 
 /// Where the node's last link attempt came from, and how it disagreed with the node's IPs.
@@ -332,6 +367,8 @@ impl Nodes {
                 last_seen: now,
                 heartbeat: Duration::from_secs(u64::from(hello.heartbeat_secs.max(1))),
                 inventory: None,
+                reported_done: Vec::new(),
+                finished: Vec::new(),
             },
         );
         drop(records);
@@ -353,15 +390,35 @@ impl Nodes {
     }
 
     /// The agent's report of what it applied and how it drifted.
-    pub fn inventory(&self, id: &NodeId, instances: Vec<InstanceState>) {
+    pub fn inventory(&self, id: &NodeId, last_done: &[(Lane, u64)], instances: Vec<InstanceState>) {
         if let Some(l) = self.live().get_mut(id) {
             l.inventory = Some(instances);
+            l.reported_done = last_done.to_vec();
         }
     }
 
-    /// What node `id` last reported it applied, if it is connected and has reported.
-    pub fn inventory_of(&self, id: &NodeId) -> Option<Vec<InstanceState>> {
-        self.live().get(id).and_then(|l| l.inventory.clone())
+    /// Node `id` finished step `seq` of `lane` (its result was recorded).
+    pub fn step_ended(&self, id: &NodeId, lane: Lane, seq: u64) {
+        if let Some(l) = self.live().get_mut(id) {
+            raise(&mut l.finished, lane, seq);
+        }
+    }
+
+    /// What node `id` last reported it applied, and whether that report
+    /// counts done every step whose result this controller recorded.
+    pub fn report_of(&self, id: &NodeId) -> Report {
+        let live = self.live();
+        let Some(l) = live.get(id) else {
+            return Report::Unknown;
+        };
+        let Some(inventory) = &l.inventory else {
+            return Report::Unknown;
+        };
+        if report_is_fresh(&l.reported_done, &l.finished) {
+            Report::Fresh(inventory.clone())
+        } else {
+            Report::Stale
+        }
     }
 
     /// The link `conn` of node `id` ended: the connection is closed (its
@@ -570,6 +627,29 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
+    }
+
+    #[test]
+    fn a_report_is_fresh_once_it_counts_every_recorded_step_done() {
+        let finished = vec![(Lane::Deploy, 7), (Lane::Adhoc, 2)];
+        assert!(report_is_fresh(
+            &[(Lane::Deploy, 7), (Lane::Adhoc, 3)],
+            &finished
+        ));
+        assert!(!report_is_fresh(
+            &[(Lane::Deploy, 6), (Lane::Adhoc, 3)],
+            &finished
+        ));
+        assert!(
+            !report_is_fresh(&[(Lane::Deploy, 9)], &finished),
+            "adhoc unknown"
+        );
+        assert!(report_is_fresh(&[], &[]), "nothing recorded yet");
+        let mut marks = Vec::new();
+        raise(&mut marks, Lane::Deploy, 3);
+        raise(&mut marks, Lane::Deploy, 2);
+        raise(&mut marks, Lane::Control, 1);
+        assert_eq!(marks, [(Lane::Deploy, 3), (Lane::Control, 1)]);
     }
 
     #[test]

@@ -557,7 +557,10 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
             Ok(Some(AgentMsg::Heartbeat(hb))) => {
                 ctl.nodes.heartbeat(&node_id, hb.usage, hb.components)
             }
-            Ok(Some(AgentMsg::Inventory(instances))) => ctl.nodes.inventory(&node_id, instances),
+            Ok(Some(AgentMsg::Inventory {
+                last_done,
+                instances,
+            })) => ctl.nodes.inventory(&node_id, &last_done, instances),
             Ok(Some(AgentMsg::Clock { unix_ms: node_ms })) => {
                 let skew = skew_secs(node_ms, unix_ms(SystemTime::now()));
                 ctl.nodes.clocks().record(&node_id, skew);
@@ -669,8 +672,14 @@ async fn serve_stream(
             }
             AgentMsg::Event(ev) => {
                 let step_id = ev.step_id.clone();
+                let finished = matches!(ev.kind, de_common::StepEventKind::Finished(_))
+                    .then_some((ev.lane, ev.seq));
                 match ctl.steps.on_event(&node_id, ev) {
                     Ok(true) => {
+                        // A result: a report is fresh once it counts this step done.
+                        if let Some((lane, seq)) = finished {
+                            ctl.nodes.step_ended(&node_id, lane, seq);
+                        }
                         if write_frame(&mut send, &ControllerMsg::Ack { step_id })
                             .await
                             .is_err()
@@ -687,7 +696,7 @@ async fn serve_stream(
             }
             AgentMsg::Hello(_)
             | AgentMsg::Heartbeat(_)
-            | AgentMsg::Inventory(_)
+            | AgentMsg::Inventory { .. }
             | AgentMsg::Clock { .. } => {
                 conn.close(
                     close_codes::PROTOCOL.into(),

@@ -23,6 +23,7 @@ use super::record::{Applied, DeployState, Deployment, PhaseState};
 use super::{DEFAULT_STEP_ATTEMPTS, DeployError};
 use crate::Controller;
 use crate::agents::NodeView;
+use crate::agents::nodes::Report;
 use crate::agents::steps::{NewStep, StepQueue, StepRecord, StepState, StepUpdate};
 use crate::plan::{Catalog, StoredPlan};
 use crate::store::{StoreError, StoreExt, Tree};
@@ -259,17 +260,23 @@ impl PlanInputs {
 
 /// What the nodes report and what the operator stopped, for the planner.
 fn observe_nodes(ctl: &Controller, nodes: &[NodeView]) -> Result<Observed, StoreError> {
-    let inventory = nodes
-        .iter()
-        .filter_map(|n| {
-            let id = n.node_id();
-            ctl.nodes.inventory_of(&id).map(|i| (id, i))
-        })
-        .collect();
-    Ok(Observed {
-        inventory,
+    let mut observed = Observed {
         stopped: super::intent::stopped(&*ctl.store)?,
-    })
+        ..Observed::default()
+    };
+    for n in nodes {
+        let id = n.node_id();
+        match ctl.nodes.report_of(&id) {
+            Report::Unknown => {}
+            Report::Stale => {
+                observed.stale.insert(id);
+            }
+            Report::Fresh(i) => {
+                observed.inventory.insert(id, i);
+            }
+        }
+    }
+    Ok(observed)
 }
 
 /// Why a pass stopped short; the driver logs it and tries again.

@@ -56,6 +56,10 @@ pub(crate) struct Observed {
     pub(crate) inventory: HashMap<NodeId, Vec<InstanceState>>,
     /// Instances (`component@ip`) an operator stopped through the API.
     pub(crate) stopped: BTreeSet<String>,
+    /// Nodes that ended a step since their last report: what they hold is
+    /// taken as last applied until they report again (a deployment started
+    /// right after another must not re-apply what it just applied).
+    pub(crate) stale: BTreeSet<NodeId>,
 }
 
 /// Everything the planner decided: the steps, per instance what and why,
@@ -311,10 +315,16 @@ pub(crate) fn plan_changes(
                     .unwrap_or_else(|| {
                         let why = if operator_stopped {
                             "as last applied; stopped through the API, so it stays stopped"
+                                .to_owned()
+                        } else if observed.stale.contains(&n.node_id()) {
+                            format!(
+                                "as last applied (node {} has not reported since its last step)",
+                                n.id
+                            )
                         } else {
-                            "as last applied, and running"
+                            "as last applied, and running".to_owned()
                         };
-                        (ChangeAction::Nothing, why.to_owned())
+                        (ChangeAction::Nothing, why)
                     }),
             };
             let (kind, actions) = match action {
@@ -737,6 +747,21 @@ contents = "members={{ components.base | join(',') }}"
                 "  app_0 10.0.0.1: write /etc/app.conf",
                 "  app_0 10.0.0.1: mark applied",
             ]
+        );
+    }
+
+    #[test]
+    fn a_node_that_has_not_reported_since_its_last_step_is_taken_as_applied() {
+        let plan = stored(1, &[("base", &["10.0.0.1"])]);
+        let d = first(&plan);
+        let (mut nodes, mut observed) = reported(&d);
+        // Its last report predates the step that started base: no start, no re-apply.
+        nodes[0].components[0].status = "STOPPED".into();
+        observed.inventory.clear();
+        observed.stale.insert(NodeId::from("n1"));
+        assert_eq!(
+            diff(&plan, &d.target, &nodes, &observed),
+            ["base_0 nothing: as last applied (node n1 has not reported since its last step)"]
         );
     }
 
