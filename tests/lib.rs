@@ -677,6 +677,29 @@ action = "monit_start"
     .replace("NAME", name)
 }
 
+/// A catalog component (TOML) named `name` that installs by running `run`
+/// once (a TOML literal string, so no `'` inside), with a monit check it
+/// never adds: a component made of one script, for tests.
+pub fn script_component(name: &str, description: &str, run: &str) -> String {
+    format!(
+        r#"
+description = "{description}"
+cardinality = "many"
+monit_check = """
+check process {name} with pidfile {{{{ path("run/{name}.pid") }}}}
+"""
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+[[install]]
+action = "script"
+run = '{run}'
+"#
+    )
+}
+
 /// Writes the operator catalog `name` into `DATA/catalogs/name/`: its
 /// `catalog.toml` and one `<component>.toml` per `(component, toml)`.
 pub fn write_catalog(

@@ -14,46 +14,33 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use de_common::api::{DeployState, DeploymentView};
 use de_tests::webdriver::Browser;
-use de_tests::{TestAgent, TestController, pidfile, supervised_sleeper, wait_until, write_catalog};
+use de_tests::{
+    TestAgent, TestController, pidfile, script_component, supervised_sleeper, wait_until,
+    write_catalog,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 const IPS: [&str; 2] = ["127.0.11.1", "127.0.11.2"];
 
 /// A component whose install always fails, saying why on stderr.
-const BROKEN: &str = r#"
-description = "Never installs"
-cardinality = "many"
-monit_check = """
-check process broken with pidfile {{ path("run/broken.pid") }}
-"""
-logs = []
-[minimum]
-cpus = 1
-ram_mb = 1
-disk_mb = 1
-[[install]]
-action = "script"
-run = 'echo "cannot start: no licence" >&2; exit 3'
-"#;
+fn broken() -> String {
+    script_component(
+        "broken",
+        "Never installs",
+        r#"echo "cannot start: no licence" >&2; exit 3"#,
+    )
+}
 
 /// A component whose install, the first time, says so and sleeps 30 s: long
 /// enough to cancel it. It leaves `slow.once` in the node root first, so the
 /// next install is quick.
-const SLOW: &str = r#"
-description = "Slow to install the first time"
-cardinality = "many"
-monit_check = """
-check process slow with pidfile {{ path("run/slow.pid") }}
-"""
-logs = []
-[minimum]
-cpus = 1
-ram_mb = 1
-disk_mb = 1
-[[install]]
-action = "script"
-run = 'if [ ! -e "$DE_ROOT/slow.once" ]; then touch "$DE_ROOT/slow.once"; echo "slow: waiting"; sleep 30; fi; echo "slow: installed"'
-"#;
+fn slow() -> String {
+    script_component(
+        "slow",
+        "Slow to install the first time",
+        r#"if [ ! -e "$DE_ROOT/slow.once" ]; then touch "$DE_ROOT/slow.once"; echo "slow: waiting"; sleep 30; fi; echo "slow: installed""#,
+    )
+}
 
 fn write_sleepers(data: &Path) -> Result<()> {
     // One supervised process per node; its install step prints a line the
@@ -64,8 +51,8 @@ fn write_sleepers(data: &Path) -> Result<()> {
         "description = \"Sleepers: one supervised process per node\"\nentry = \"sleeper\"\n",
         &[
             ("sleeper", &supervised_sleeper("sleeper")),
-            ("broken", BROKEN),
-            ("slow", SLOW),
+            ("broken", &broken()),
+            ("slow", &slow()),
         ],
     )
 }

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use de_common::api::{ChangeAction, DeployState, PlanDiff};
-use de_tests::{TestAgent, TestController, cluster, supervised_sleeper, wait_until, write_catalog};
+use de_tests::{
+    TestAgent, TestController, cluster, script_component, supervised_sleeper, wait_until,
+    write_catalog,
+};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -205,20 +208,11 @@ fn a_running_deployment_is_cancelled_its_step_killed_and_the_next_one_accepted()
         "description = \"A slow step\"\nentry = \"slow\"\n[properties]\nmarker = \"\"\npause = 0\n",
         &[(
             "slow",
-            r#"
-description = "Sleeps, leaving its pid behind"
-cardinality = "many"
-monit_check = "check program slow with path /bin/true"
-logs = []
-[minimum]
-cpus = 1
-ram_mb = 1
-disk_mb = 1
-
-[[install]]
-action = "script"
-run = 'echo $$ > {{ properties.marker }}; sleep {{ properties.pause }}; echo finished >> {{ properties.marker }}.done'
-"#,
+            &script_component(
+                "slow",
+                "Sleeps, leaving its pid behind",
+                "echo $$ > {{ properties.marker }}; sleep {{ properties.pause }}; echo finished >> {{ properties.marker }}.done",
+            ),
         )],
     )?;
     let ips = ["127.0.13.11"];

@@ -10,7 +10,8 @@ use anyhow::Context;
 use anyhow::Result;
 use de_common::api::{ChangeAction, PlanDiff};
 use de_tests::{
-    Output, TestAgent, TestController, bin, run_bounded, spawn, supervised_sleeper, wait_until,
+    Output, TestAgent, TestController, bin, run_bounded, script_component, spawn,
+    supervised_sleeper, wait_until,
 };
 
 fn dectl(ctl: &TestController, args: &[&str]) -> Result<Output> {
@@ -39,42 +40,22 @@ fn dectl_drives_a_controller_from_codes_to_a_deployment() -> Result<()> {
     )?;
     std::fs::write(
         cat.join("hello.toml"),
-        r#"
-description = "writes a greeting"
-cardinality = "many"
-monit_check = '''
-check process hello with pidfile {{ path("run/hello.pid") }}
-'''
-logs = []
-[minimum]
-cpus = 1
-ram_mb = 1
-disk_mb = 1
-[[install]]
-action = "script"
-run = 'echo "hello from {{ node.ip }}"'
-"#,
+        script_component(
+            "hello",
+            "writes a greeting",
+            r#"echo "hello from {{ node.ip }}""#,
+        ),
     )?;
     std::fs::write(cat.join("sleeper.toml"), supervised_sleeper("sleeper"))?;
     // Sleeps 30 s the first time it is installed (long enough to cancel),
     // leaving slow.once in the node root first so the next time is quick.
     std::fs::write(
         cat.join("slow.toml"),
-        r#"
-description = "slow to install the first time"
-cardinality = "many"
-monit_check = '''
-check process slow with pidfile {{ path("run/slow.pid") }}
-'''
-logs = []
-[minimum]
-cpus = 1
-ram_mb = 1
-disk_mb = 1
-[[install]]
-action = "script"
-run = 'if [ ! -e "$DE_ROOT/slow.once" ]; then touch "$DE_ROOT/slow.once"; sleep 30; fi'
-"#,
+        script_component(
+            "slow",
+            "slow to install the first time",
+            r#"if [ ! -e "$DE_ROOT/slow.once" ]; then touch "$DE_ROOT/slow.once"; sleep 30; fi"#,
+        ),
     )?;
     let ctl = TestController::start(&data)?;
 
