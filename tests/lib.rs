@@ -219,6 +219,8 @@ pub struct TestController {
     pub token: String,
     /// The first stdout lines (the token line on first start).
     pub banner: Vec<String>,
+    /// It serves HTTPS (it printed its pin): requests trust `DATA/ca.pem`.
+    pub https: bool,
 }
 
 /// A JSON answer from the API.
@@ -257,6 +259,17 @@ impl TestController {
     }
 
     pub fn start_on(data_dir: &Path, api: &str, quic: &str) -> Result<TestController> {
+        Self::start_with(data_dir, api, quic, &[])
+    }
+
+    /// Starts a controller with `extra` flags after the listen addresses
+    /// (`--api-tls`, say: requests then go over HTTPS, trusting `DATA/ca.pem`).
+    pub fn start_with(
+        data_dir: &Path,
+        api: &str,
+        quic: &str,
+        extra: &[&str],
+    ) -> Result<TestController> {
         let mut cmd = command("de-controller");
         cmd.args([
             "serve",
@@ -266,7 +279,8 @@ impl TestController {
             quic,
             "--data-dir",
         ])
-        .arg(data_dir);
+        .arg(data_dir)
+        .args(extra);
         Self::start_cmd(data_dir, cmd)
     }
 
@@ -296,7 +310,9 @@ impl TestController {
         let token = std::fs::read_to_string(data_dir.join("admin.token"))?
             .trim()
             .to_owned();
+        let https = banner.iter().any(|l| l.starts_with("api https pin "));
         let ctl = TestController {
+            https,
             proc,
             data_dir: data_dir.to_owned(),
             api: api.context("api")?,
@@ -323,9 +339,10 @@ impl TestController {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
+            .tls_config(self.tls_config()?)
             .build()
             .into();
-        let url = format!("http://{}{}", self.api, path);
+        let url = format!("{}{}", self.base_url(), path);
         let req = ureq::http::Request::builder().method(method).uri(&url);
         let req = match token {
             Some(t) => req.header("Authorization", format!("Bearer {t}")),
@@ -347,6 +364,23 @@ impl TestController {
             serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
         };
         Ok(Answer { status, body })
+    }
+
+    /// `https://ADDR` when the controller serves HTTPS (`--api-tls`), else `http://ADDR`.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.api)
+    }
+
+    /// Trusts the controller's own CA (`DATA/ca.pem`) and nothing else.
+    pub fn tls_config(&self) -> Result<ureq::tls::TlsConfig> {
+        let pem = std::fs::read(self.data_dir.join("ca.pem"))?;
+        let ca = ureq::tls::Certificate::from_pem(&pem)?;
+        Ok(ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+                ca,
+            ])))
+            .build())
     }
 
     /// An authenticated request.

@@ -72,6 +72,13 @@ fn binary(var: &str, default: &str) -> Result<PathBuf> {
 impl Browser {
     /// Starts chromedriver on a free loopback port and opens a Chromium session.
     pub fn start() -> Result<Browser> {
+        Self::start_trusting(None)
+    }
+
+    /// As [`Browser::start`], with `ca` (PEM) trusted as a root the way an
+    /// operator would trust it: added to the NSS database Chromium reads
+    /// (`$HOME/.pki/nssdb`, in the session's own HOME), with `certutil`.
+    pub fn start_trusting(ca: Option<&Path>) -> Result<Browser> {
         let chromium = binary("DE_CHROMIUM", "/usr/bin/chromium")?;
         let chromedriver = binary("DE_CHROMEDRIVER", "/usr/bin/chromedriver")?;
         let dir = tempfile::tempdir()?;
@@ -86,6 +93,39 @@ impl Browser {
         // XDG dirs, not --user-data-dir: keep them in the tempdir too.
         cmd.env("XDG_CONFIG_HOME", dir.path().join("config"))
             .env("XDG_CACHE_HOME", dir.path().join("cache"));
+        if let Some(ca) = ca {
+            let home = dir.path().join("home");
+            let db = home.join(".pki/nssdb");
+            std::fs::create_dir_all(&db)?;
+            let sql = format!("sql:{}", db.display());
+            let certutil = |args: &[&str]| -> Result<()> {
+                let out = Command::new("certutil")
+                    .args(args)
+                    .output()
+                    .context("certutil not found (apt-get install libnss3-tools)")?;
+                if !out.status.success() {
+                    bail!(
+                        "certutil {args:?}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                Ok(())
+            };
+            certutil(&["-N", "-d", &sql, "--empty-password"])?;
+            let ca = ca.to_string_lossy();
+            certutil(&[
+                "-A",
+                "-d",
+                &sql,
+                "-t",
+                "C,,",
+                "-n",
+                "deployment-engine-ca",
+                "-i",
+                &ca,
+            ])?;
+            cmd.env("HOME", &home);
+        }
         let log = dir.path().join("chromedriver.log");
         let (driver, _stdout) = spawn("chromedriver", cmd, &log)?;
         let agent = ureq::Agent::config_builder()

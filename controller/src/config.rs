@@ -54,6 +54,11 @@ pub(crate) struct Config {
     /// Rotated files kept per log ([`LOG_KEEP`]).
     #[serde(default, deserialize_with = "log_keep")]
     pub(crate) log_keep: Option<u32>,
+    pub(crate) api_tls: Option<bool>,
+    pub(crate) api_cert: Option<PathBuf>,
+    pub(crate) api_key: Option<PathBuf>,
+    pub(crate) api_names: Option<Vec<String>>,
+    pub(crate) packages_dir: Option<PathBuf>,
 }
 
 fn in_file<'de, D, T>(d: D, range: &RangeInclusive<T>) -> Result<Option<T>, D::Error>
@@ -139,6 +144,7 @@ mod tests {
             c,
             Config {
                 data_dir: Some("/var/lib/deployment-engine/controller".into()),
+                api_tls: Some(true),
                 ..Config::default()
             }
         );
@@ -159,6 +165,15 @@ mod tests {
         assert_eq!(all.step_attempts, Some(3));
         assert_eq!(all.log_max_mb, Some(de_controller::DEFAULT_LOG_MAX_MB));
         assert_eq!(all.log_keep, Some(de_controller::DEFAULT_LOG_KEEP));
+        assert_eq!(
+            all.api_names,
+            Some(vec!["controller.example".into(), "192.0.2.1".into()])
+        );
+        assert!(all.api_cert.is_some() && all.api_key.is_some());
+        assert_eq!(
+            all.packages_dir.as_deref(),
+            Some(Path::new("/usr/share/deployment-engine/packages"))
+        );
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub struct Controller {
     /// The QUIC address agents are told to dial (in the install command shown with a code).
     /// `open` guesses `HOSTNAME:50001`; `main.rs` sets it from `--public-addr` or the bound address.
     pub agent_addr: String,
+    /// `/join.sh` and the packages nodes download: set by `main.rs` when the
+    /// API speaks HTTPS (the script is only served over a pinned connection).
+    pub join: Option<agents::join::Join>,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -110,6 +113,7 @@ impl Controller {
                 logs,
                 deployer: Deployer::default(),
                 agent_addr: format!("{}:{DEFAULT_QUIC_PORT}", hostname()),
+                join: None,
             },
             origin,
         ))

@@ -71,6 +71,33 @@ enum Command {
         /// How many rotated files to keep per log (NAME.1 ... NAME.N), 0-100 [default: 4].
         #[arg(long, env = "DE_LOG_KEEP", value_parser = |s: &str| config::flag(s, &LOG_KEEP))]
         log_keep: Option<u32>,
+        /// Serve the API and console over HTTPS (`--api-tls=false`: plain HTTP,
+        /// for legacy clients on a trusted network) [default: false; the
+        /// packaged config turns it on].
+        #[arg(long, env = "DE_API_TLS", num_args = 0..=1, default_missing_value = "true")]
+        api_tls: Option<bool>,
+        /// The API's certificate chain (PEM, leaf first) instead of one issued
+        /// from the controller's CA (DATA/ca.pem); needs --api-key, implies --api-tls.
+        #[arg(long, env = "DE_API_CERT", value_name = "FILE", requires = "api_key")]
+        api_cert: Option<PathBuf>,
+        /// The private key of --api-cert (PEM).
+        #[arg(long, env = "DE_API_KEY", value_name = "FILE", requires = "api_cert")]
+        api_key: Option<PathBuf>,
+        /// A host name or IP the API certificate issued from the CA holds
+        /// (repeat it) [default: the public address's host, this host's name,
+        /// localhost, 127.0.0.1, ::1 and the API's listen IP].
+        #[arg(
+            long = "api-name",
+            env = "DE_API_NAMES",
+            value_delimiter = ',',
+            value_name = "NAME"
+        )]
+        api_names: Vec<String>,
+        /// Directory of the packages nodes download through /join.sh (the
+        /// agent's .deb, and any other .deb offline nodes need, such as monit's)
+        /// [default: /usr/share/deployment-engine/packages, then DATA/packages].
+        #[arg(long, env = "DE_PACKAGES_DIR", value_name = "DIR")]
+        packages_dir: Option<PathBuf>,
     },
 }
 
@@ -84,10 +111,23 @@ struct Settings {
     step_attempts: u32,
     node_grace: Duration,
     log_limits: de_controller::LogLimits,
+    /// `None`: plain HTTP.
+    api_tls: Option<ApiTlsSetting>,
+    packages_dirs: Vec<PathBuf>,
 }
 
+/// Where the API's certificate comes from, before the data dir is open.
+#[derive(Debug, PartialEq, Eq)]
+enum ApiTlsSetting {
+    Own { names: Vec<String> },
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+/// Where the controller package puts the agent package it was built with.
+const PACKAGED_PACKAGES_DIR: &str = "/usr/share/deployment-engine/packages";
+
 impl Settings {
-    fn resolve(command: Command, file: Config) -> Settings {
+    fn resolve(command: Command, file: Config) -> Result<Settings, String> {
         let Command::Serve {
             data_dir,
             api_listen,
@@ -97,9 +137,37 @@ impl Settings {
             node_grace,
             log_max_mb,
             log_keep,
+            api_tls,
+            api_cert,
+            api_key,
+            api_names,
+            packages_dir,
         } = command;
-        Settings {
-            data_dir: (data_dir.or(file.data_dir)).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+        let data_dir: PathBuf =
+            (data_dir.or(file.data_dir)).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let cert_files = match (api_cert.or(file.api_cert), api_key.or(file.api_key)) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => return Err("api_cert is set without api_key: give both, or neither to use a certificate from the controller's CA".into()),
+            (None, Some(_)) => return Err("api_key is set without api_cert: give both, or neither to use a certificate from the controller's CA".into()),
+        };
+        let api_tls = match (api_tls.or(file.api_tls), cert_files) {
+            (Some(false), Some(_)) => return Err("api_tls is false but api_cert and api_key are set: turn api_tls on, or remove the certificate".into()),
+            (_, Some((cert, key))) => Some(ApiTlsSetting::Files { cert, key }),
+            (Some(true), None) => Some(ApiTlsSetting::Own {
+                names: if api_names.is_empty() { file.api_names.unwrap_or_default() } else { api_names },
+            }),
+            (_, None) => None,
+        };
+        let packages_dirs = match packages_dir.or(file.packages_dir) {
+            Some(d) => vec![d],
+            None => vec![
+                PathBuf::from(PACKAGED_PACKAGES_DIR),
+                data_dir.join("packages"),
+            ],
+        };
+        Ok(Settings {
+            data_dir,
             api_listen: (api_listen.or(file.api_listen)).unwrap_or(DEFAULT_API_LISTEN),
             quic_listen: (quic_listen.or(file.quic_listen)).unwrap_or(DEFAULT_QUIC_LISTEN),
             public_addr: public_addr.or(file.public_addr),
@@ -120,7 +188,9 @@ impl Settings {
                     .or(file.log_keep)
                     .unwrap_or(de_controller::DEFAULT_LOG_KEEP),
             },
-        }
+            api_tls,
+            packages_dirs,
+        })
     }
 }
 
@@ -145,7 +215,13 @@ fn main() -> std::process::ExitCode {
     if let Some(path) = from {
         tracing::debug!(config = %path.display(), "read the config file");
     }
-    let settings = Settings::resolve(cli.command, file);
+    let settings = match Settings::resolve(cli.command, file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("de-controller: {e}");
+            return std::process::ExitCode::from(EXIT_USAGE);
+        }
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -171,6 +247,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         step_attempts,
         node_grace,
         log_limits,
+        api_tls,
+        packages_dirs,
     } = settings;
     let (mut ctl, origin) = Controller::open(&data_dir)
         .with_context(|| format!("could not open the data dir {}", data_dir.display()))?;
@@ -201,14 +279,59 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     } else {
         info!(agent_addr = %ctl.agent_addr, "agents are told to dial");
     }
-    let ctl = Arc::new(ctl);
-    de_controller::Deployer::resume(&ctl).context("could not resume deployments")?;
     let listener = tokio::net::TcpListener::bind(api_listen)
         .await
         .with_context(|| {
             format!("could not listen for HTTP on {api_listen}: is the port in use?")
         })?;
     let api_addr = listener.local_addr()?;
+    let tls = match api_tls {
+        None => {
+            if !api_addr.ip().is_loopback() {
+                warn!(%api_addr, "the API is plain HTTP: tokens and install codes cross the network in clear; turn on api_tls");
+            }
+            None
+        }
+        Some(setting) => {
+            let source = match setting {
+                ApiTlsSetting::Files { cert, key } => http::tls::ApiCert::Files { cert, key },
+                ApiTlsSetting::Own { names } => http::tls::ApiCert::Own {
+                    data_dir: data_dir.clone(),
+                    names: api_cert_names(names, &ctl.agent_addr, api_addr),
+                },
+            };
+            let tls = http::tls::ApiTls::load(&ctl.pki, &source)
+                .map_err(|e| anyhow::anyhow!("{}", de_common::ErrorChain(&e)))
+                .context("could not set up HTTPS for the API")?;
+            let dirs: Vec<&Path> = packages_dirs.iter().map(PathBuf::as_path).collect();
+            let packages = de_controller::agents::join::Packages::scan(&dirs)
+                .map_err(|e| anyhow::anyhow!("{}", de_common::ErrorChain(&e)))?;
+            match packages.agent() {
+                Some(p) => info!(package = %p.name, sha256 = %p.sha256, "nodes join with /join.sh"),
+                None => {
+                    warn!(dirs = ?packages_dirs, "no deployment-engine-agent_*.deb to offer nodes: install codes show the install-agent.sh line instead of /join.sh")
+                }
+            }
+            ctl.join = Some(de_controller::agents::join::Join {
+                api: de_controller::agents::join::Join::api_addr(&ctl.agent_addr, api_addr.port()),
+                pin: tls.pin.clone(),
+                packages,
+            });
+            Some(tls)
+        }
+    };
+    let ctl = Arc::new(ctl);
+    de_controller::Deployer::resume(&ctl).context("could not resume deployments")?;
+    if let Some(tls) = &tls {
+        // For scripts and for others to pin: the API key's pin, the CA's
+        // fingerprint; before the listening lines, which scripts wait for.
+        println!("api https pin {}", tls.pin);
+        println!(
+            "api https ca {} sha256 {}",
+            data_dir.join("ca.pem").display(),
+            http::tls::fingerprint(ctl.pki.ca_der())
+        );
+    }
     println!("api listening on {api_addr}");
     println!("quic listening on {quic_addr}");
 
@@ -220,9 +343,20 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let http_shutdown = shutdown.clone();
-    let http = axum::serve(listener, http::app(ctl.clone()))
-        .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
-    let http_task = tokio::spawn(async move { http.await });
+    let app = http::app(ctl.clone());
+    let http_task = match &tls {
+        None => {
+            let http = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+            tokio::spawn(async move { http.await })
+        }
+        Some(tls) => {
+            let listener = http::tls::TlsListener::new(listener, tls)?;
+            let https = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+            tokio::spawn(async move { https.await })
+        }
+    };
 
     de_common::shutdown_signal().await;
     info!("shutting down");
@@ -233,6 +367,28 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(grace, watchdog).await;
     info!("stopped");
     Ok(())
+}
+
+/// The names an API certificate from the CA holds: the operator's, or the
+/// host nodes dial, this host's name, loopback, and the listen IP.
+fn api_cert_names(given: Vec<String>, agent_addr: &str, api: SocketAddr) -> Vec<String> {
+    if !given.is_empty() {
+        return given;
+    }
+    let dial = agent_addr
+        .rsplit_once(':')
+        .map_or(agent_addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let mut names = vec![dial, de_controller::hostname(), "localhost".into()];
+    if !api.ip().is_unspecified() {
+        names.push(api.ip().to_string());
+    }
+    names.extend(["127.0.0.1".into(), "::1".into()]);
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names
 }
 
 /// Whether stdout is connected to the systemd journal (`JOURNAL_STREAM` names its device and inode).
@@ -276,6 +432,73 @@ mod tests {
     }
 
     #[test]
+    fn https_comes_from_the_flag_or_the_file_and_a_half_given_certificate_is_refused() {
+        let file = |text: &str| -> Config {
+            de_common::parse_toml(Path::new("controller.toml"), text).expect("config")
+        };
+        let s = |args: &[&str], f: Config| Settings::resolve(serve(args).expect("args").command, f);
+        let own = |names: &[&str]| {
+            Some(ApiTlsSetting::Own {
+                names: names.iter().map(|n| n.to_string()).collect(),
+            })
+        };
+        assert_eq!(
+            s(&["--api-tls"], Config::default()).expect("on").api_tls,
+            own(&[])
+        );
+        assert_eq!(
+            s(&[], file("api_tls = true")).expect("file").api_tls,
+            own(&[])
+        );
+        assert_eq!(
+            s(&["--api-tls=false"], file("api_tls = true"))
+                .expect("flag wins")
+                .api_tls,
+            None
+        );
+        assert_eq!(
+            s(
+                &["--api-tls", "--api-name", "a.example,192.0.2.1"],
+                file("api_names = [\"x\"]")
+            )
+            .expect("names")
+            .api_tls,
+            own(&["a.example", "192.0.2.1"])
+        );
+        assert_eq!(
+            s(
+                &["--api-cert", "c.pem", "--api-key", "k.pem"],
+                Config::default()
+            )
+            .expect("files")
+            .api_tls,
+            Some(ApiTlsSetting::Files {
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            })
+        );
+        let e = s(&[], file("api_cert = \"c.pem\"")).expect_err("no key");
+        assert!(e.contains("api_cert is set without api_key"), "{e}");
+        let e = s(
+            &["--api-tls=false"],
+            file("api_cert = \"c.pem\"\napi_key = \"k.pem\""),
+        )
+        .expect_err("off with a cert");
+        assert!(e.contains("api_tls is false"), "{e}");
+        assert!(serve(&["--api-cert", "c.pem"]).is_err(), "clap wants both");
+        let dirs = s(&["--data-dir", "d"], Config::default())
+            .expect("dirs")
+            .packages_dirs;
+        assert_eq!(
+            dirs,
+            [
+                PathBuf::from(PACKAGED_PACKAGES_DIR),
+                PathBuf::from("d/packages")
+            ]
+        );
+    }
+
+    #[test]
     fn flags_at_the_ends_of_their_ranges_are_used_as_given() {
         let cli = serve(&[
             "--step-attempts",
@@ -286,7 +509,8 @@ mod tests {
             "100",
         ])
         .expect("in range");
-        let s = Settings::resolve(cli.command, Config::default());
+        let s = Settings::resolve(cli.command, Config::default()).expect("settings");
+        assert_eq!(s.api_tls, None);
         assert_eq!(
             (s.step_attempts, s.log_limits.max_bytes, s.log_limits.keep),
             (20, 0, 100)

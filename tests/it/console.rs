@@ -108,8 +108,10 @@ fn the_console_enrols_plans_deploys_and_restarts_in_a_real_browser() -> Result<(
     let scratch = dir.path().join("screens");
     let data = dir.path().join("data");
     write_sleepers(&data)?;
-    let ctl = TestController::start(&data)?;
-    let b = Browser::start()?;
+    // Over HTTPS, as the packaged controller serves it, with its CA trusted
+    // in the browser the way an operator would add it.
+    let ctl = TestController::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &["--api-tls"])?;
+    let b = Browser::start_trusting(Some(&data.join("ca.pem")))?;
     b.set_window_size(1360, 1000)?;
     let result = walk_through(&b, &ctl, dir.path(), &scratch);
     if result.is_err() {
@@ -126,7 +128,8 @@ fn the_console_enrols_plans_deploys_and_restarts_in_a_real_browser() -> Result<(
 }
 
 fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -> Result<()> {
-    let base = format!("http://{}", ctl.api);
+    let base = ctl.base_url();
+    assert!(base.starts_with("https://"), "{base}");
 
     // Sign in: a wrong token is refused with a hint, the right one opens the console.
     b.goto(&format!("{base}/"))?;

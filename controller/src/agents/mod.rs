@@ -3,10 +3,12 @@
 //! live links (`nodes`), their clocks' skew (`clock`), the per-node step
 //! queues (`steps`), the QUIC
 //! endpoint that enrols agents and serves their links (`quic`), and the
-//! address agents are told to dial (`public_addr`).
+//! address agents are told to dial (`public_addr`), and what a node joins
+//! with in one line (`join`: `/join.sh`, the packages it downloads).
 
 pub(crate) mod clock;
 pub(crate) mod codes;
+pub mod join;
 pub(crate) mod nodes;
 pub(crate) mod pki;
 pub(crate) mod public_addr;

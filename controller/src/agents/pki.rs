@@ -310,6 +310,31 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// Issues a TLS server certificate from the CA for the HTTPS API, to
+    /// `key`, naming `sans` (host names and IP addresses), valid `days`.
+    pub fn issue_server_cert(
+        &self,
+        key: &KeyPair,
+        sans: &[String],
+        days: i64,
+    ) -> Result<String, PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut p = CertificateParams::new(sans.to_vec()).map_err(PkiError::Generate)?;
+        let cn = sans.first().map_or("de-controller-api", String::as_str);
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.not_before = now - time::Duration::hours(1);
+        p.not_after = now + time::Duration::days(days);
+        p.serial_number = Some(random_serial()?);
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(key, &self.issuer).map_err(PkiError::Generate)?;
+        Ok(cert.pem())
+    }
+}
+
 /// The node id a client certificate names (its subject CN), if any.
 pub(crate) fn node_id_of(cert: &CertificateDer<'_>) -> Option<NodeId> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

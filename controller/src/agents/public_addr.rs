@@ -123,9 +123,19 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// The one line that joins a node, as the console shows it next to the code.
-pub(crate) fn agent_command(agent_addr: &str, code: &str) -> String {
-    format!("packaging/install-agent.sh --controller {agent_addr} --code {code}")
+/// The one line that joins a node, as the console shows it next to the code:
+/// the verified `/join.sh` line when the API speaks HTTPS and has an agent
+/// package to offer, else the packaged `install-agent.sh`, run where the
+/// package and script were copied by hand.
+pub(crate) fn agent_command(
+    agent_addr: &str,
+    join: Option<&super::join::Join>,
+    code: &str,
+) -> String {
+    match join {
+        Some(j) if j.packages.agent().is_some() => j.command(code),
+        _ => format!("packaging/install-agent.sh --controller {agent_addr} --code {code}"),
+    }
 }
 
 #[cfg(test)]
@@ -183,7 +193,7 @@ mod tests {
         let v6: SocketAddr = "[::]:50001".parse().expect("addr");
         assert_eq!(agent_address(None, v6, "ctl01"), "ctl01:50001");
         assert_eq!(
-            agent_command("ctl01:50001", "0427"),
+            agent_command("ctl01:50001", None, "0427"),
             "packaging/install-agent.sh --controller ctl01:50001 --code 0427"
         );
     }

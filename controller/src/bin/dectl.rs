@@ -46,6 +46,11 @@ struct Cli {
         global = true
     )]
     token_file: PathBuf,
+    /// The CA that vouches for an https:// controller (PEM) [default: ca.pem
+    /// beside the token file when it is there (the controller's DATA/ca.pem),
+    /// else the public web PKI's roots].
+    #[arg(long, env = "DECTL_CA_CERT", global = true, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -117,6 +122,10 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// The CA dectl trusts for an https:// controller and the key the
+    /// controller's API presents: fingerprints for others to check and pin
+    /// (`curl --pinnedpubkey`, a browser's certificate viewer).
+    Ca,
     /// API tokens: `create NAME --role ROLE`, `list`, `revoke NAME` (admin only).
     Tokens {
         #[command(subcommand)]
@@ -214,6 +223,84 @@ struct Api {
     base: String,
     token: String,
     agent: ureq::Agent,
+    /// The roots an https:// controller is checked against (`None`: web PKI).
+    ca: Option<Ca>,
+}
+
+/// The CA file dectl trusts, read.
+struct Ca {
+    path: PathBuf,
+    certs: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+impl Ca {
+    fn read(path: PathBuf) -> Result<Ca, Failure> {
+        use rustls_pki_types::pem::PemObject;
+        let bytes = std::fs::read(&path).map_err(|e| {
+            Failure(
+                format!(
+                    "cannot read the CA certificate {}: {e}; pass --ca-cert (the controller's DATA/ca.pem) or set DECTL_CA_CERT",
+                    path.display()
+                ),
+                2,
+            )
+        })?;
+        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes)
+            .filter_map(Result::ok)
+            .collect();
+        if certs.is_empty() {
+            return Err(Failure(
+                format!("{} holds no PEM certificate", path.display()),
+                2,
+            ));
+        }
+        Ok(Ca { path, certs })
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &self.certs {
+            let _ = roots.add(c.clone());
+        }
+        roots
+    }
+}
+
+/// A TLS connection to `host:port` checked against `ca` (or the web PKI),
+/// for the WebSocket and `dectl ca`, which ureq does not serve.
+fn tls_connect(
+    ca: Option<&Ca>,
+    host_port: &str,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>, String> {
+    let host = match host_port.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => host_port,
+    };
+    let roots = match ca {
+        Some(ca) => ca.roots(),
+        None => rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    };
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("{host}: {e}"))?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(|e| e.to_string())?;
+    let sock = std::net::TcpStream::connect(host_port).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| e.to_string())?;
+    }
+    tls.sock.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok(tls)
 }
 
 /// One answer of the API, and the request it answers (for messages).
@@ -277,8 +364,18 @@ impl Api {
         }
         .map_err(|e| Failure(format!("bad request to {url}: {e}"), 2))?;
         let mut resp = self.agent.run(req).map_err(|e| {
+            let hint = match (&e, &self.ca) {
+                (ureq::Error::Tls(_) | ureq::Error::Rustls(_), Some(ca)) => format!(
+                    "; its certificate is not from the CA in {} (pass the controller's DATA/ca.pem with --ca-cert)",
+                    ca.path.display()
+                ),
+                (ureq::Error::Tls(_) | ureq::Error::Rustls(_), None) => {
+                    "; pass the controller's DATA/ca.pem with --ca-cert (or set DECTL_CA_CERT)".to_owned()
+                }
+                _ => String::new(),
+            };
             Failure(
-                format!("cannot reach the controller at {}: {e}", self.base),
+                format!("cannot reach the controller at {}: {e}{hint}", self.base),
                 2,
             )
         })?;
@@ -397,7 +494,52 @@ fn run(cli: Cli, api: &Api) -> Outcome {
             timeout,
         } => exec(api, command, targets, timeout, json),
         Command::Tokens { what } => tokens(api, what, json),
+        Command::Ca => ca(api, json),
     }
+}
+
+/// `dectl ca`: the CA dectl trusts and the key the controller presents.
+fn ca(api: &Api, json: bool) -> Outcome {
+    use de_controller::http::tls::{fingerprint, pin_of};
+    let Some(rest) = api.base.strip_prefix("https://") else {
+        return Err(Failure(
+            format!(
+                "{} is plain HTTP: there is no certificate to show (turn on api_tls on the controller and use https://)",
+                api.base
+            ),
+            1,
+        ));
+    };
+    let host_port = rest.split('/').next().unwrap_or(rest);
+    let tls = tls_connect(api.ca.as_ref(), host_port).map_err(|e| {
+        Failure(
+            format!("cannot make a verified TLS connection to {host_port}: {e}"),
+            2,
+        )
+    })?;
+    let leaf = tls
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or_else(|| Failure("the controller sent no certificate".into(), 2))?;
+    let pin = pin_of(leaf).map_err(|e| Failure(e.to_string(), 2))?;
+    let ca_file = api.ca.as_ref().map(|c| c.path.display().to_string());
+    let ca_sha = api
+        .ca
+        .as_ref()
+        .and_then(|c| c.certs.first())
+        .map(fingerprint);
+    if json {
+        let v = serde_json::json!({"ca_file": ca_file, "ca_sha256": ca_sha, "api_pin": pin});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        match (ca_file, ca_sha) {
+            (Some(f), Some(s)) => println!("CA file:        {f}\nCA SHA-256:     {s}"),
+            _ => println!("CA:             the public web PKI's roots"),
+        }
+        println!("API key pin:    {pin}");
+    }
+    Ok(())
 }
 
 fn tokens(api: &Api, what: TokenCmd, json: bool) -> Outcome {
@@ -1098,12 +1240,6 @@ fn follow_log(api: &Api, tail: u32) -> Outcome {
         Some((_, rest)) => format!("ws://{rest}/deployment-engine/log"),
         None => format!("ws://{}/deployment-engine/log", api.base),
     };
-    if ws_url.starts_with("wss://") {
-        return Err(Failure(
-            "dectl logs follow speaks plain ws:// only; reach the controller's port directly (or use logs get --tail)".into(),
-            2,
-        ));
-    }
     let unreachable =
         |e: &dyn std::fmt::Display| Failure(format!("cannot follow the log at {ws_url}: {e}"), 2);
     let mut req = ws_url
@@ -1117,13 +1253,18 @@ fn follow_log(api: &Api, tail: u32) -> Outcome {
             .parse()
             .map_err(|_| Failure("the token holds characters a header cannot carry".into(), 2))?,
     );
-    let host = ws_url
-        .trim_start_matches("ws://")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let stream = std::net::TcpStream::connect(&host).map_err(|e| unreachable(&e))?;
+    let (secure, rest) = match ws_url.strip_prefix("wss://") {
+        Some(rest) => (true, rest),
+        None => (false, ws_url.trim_start_matches("ws://")),
+    };
+    let host = rest.split('/').next().unwrap_or_default().to_owned();
+    let stream = if secure {
+        LogStream::Tls(Box::new(
+            tls_connect(api.ca.as_ref(), &host).map_err(|e| unreachable(&e))?,
+        ))
+    } else {
+        LogStream::Plain(std::net::TcpStream::connect(&host).map_err(|e| unreachable(&e))?)
+    };
     let (mut ws, _) = tungstenite::client(req, stream).map_err(|e| match e {
         tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))
             if resp.status() == 401 =>
@@ -1172,6 +1313,50 @@ fn follow_log(api: &Api, tail: u32) -> Outcome {
     }
 }
 
+/// The log WebSocket's transport: plain TCP, or TLS for an https:// controller.
+enum LogStream {
+    Plain(std::net::TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>),
+}
+
+impl std::io::Read for LogStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            LogStream::Plain(s) => s.read(buf),
+            LogStream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl std::io::Write for LogStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            LogStream::Plain(s) => s.write(buf),
+            LogStream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            LogStream::Plain(s) => s.flush(),
+            LogStream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// The CA to check an https:// controller by: `--ca-cert`, else `ca.pem`
+/// beside the token file, else none (the web PKI).
+fn ca_of(cli: &Cli) -> Result<Option<Ca>, Failure> {
+    if let Some(path) = &cli.ca_cert {
+        return Ca::read(path.clone()).map(Some);
+    }
+    let beside = cli
+        .token_file
+        .parent()
+        .map(|d| d.join("ca.pem"))
+        .filter(|p| p.is_file());
+    beside.map(Ca::read).transpose()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let token = match std::fs::read_to_string(&cli.token_file) {
@@ -1184,15 +1369,33 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let ca = match ca_of(&cli) {
+        Ok(ca) => ca,
+        Err(Failure(msg, code)) => {
+            eprintln!("dectl: {msg}");
+            return ExitCode::from(code);
+        }
+    };
+    let roots = match &ca {
+        Some(ca) => ureq::tls::RootCerts::Specific(std::sync::Arc::new(
+            ca.certs
+                .iter()
+                .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+                .collect(),
+        )),
+        None => ureq::tls::RootCerts::WebPki,
+    };
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(3700)))
+        .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
         .build()
         .into();
     let api = Api {
         base: cli.controller.trim_end_matches('/').to_owned(),
         token,
         agent,
+        ca,
     };
     match run(cli, &api) {
         Ok(()) => ExitCode::SUCCESS,

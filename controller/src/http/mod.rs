@@ -5,7 +5,8 @@
 //! `native` (`/api/v1` codes, nodes, exec, steps, deployments), `plan`
 //! (`/api/v1/catalogs`, `/api/v1/plan*`), `logs` (live log, downloads,
 //! tails), `compat` and `operate` (the original `/deployment-engine`
-//! routes), `console` (the web console at `/`). `error` is the one error
+//! routes), `console` (the web console at `/`), `join` (`/join.sh` and
+//! `/packages/`, what a fresh node fetches), `tls` (HTTPS). `error` is the one error
 //! layer every route answers through.
 //!
 //! Invariants: the HTTP layer uses the domain, never the reverse; every
@@ -18,10 +19,12 @@ mod auth;
 mod compat;
 mod console;
 mod error;
+mod join;
 mod logs;
 mod native;
 mod operate;
 mod plan;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -55,6 +58,7 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         .nest("/api/v1", v1)
         .nest("/deployment-engine", original)
         .merge(console::routes())
+        .merge(join::routes())
         .fallback(not_found)
         .with_state(ctl)
 }

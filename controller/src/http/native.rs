@@ -64,7 +64,11 @@ fn code_view(ctl: &Controller, status: &de_install_codes::CodeStatus) -> CodeVie
     CodeView {
         code: status.code.as_str().to_owned(),
         expires_at: rfc3339(status.expires_at),
-        agent_command: crate::agents::agent_command(&ctl.agent_addr, status.code.as_str()),
+        agent_command: crate::agents::agent_command(
+            &ctl.agent_addr,
+            ctl.join.as_ref(),
+            status.code.as_str(),
+        ),
         expires_in_secs: status
             .expires_at
             .duration_since(std::time::SystemTime::now())
