@@ -10,6 +10,7 @@ mod demo;
 mod deploy;
 mod enrolment;
 mod faults;
+mod https;
 mod link_security;
 mod monit;
 mod node_identity;

@@ -364,15 +364,18 @@ impl Api {
         }
         .map_err(|e| Failure(format!("bad request to {url}: {e}"), 2))?;
         let mut resp = self.agent.run(req).map_err(|e| {
-            let hint = match (&e, &self.ca) {
-                (ureq::Error::Tls(_) | ureq::Error::Rustls(_), Some(ca)) => format!(
+            // ureq reports a refused certificate as TLS or as I/O wrapping rustls' error.
+            let tls = matches!(e, ureq::Error::Tls(_) | ureq::Error::Rustls(_))
+                || e.to_string().contains("peer certificate");
+            let hint = match (tls, &self.ca) {
+                (true, Some(ca)) => format!(
                     "; its certificate is not from the CA in {} (pass the controller's DATA/ca.pem with --ca-cert)",
                     ca.path.display()
                 ),
-                (ureq::Error::Tls(_) | ureq::Error::Rustls(_), None) => {
+                (true, None) => {
                     "; pass the controller's DATA/ca.pem with --ca-cert (or set DECTL_CA_CERT)".to_owned()
                 }
-                _ => String::new(),
+                (false, _) => String::new(),
             };
             Failure(
                 format!("cannot reach the controller at {}: {e}{hint}", self.base),
