@@ -2,7 +2,11 @@
 //! `--monit-control FILE` (created with its own socket, pid, state and id
 //! files next to it when missing). Checks live one file per component in the
 //! control file's include directory; status comes from monit's XML status
-//! over its unix socket.
+//! over its HTTP interface: the unix socket, or the TCP port (with the first
+//! `allow user:password`) when the control file or a file it includes sets
+//! one. Debian's stock monitrc sets none: the agent then adds the drop-in
+//! [`SYSTEM_DROP_IN`], which opens a unix socket, and reloads monit (the
+//! agent package's purge removes it).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +19,12 @@ use de_common::{ComponentStatus, MonitOp, write_private};
 /// The system monit's control file on Debian.
 pub(crate) const SYSTEM_CONTROL: &str = "/etc/monit/monitrc";
 const SYSTEM_INCLUDE: &str = "/etc/monit/conf.d";
+/// The agent's drop-in for a system monit whose HTTP interface is off. Its
+/// name has no `.monitrc` (no component check can be called that), and
+/// Debian's monitrc includes every file of conf.d.
+pub(crate) const SYSTEM_DROP_IN: &str = "/etc/monit/conf.d/deployment-engine-httpd";
+/// The socket the drop-in opens.
+const SYSTEM_DROP_IN_SOCKET: &str = "/run/monit-deployment-engine.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitError {
@@ -34,12 +44,32 @@ pub enum MonitError {
     Status { socket: PathBuf, why: String },
 }
 
+/// Where monit's HTTP interface listens, as its control file says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Httpd {
+    Socket(PathBuf),
+    /// `host:port`, and the `user:password` of the first `allow` that has one.
+    Tcp {
+        addr: String,
+        auth: Option<String>,
+    },
+}
+
+impl std::fmt::Display for Httpd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Httpd::Socket(p) => write!(f, "{}", p.display()),
+            Httpd::Tcp { addr, .. } => write!(f, "{addr}"),
+        }
+    }
+}
+
 /// How to reach one monit instance.
 #[derive(Debug, Clone)]
 pub struct Monit {
     control: PathBuf,
     include_dir: PathBuf,
-    socket: Option<PathBuf>,
+    httpd: Option<Httpd>,
     /// A private instance is the agent's to start; the system one is systemd's.
     private: bool,
 }
@@ -69,34 +99,207 @@ fn private_control(dir: &Path) -> String {
 }
 
 /// The `unixsocket` path a control file names, if any.
+#[cfg(test)]
 fn socket_of(control_text: &str) -> Option<PathBuf> {
-    control_text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let mut w = l.split_whitespace();
-            while let Some(tok) = w.next() {
-                if tok == "unixsocket" {
-                    return w.next().map(PathBuf::from);
+    match httpd_of(control_text) {
+        Some(Httpd::Socket(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// The words of a control file, comments dropped, each with whether it
+/// starts its line.
+fn words(text: &str) -> impl Iterator<Item = (bool, &str)> {
+    text.lines().flat_map(|l| {
+        let l = l.split_once('#').map_or(l, |(code, _)| code);
+        l.split_whitespace().enumerate().map(|(i, w)| (i == 0, w))
+    })
+}
+
+/// The HTTP interface a control file's `set httpd` statement opens, if any:
+/// its `unixsocket`, else its `port` (on its `address`, default localhost)
+/// with the first `allow user:password`.
+fn httpd_of(text: &str) -> Option<Httpd> {
+    let mut ws = words(text).peekable();
+    // Find `set httpd`.
+    loop {
+        let (_, w) = ws.next()?;
+        if w == "set" && ws.peek().is_some_and(|(_, n)| *n == "httpd") {
+            ws.next();
+            break;
+        }
+    }
+    let (mut socket, mut port, mut address, mut auth) = (None, None, None, None);
+    while let Some((first, w)) = ws.next() {
+        // The statement ends where the next one begins.
+        if first && matches!(w, "set" | "check" | "include") {
+            break;
+        }
+        match w {
+            "unixsocket" => socket = ws.next().map(|(_, p)| PathBuf::from(p)),
+            "port" => port = ws.next().and_then(|(_, p)| p.parse::<u16>().ok()),
+            "address" => address = ws.next().map(|(_, a)| a.to_owned()),
+            "allow" => {
+                if let Some((_, a)) = ws.next() {
+                    let a = a.trim_matches('"');
+                    if auth.is_none()
+                        && a.contains(':')
+                        && !a.starts_with('@')
+                        && a.parse::<std::net::IpAddr>().is_err()
+                    {
+                        auth = Some(a.to_owned());
+                    }
                 }
             }
-            None
-        })
+            _ => {}
+        }
+    }
+    if let Some(s) = socket {
+        return Some(Httpd::Socket(s));
+    }
+    let port = port?;
+    let host = address.unwrap_or_else(|| "localhost".into());
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    Some(Httpd::Tcp {
+        addr: format!("{host}:{port}"),
+        auth,
+    })
+}
+
+/// The files a control file's `include GLOB` lines name, in order (globs of
+/// the form `DIR/*` or `DIR/PREFIX*SUFFIX` only, as Debian's and ours are).
+fn included(text: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut ws = words(text);
+    while let Some((first, w)) = ws.next() {
+        if !(first && w == "include") {
+            continue;
+        }
+        let Some((_, glob)) = ws.next() else { break };
+        let glob = Path::new(glob.trim_matches('"'));
+        let (Some(dir), Some(pat)) = (glob.parent(), glob.file_name().and_then(|p| p.to_str()))
+        else {
+            continue;
+        };
+        let (pre, suf) = pat.split_once('*').unwrap_or((pat, ""));
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name().to_str().is_some_and(|n| {
+                    n.starts_with(pre) && n.ends_with(suf) && (pat.contains('*') || n == pat)
+                })
+            })
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        out.extend(files);
+    }
+    out
+}
+
+/// The HTTP interface `control` or a file it includes opens.
+fn find_httpd(control: &Path) -> Option<Httpd> {
+    let text = std::fs::read_to_string(control).ok()?;
+    httpd_of(&text).or_else(|| {
+        included(&text)
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .find_map(|t| httpd_of(&t))
+    })
+}
+
+/// The drop-in that opens a unix socket for the agent.
+fn drop_in_text(socket: &Path) -> String {
+    format!(
+        "# Written by de-agent (package deployment-engine-agent): opens monit's\n\
+         # HTTP interface on a unix socket, which the agent reads status from and\n\
+         # monit's own command line uses. Purging the package removes it.\n\
+         set httpd unixsocket {}\n    allow localhost\n",
+        socket.display()
+    )
 }
 
 impl Monit {
-    /// The system monit (checks in /etc/monit/conf.d).
+    /// The system monit (checks in /etc/monit/conf.d), as its files are now.
     pub fn system() -> Monit {
-        let socket = std::fs::read_to_string(SYSTEM_CONTROL)
-            .ok()
-            .and_then(|t| socket_of(&t));
         Monit {
             control: PathBuf::from(SYSTEM_CONTROL),
             include_dir: PathBuf::from(SYSTEM_INCLUDE),
-            socket,
+            httpd: find_httpd(Path::new(SYSTEM_CONTROL)),
             private: false,
         }
+    }
+
+    /// The system monit, its HTTP interface opened when no file sets one:
+    /// see [`Monit::open_httpd`].
+    pub async fn system_with_httpd() -> Result<Monit, MonitError> {
+        Self::open_httpd(
+            Path::new(SYSTEM_CONTROL),
+            Path::new(SYSTEM_INCLUDE),
+            Path::new(SYSTEM_DROP_IN),
+            Path::new(SYSTEM_DROP_IN_SOCKET),
+        )
+        .await
+    }
+
+    /// A monit run by others (systemd) whose control file is `control`: a
+    /// `set httpd` in it or a file it includes is used as it is; with none,
+    /// `drop_in` (in an included directory) is written to open `socket`,
+    /// checked with `monit -t` (removed again if monit refuses it) and monit
+    /// is reloaded, if it runs (else it reads the drop-in when it starts).
+    pub async fn open_httpd(
+        control: &Path,
+        include_dir: &Path,
+        drop_in: &Path,
+        socket: &Path,
+    ) -> Result<Monit, MonitError> {
+        let mut monit = Monit {
+            control: control.to_owned(),
+            include_dir: include_dir.to_owned(),
+            httpd: find_httpd(control),
+            private: false,
+        };
+        if monit.httpd.is_some() || !control.exists() {
+            return Ok(monit);
+        }
+        write_private(drop_in, drop_in_text(socket).as_bytes()).map_err(|source| {
+            MonitError::Write {
+                path: drop_in.to_owned(),
+                source,
+            }
+        })?;
+        // Read back through the includes: the drop-in must be one of them.
+        monit.httpd = find_httpd(control);
+        if monit.httpd.is_none() {
+            let _ = std::fs::remove_file(drop_in);
+            return Err(MonitError::Failed {
+                args: format!("-c {}", control.display()),
+                output: format!(
+                    "{} does not include {}: add `set httpd unixsocket {}` to it",
+                    control.display(),
+                    drop_in.display(),
+                    socket.display()
+                ),
+            });
+        }
+        if let Err(e) = monit.cli(&["-t"]).await {
+            let _ = std::fs::remove_file(drop_in);
+            return Err(e);
+        }
+        tracing::info!(drop_in = %drop_in.display(), "monit's HTTP interface was off: opened it on a unix socket");
+        // Not running yet (boot order): it reads the drop-in when it starts.
+        if let Err(e) = monit.cli(&["reload"]).await {
+            tracing::debug!("monit reload: {}", de_common::ErrorChain(&e));
+        }
+        Ok(monit)
     }
 
     /// A private instance controlled by `control`; the file (and its
@@ -125,7 +328,7 @@ impl Monit {
         Ok(Monit {
             control: control.to_owned(),
             include_dir,
-            socket: socket_of(&text),
+            httpd: httpd_of(&text).or_else(|| find_httpd(control)),
             private: true,
         })
     }
@@ -193,7 +396,7 @@ impl Monit {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(MonitError::Status {
-            socket: self.socket.clone().unwrap_or_default(),
+            socket: self.httpd_name(),
             why: "monit started but its socket does not answer".into(),
         })
     }
@@ -268,31 +471,65 @@ impl Monit {
         self.cli(&[verb, name]).await
     }
 
+    fn httpd_name(&self) -> PathBuf {
+        self.httpd
+            .as_ref()
+            .map(|h| PathBuf::from(h.to_string()))
+            .unwrap_or_default()
+    }
+
     async fn status_xml(&self) -> Result<String, MonitError> {
-        let socket = self.socket.clone().ok_or_else(|| MonitError::Status {
+        let httpd = self.httpd.clone().ok_or_else(|| MonitError::Status {
             socket: PathBuf::new(),
             why: format!(
-                "{} has no 'set httpd unixsocket PATH' line",
+                "{} (and the files it includes) has no 'set httpd' statement: add 'set httpd unixsocket /run/monit.sock' and reload monit",
                 self.control.display()
             ),
         })?;
+        let name = self.httpd_name();
         let err = |why: String| MonitError::Status {
-            socket: socket.clone(),
+            socket: name.clone(),
             why,
         };
-        let fetch = async {
-            let mut s = tokio::net::UnixStream::connect(&socket)
-                .await
-                .map_err(|e| err(e.to_string()))?;
-            s.write_all(b"GET /_status?format=xml&level=full HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .await
-                .map_err(|e| err(e.to_string()))?;
+        async fn get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+            mut s: S,
+            auth: Option<&str>,
+        ) -> std::io::Result<Vec<u8>> {
+            use base64::Engine as _;
+            let auth = auth.map_or(String::new(), |a| {
+                format!(
+                    "Authorization: Basic {}\r\n",
+                    base64::engine::general_purpose::STANDARD.encode(a)
+                )
+            });
+            s.write_all(
+                format!(
+                    "GET /_status?format=xml&level=full HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n"
+                )
+                .as_bytes(),
+            )
+            .await?;
             let mut buf = Vec::new();
-            s.take(4 << 20)
-                .read_to_end(&mut buf)
-                .await
-                .map_err(|e| err(e.to_string()))?;
-            Ok::<_, MonitError>(buf)
+            s.take(4 << 20).read_to_end(&mut buf).await?;
+            Ok(buf)
+        }
+        let fetch = async {
+            match &httpd {
+                Httpd::Socket(path) => {
+                    let s = tokio::net::UnixStream::connect(path)
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                    get(s, None).await.map_err(|e| err(e.to_string()))
+                }
+                Httpd::Tcp { addr, auth } => {
+                    let s = tokio::net::TcpStream::connect(addr.as_str())
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                    get(s, auth.as_deref())
+                        .await
+                        .map_err(|e| err(e.to_string()))
+                }
+            }
         };
         let buf = tokio::time::timeout(Duration::from_secs(5), fetch)
             .await
@@ -313,7 +550,7 @@ impl Monit {
     pub async fn status(&self) -> Result<Vec<ComponentStatus>, MonitError> {
         let xml = self.status_xml().await?;
         parse_status(&xml).map_err(|why| MonitError::Status {
-            socket: self.socket.clone().unwrap_or_default(),
+            socket: self.httpd_name(),
             why,
         })
     }
@@ -422,6 +659,111 @@ mod tests {
         let t = private_control(Path::new("/x/y"));
         assert_eq!(socket_of(&t), Some(PathBuf::from("/x/y/monit.sock")));
         assert_eq!(socket_of("# set httpd unixsocket /no\nset daemon 5"), None);
+    }
+
+    #[test]
+    fn the_http_interface_is_found_in_debians_forms_and_comments_are_ignored() {
+        let debian = "set daemon 120\n# set httpd port 2812 and\n#    use address localhost\n#    allow admin:monit\ninclude /etc/monit/conf.d/*\n";
+        assert_eq!(httpd_of(debian), None);
+        let tcp = "set daemon 120\nset httpd port 2812 and\n    use address localhost  # only localhost\n    allow localhost\n    allow admin:monit      # user and password\n    allow @monit\nset logfile syslog\nset httpd port 9 allow other:pw\n";
+        assert_eq!(
+            httpd_of(tcp),
+            Some(Httpd::Tcp {
+                addr: "localhost:2812".into(),
+                auth: Some("admin:monit".into())
+            })
+        );
+        assert_eq!(
+            httpd_of("set httpd port 2812 use address ::1 allow \"a:b\""),
+            Some(Httpd::Tcp {
+                addr: "[::1]:2812".into(),
+                auth: Some("a:b".into())
+            })
+        );
+        assert_eq!(
+            httpd_of(
+                "set httpd port 2812 allow 127.0.0.1\ncheck process x with pidfile /p\n  allow u:p"
+            ),
+            Some(Httpd::Tcp {
+                addr: "localhost:2812".into(),
+                auth: None
+            })
+        );
+        assert_eq!(
+            httpd_of(&drop_in_text(Path::new("/run/m.sock"))),
+            Some(Httpd::Socket("/run/m.sock".into()))
+        );
+    }
+
+    #[test]
+    fn the_http_interface_is_looked_for_in_included_files_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("conf.d");
+        std::fs::create_dir(&conf).expect("mkdir");
+        let control = dir.path().join("monitrc");
+        std::fs::write(
+            &control,
+            format!("set daemon 60\ninclude {}/*\n", conf.display()),
+        )
+        .expect("write");
+        std::fs::write(
+            conf.join("nats.monitrc"),
+            "check process nats with pidfile /p\n",
+        )
+        .expect("write");
+        assert_eq!(find_httpd(&control), None);
+        std::fs::write(conf.join("zz-httpd"), "set httpd unixsocket /run/x.sock\n").expect("w");
+        assert_eq!(
+            find_httpd(&control),
+            Some(Httpd::Socket("/run/x.sock".into()))
+        );
+        // Only files the glob names.
+        std::fs::write(&control, format!("include {}/*.conf\n", conf.display())).expect("w");
+        assert_eq!(find_httpd(&control), None);
+    }
+
+    #[tokio::test]
+    async fn a_monit_with_its_http_interface_off_gets_the_drop_in_and_one_already_on_is_left_alone()
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("conf.d");
+        std::fs::create_dir(&conf).expect("mkdir");
+        let control = dir.path().join("monitrc");
+        let debian = format!(
+            "set daemon 120\nset pidfile {d}/monit.pid\nset idfile {d}/monit.id\nset statefile {d}/monit.state\n\
+             # set httpd port 2812 and\n#     allow admin:monit\ninclude {d}/conf.d/*\n",
+            d = dir.path().display()
+        );
+        write_private(&control, debian.as_bytes()).expect("write");
+        let drop_in = conf.join("deployment-engine-httpd");
+        let socket = dir.path().join("m.sock");
+        // monit -t checks the drop-in for real; monit is not running, so the
+        // reload fails quietly (it reads the drop-in when it starts).
+        let m = Monit::open_httpd(&control, &conf, &drop_in, &socket)
+            .await
+            .expect("opened");
+        assert_eq!(m.httpd, Some(Httpd::Socket(socket.clone())));
+        assert_eq!(
+            std::fs::read_to_string(&drop_in).expect("drop-in"),
+            drop_in_text(&socket)
+        );
+        assert_eq!(
+            std::fs::read_to_string(&control).expect("control"),
+            debian,
+            "monitrc untouched"
+        );
+        // Already on (the drop-in, or the operator's own): nothing is written.
+        std::fs::remove_file(&drop_in).expect("rm");
+        std::fs::write(
+            conf.join("operator"),
+            "set httpd port 2812 allow admin:pw\n",
+        )
+        .expect("w");
+        let m = Monit::open_httpd(&control, &conf, &drop_in, &socket)
+            .await
+            .expect("as is");
+        assert!(matches!(m.httpd, Some(Httpd::Tcp { .. })));
+        assert!(!drop_in.exists());
     }
 
     #[test]

@@ -119,3 +119,69 @@ fn components_run_under_monit_and_obey_start_stop_restart() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// An operator's monit whose HTTP interface is a TCP port with a password
+/// (as Debian's commented example has it), given to the agent as is: the
+/// agent reads status and drives it through that port and password.
+#[test]
+fn a_monit_on_a_tcp_port_with_a_password_is_used_as_it_is() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ip = "127.0.21.1";
+    let mdir = dir.path().join(format!("agent-{ip}/monit"));
+    std::fs::create_dir_all(mdir.join("conf.d"))?;
+    let port = std::net::TcpListener::bind(format!("{ip}:0"))?
+        .local_addr()?
+        .port();
+    let control = mdir.join("monitrc");
+    std::fs::write(
+        &control,
+        format!(
+            "set daemon 2\nset pidfile {d}/monit.pid\nset statefile {d}/monit.state\n\
+             set idfile {d}/monit.id\nset logfile {d}/monit.log\n\
+             set httpd port {port} and\n    use address {ip}\n    allow admin:s3cret\n\
+             include {d}/conf.d/*.monitrc\n",
+            d = mdir.display()
+        ),
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o600))?;
+    let (ctl, agents) = cluster(dir.path(), &[ip], true)?;
+    let agent = &agents[0];
+    assert_eq!(agent.monit_control.as_deref(), Some(control.as_path()));
+    let node = agent.node_id()?;
+    let root = std::fs::canonicalize(&agent.root)?;
+    let pidfile = root.join("run/sleeper.pid");
+    let check = format!(
+        "check process sleeper with pidfile {pid}\n  \
+         start program = \"/bin/sh -c 'mkdir -p {run}; nohup sleep 1000 >/dev/null 2>&1 & echo $! > {pid}'\"\n  \
+         stop program = \"/bin/sh -c 'kill $(cat {pid})'\"\n",
+        pid = pidfile.display(),
+        run = root.join("run").display()
+    );
+    step(
+        &ctl,
+        &node,
+        StepAction::MonitAdd {
+            name: "sleeper".to_owned(),
+            check,
+        },
+    )?;
+    step(&ctl, &node, monit("sleeper", MonitOp::Start))?;
+    let first = wait_status(&ctl, &node, "sleeper", "RUNNING")?.pid;
+    step(&ctl, &node, monit("sleeper", MonitOp::Restart))?;
+    wait_until(WAIT, "a new pid after restart", || {
+        component(&ctl, &node, "sleeper").filter(|c| c.status == "RUNNING" && c.pid != first)
+    })?;
+    // The port wants the password: without it, monit refuses.
+    let mut s = std::net::TcpStream::connect((ip, port))?;
+    use std::io::{Read, Write};
+    s.write_all(b"GET /_status?format=xml HTTP/1.0\r\n\r\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    assert!(answer.starts_with("HTTP/1.0 401"), "{answer}");
+    assert!(
+        !control.with_file_name("monit.sock").exists(),
+        "no socket was made up"
+    );
+    Ok(())
+}
