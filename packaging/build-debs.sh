@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the two Debian packages, deployment-engine-controller and
 # deployment-engine-agent, with cargo-deb (metadata in controller/Cargo.toml
-# and agent/Cargo.toml, files in packaging/).
+# and agent/Cargo.toml, files in packaging/). The agent package is built
+# first and goes into the controller package too, which serves it to nodes.
 #
 #   packaging/build-debs.sh [--release] [--out DIR]
 #
@@ -40,6 +41,12 @@ else
   cargo build --locked --bins -p de-controller -p de-agent
   deb_args=(--profile dev --deb-revision 0~dev -q)
 fi
-for pkg in de-controller de-agent; do
-  cargo deb --no-build -p "$pkg" -o "$out" "${deb_args[@]}"
-done
+# The agent first: the controller package carries it (in
+# /usr/share/deployment-engine/packages), to serve to nodes through /join.sh.
+cargo deb --no-build -p de-agent -o "$out" "${deb_args[@]}"
+bundle=target/agent-package
+rm -rf "$bundle"
+mkdir -p "$bundle"
+agent_deb=$(ls -t "$out"/deployment-engine-agent_*.deb | head -1)
+cp "$agent_deb" "$bundle/"
+cargo deb --no-build -p de-controller -o "$out" "${deb_args[@]}"

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Packaging checks, run by CI after the cargo tests (needs root and apt):
 # builds both .debs (packaging/build-debs.sh, dev profile), checks what they
-# contain (dpkg-deb -c), installs them with dpkg -i, checks users, modes and
-# the --version of the installed binaries, verifies the installed units with
-# systemd-analyze, joins a node for real with the packaged install-agent.sh
-# (controller run by hand as its system user, since no systemd runs here),
-# checks install-agent.sh's argument errors, then removes and purges both
-# packages so the machine is left as it was (monit, if installed here, stays;
-# the system user deployment-engine is deleted if this run created it).
+# contain (dpkg-deb -c), installs the controller with dpkg -i and runs it as
+# its system user on the packaged config (HTTPS), then does what a stock
+# Debian node does: the system monit runs as its service would (by hand:
+# no systemd is PID 1 here), the one line shown with an install code fetches
+# join.sh and the agent package from the controller over the pinned
+# connection and enrols, the agent opens monit's HTTP interface with its
+# drop-in, debian-demo's nats is deployed, restarted (new pid), stopped and
+# uninstalled, the node revoked; then install-agent.sh's argument errors,
+# and both packages removed and purged so the machine is left as it was
+# (/etc/monit byte for byte; monit, if installed here, stays; the system
+# user deployment-engine is deleted if this run created it).
 #
 #   bash packaging/check.sh        ends with "packaging: N passed, M failed"
 set -uo pipefail
@@ -41,6 +45,9 @@ cleanup() {
   wait 2>/dev/null || true
   if [ "${we_installed:-0}" = 1 ]; then
     dpkg --purge "$agent_pkg" "$ctl_pkg" >/dev/null 2>&1 || true
+  fi
+  if [ "${we_started_monit:-0}" = 1 ]; then
+    monit -c /etc/monit/monitrc quit >/dev/null 2>&1 || true
   fi
   # Purge keeps the system user (as Debian does); drop it if this run made it.
   if [ "${user_existed:-1}" = 0 ] && getent passwd deployment-engine >/dev/null; then
@@ -133,76 +140,159 @@ check "agent: INSTALL.md" has "$agent_deb" -rw-r--r-- usr/share/doc/$agent_pkg/I
 check "agent: depends on monit" sh -c "dpkg-deb -f '$agent_deb' Depends | grep -qw monit"
 check "agent: its config is a conffile" sh -c "dpkg-deb -I '$agent_deb' conffiles | grep -qx /etc/deployment-engine/agent.toml"
 
-echo "== install (dpkg -i)"
+echo "== install the controller (dpkg -i); the node gets the agent from it"
 we_installed=1
-if ! out=$(dpkg -i "$ctl_deb" "$agent_deb" 2>&1); then
-  bad "dpkg -i installs both packages" "$out"
+if ! out=$(dpkg -i "$ctl_deb" 2>&1); then
+  bad "dpkg -i installs the controller package" "$out"
   finish
 fi
-ok "dpkg -i installs both packages"
+ok "dpkg -i installs the controller package"
 check "de-controller --version runs from /usr/bin" sh -c '[ "$(command -v de-controller)" = /usr/bin/de-controller ] && de-controller --version | grep -Eqx "de-controller [0-9]+\.[0-9]+\.[0-9]+"'
 check "dectl --version runs from /usr/bin" sh -c '[ "$(command -v dectl)" = /usr/bin/dectl ] && dectl --version | grep -Eqx "dectl [0-9]+\.[0-9]+\.[0-9]+"'
-check "de-agent --version runs from /usr/bin" sh -c '[ "$(command -v de-agent)" = /usr/bin/de-agent ] && de-agent --version | grep -Eqx "de-agent [0-9]+\.[0-9]+\.[0-9]+"'
 check "the system user deployment-engine exists, with no login shell" sh -c 'u=$(getent passwd deployment-engine) && [ "$(echo "$u" | cut -d: -f3)" -lt 1000 ] && case $(echo "$u" | cut -d: -f7) in */nologin | */false) ;; *) exit 1 ;; esac'
 # mode OWNER:GROUP PATH
 owned() { [ "$(stat -c '%a %U:%G' "$3")" = "$1 $2" ] || { stat -c '%a %U:%G %n' "$3"; return 1; }; }
 check "controller data dir: deployment-engine, 0700" owned 700 deployment-engine:deployment-engine /var/lib/deployment-engine/controller
-check "agent state dir: root, 0700" owned 700 root:root /var/lib/deployment-engine/agent
-check "/etc/deployment-engine/*.toml: root, 0644" sh -c 'for f in controller agent; do [ "$(stat -c "%a %U" /etc/deployment-engine/$f.toml)" = "644 root" ] || exit 1; done'
+check "the controller package carries the agent package it was built with" \
+  sh -c "cmp /usr/share/deployment-engine/packages/$(basename "$agent_deb") '$agent_deb'"
 
-echo "== units (systemd-analyze verify on the installed units)"
-for unit in $ctl_pkg $agent_pkg; do
-  check "systemd-analyze verify $unit.service" systemd-analyze verify /usr/lib/systemd/system/$unit.service
-done
-exposure=$(systemd-analyze security --offline=yes /usr/lib/systemd/system/$ctl_pkg.service 2>/dev/null | sed -n 's/.*Overall exposure level[^:]*: \([0-9.]*\).*/\1/p')
-check "controller unit hardening: exposure ${exposure:-?} (systemd-analyze security), at most 2.0" \
-  awk -v e="${exposure:-99}" 'BEGIN { exit !(e <= 2.0) }'
-check "agent unit runs as root with Restart=always" sh -c "! grep -q '^User=' /usr/lib/systemd/system/$agent_pkg.service && grep -qx 'Restart=always' /usr/lib/systemd/system/$agent_pkg.service"
+echo "== a stock Debian node joins with the one line shown with a code, and runs debian-demo under the system monit"
+# The system monit as its service runs it (no systemd as PID 1 here, so by
+# hand: monit -c /etc/monit/monitrc), with Debian's monitrc as shipped.
+monit_before=$(find /etc/monit -type f -print0 | sort -z | xargs -0 sha256sum)
+monit_running() { [ -f /run/monit.pid ] && kill -0 "$(cat /run/monit.pid)" 2>/dev/null; }
+if monit_running; then
+  we_started_monit=0
+else
+  monit -c /etc/monit/monitrc >/dev/null 2>&1 && we_started_monit=1 || we_started_monit=0
+  # The daemon writes its pidfile once it has detached.
+  for _ in $(seq 1 100); do monit_running && break; sleep 0.1; done
+fi
+check "the system monit runs (monit -c /etc/monit/monitrc)" monit_running
+check "Debian's monitrc leaves monit's HTTP interface off (what a stock node has)" \
+  sh -c "! grep -Eq '^[[:space:]]*set[[:space:]]+httpd' /etc/monit/monitrc"
+vcap_existed=0
+[ -e /var/vcap ] && vcap_existed=1
+installed nats-server && nats_was_installed=1 || nats_was_installed=0
 
-echo "== a node joins with the console's one line (packaged install-agent.sh)"
-# The controller as its unit would run it (its user, the packaged config), on
-# loopback ports the kernel picks.
+# The controller as its unit would run it (its user, the packaged config:
+# HTTPS on), on loopback ports the kernel picks.
 setpriv --reuid=deployment-engine --regid=deployment-engine --init-groups -- /usr/bin/de-controller serve --config /etc/deployment-engine/controller.toml \
   --api-listen 127.0.0.1:0 --quic-listen 127.0.0.1:0 >"$work/ctl.out" 2>"$work/ctl.err" &
 ctl_pid=$!
 pids+=("$ctl_pid")
 for _ in $(seq 1 200); do grep -q '^quic listening' "$work/ctl.out" 2>/dev/null && break; sleep 0.1; done
 api=$(sed -n 's/^api listening on //p' "$work/ctl.out")
-token_file=/var/lib/deployment-engine/controller/admin.token
-if [ -z "$api" ] || [ ! -f "$token_file" ]; then
-  bad "the packaged controller starts as deployment-engine" "$(cat "$work/ctl.out" "$work/ctl.err")"
+pin=$(sed -n 's/^api https pin //p' "$work/ctl.out")
+data=/var/lib/deployment-engine/controller
+token_file=$data/admin.token
+if [ -z "$api" ] || [ -z "$pin" ] || [ ! -f "$token_file" ]; then
+  bad "the packaged controller starts as deployment-engine, serving HTTPS" "$(cat "$work/ctl.out" "$work/ctl.err")"
 else
-  ok "the packaged controller starts as deployment-engine on /var/lib/deployment-engine/controller"
+  ok "the packaged controller starts as deployment-engine on $data, serving HTTPS"
   check "its token file: deployment-engine, 0600" owned 600 deployment-engine:deployment-engine "$token_file"
+  check "its API key: deployment-engine, 0600" owned 600 deployment-engine:deployment-engine "$data/api.key"
   auth="Authorization: Bearer $(cat "$token_file")"
-  check "the packaged controller serves the web console at / (assets compiled in)" \
-    sh -c "curl -fsS 'http://$api/' | grep -q 'console/app.js' && curl -fsS 'http://$api/console/app.js' | grep -q 'Authorization'"
-  answer=$(curl -fsS -X POST -H "$auth" "http://$api/api/v1/install-codes")
+  # Every call below verifies the controller's certificate against its CA.
+  c() { curl -fsS --cacert "$data/ca.pem" -H "$auth" "$@"; }
+  check "the packaged controller serves the web console over HTTPS (assets compiled in)" \
+    sh -c "curl -fsS --cacert $data/ca.pem 'https://$api/' | grep -q 'console/app.js'"
+  check "plain HTTP gets no answer from the HTTPS port" sh -c "! curl -fsS 'http://$api/healthz'"
+  check "dectl verifies the controller with DATA/ca.pem (beside the token file)" \
+    sh -c "dectl --controller https://$api --token-file $token_file nodes"
+  check "dectl shows the pin the controller printed" \
+    sh -c "dectl --controller https://$api --token-file $token_file ca | grep -Fqx 'API key pin:    $pin'"
+  answer=$(c -X POST "https://$api/api/v1/install-codes")
   code=$(echo "$answer" | sed -E 's/.*"code":"([0-9]{4})".*/\1/')
   line=$(echo "$answer" | sed -E 's/.*"agent_command":"([^"]*)".*/\1/')
-  quic=$(sed -n 's/^quic listening on //p' "$work/ctl.out")
-  check "the install code comes with the exact line to run on the node" \
-    test "$line" = "packaging/install-agent.sh --controller $quic --code $code"
-  # The console's line, run with the packaged copy of the script.
-  if out=$(bash -c "/usr/share/deployment-engine/${line#packaging/}" 2>&1); then
-    ok "install-agent.sh enrols the node (no systemd here: it says how to start the agent)"
+  check "the install code comes with one verified line: curl with the pin, the code in the environment" \
+    test "$line" = "curl -fsS --pinnedpubkey '$pin' -k https://$api/join.sh | DE_INSTALL_CODE=$code bash"
+  check "a wrong pin gets nothing (curl: 90)" sh -c \
+    "curl -fsS --pinnedpubkey 'sha256//AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=' -k https://$api/join.sh >/dev/null 2>&1; [ \$? = 90 ]"
+  # The line, as the operator pastes it on the node.
+  if out=$(bash -c "$line" 2>&1); then
+    ok "the one line installs the agent package from the controller and enrols the node (no systemd: it says how to start the agent)"
+    echo "$out" | grep -q 'de-agent run --config' || bad "join.sh says how to start the agent without systemd" "$out"
   else
-    bad "install-agent.sh enrols the node" "$out"
+    bad "the one line installs the agent package from the controller and enrols the node" "$out"
   fi
+  check "de-agent --version runs from /usr/bin (installed from the controller's copy)" sh -c '[ "$(command -v de-agent)" = /usr/bin/de-agent ] && de-agent --version | grep -Eqx "de-agent [0-9]+\.[0-9]+\.[0-9]+"'
+  check "agent state dir: root, 0700" owned 700 root:root /var/lib/deployment-engine/agent
+  check "/etc/deployment-engine/*.toml: root, 0644" sh -c 'for f in controller agent; do [ "$(stat -c "%a %U" /etc/deployment-engine/$f.toml)" = "644 root" ] || exit 1; done'
+  quic=$(sed -n 's/^quic listening on //p' "$work/ctl.out")
   check "agent.toml names the controller and keeps its comments" \
     sh -c "grep -qx 'controller = \"$quic\"' /etc/deployment-engine/agent.toml && grep -q '^# heartbeat_secs' /etc/deployment-engine/agent.toml"
   check "the install code is not written to agent.toml" sh -c "! grep -q '$code' /etc/deployment-engine/agent.toml"
   check "the node identity is in /var/lib/deployment-engine/agent, 0600" owned 600 root:root /var/lib/deployment-engine/agent/node.key
-  check "running install-agent.sh again is harmless" sh -c "/usr/share/deployment-engine/${line#packaging/} | grep -q 'already enrolled'"
+  check "running the line again is harmless (already enrolled)" sh -c "bash -c \"\$0\" 2>&1 | grep -q 'already enrolled'" "$line"
+
+  echo "== units (systemd-analyze verify on the installed units)"
+  for unit in $ctl_pkg $agent_pkg; do
+    check "systemd-analyze verify $unit.service" systemd-analyze verify /usr/lib/systemd/system/$unit.service
+  done
+  exposure=$(systemd-analyze security --offline=yes /usr/lib/systemd/system/$ctl_pkg.service 2>/dev/null | sed -n 's/.*Overall exposure level[^:]*: \([0-9.]*\).*/\1/p')
+  check "controller unit hardening: exposure ${exposure:-?} (systemd-analyze security), at most 2.0" \
+    awk -v e="${exposure:-99}" 'BEGIN { exit !(e <= 2.0) }'
+  check "agent unit runs as root with Restart=always" sh -c "! grep -q '^User=' /usr/lib/systemd/system/$agent_pkg.service && grep -qx 'Restart=always' /usr/lib/systemd/system/$agent_pkg.service"
+
+  echo "== the agent with the system monit"
   de-agent run --config /etc/deployment-engine/agent.toml >"$work/agent.out" 2>"$work/agent.err" &
   agent_pid=$!
   pids+=("$agent_pid")
   online=0
   for _ in $(seq 1 300); do
-    curl -fsS -H "$auth" "http://$api/api/v1/nodes" | grep -q '"online":true' && { online=1; break; }
+    c "https://$api/api/v1/nodes" | grep -q '"online":true' && { online=1; break; }
     sleep 0.1
   done
   check "the agent (de-agent run --config /etc/deployment-engine/agent.toml) comes online" test "$online" = 1
+  drop_in=/etc/monit/conf.d/deployment-engine-httpd
+  check "the agent opened the system monit's HTTP interface with a drop-in ($drop_in), monitrc untouched" \
+    sh -c "[ -f $drop_in ] && grep -q '^set httpd unixsocket' $drop_in && ! grep -Eq '^[[:space:]]*set[[:space:]]+httpd' /etc/monit/monitrc"
+  check "monit's own command line works through it (monit status)" sh -c "monit -c /etc/monit/monitrc status >/dev/null"
+  node_ip=$(c "https://$api/api/v1/nodes" | sed -E 's/.*"ips":\["([^"]+)".*/\1/')
+  plan="{\"components\": {\"nats\": [\"$node_ip\"]}, \"properties\": {\"domain\": \"check.test\", \"catalog\": \"debian-demo\"}}"
+  check "the plan (debian-demo: nats on the node) is accepted" sh -c "curl -fsS --cacert $data/ca.pem -H '$auth' -X POST -d '$plan' https://$api/deployment-engine/config >/dev/null"
+  status_of() { c "https://$api/deployment-engine/status" | grep -o '"Status":"[A-Z_]*' | head -1 | cut -d'"' -f4; }
+  wait_status() {
+    local want=$1 got=""
+    for _ in $(seq 1 1800); do
+      got=$(status_of)
+      [ "$got" = "$want" ] && return 0
+      sleep 0.2
+    done
+    echo "status $got, wanted $want"
+    return 1
+  }
+  dep=$(c "https://$api/deployment-engine/deploy" | sed -E 's/.*"id":"([^"]+)".*/\1/')
+  deployed() {
+    local st=""
+    for _ in $(seq 1 3000); do
+      st=$(c "https://$api/api/v1/deployments/$dep" | sed -E 's/^\{"id":"[^"]*","state":"([a-z]+)".*/\1/')
+      case $st in succeeded) return 0 ;; failed | cancelled) c "https://$api/api/v1/deployments/$dep/log"; return 1 ;; esac
+      sleep 0.2
+    done
+    echo "still $st after 10 minutes"
+    return 1
+  }
+  check "the deployment succeeds (nats-server from Debian, supervised by the system monit)" deployed
+  check "status: RUNNING" wait_status RUNNING
+  pidfile=/var/vcap/sys/run/nats/nats.pid
+  pid1=$(cat "$pidfile" 2>/dev/null)
+  check "restart: RUNNING again with a new pid" sh -c "
+    curl -fsS --cacert $data/ca.pem -H '$auth' -X PUT -d '{\"name\":\"nats\",\"ip\":\"$node_ip\"}' https://$api/deployment-engine/restart | grep -q '\"Result\":\"ok\"' &&
+    for i in \$(seq 1 300); do p=\$(cat $pidfile 2>/dev/null); [ -n \"\$p\" ] && [ \"\$p\" != '$pid1' ] && kill -0 \"\$p\" 2>/dev/null && exit 0; sleep 0.2; done; exit 1"
+  check "status after the restart: RUNNING" wait_status RUNNING
+  check "stop: answered ok" sh -c "curl -fsS --cacert $data/ca.pem -H '$auth' -X PUT -d '{\"name\":\"nats\",\"ip\":\"$node_ip\"}' https://$api/deployment-engine/stop | grep -q '\"Result\":\"ok\"'"
+  check "status: STOPPED" wait_status STOPPED
+  empty='{"components": {}, "properties": {"domain": "check.test", "catalog": "debian-demo"}}'
+  c -X POST -d "$empty" "https://$api/deployment-engine/config" >/dev/null
+  dep=$(c "https://$api/deployment-engine/deploy" | sed -E 's/.*"id":"([^"]+)".*/\1/')
+  check "an empty plan uninstalls nats: its check leaves the system monit" sh -c "
+    curl -fsS --cacert $data/ca.pem -H '$auth' https://$api/api/v1/deployments/$dep >/dev/null &&
+    for i in \$(seq 1 600); do [ -e /etc/monit/conf.d/nats.monitrc ] || exit 0; sleep 0.2; done; exit 1"
+  check "the uninstall deployment succeeds" deployed
+  check "revoking the node drops its link" sh -c "dectl --controller https://$api --token-file $token_file revoke $node_ip >/dev/null &&
+    for i in \$(seq 1 300); do curl -fsS --cacert $data/ca.pem -H '$auth' https://$api/api/v1/nodes | grep -q '\"online\":true' || exit 0; sleep 0.1; done; exit 1"
   # stop_cleanly NAME PID: SIGTERM, then exit status 0 within 15 s.
   stop_cleanly() {
     kill -TERM "$2" || return 1
@@ -212,6 +302,8 @@ else
   }
   check "de-agent stops cleanly on SIGTERM (exit 0)" stop_cleanly de-agent "$agent_pid"
   check "de-controller stops cleanly on SIGTERM (exit 0)" stop_cleanly de-controller "$ctl_pid"
+  # The component's logs stay on the node (as uninstall documents).
+  [ "$vcap_existed" = 1 ] || rm -rf /var/vcap
 fi
 
 echo "== install-agent.sh argument errors (exit 64, the problem, then usage)"
@@ -270,11 +362,25 @@ code_elsewhere() {
 check "the code can come from DE_INSTALL_CODE" code_elsewhere env
 check "the code can come from standard input (--code-stdin)" code_elsewhere stdin
 
-echo "== remove keeps the data, purge deletes it"
-check "dpkg -r removes both packages" dpkg -r "$agent_pkg" "$ctl_pkg"
-check "after remove: binaries gone, data and node identity kept" sh -c \
-  '! [ -e /usr/bin/de-controller ] && ! [ -e /usr/bin/de-agent ] && [ -f /var/lib/deployment-engine/controller/admin.token ] && [ -f /var/lib/deployment-engine/agent/agent.json ]'
-check "dpkg --purge purges both packages" dpkg --purge "$agent_pkg" "$ctl_pkg"
+echo "== remove keeps the node identity; purge deletes it and leaves monit's configuration as it was"
+check "dpkg -r $agent_pkg" dpkg -r "$agent_pkg"
+check "after remove: de-agent gone, node identity and the monit drop-in kept" sh -c \
+  '! [ -e /usr/bin/de-agent ] && [ -f /var/lib/deployment-engine/agent/agent.json ] && [ -f /etc/monit/conf.d/deployment-engine-httpd ]'
+check "dpkg --purge $agent_pkg" dpkg --purge "$agent_pkg"
+check "after purge: the node identity is gone" sh -c '! [ -e /var/lib/deployment-engine/agent ]'
+check "after purge: the drop-in is gone and /etc/monit is as it was before the node joined" sh -c "[ \"\$(find /etc/monit -type f -print0 | sort -z | xargs -0 sha256sum)\" = '$monit_before' ]"
+check "the system monit still runs, reloaded without the drop-in" monit_running
+if [ "$we_started_monit" = 1 ]; then
+  monit -c /etc/monit/monitrc quit >/dev/null 2>&1 || true
+  for _ in $(seq 1 100); do monit_running || break; sleep 0.1; done
+fi
+if [ "${nats_was_installed:-1}" = 0 ]; then apt-get purge -y -qq nats-server >/dev/null 2>&1 || true; fi
+
+echo "== remove keeps the controller's data, purge deletes it"
+check "dpkg -r removes the controller package" dpkg -r "$ctl_pkg"
+check "after remove: binaries gone, data kept" sh -c \
+  '! [ -e /usr/bin/de-controller ] && [ -f /var/lib/deployment-engine/controller/admin.token ]'
+check "dpkg --purge purges the controller package" dpkg --purge "$ctl_pkg"
 we_installed=0
 check "after purge: /var/lib/deployment-engine and /etc/deployment-engine are gone" sh -c \
   '! [ -e /var/lib/deployment-engine ] && ! [ -e /etc/deployment-engine ]'

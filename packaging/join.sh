@@ -25,6 +25,8 @@ pin='@PIN@'
 agent_package='@AGENT_PACKAGE@'
 # One "NAME SHA256" per line: install-agent.sh, the agent package, extra packages.
 files='@FILES@'
+# The download directory, removed on exit.
+tmp=""
 
 main() {
   fail() {
@@ -41,7 +43,6 @@ main() {
   fi
   [[ $code =~ ^[0-9]{4}$ ]] || fail "the install code must be 4 digits (the console shows it)"
 
-  local tmp
   tmp=$(mktemp -d /tmp/de-join.XXXXXX)
   trap 'rm -rf "$tmp"' EXIT
   local name sum extra=()
