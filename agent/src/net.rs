@@ -28,6 +28,8 @@ pub enum NetError {
     BadCa,
     #[error("the stored node key or certificate is not valid: enrol again")]
     BadIdentity,
+    #[error("could not make this machine's id: {0}")]
+    Machine(String),
 }
 
 pub(crate) fn resolve(controller: &str) -> Result<SocketAddr, NetError> {
@@ -160,16 +162,23 @@ pub(crate) fn enroll_config() -> Result<quinn::ClientConfig, NetError> {
     quic(tls)
 }
 
-/// Mutual TLS for the agent link (`de-agent/1`): trusts only the pinned CA.
+/// Mutual TLS for the agent link (`de-agent/1`): trusts only the pinned CAs.
 pub(crate) fn link_config(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<quinn::ClientConfig, NetError> {
     use rustls_pki_types::pem::PemObject;
+    // The pinned bundle: during a CA rotation, the new CA and the old one.
     let mut roots = rustls::RootCertStore::empty();
-    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|_| NetError::BadCa)?;
-    roots.add(ca).map_err(|_| NetError::BadCa)?;
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(ca.map_err(|_| NetError::BadCa)?)
+            .map_err(|_| NetError::BadCa)?;
+    }
+    if roots.is_empty() {
+        return Err(NetError::BadCa);
+    }
     let chain = vec![
         CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| NetError::BadIdentity)?,
     ];

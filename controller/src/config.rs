@@ -33,6 +33,8 @@ pub(crate) const LOG_MAX_MB: RangeInclusive<u64> = 0..=1_048_576;
 pub(crate) const LOG_KEEP: RangeInclusive<u32> = 0..=100;
 /// Seconds a node may be silent before its steps fail (at most a day).
 pub(crate) const NODE_GRACE: RangeInclusive<u64> = 1..=86_400;
+/// Days a node certificate is valid (at most 5 years); agents renew it in its last third.
+pub(crate) const NODE_CERT_DAYS: RangeInclusive<u32> = 1..=1825;
 
 /// The controller's config file; every field is optional and falls back to the built-in default.
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -54,6 +56,9 @@ pub(crate) struct Config {
     /// Rotated files kept per log ([`LOG_KEEP`]).
     #[serde(default, deserialize_with = "log_keep")]
     pub(crate) log_keep: Option<u32>,
+    /// Days a node certificate is valid ([`NODE_CERT_DAYS`]).
+    #[serde(default, deserialize_with = "node_cert_days")]
+    pub(crate) node_cert_days: Option<u32>,
 }
 
 fn in_file<'de, D, T>(d: D, range: &RangeInclusive<T>) -> Result<Option<T>, D::Error>
@@ -87,6 +92,10 @@ fn log_keep<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
 
 fn node_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     in_file(d, &NODE_GRACE)
+}
+
+fn node_cert_days<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    in_file(d, &NODE_CERT_DAYS)
 }
 
 /// A flag's (or its environment variable's) value: a number in `range`.
@@ -159,6 +168,10 @@ mod tests {
         assert_eq!(all.step_attempts, Some(3));
         assert_eq!(all.log_max_mb, Some(de_controller::DEFAULT_LOG_MAX_MB));
         assert_eq!(all.log_keep, Some(de_controller::DEFAULT_LOG_KEEP));
+        assert_eq!(
+            all.node_cert_days,
+            Some(de_controller::DEFAULT_NODE_CERT_DAYS)
+        );
     }
 
     #[test]
@@ -193,6 +206,16 @@ mod tests {
                 "between 0 and 1048576, got 1048577",
             ),
             ("log_keep = 101", "log_keep", "between 0 and 100, got 101"),
+            (
+                "node_cert_days = 0",
+                "node_cert_days",
+                "between 1 and 1825, got 0",
+            ),
+            (
+                "node_cert_days = 1826",
+                "node_cert_days",
+                "between 1 and 1825, got 1826",
+            ),
         ] {
             let e = parse(&format!("data_dir = \"/x\"\n{text}\n")).expect_err(text);
             assert!(

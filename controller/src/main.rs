@@ -14,7 +14,9 @@ use tracing::{info, warn};
 
 use de_controller::{Controller, PublicAddr, TokenOrigin, http, quic};
 
-use crate::config::{Config, LOG_KEEP, LOG_MAX_MB, NODE_GRACE, PACKAGED_PATH, STEP_ATTEMPTS};
+use crate::config::{
+    Config, LOG_KEEP, LOG_MAX_MB, NODE_CERT_DAYS, NODE_GRACE, PACKAGED_PATH, STEP_ATTEMPTS,
+};
 
 const DEFAULT_DATA_DIR: &str = "./de-data";
 const DEFAULT_API_LISTEN: SocketAddr =
@@ -71,6 +73,13 @@ enum Command {
         /// How many rotated files to keep per log (NAME.1 ... NAME.N), 0-100 [default: 4].
         #[arg(long, env = "DE_LOG_KEEP", value_parser = |s: &str| config::flag(s, &LOG_KEEP))]
         log_keep: Option<u32>,
+        /// Days a node certificate is valid; agents renew it in its last third, 1-1825 [default: 90].
+        #[arg(long, env = "DE_NODE_CERT_DAYS", value_parser = |s: &str| config::flag(s, &NODE_CERT_DAYS))]
+        node_cert_days: Option<u32>,
+        /// Test only: node certificates valid this many seconds (overrides
+        /// --node-cert-days), so that tests see renewals in seconds.
+        #[arg(long, env = "DE_TEST_NODE_CERT_SECS", hide = true, value_parser = |s: &str| config::flag(s, &(10..=86_400u64)))]
+        test_node_cert_secs: Option<u64>,
     },
 }
 
@@ -84,6 +93,7 @@ struct Settings {
     step_attempts: u32,
     node_grace: Duration,
     log_limits: de_controller::LogLimits,
+    node_cert_lifetime: Duration,
 }
 
 impl Settings {
@@ -97,6 +107,8 @@ impl Settings {
             node_grace,
             log_max_mb,
             log_keep,
+            node_cert_days,
+            test_node_cert_secs,
         } = command;
         Settings {
             data_dir: (data_dir.or(file.data_dir)).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
@@ -120,6 +132,15 @@ impl Settings {
                     .or(file.log_keep)
                     .unwrap_or(de_controller::DEFAULT_LOG_KEEP),
             },
+            node_cert_lifetime: test_node_cert_secs.map_or_else(
+                || {
+                    let days = node_cert_days
+                        .or(file.node_cert_days)
+                        .unwrap_or(de_controller::DEFAULT_NODE_CERT_DAYS);
+                    Duration::from_secs(u64::from(days) * 86_400)
+                },
+                Duration::from_secs,
+            ),
         }
     }
 }
@@ -171,6 +192,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         step_attempts,
         node_grace,
         log_limits,
+        node_cert_lifetime,
     } = settings;
     let (mut ctl, origin) = Controller::open(&data_dir)
         .with_context(|| format!("could not open the data dir {}", data_dir.display()))?;
@@ -190,6 +212,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     ctl.deployer.set_attempts(step_attempts);
     ctl.logs.set_limits(log_limits);
+    ctl.pki.set_node_cert_lifetime(node_cert_lifetime);
     let endpoint = quic::endpoint(quic_listen, &ctl.pki, ctl.nodes.revoked_set())?;
     let quic_addr = endpoint
         .local_addr()
@@ -263,6 +286,7 @@ mod tests {
             ("--log-max-mb", "1048577", "from 0 to 1048576"),
             ("--log-keep", "101", "from 0 to 100"),
             ("--log-keep", "-1", "from 0 to 100"),
+            ("--node-cert-days", "0", "from 1 to 1825"),
         ] {
             let e = serve(&[&format!("{flag}={value}")]).expect_err(flag);
             assert_eq!(e.exit_code(), 2, "{e}");
