@@ -356,7 +356,8 @@ pub async fn run(
     }
     let ledger = Ledger::load(&opts.state_dir)?;
     let (events_tx, events_rx) = mpsc::channel(64);
-    let machine = crate::identity::Identity::machine_id(&opts.state_dir, ip)
+    let local = net::local_ip(addr, identity.meta.advertise_ip);
+    let machine = crate::identity::Identity::machine_id(&opts.state_dir, local)
         .map_err(|e| LinkError::Net(NetError::Machine(ErrorChain(&e).to_string())))?;
     let shared = Arc::new(Shared {
         identity: identity.clone(),
@@ -396,6 +397,7 @@ pub async fn run(
         identity: identity.clone(),
         state_dir: opts.state_dir.clone(),
         machine,
+        trusted: false,
         addr,
         ip,
         root: opts.root.display().to_string(),
@@ -478,6 +480,8 @@ struct Link {
     state_dir: PathBuf,
     /// What tells this machine from a clone (`AgentMsg::Machine`).
     machine: String,
+    /// The controller of this connection said what to trust (so it knows renewals).
+    trusted: bool,
     /// The controller's address.
     addr: SocketAddr,
     /// This node's IP, as sent in `Hello`.
@@ -567,6 +571,23 @@ impl Renewal {
 }
 
 impl Link {
+    /// Stores what the controller says to trust and gives the lane workers
+    /// the step keys; the controller then knows renewals.
+    fn apply_trust(&mut self, trust: &de_common::Trust) {
+        match self.identity.save_trust(&self.state_dir, trust) {
+            Ok(true) => info!("stored the controller's CA and step keys"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %ErrorChain(&e), "could not store what the controller says to trust")
+            }
+        }
+        self.shared.set_step_keys(
+            self.identity.step_public_key.clone(),
+            self.identity.previous_step_key.clone(),
+        );
+        self.trusted = true;
+    }
+
     /// Whether this node's certificate has less than a third of its lifetime left.
     fn cert_due(&self) -> bool {
         crate::identity::cert_facts(&self.identity.cert_pem)
@@ -576,6 +597,7 @@ impl Link {
     /// Connects, says `Hello`, and sends heartbeats until the connection ends.
     async fn session(&mut self) -> SessionEnd {
         let (addr, shutdown) = (self.addr, self.shutdown.clone());
+        self.trusted = false;
         let config = match net::link_config(
             &self.identity.ca_pem,
             &self.identity.cert_pem,
@@ -584,7 +606,8 @@ impl Link {
             Ok(c) => c,
             Err(e) => return SessionEnd::Failed(ErrorChain(&e).to_string()),
         };
-        let identity = &self.shared.identity;
+        let shared = self.shared.clone();
+        let identity = &shared.identity;
         let connecting =
             match self
                 .endpoint
@@ -627,9 +650,21 @@ impl Link {
                 .map(|e| classify(&e))
                 .unwrap_or_else(|| SessionEnd::Failed("could not send Hello".into()));
         }
-        let answer = tokio::select! {
-            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-            a = tokio::time::timeout(self.connect_timeout, read_frame::<_, ControllerMsg>(&mut recv)) => a,
+        // What to trust comes before Welcome (from controllers that know
+        // it): stored before any step is pulled on this connection.
+        let mut renew_now = false;
+        let answer = loop {
+            let answer = tokio::select! {
+                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                a = tokio::time::timeout(self.connect_timeout, read_frame::<_, ControllerMsg>(&mut recv)) => a,
+            };
+            match answer {
+                Ok(Ok(Some(ControllerMsg::Trust(trust)))) => {
+                    self.apply_trust(&trust);
+                    renew_now = trust.renew;
+                }
+                other => break other,
+            }
         };
         match answer {
             Ok(Ok(Some(ControllerMsg::Welcome(w)))) => {
@@ -667,7 +702,16 @@ impl Link {
         let mut clock_asked = false;
         // Renewal: possible once the controller said what to trust; the key
         // of the CSR sent waits here for its certificate.
-        let mut renewal = Renewal::default();
+        let mut renewal = Renewal {
+            allowed: self.trusted,
+            pending: None,
+        };
+        if self.trusted
+            && (renew_now || self.cert_due())
+            && let Err(why) = renewal.ask(&mut send, &self.identity).await
+        {
+            return why;
+        }
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -689,16 +733,7 @@ impl Link {
                     let controller_ms = match msg {
                         ControllerMsg::ClockQuery { unix_ms } => unix_ms,
                         ControllerMsg::Trust(trust) => {
-                            match self.identity.save_trust(&self.state_dir, &trust) {
-                                Ok(true) => info!("stored the controller's CA and step keys"),
-                                Ok(false) => {}
-                                Err(e) => warn!(error = %ErrorChain(&e), "could not store what the controller says to trust"),
-                            }
-                            self.shared.set_step_keys(
-                                self.identity.step_public_key.clone(),
-                                self.identity.previous_step_key.clone(),
-                            );
-                            renewal.allowed = true;
+                            self.apply_trust(&trust);
                             if (trust.renew || self.cert_due())
                                 && let Err(why) = renewal.ask(&mut send, &self.identity).await
                             {

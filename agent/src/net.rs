@@ -69,6 +69,16 @@ pub(crate) fn node_ip(controller: SocketAddr, advertise: Option<IpAddr>) -> IpAd
         .unwrap_or(any.ip())
 }
 
+/// The address this node's link leaves from: `advertise` when it is an
+/// address of this node, else the one the kernel picks toward `controller`
+/// (a cloned image keeps the original's `advertise` but not its address).
+pub(crate) fn local_ip(controller: SocketAddr, advertise: Option<IpAddr>) -> IpAddr {
+    match advertise {
+        Some(ip) if UdpSocket::bind((ip, 0)).is_ok() => ip,
+        _ => node_ip(controller, None),
+    }
+}
+
 /// A client endpoint, bound to `advertise` when it is an address of this node.
 pub(crate) fn endpoint(
     controller: SocketAddr,

@@ -266,9 +266,9 @@ pub enum ControllerMsg {
     ClockQuery {
         unix_ms: u64,
     },
-    /// What the agent should trust, sent after `Welcome` to agents that
-    /// said which machine they are (`AgentMsg::Machine`): older agents never
-    /// see it.
+    /// What the agent should trust, sent just before `Welcome` to agents
+    /// that said which machine they are (`AgentMsg::Machine`), so that they
+    /// hold the current step keys before they pull; older agents never see it.
     Trust(Trust),
     /// The node's new certificate, in answer to `AgentMsg::Renew`.
     Renewed {

@@ -803,6 +803,27 @@ mod tests {
     }
 
     #[test]
+    fn a_revoked_node_cannot_record_a_renewed_certificate() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let n = nodes(dir.path());
+        n.enrolled(record("n-a", "10.0.0.1", 1, 1, 1)).expect("a");
+        n.renewed(&"n-a".into(), "2030-01-01T00:00:00Z".into(), "ca1".into())
+            .expect("renewed");
+        assert_eq!(
+            n.get(&"n-a".into()).expect("a").cert_not_after.as_deref(),
+            Some("2030-01-01T00:00:00Z")
+        );
+        assert_eq!(n.not_on_ca("ca2"), vec![NodeId::from("n-a")]);
+        assert!(n.not_on_ca("ca1").is_empty());
+        assert!(n.revoke(&"n-a".into()).expect("revoke"));
+        assert!(matches!(
+            n.renewed(&"n-a".into(), "2031-01-01T00:00:00Z".into(), "ca2".into()),
+            Err(NodeError::Revoked(_))
+        ));
+        assert!(n.not_on_ca("ca2").is_empty(), "revoked nodes do not count");
+    }
+
+    #[test]
     fn an_ip_is_never_given_to_two_live_nodes() {
         let dir = tempfile::tempdir().expect("tmp");
         let n = nodes(dir.path());

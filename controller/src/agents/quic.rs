@@ -584,6 +584,21 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
         ctl.nodes.disconnected(&node_id, &conn);
         return;
     }
+    // An agent that said which machine it is reads what to trust, and
+    // whether to renew its certificate now, before `Welcome`: it pulls no
+    // step before it holds the step keys as they stand.
+    if machine.is_some() {
+        let trust = ControllerMsg::Trust(Trust {
+            ca_pem: ctl.pki.ca_pem(),
+            step_public_key: ctl.pki.step_public_key(),
+            previous_step_key: ctl.pki.previous_step_key_for(&node_id),
+            renew: facts.as_ref().is_some_and(|f| f.due),
+        });
+        if write_frame(&mut send, &trust).await.is_err() {
+            ctl.nodes.disconnected(&node_id, &conn);
+            return;
+        }
+    }
     let welcome = ControllerMsg::Welcome(Welcome {
         controller_version: env!("CARGO_PKG_VERSION").to_owned(),
     });
@@ -600,20 +615,6 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
     if write_frame(&mut send, &query).await.is_err() {
         ctl.nodes.disconnected(&node_id, &conn);
         return;
-    }
-    // An agent that said which machine it is reads what to trust, and
-    // whether to renew its certificate now.
-    if machine.is_some() {
-        let trust = ControllerMsg::Trust(Trust {
-            ca_pem: ctl.pki.ca_pem(),
-            step_public_key: ctl.pki.step_public_key(),
-            previous_step_key: ctl.pki.previous_step_key_for(&node_id),
-            renew: facts.as_ref().is_some_and(|f| f.due),
-        });
-        if write_frame(&mut send, &trust).await.is_err() {
-            ctl.nodes.disconnected(&node_id, &conn);
-            return;
-        }
     }
     let mut renewals = 0u32;
     let mut clock = ClockWatch::default();
