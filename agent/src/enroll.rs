@@ -157,6 +157,7 @@ pub async fn enroll(opts: &EnrollOptions, state_dir: &Path) -> Result<Identity, 
         cert_pem: grant.0.cert_pem,
         ca_pem: grant.0.ca_pem,
         step_public_key: grant.0.step_public_key,
+        previous_step_key: None,
     };
     identity.save(state_dir)?;
     Ok(identity)
@@ -233,8 +234,9 @@ fn check_chain(ca_pem: &str, server_cert: &CertificateDer<'_>) -> Result<(), Enr
         EnrollError::Protocol("the controller's certificate is not signed by the CA it sent".into())
     };
     let mut roots = rustls::RootCertStore::empty();
-    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|_| bad())?;
-    roots.add(ca).map_err(|_| bad())?;
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.map_err(|_| bad())?).map_err(|_| bad())?;
+    }
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
         std::sync::Arc::new(rustls::crypto::ring::default_provider()),

@@ -10,7 +10,7 @@
 //! sent again until the controller acknowledges it.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -21,8 +21,8 @@ use tracing::{info, warn};
 
 use de_common::{
     AgentMsg, CLOCK_SKEW_WARN_SECS, ControllerMsg, ErrorChain, Heartbeat, Hello, Lane, LinkRefusal,
-    StepEvent, StepEventKind, StepId, check_step, close_codes, read_frame, skew_secs, unix_ms,
-    write_frame,
+    PreviousStepKey, StepEvent, StepEventKind, StepId, StepRefusal, check_step, close_codes,
+    decode_step_unverified, read_frame, renewal_due, skew_secs, unix_ms, write_frame,
 };
 
 use crate::hardware::{Sampler, hostname};
@@ -70,6 +70,10 @@ enum SessionEnd {
     Failed(String),
     /// The controller revoked this node.
     Revoked,
+    /// This node holds a new certificate: connect again with it at once.
+    Renewed,
+    /// Another machine holds this node's identity; the text says what to do.
+    Conflict(String),
 }
 
 /// A random factor in [0.5, 1.0) for jitter.
@@ -113,6 +117,9 @@ fn now_unix() -> u64 {
 
 struct Shared {
     identity: Identity,
+    /// The step keys the agent accepts: the current one, and the previous
+    /// one for the steps queued before the controller's last rotation.
+    step_keys: Mutex<(Vec<u8>, Option<PreviousStepKey>)>,
     ledger: Mutex<Ledger>,
     ctx: ExecContext,
     events: mpsc::Sender<StepEvent>,
@@ -121,6 +128,39 @@ struct Shared {
 impl Shared {
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn step_keys(&self) -> (Vec<u8>, Option<PreviousStepKey>) {
+        self.step_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_step_keys(&self, current: Vec<u8>, previous: Option<PreviousStepKey>) {
+        *self.step_keys.lock().unwrap_or_else(|p| p.into_inner()) = (current, previous);
+    }
+}
+
+/// The agent's check of a pulled step: signed with the current step key,
+/// or with the previous one when the step is one that key signed (its lane
+/// and sequence were queued before the rotation) and its overlap has not
+/// ended; then node, replay and expiry.
+fn check_pulled(
+    signed: &de_common::SignedStep,
+    keys: &(Vec<u8>, Option<PreviousStepKey>),
+    node: &de_common::NodeId,
+    after_seq: u64,
+    now: u64,
+) -> Result<de_common::Step, StepRefusal> {
+    match check_step(signed, &keys.0, node, after_seq, now) {
+        Err(StepRefusal::BadSignature) => match (&keys.1, decode_step_unverified(signed)) {
+            (Some(previous), Some(body)) if previous.covers(body.lane, body.seq, now) => {
+                check_step(signed, &previous.public_key, node, after_seq, now)
+            }
+            _ => Err(StepRefusal::BadSignature),
+        },
+        other => other,
     }
 }
 
@@ -161,14 +201,8 @@ async fn lane_worker(
                 Ok(None) | Err(_) => continue 'connection,
             };
             let node = &shared.identity.meta.node_id;
-            match check_step(
-                &signed,
-                &shared.identity.step_public_key,
-                node,
-                after_seq,
-                now_unix(),
-            )
-            .and_then(|step| crate::steps::pulled_on(step, lane))
+            match check_pulled(&signed, &shared.step_keys(), node, after_seq, now_unix())
+                .and_then(|step| crate::steps::pulled_on(step, lane))
             {
                 Err(refusal) => {
                     // Name what was refused as far as the (possibly untrusted) body says.
@@ -308,7 +342,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), LinkError> {
     let addr = net::resolve(&identity.meta.controller)?;
-    let config = net::link_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)?;
+    // Checked once here, so that a bad identity stops the start.
+    net::link_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)?;
     let endpoint = net::endpoint(addr, identity.meta.advertise_ip)?;
     let ip = net::node_ip(addr, identity.meta.advertise_ip);
     let sampler = Sampler::new(&opts.root)?;
@@ -327,8 +362,15 @@ pub async fn run(
     }
     let ledger = Ledger::load(&opts.state_dir)?;
     let (events_tx, events_rx) = mpsc::channel(64);
+    let local = net::local_ip(addr, identity.meta.advertise_ip);
+    let machine = crate::identity::Identity::machine_id(&opts.state_dir, local)
+        .map_err(|e| LinkError::Net(NetError::Machine(ErrorChain(&e).to_string())))?;
     let shared = Arc::new(Shared {
         identity: identity.clone(),
+        step_keys: Mutex::new((
+            identity.step_public_key.clone(),
+            identity.previous_step_key.clone(),
+        )),
         ledger: Mutex::new(ledger),
         ctx: ExecContext {
             cancels: Arc::default(),
@@ -358,7 +400,10 @@ pub async fn run(
 
     let mut link = Link {
         endpoint,
-        config,
+        identity: identity.clone(),
+        state_dir: opts.state_dir.clone(),
+        machine,
+        trusted: false,
         addr,
         ip,
         root: opts.root.display().to_string(),
@@ -394,6 +439,15 @@ pub async fn run(
                 );
                 opts.max_backoff
             }
+            SessionEnd::Renewed => {
+                info!(node = %identity.meta.node_id, "connecting again with the renewed certificate");
+                failures = 0;
+                Duration::ZERO
+            }
+            SessionEnd::Conflict(why) => {
+                tracing::error!(node = %identity.meta.node_id, "{why}");
+                opts.max_backoff
+            }
         };
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -426,7 +480,14 @@ fn classify(e: &quinn::ConnectionError) -> SessionEnd {
 /// [`Link::session`] again after each connection ends.
 struct Link {
     endpoint: quinn::Endpoint,
-    config: quinn::ClientConfig,
+    /// The node's identity as it stands (renewals and the controller's
+    /// anchors change it); each connection is made with it.
+    identity: Identity,
+    state_dir: PathBuf,
+    /// What tells this machine from a clone (`AgentMsg::Machine`).
+    machine: String,
+    /// The controller of this connection said what to trust (so it knows renewals).
+    trusted: bool,
     /// The controller's address.
     addr: SocketAddr,
     /// This node's IP, as sent in `Hello`.
@@ -443,19 +504,124 @@ struct Link {
     shutdown: CancellationToken,
 }
 
+/// A certificate renewal over the link.
+#[derive(Default)]
+struct Renewal {
+    /// The controller said what to trust, so it knows `Renew`.
+    allowed: bool,
+    /// The key of the CSR sent, waiting for its certificate.
+    pending: Option<String>,
+}
+
+impl Renewal {
+    /// Makes a fresh key and CSR and sends it; the key stays here.
+    async fn ask(
+        &mut self,
+        send: &mut quinn::SendStream,
+        identity: &Identity,
+    ) -> Result<(), SessionEnd> {
+        if self.pending.is_some() {
+            return Ok(());
+        }
+        let made = rcgen::KeyPair::generate().and_then(|key| {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, identity.meta.node_id.as_str());
+            Ok((key.serialize_pem(), params.serialize_request(&key)?.pem()?))
+        });
+        let (key_pem, csr_pem) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "could not make a key for the certificate renewal");
+                self.allowed = false;
+                return Ok(());
+            }
+        };
+        info!("asking the controller for a new certificate");
+        if let Err(e) = write_frame(send, &AgentMsg::Renew { csr_pem }).await {
+            return Err(SessionEnd::Lost(format!(
+                "renewal not sent: {}",
+                ErrorChain(&e)
+            )));
+        }
+        self.pending = Some(key_pem);
+        Ok(())
+    }
+
+    /// Puts the new certificate in place if it is for the key sent.
+    fn finish(&mut self, cert_pem: String, identity: &mut Identity, dir: &Path) -> SessionEnd {
+        let Some(key_pem) = self.pending.take() else {
+            return SessionEnd::Lost("a certificate came that was not asked for".into());
+        };
+        let fits = crate::identity::cert_facts(&cert_pem).is_some_and(|(_, _, public)| {
+            rcgen::KeyPair::from_pem(&key_pem).is_ok_and(|k| k.public_key_raw() == public)
+        });
+        if !fits {
+            return SessionEnd::Lost("the renewed certificate is not for the key sent".into());
+        }
+        match identity.save_renewed(dir, key_pem, cert_pem) {
+            Ok(()) => {
+                let until = crate::identity::cert_facts(&identity.cert_pem)
+                    .map(|f| f.1)
+                    .unwrap_or(0);
+                info!(not_after_unix = until, "certificate renewed");
+                SessionEnd::Renewed
+            }
+            Err(e) => SessionEnd::Lost(format!(
+                "the renewed certificate could not be stored: {}",
+                ErrorChain(&e)
+            )),
+        }
+    }
+}
+
 impl Link {
+    /// Stores what the controller says to trust and gives the lane workers
+    /// the step keys; the controller then knows renewals.
+    fn apply_trust(&mut self, trust: &de_common::Trust) {
+        match self.identity.save_trust(&self.state_dir, trust) {
+            Ok(true) => info!("stored the controller's CA and step keys"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %ErrorChain(&e), "could not store what the controller says to trust")
+            }
+        }
+        self.shared.set_step_keys(
+            self.identity.step_public_key.clone(),
+            self.identity.previous_step_key.clone(),
+        );
+        self.trusted = true;
+    }
+
+    /// Whether this node's certificate has less than a third of its lifetime left.
+    fn cert_due(&self) -> bool {
+        crate::identity::cert_facts(&self.identity.cert_pem)
+            .is_some_and(|(from, to, _)| renewal_due(from, to, now_unix()))
+    }
+
     /// Connects, says `Hello`, and sends heartbeats until the connection ends.
     async fn session(&mut self) -> SessionEnd {
         let (addr, shutdown) = (self.addr, self.shutdown.clone());
-        let identity = &self.shared.identity;
-        let connecting = match self.endpoint.connect_with(
-            self.config.clone(),
-            addr,
-            de_common::CONTROLLER_SERVER_NAME,
+        self.trusted = false;
+        let config = match net::link_config(
+            &self.identity.ca_pem,
+            &self.identity.cert_pem,
+            &self.identity.key_pem,
         ) {
             Ok(c) => c,
-            Err(e) => return SessionEnd::Failed(e.to_string()),
+            Err(e) => return SessionEnd::Failed(ErrorChain(&e).to_string()),
         };
+        let shared = self.shared.clone();
+        let identity = &shared.identity;
+        let connecting =
+            match self
+                .endpoint
+                .connect_with(config, addr, de_common::CONTROLLER_SERVER_NAME)
+            {
+                Ok(c) => c,
+                Err(e) => return SessionEnd::Failed(e.to_string()),
+            };
         let conn = tokio::select! {
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
             r = tokio::time::timeout(self.connect_timeout, connecting) => match r {
@@ -479,15 +645,32 @@ impl Link {
             heartbeat_secs: u32::try_from(self.heartbeat.as_secs().max(1)).unwrap_or(u32::MAX),
             last_done: self.shared.ledger().last_done_all(),
         });
-        if write_frame(&mut send, &hello).await.is_err() {
+        let machine = AgentMsg::Machine {
+            id: self.machine.clone(),
+        };
+        if write_frame(&mut send, &machine).await.is_err()
+            || write_frame(&mut send, &hello).await.is_err()
+        {
             return conn
                 .close_reason()
                 .map(|e| classify(&e))
                 .unwrap_or_else(|| SessionEnd::Failed("could not send Hello".into()));
         }
-        let answer = tokio::select! {
-            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-            a = tokio::time::timeout(self.connect_timeout, read_frame::<_, ControllerMsg>(&mut recv)) => a,
+        // What to trust comes before Welcome (from controllers that know
+        // it): stored before any step is pulled on this connection.
+        let mut renew_now = false;
+        let answer = loop {
+            let answer = tokio::select! {
+                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                a = tokio::time::timeout(self.connect_timeout, read_frame::<_, ControllerMsg>(&mut recv)) => a,
+            };
+            match answer {
+                Ok(Ok(Some(ControllerMsg::Trust(trust)))) => {
+                    self.apply_trust(&trust);
+                    renew_now = trust.renew;
+                }
+                other => break other,
+            }
         };
         match answer {
             Ok(Ok(Some(ControllerMsg::Welcome(w)))) => {
@@ -495,6 +678,9 @@ impl Link {
             }
             Ok(Ok(Some(ControllerMsg::Refused(LinkRefusal::Revoked)))) => {
                 return SessionEnd::Revoked;
+            }
+            Ok(Ok(Some(ControllerMsg::Refused(LinkRefusal::IdentityConflict(why))))) => {
+                return SessionEnd::Conflict(format!("the controller refused the link: {why}"));
             }
             Ok(Ok(Some(other))) => {
                 return SessionEnd::Failed(format!("controller refused the link: {other:?}"));
@@ -508,20 +694,30 @@ impl Link {
             Err(_) => return SessionEnd::Failed("the controller did not answer Hello".into()),
         }
         let _ = self.conn_tx.send(Some(conn.clone()));
-        // After Welcome the control stream only ever brings a ClockQuery
-        // (from controllers that want this node's clock); a task reads it
-        // so that the loop below never cuts a frame in half.
-        let (query_tx, mut queries) = mpsc::channel::<u64>(1);
+        // After Welcome the control stream brings a ClockQuery, what to
+        // trust and the answers to renewals; a task reads them so that the
+        // loop below never cuts a frame in half.
+        let (query_tx, mut queries) = mpsc::channel::<ControllerMsg>(4);
         let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             while let Ok(Some(m)) = read_frame::<_, ControllerMsg>(&mut recv).await {
-                if let ControllerMsg::ClockQuery { unix_ms } = m
-                    && query_tx.send(unix_ms).await.is_err()
-                {
+                if query_tx.send(m).await.is_err() {
                     return;
                 }
             }
         }));
         let mut clock_asked = false;
+        // Renewal: possible once the controller said what to trust; the key
+        // of the CSR sent waits here for its certificate.
+        let mut renewal = Renewal {
+            allowed: self.trusted,
+            pending: None,
+        };
+        if self.trusted
+            && (renew_now || self.cert_due())
+            && let Err(why) = renewal.ask(&mut send, &self.identity).await
+        {
+            return why;
+        }
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -539,7 +735,33 @@ impl Link {
                         other => other,
                     };
                 }
-                Some(controller_ms) = queries.recv() => {
+                Some(msg) = queries.recv() => {
+                    let controller_ms = match msg {
+                        ControllerMsg::ClockQuery { unix_ms } => unix_ms,
+                        ControllerMsg::Trust(trust) => {
+                            self.apply_trust(&trust);
+                            if (trust.renew || self.cert_due())
+                                && let Err(why) = renewal.ask(&mut send, &self.identity).await
+                            {
+                                return why;
+                            }
+                            continue;
+                        }
+                        ControllerMsg::Renewed { cert_pem } => {
+                            return renewal.finish(cert_pem, &mut self.identity, &self.state_dir);
+                        }
+                        ControllerMsg::RenewRefused(why) => {
+                            warn!(reason = %why, "the controller refused to renew this node's certificate");
+                            renewal.pending = None;
+                            renewal.allowed = false;
+                            continue;
+                        }
+                        ControllerMsg::Refused(LinkRefusal::Revoked) => return SessionEnd::Revoked,
+                        other => {
+                            warn!(?other, "unexpected message on the control stream");
+                            continue;
+                        }
+                    };
                     let now = unix_ms(SystemTime::now());
                     let skew = skew_secs(now, controller_ms);
                     if skew.unsigned_abs() >= CLOCK_SKEW_WARN_SECS.unsigned_abs() {
@@ -556,6 +778,11 @@ impl Link {
                     }
                 }
                 _ = tick.tick() => {
+                    if renewal.allowed && renewal.pending.is_none() && self.cert_due()
+                        && let Err(why) = renewal.ask(&mut send, &self.identity).await
+                    {
+                        return why;
+                    }
                     // The lanes' progress before anything is read: every step up to
                     // it shows in the monit status and the inventory sent below
                     // (see `AgentMsg::Inventory`).

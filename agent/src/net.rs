@@ -28,6 +28,8 @@ pub enum NetError {
     BadCa,
     #[error("the stored node key or certificate is not valid: enrol again")]
     BadIdentity,
+    #[error("could not make this machine's id: {0}")]
+    Machine(String),
 }
 
 pub(crate) fn resolve(controller: &str) -> Result<SocketAddr, NetError> {
@@ -65,6 +67,16 @@ pub(crate) fn node_ip(controller: SocketAddr, advertise: Option<IpAddr>) -> IpAd
         })
         .map(|a| a.ip())
         .unwrap_or(any.ip())
+}
+
+/// The address this node's link leaves from: `advertise` when it is an
+/// address of this node, else the one the kernel picks toward `controller`
+/// (a cloned image keeps the original's `advertise` but not its address).
+pub(crate) fn local_ip(controller: SocketAddr, advertise: Option<IpAddr>) -> IpAddr {
+    match advertise {
+        Some(ip) if UdpSocket::bind((ip, 0)).is_ok() => ip,
+        _ => node_ip(controller, None),
+    }
 }
 
 /// A client endpoint, bound to `advertise` when it is an address of this node.
@@ -160,16 +172,23 @@ pub(crate) fn enroll_config() -> Result<quinn::ClientConfig, NetError> {
     quic(tls)
 }
 
-/// Mutual TLS for the agent link (`de-agent/1`): trusts only the pinned CA.
+/// Mutual TLS for the agent link (`de-agent/1`): trusts only the pinned CAs.
 pub(crate) fn link_config(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<quinn::ClientConfig, NetError> {
     use rustls_pki_types::pem::PemObject;
+    // The pinned bundle: during a CA rotation, the new CA and the old one.
     let mut roots = rustls::RootCertStore::empty();
-    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|_| NetError::BadCa)?;
-    roots.add(ca).map_err(|_| NetError::BadCa)?;
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(ca.map_err(|_| NetError::BadCa)?)
+            .map_err(|_| NetError::BadCa)?;
+    }
+    if roots.is_empty() {
+        return Err(NetError::BadCa);
+    }
     let chain = vec![
         CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| NetError::BadIdentity)?,
     ];

@@ -61,6 +61,9 @@ pub enum ErrorCode {
     /// 403: the token's role does not allow the route; the message names the
     /// role needed.
     Forbidden,
+    /// 409: a CA rotation is under way (rotate) or nodes still hold a
+    /// certificate of the old CA (retire); the message says which.
+    CaInUse,
     /// A code this build does not know (from a newer controller).
     #[serde(other)]
     Other,
@@ -68,7 +71,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code the controller sends, in the order `docs/API.md` lists them.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPlan,
         ErrorCode::WebsocketRequired,
@@ -84,6 +87,7 @@ impl ErrorCode {
         ErrorCode::PlanUnusable,
         ErrorCode::NodesOffline,
         ErrorCode::Forbidden,
+        ErrorCode::CaInUse,
     ];
 }
 
@@ -285,6 +289,61 @@ pub struct NodeView {
     /// Why the node's last link attempt disagreed with its IPs (none when it agreed).
     #[serde(default)]
     pub ip_mismatch: Option<String>,
+    /// When the node's certificate expires (RFC 3339), as last seen on its
+    /// link or issued by a renewal; none before either.
+    #[serde(default)]
+    pub cert_not_after: Option<String>,
+    /// Two machines claimed this node's identity (a cloned image): only the
+    /// holder keeps the link until an operator revokes or re-enrols the node.
+    #[serde(default)]
+    pub identity_conflict: Option<IdentityConflict>,
+}
+
+/// Two machines that present one node's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityConflict {
+    /// RFC 3339: when the second machine was first seen.
+    pub since: String,
+    /// The machine that held the link, and keeps it.
+    pub holder: Claimant,
+    /// The last other machine refused.
+    pub refused: Claimant,
+}
+
+/// One machine presenting a node's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claimant {
+    /// The link's source address.
+    pub address: String,
+    /// What the agent says identifies its machine (a hash).
+    pub machine: String,
+}
+
+/// The controller's keys (`POST /api/v1/pki/*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PkiView {
+    /// SHA-256 of the CA that issues node certificates now (hex).
+    pub ca: String,
+    /// SHA-256 of the CA being retired, still trusted for the overlap.
+    pub previous_ca: Option<String>,
+    /// The public key that signs new steps (hex).
+    pub step_key: String,
+    /// The step key before the last rotation, and until when (RFC 3339)
+    /// agents accept the steps queued with it.
+    pub previous_step_key: Option<String>,
+    pub previous_step_key_until: Option<String>,
+    /// Nodes not revoked whose certificate is from the previous CA.
+    pub nodes_on_previous_ca: Vec<String>,
+}
+
+/// `POST /api/v1/pki/retire-old-ca` body (optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetireCa {
+    /// Retire even though nodes still hold a certificate of the old CA
+    /// (they lose their link and must be enrolled again).
+    #[serde(default)]
+    pub force: bool,
 }
 
 impl NodeView {
@@ -873,6 +932,12 @@ pub enum AuditAction {
     Token,
     /// An API token revoked.
     RevokeToken,
+    /// The step-signing key rotated.
+    RotateStepKey,
+    /// A new CA made (the old one still trusted).
+    RotateCa,
+    /// The previous CA no longer trusted.
+    RetireCa,
     /// An action this build does not know (from a newer controller).
     #[serde(other)]
     Other,
@@ -915,6 +980,8 @@ mod tests {
             allow_nat: false,
             source_ip: None,
             ip_mismatch: None,
+            cert_not_after: None,
+            identity_conflict: None,
         }
     }
 

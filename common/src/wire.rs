@@ -32,6 +32,8 @@ pub mod close_codes {
     pub const UNAUTHENTICATED: u32 = 3;
     /// A newer connection from the same node replaced this one.
     pub const REPLACED: u32 = 4;
+    /// The controller's keys changed (a rotation): connect again to learn them.
+    pub const REKEYED: u32 = 5;
 }
 
 /// Agent -> controller on the enrolment stream.
@@ -198,6 +200,21 @@ pub enum AgentMsg {
     Clock {
         unix_ms: u64,
     },
+    /// Which machine holds this identity: a hash of a nonce kept in the
+    /// agent's state dir, the machine's id and its own address toward the
+    /// controller. Sent before `Hello` on the control stream, so that two
+    /// machines with one identity (a cloned image) are told apart before
+    /// either takes the link. Optional: an agent that sends none is not checked.
+    Machine {
+        id: String,
+    },
+    /// A fresh CSR for this node's next certificate (control stream, after
+    /// [`ControllerMsg::Trust`]); the answer is `Renewed` or `RenewRefused`.
+    /// The controller issues it for the node of the link's certificate,
+    /// whatever the CSR names.
+    Renew {
+        csr_pem: String,
+    },
 }
 
 /// One instance the agent applied (a `MarkApplied` step), as it stands now.
@@ -225,6 +242,9 @@ pub enum LinkRefusal {
     /// The Hello names another node than the certificate does.
     IdentityMismatch,
     Invalid(String),
+    /// Another machine holds this node's identity (a cloned image); the text
+    /// says which and what to do.
+    IdentityConflict(String),
 }
 
 /// Controller -> agent. `Welcome`/`Refused` on the control stream; `Step` or
@@ -246,4 +266,59 @@ pub enum ControllerMsg {
     ClockQuery {
         unix_ms: u64,
     },
+    /// What the agent should trust, sent just before `Welcome` to agents
+    /// that said which machine they are (`AgentMsg::Machine`), so that they
+    /// hold the current step keys before they pull; older agents never see it.
+    Trust(Trust),
+    /// The node's new certificate, in answer to `AgentMsg::Renew`.
+    Renewed {
+        cert_pem: String,
+    },
+    /// Why the controller will not renew the certificate.
+    RenewRefused(String),
+}
+
+/// The anchors an agent pins, as the controller holds them now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trust {
+    /// PEM bundle of the CAs whose certificate the controller may present
+    /// (during a CA rotation, the new one and the old one).
+    pub ca_pem: String,
+    /// The key that signs every new step.
+    pub step_public_key: Vec<u8>,
+    /// The key before the last rotation, for the steps it signed.
+    pub previous_step_key: Option<PreviousStepKey>,
+    /// The controller wants a new certificate for this node now (its
+    /// certificate is from a CA being retired, or near its end).
+    pub renew: bool,
+}
+
+/// The step key before the last rotation, and what it may still sign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousStepKey {
+    pub public_key: Vec<u8>,
+    /// Unix seconds after which no step signed with it is accepted.
+    pub until: u64,
+    /// Per lane, the highest sequence number queued for this node before
+    /// the rotation: only those steps can carry the old signature.
+    pub last_seqs: Vec<(Lane, u64)>,
+}
+
+impl PreviousStepKey {
+    /// Whether a step of `lane` numbered `seq` may carry this key's signature at `now_unix`.
+    pub fn covers(&self, lane: Lane, seq: u64, now_unix: u64) -> bool {
+        now_unix <= self.until
+            && self
+                .last_seqs
+                .iter()
+                .any(|(l, last)| *l == lane && seq <= *last)
+    }
+}
+
+/// Whether a certificate valid from `not_before` to `not_after` (unix
+/// seconds) is due for renewal at `now`: less than a third of its lifetime
+/// left. Agent and controller apply the same rule.
+pub fn renewal_due(not_before: u64, not_after: u64, now: u64) -> bool {
+    let lifetime = not_after.saturating_sub(not_before);
+    not_after.saturating_sub(now) < lifetime / 3
 }

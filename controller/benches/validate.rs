@@ -39,6 +39,8 @@ fn nodes() -> Vec<NodeView> {
             allow_nat: false,
             source_ip: None,
             ip_mismatch: None,
+            cert_not_after: None,
+            identity_conflict: None,
         })
         .collect()
 }

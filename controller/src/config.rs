@@ -33,6 +33,8 @@ pub(crate) const LOG_MAX_MB: RangeInclusive<u64> = 0..=1_048_576;
 pub(crate) const LOG_KEEP: RangeInclusive<u32> = 0..=100;
 /// Seconds a node may be silent before its steps fail (at most a day).
 pub(crate) const NODE_GRACE: RangeInclusive<u64> = 1..=86_400;
+/// Days a node certificate is valid (at most 5 years); agents renew it in its last third.
+pub(crate) const NODE_CERT_DAYS: RangeInclusive<u32> = 1..=1825;
 
 /// The controller's config file; every field is optional and falls back to the built-in default.
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -59,6 +61,9 @@ pub(crate) struct Config {
     pub(crate) api_key: Option<PathBuf>,
     pub(crate) api_names: Option<Vec<String>>,
     pub(crate) packages_dir: Option<PathBuf>,
+    /// Days a node certificate is valid ([`NODE_CERT_DAYS`]).
+    #[serde(default, deserialize_with = "node_cert_days")]
+    pub(crate) node_cert_days: Option<u32>,
 }
 
 fn in_file<'de, D, T>(d: D, range: &RangeInclusive<T>) -> Result<Option<T>, D::Error>
@@ -92,6 +97,10 @@ fn log_keep<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
 
 fn node_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     in_file(d, &NODE_GRACE)
+}
+
+fn node_cert_days<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    in_file(d, &NODE_CERT_DAYS)
 }
 
 /// A flag's (or its environment variable's) value: a number in `range`.
@@ -174,6 +183,10 @@ mod tests {
             all.packages_dir.as_deref(),
             Some(Path::new("/usr/share/deployment-engine/packages"))
         );
+        assert_eq!(
+            all.node_cert_days,
+            Some(de_controller::DEFAULT_NODE_CERT_DAYS)
+        );
     }
 
     #[test]
@@ -208,6 +221,16 @@ mod tests {
                 "between 0 and 1048576, got 1048577",
             ),
             ("log_keep = 101", "log_keep", "between 0 and 100, got 101"),
+            (
+                "node_cert_days = 0",
+                "node_cert_days",
+                "between 1 and 1825, got 0",
+            ),
+            (
+                "node_cert_days = 1826",
+                "node_cert_days",
+                "between 1 and 1825, got 1826",
+            ),
         ] {
             let e = parse(&format!("data_dir = \"/x\"\n{text}\n")).expect_err(text);
             assert!(

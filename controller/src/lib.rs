@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 // What the binaries and the bench use; nothing else is re-exported.
 pub use agents::quic;
-pub use agents::{NodeView, PublicAddr, TokenOrigin, agent_address, hostname};
+pub use agents::{
+    DEFAULT_NODE_CERT_DAYS, NodeView, PublicAddr, TokenOrigin, agent_address, hostname,
+};
 pub use deploy::{DEFAULT_STEP_ATTEMPTS, Deployer};
 pub use oplog::{DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_MB, LogLimits};
 pub use plan::{Cardinality, Catalogs, validate_plan};
@@ -53,7 +55,7 @@ pub enum OpenError {
 #[derive(Debug)]
 pub struct Controller {
     pub store: Arc<dyn Store>,
-    pub pki: Pki,
+    pub pki: Arc<Pki>,
     pub codes: Codes,
     /// The API tokens and their roles (the first one is `admin.token`).
     pub(crate) tokens: Tokens,
@@ -102,7 +104,7 @@ impl Controller {
         Ok((
             Controller {
                 store,
-                pki,
+                pki: Arc::new(pki),
                 codes,
                 tokens,
                 audit,

@@ -14,7 +14,9 @@ use tracing::{info, warn};
 
 use de_controller::{Controller, PublicAddr, TokenOrigin, http, quic};
 
-use crate::config::{Config, LOG_KEEP, LOG_MAX_MB, NODE_GRACE, PACKAGED_PATH, STEP_ATTEMPTS};
+use crate::config::{
+    Config, LOG_KEEP, LOG_MAX_MB, NODE_CERT_DAYS, NODE_GRACE, PACKAGED_PATH, STEP_ATTEMPTS,
+};
 
 const DEFAULT_DATA_DIR: &str = "./de-data";
 const DEFAULT_API_LISTEN: SocketAddr =
@@ -98,6 +100,13 @@ enum Command {
         /// [default: /usr/share/deployment-engine/packages, then DATA/packages].
         #[arg(long, env = "DE_PACKAGES_DIR", value_name = "DIR")]
         packages_dir: Option<PathBuf>,
+        /// Days a node certificate is valid; agents renew it in its last third, 1-1825 [default: 90].
+        #[arg(long, env = "DE_NODE_CERT_DAYS", value_parser = |s: &str| config::flag(s, &NODE_CERT_DAYS))]
+        node_cert_days: Option<u32>,
+        /// Test only: node certificates valid this many seconds (overrides
+        /// --node-cert-days), so that tests see renewals in seconds.
+        #[arg(long, env = "DE_TEST_NODE_CERT_SECS", hide = true, value_parser = |s: &str| config::flag(s, &(10..=86_400u64)))]
+        test_node_cert_secs: Option<u64>,
     },
 }
 
@@ -114,6 +123,7 @@ struct Settings {
     /// `None`: plain HTTP.
     api_tls: Option<ApiTlsSetting>,
     packages_dirs: Vec<PathBuf>,
+    node_cert_lifetime: Duration,
 }
 
 /// Where the API's certificate comes from, before the data dir is open.
@@ -142,6 +152,8 @@ impl Settings {
             api_key,
             api_names,
             packages_dir,
+            node_cert_days,
+            test_node_cert_secs,
         } = command;
         let data_dir: PathBuf =
             (data_dir.or(file.data_dir)).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
@@ -190,6 +202,15 @@ impl Settings {
             },
             api_tls,
             packages_dirs,
+            node_cert_lifetime: test_node_cert_secs.map_or_else(
+                || {
+                    let days = node_cert_days
+                        .or(file.node_cert_days)
+                        .unwrap_or(de_controller::DEFAULT_NODE_CERT_DAYS);
+                    Duration::from_secs(u64::from(days) * 86_400)
+                },
+                Duration::from_secs,
+            ),
         })
     }
 }
@@ -249,6 +270,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         log_limits,
         api_tls,
         packages_dirs,
+        node_cert_lifetime,
     } = settings;
     let (mut ctl, origin) = Controller::open(&data_dir)
         .with_context(|| format!("could not open the data dir {}", data_dir.display()))?;
@@ -268,6 +290,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     ctl.deployer.set_attempts(step_attempts);
     ctl.logs.set_limits(log_limits);
+    ctl.pki.set_node_cert_lifetime(node_cert_lifetime);
     let endpoint = quic::endpoint(quic_listen, &ctl.pki, ctl.nodes.revoked_set())?;
     let quic_addr = endpoint
         .local_addr()
@@ -329,7 +352,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         println!(
             "api https ca {} sha256 {}",
             data_dir.join("ca.pem").display(),
-            http::tls::fingerprint(ctl.pki.ca_der())
+            http::tls::fingerprint(&ctl.pki.ca_der())
         );
     }
     println!("api listening on {api_addr}");
@@ -419,6 +442,7 @@ mod tests {
             ("--log-max-mb", "1048577", "from 0 to 1048576"),
             ("--log-keep", "101", "from 0 to 100"),
             ("--log-keep", "-1", "from 0 to 100"),
+            ("--node-cert-days", "0", "from 1 to 1825"),
         ] {
             let e = serve(&[&format!("{flag}={value}")]).expect_err(flag);
             assert_eq!(e.exit_code(), 2, "{e}");

@@ -30,6 +30,8 @@ pub(crate) fn node(id: &str, ip: &str, cpus: u32, ram_mb: u64, disk_mb: u64) -> 
         allow_nat: false,
         source_ip: None,
         ip_mismatch: None,
+        cert_not_after: None,
+        identity_conflict: None,
     }
 }
 
@@ -104,6 +106,9 @@ pub(crate) fn record(
         last_seen: None,
         root: "/".to_owned(),
         allow_nat: false,
+        cert_not_after: None,
+        cert_ca: None,
+        identity_conflict: None,
     }
 }
 

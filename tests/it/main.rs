@@ -15,6 +15,7 @@ mod link_security;
 mod monit;
 mod node_identity;
 mod operate;
+mod pki_rotation;
 mod plans;
 mod planted;
 mod skew;

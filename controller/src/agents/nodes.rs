@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 pub use de_common::api::NodeView;
-use de_common::api::resolve;
+use de_common::api::{Claimant, IdentityConflict, resolve};
 use de_common::{
     ComponentStatus, Hardware, Hello, InstanceState, Lane, NodeId, Usage, close_codes,
 };
@@ -48,6 +48,16 @@ pub struct NodeRecord {
     /// The operator lets the node's links come from other addresses than its IPs.
     #[serde(default)]
     pub allow_nat: bool,
+    /// When the node's certificate expires (RFC 3339): as issued, or as
+    /// its last link showed it.
+    #[serde(default)]
+    pub cert_not_after: Option<String>,
+    /// SHA-256 of the CA that issued the node's certificate (hex).
+    #[serde(default)]
+    pub cert_ca: Option<String>,
+    /// Two machines claimed this identity; only the holder may link.
+    #[serde(default)]
+    pub identity_conflict: Option<IdentityConflict>,
 }
 
 fn default_root() -> String {
@@ -72,6 +82,9 @@ pub enum NodeError {
     /// The link's address does not fit the node's IPs and NAT is not allowed.
     #[error("{0}")]
     Address(String),
+    /// Another machine holds this node's identity.
+    #[error("{0}")]
+    Conflict(String),
     #[error("the node store could not be updated")]
     Store(#[from] StoreError),
 }
@@ -79,6 +92,9 @@ pub enum NodeError {
 struct Live {
     /// Every connection of the node that was let in and has not ended.
     conns: Vec<quinn::Connection>,
+    /// The machine that holds the link (as its agent said), and from where.
+    machine: Option<String>,
+    source: IpAddr,
     usage: Usage,
     components: Vec<ComponentStatus>,
     last_seen: SystemTime,
@@ -119,6 +135,14 @@ pub enum Report {
     Stale,
     /// Its inventory, sent after everything it has done.
     Fresh(Vec<InstanceState>),
+}
+
+/// What a link showed of itself beyond its Hello: the machine its agent
+/// says it runs on, and its certificate's end (RFC 3339) and issuing CA.
+#[derive(Debug, Clone, Default)]
+pub struct LinkFacts {
+    pub machine: Option<String>,
+    pub cert: Option<(String, String)>,
 }
 
 /// Where the node's last link attempt came from, and how it disagreed with the node's IPs.
@@ -324,6 +348,7 @@ impl Nodes {
         conn: quinn::Connection,
         source: IpAddr,
         hello: &Hello,
+        link: &LinkFacts,
     ) -> Result<(), NodeError> {
         let now = SystemTime::now();
         let id = &hello.node_id;
@@ -348,7 +373,7 @@ impl Nodes {
                 return Err(NodeError::Address(format!("node {id} refused: {why}")));
             }
         }
-        let rec = NodeRecord {
+        let mut rec = NodeRecord {
             hostname: hello.hostname.clone(),
             hardware: hello.hardware.clone(),
             agent_version: hello.agent_version.clone(),
@@ -356,12 +381,22 @@ impl Nodes {
             root: hello.root.clone(),
             ..current.clone()
         };
+        if let Some(refused) = self.claim_conflict(&mut rec, source, link.machine.as_deref(), now) {
+            self.put(&mut records, rec)?;
+            return Err(refused);
+        }
+        if let Some((not_after, ca)) = &link.cert {
+            rec.cert_not_after = Some(not_after.clone());
+            rec.cert_ca = Some(ca.clone());
+        }
         self.put(&mut records, rec)?;
         // Registered while `records` is held: a revoke after this closes it.
         let old = self.live().insert(
             id.clone(),
             Live {
                 conns: vec![conn],
+                machine: link.machine.clone(),
+                source,
                 usage: hello.usage.clone(),
                 components: Vec::new(),
                 last_seen: now,
@@ -379,6 +414,100 @@ impl Nodes {
             );
         }
         Ok(())
+    }
+
+    /// Whether a link from `source` by `machine` may take node `rec`'s
+    /// identity: not when another machine holds a live link to it (a
+    /// cloned image), nor, once that was seen, when it is not the holder
+    /// (so the two never take the link in turn). Records the conflict in
+    /// `rec`; the caller stores it. None: the link may go ahead.
+    fn claim_conflict(
+        &self,
+        rec: &mut NodeRecord,
+        source: IpAddr,
+        machine: Option<&str>,
+        now: SystemTime,
+    ) -> Option<NodeError> {
+        let claimant = Claimant {
+            address: source.to_string(),
+            machine: machine.unwrap_or("unknown").to_owned(),
+        };
+        let fix = format!(
+            "two machines present node {}'s certificate (a cloned image?): on the machine that should not be {0}, stop de-agent, remove its state dir and enrol it again with a new install code; the controller shows both on the node; revoking {0} ends the conflict",
+            rec.id
+        );
+        if let Some(conflict) = &mut rec.identity_conflict {
+            if machine == Some(conflict.holder.machine.as_str()) {
+                return None;
+            }
+            conflict.refused = claimant;
+            return Some(NodeError::Conflict(format!(
+                "refused: this machine is not the one holding the identity; {fix}"
+            )));
+        }
+        let live = self.live();
+        let holder = live.get(&rec.id).filter(|l| {
+            l.conns.iter().any(|c| c.close_reason().is_none())
+                && l.machine.is_some()
+                && machine.is_some()
+                && l.machine.as_deref() != machine
+        })?;
+        tracing::warn!(node = %rec.id, holder = %holder.source, claimant = %source, "{fix}");
+        rec.identity_conflict = Some(IdentityConflict {
+            since: rfc3339(now),
+            holder: Claimant {
+                address: holder.source.to_string(),
+                machine: holder.machine.clone().unwrap_or_default(),
+            },
+            refused: claimant,
+        });
+        Some(NodeError::Conflict(format!(
+            "refused: another machine holds the link; {fix}"
+        )))
+    }
+
+    /// Node `id` holds a new certificate (a renewal): recorded, durable when
+    /// this returns. Refused for a revoked or unknown node.
+    pub fn renewed(&self, id: &NodeId, not_after: String, ca: String) -> Result<(), NodeError> {
+        let mut records = self.records_mut();
+        let Some(current) = records.get(id) else {
+            return Err(NodeError::Unknown(id.clone()));
+        };
+        if current.revoked || self.is_revoked(id) {
+            return Err(NodeError::Revoked(id.clone()));
+        }
+        let rec = NodeRecord {
+            cert_not_after: Some(not_after),
+            cert_ca: Some(ca),
+            ..current.clone()
+        };
+        self.put(&mut records, rec)?;
+        Ok(())
+    }
+
+    /// The nodes not revoked whose certificate is not known to be from the CA `ca`.
+    pub fn not_on_ca(&self, ca: &str) -> Vec<NodeId> {
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<NodeId> = records
+            .values()
+            .filter(|r| !r.revoked && r.cert_ca.as_deref() != Some(ca))
+            .map(|r| r.id.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Closes every live link with `why`: the agents connect again at once
+    /// and learn the controller's new keys.
+    pub fn reconnect_all(&self, why: &'static [u8]) {
+        let conns: Vec<quinn::Connection> = self
+            .live()
+            .values_mut()
+            .flat_map(|l| std::mem::take(&mut l.conns))
+            .collect();
+        for c in conns {
+            c.close(close_codes::REKEYED.into(), why);
+        }
     }
 
     pub fn heartbeat(&self, id: &NodeId, usage: Usage, components: Vec<ComponentStatus>) {
@@ -557,6 +686,8 @@ impl Nodes {
             allow_nat: rec.allow_nat,
             source_ip: check.source.map(|a| a.to_string()),
             ip_mismatch: check.mismatch,
+            cert_not_after: rec.cert_not_after.clone(),
+            identity_conflict: rec.identity_conflict.clone(),
         }
     }
 
@@ -669,6 +800,27 @@ mod tests {
         let (foreign, why) =
             address_mismatch(&rec, ip("10.0.0.1"), &["10.0.0.9".to_owned()]).expect("claim");
         assert!(!foreign, "{why}");
+    }
+
+    #[test]
+    fn a_revoked_node_cannot_record_a_renewed_certificate() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let n = nodes(dir.path());
+        n.enrolled(record("n-a", "10.0.0.1", 1, 1, 1)).expect("a");
+        n.renewed(&"n-a".into(), "2030-01-01T00:00:00Z".into(), "ca1".into())
+            .expect("renewed");
+        assert_eq!(
+            n.get(&"n-a".into()).expect("a").cert_not_after.as_deref(),
+            Some("2030-01-01T00:00:00Z")
+        );
+        assert_eq!(n.not_on_ca("ca2"), vec![NodeId::from("n-a")]);
+        assert!(n.not_on_ca("ca1").is_empty());
+        assert!(n.revoke(&"n-a".into()).expect("revoke"));
+        assert!(matches!(
+            n.renewed(&"n-a".into(), "2031-01-01T00:00:00Z".into(), "ca2".into()),
+            Err(NodeError::Revoked(_))
+        ));
+        assert!(n.not_on_ca("ca2").is_empty(), "revoked nodes do not count");
     }
 
     #[test]

@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 
 use rustls::DistinguishedName;
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio_util::sync::CancellationToken;
@@ -22,15 +21,15 @@ use tracing::{debug, info, warn};
 
 use de_common::{
     AGENT_ALPN, AgentMsg, ControllerMsg, ENROLL_ALPN, EnrollClientMsg, EnrollGrant, EnrollRefusal,
-    EnrollRequest, EnrollServerMsg, ErrorChain, LinkRefusal, NodeId, Welcome, close_codes, decode,
-    encode, read_frame, skew_secs, unix_ms, write_frame,
+    EnrollRequest, EnrollServerMsg, ErrorChain, LinkRefusal, NodeId, Trust, Welcome, close_codes,
+    decode, encode, read_frame, skew_secs, unix_ms, write_frame,
 };
 use de_install_codes::{ChannelBinding, EKM_LABEL, Refusal};
 
 use crate::Controller;
 use crate::agents::clock::{ClockNote, ClockWatch};
 use crate::agents::codes::AttemptError;
-use crate::agents::nodes::{NodeError, NodeRecord, RevokedSet};
+use crate::agents::nodes::{LinkFacts, NodeError, NodeRecord, RevokedSet};
 use crate::agents::pki::{Pki, node_id_of};
 use crate::agents::steps::ResyncError;
 use crate::util::random_hex;
@@ -57,8 +56,6 @@ const AGENT_WINDOW: u32 = 16 * 1024 * 1024;
 pub enum QuicSetupError {
     #[error("TLS configuration failed")]
     Tls(#[from] rustls::Error),
-    #[error("client verifier could not be built")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("QUIC crypto configuration failed")]
     Crypto(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
     #[error("could not listen for QUIC on {addr}: is the port in use?")]
@@ -69,10 +66,11 @@ pub enum QuicSetupError {
     },
 }
 
-/// Accepts client certificates of our CA unless their node was revoked.
+/// Accepts client certificates of our CA (during a CA rotation, of either
+/// CA) unless their node was revoked.
 #[derive(Debug)]
 struct RevocationAwareVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    pki: Arc<Pki>,
     revoked: RevokedSet,
 }
 
@@ -87,7 +85,8 @@ impl ClientCertVerifier for RevocationAwareVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // Agents hold one certificate and send it whatever the hints say.
+        &[]
     }
 
     fn verify_client_cert(
@@ -97,7 +96,8 @@ impl ClientCertVerifier for RevocationAwareVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let ok = self
-            .inner
+            .pki
+            .client_verifier()
             .verify_client_cert(end_entity, intermediates, now)?;
         let id = node_id_of(end_entity).ok_or(rustls::Error::InvalidCertificate(
             rustls::CertificateError::BadEncoding,
@@ -117,7 +117,9 @@ impl ClientCertVerifier for RevocationAwareVerifier {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.pki
+            .client_verifier()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -126,11 +128,27 @@ impl ClientCertVerifier for RevocationAwareVerifier {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.pki
+            .client_verifier()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.pki.client_verifier().supported_verify_schemes()
+    }
+}
+
+/// Serves the controller's current certificate: a CA retirement replaces
+/// it for the connections that follow.
+#[derive(Debug)]
+struct CurrentCert(Arc<Pki>);
+
+impl rustls::server::ResolvesServerCert for CurrentCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.certified_key())
     }
 }
 
@@ -151,20 +169,18 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
 /// Binds the controller's QUIC endpoint.
 pub fn endpoint(
     addr: SocketAddr,
-    pki: &Pki,
+    pki: &Arc<Pki>,
     revoked: RevokedSet,
 ) -> Result<quinn::Endpoint, QuicSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der().clone())?;
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
-    let verifier = Arc::new(RevocationAwareVerifier { inner, revoked });
+    let verifier = Arc::new(RevocationAwareVerifier {
+        pki: pki.clone(),
+        revoked,
+    });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![pki.server_cert().clone()], pki.server_key())?;
+        .with_cert_resolver(Arc::new(CurrentCert(pki.clone())));
     tls.alpn_protocols = vec![ENROLL_ALPN.to_vec(), AGENT_ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -395,6 +411,12 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
             return refuse(&mut send, EnrollRefusal::Invalid(e.to_string())).await;
         }
     };
+    let cert_facts = {
+        use rustls_pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .ok()
+            .and_then(|d| ctl.pki.facts(&d))
+    };
     match ctl.codes.admit(&attempt) {
         Ok(Ok(())) => {}
         Ok(Err(r)) => {
@@ -417,6 +439,9 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         last_seen: None,
         root: "/".to_owned(),
         allow_nat: false,
+        cert_not_after: cert_facts.as_ref().map(|f| rfc3339(f.not_after)),
+        cert_ca: cert_facts.map(|f| f.ca),
+        identity_conflict: None,
     });
     match enrolled {
         Ok(()) => {}
@@ -429,7 +454,7 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
     let grant = EnrollGrant {
         node_id: node_id.clone(),
         cert_pem,
-        ca_pem: ctl.pki.ca_pem().to_owned(),
+        ca_pem: ctl.pki.ca_pem(),
         step_public_key: ctl.pki.step_public_key(),
     };
     let sealed = keys.seal(&encode(&grant)?);
@@ -467,15 +492,24 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
             return;
         }
     };
-    let hello =
+    // An agent that knows about cloned images says which machine it is
+    // first; older ones start with Hello.
+    let mut machine = None;
+    let hello = loop {
         match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<_, AgentMsg>(&mut recv)).await {
-            Ok(Ok(Some(AgentMsg::Hello(h)))) => h,
+            Ok(Ok(Some(AgentMsg::Machine { id }))) if machine.is_none() && id.len() <= 128 => {
+                machine = Some(id);
+            }
+            Ok(Ok(Some(AgentMsg::Hello(h)))) => break h,
             other => {
                 debug!(%remote, ?other, "agent did not say Hello");
                 conn.close(close_codes::PROTOCOL.into(), b"expected Hello");
                 return;
             }
-        };
+        }
+    };
+    let cert = certs.as_ref().and_then(|c| c.first()).cloned();
+    let facts = cert.as_ref().and_then(|c| ctl.pki.facts(c));
     if hello.node_id != node_id {
         let _ = write_frame(
             &mut send,
@@ -485,8 +519,25 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
         conn.close(close_codes::PROTOCOL.into(), b"Hello names another node");
         return;
     }
-    if let Err(e) = ctl.nodes.connected(conn.clone(), remote.ip(), &hello) {
+    let link_facts = LinkFacts {
+        machine: machine.clone(),
+        cert: facts.as_ref().map(|f| (rfc3339(f.not_after), f.ca.clone())),
+    };
+    if let Err(e) = ctl
+        .nodes
+        .connected(conn.clone(), remote.ip(), &hello, &link_facts)
+    {
         let (refusal, code, why): (LinkRefusal, u32, &[u8]) = match &e {
+            NodeError::Conflict(text) => {
+                ctl.logs.record(&format!(
+                    "node {node_id}: link from {remote} refused: {text}"
+                ));
+                (
+                    LinkRefusal::IdentityConflict(text.clone()),
+                    close_codes::PROTOCOL,
+                    b"another machine holds this identity",
+                )
+            }
             NodeError::Revoked(_) | NodeError::Unknown(_) => (
                 LinkRefusal::Revoked,
                 close_codes::REVOKED,
@@ -533,6 +584,21 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
         ctl.nodes.disconnected(&node_id, &conn);
         return;
     }
+    // An agent that said which machine it is reads what to trust, and
+    // whether to renew its certificate now, before `Welcome`: it pulls no
+    // step before it holds the step keys as they stand.
+    if machine.is_some() {
+        let trust = ControllerMsg::Trust(Trust {
+            ca_pem: ctl.pki.ca_pem(),
+            step_public_key: ctl.pki.step_public_key(),
+            previous_step_key: ctl.pki.previous_step_key_for(&node_id),
+            renew: facts.as_ref().is_some_and(|f| f.due),
+        });
+        if write_frame(&mut send, &trust).await.is_err() {
+            ctl.nodes.disconnected(&node_id, &conn);
+            return;
+        }
+    }
     let welcome = ControllerMsg::Welcome(Welcome {
         controller_version: env!("CARGO_PKG_VERSION").to_owned(),
     });
@@ -550,10 +616,24 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
         ctl.nodes.disconnected(&node_id, &conn);
         return;
     }
+    let mut renewals = 0u32;
     let mut clock = ClockWatch::default();
     let streams = tokio::spawn(accept_streams(conn.clone(), node_id.clone(), ctl.clone()));
     loop {
         match read_frame::<_, AgentMsg>(&mut recv).await {
+            Ok(Some(AgentMsg::Renew { csr_pem })) => {
+                renewals += 1;
+                let answer = if renewals > MAX_RENEWALS_PER_LINK {
+                    ControllerMsg::RenewRefused(format!(
+                        "at most {MAX_RENEWALS_PER_LINK} renewals per link: connect again with the new certificate"
+                    ))
+                } else {
+                    renew(&ctl, &node_id, &csr_pem, remote)
+                };
+                if write_frame(&mut send, &answer).await.is_err() {
+                    break;
+                }
+            }
             Ok(Some(AgentMsg::Heartbeat(hb))) => {
                 ctl.nodes.heartbeat(&node_id, hb.usage, hb.components)
             }
@@ -578,7 +658,12 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
                     None => {}
                 }
             }
-            Ok(Some(AgentMsg::Hello(_) | AgentMsg::Pull { .. } | AgentMsg::Event(_))) => {
+            Ok(Some(
+                AgentMsg::Hello(_)
+                | AgentMsg::Pull { .. }
+                | AgentMsg::Event(_)
+                | AgentMsg::Machine { .. },
+            )) => {
                 conn.close(
                     close_codes::PROTOCOL.into(),
                     b"unexpected message on the control stream",
@@ -602,6 +687,47 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
     streams.abort();
     ctl.nodes.disconnected(&node_id, &conn);
     info!(node = %node_id, "agent link closed");
+}
+
+/// How many certificates one link may ask for: one is the rule, a few
+/// allow for an answer lost with a retry.
+const MAX_RENEWALS_PER_LINK: u32 = 3;
+
+/// A certificate for node `node_id` (the link's certificate names it; what
+/// the CSR names is ignored) to the CSR's key, recorded on the node before
+/// it is sent; refused for a revoked node.
+fn renew(ctl: &Controller, node_id: &NodeId, csr_pem: &str, remote: SocketAddr) -> ControllerMsg {
+    if ctl.nodes.is_revoked(node_id) {
+        return ControllerMsg::RenewRefused("node revoked: enrol again".into());
+    }
+    let issued = ctl.pki.issue_node_cert(node_id, csr_pem).and_then(|pem| {
+        use rustls_pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|_| crate::agents::pki::PkiError::Random)?;
+        Ok((pem, ctl.pki.facts(&der)))
+    });
+    let (pem, facts) = match issued {
+        Ok((pem, Some(facts))) => (pem, facts),
+        Ok((_, None)) => return ControllerMsg::RenewRefused("internal error".into()),
+        Err(e) => {
+            warn!(node = %node_id, %remote, error = %ErrorChain(&e), "certificate renewal refused");
+            return ControllerMsg::RenewRefused(e.to_string());
+        }
+    };
+    let not_after = rfc3339(facts.not_after);
+    match ctl.nodes.renewed(node_id, not_after.clone(), facts.ca) {
+        Ok(()) => {
+            info!(node = %node_id, %remote, %not_after, "node certificate renewed");
+            ControllerMsg::Renewed { cert_pem: pem }
+        }
+        Err(NodeError::Revoked(_) | NodeError::Unknown(_)) => {
+            ControllerMsg::RenewRefused("node revoked: enrol again".into())
+        }
+        Err(e) => {
+            warn!(node = %node_id, error = %ErrorChain(&e), "could not record the renewed certificate");
+            ControllerMsg::RenewRefused("controller store unavailable; try again later".into())
+        }
+    }
 }
 
 /// How long a pull waits for a step before answering `Idle`.
@@ -697,7 +823,9 @@ async fn serve_stream(
             AgentMsg::Hello(_)
             | AgentMsg::Heartbeat(_)
             | AgentMsg::Inventory { .. }
-            | AgentMsg::Clock { .. } => {
+            | AgentMsg::Clock { .. }
+            | AgentMsg::Machine { .. }
+            | AgentMsg::Renew { .. } => {
                 conn.close(
                     close_codes::PROTOCOL.into(),
                     b"control message on a work stream",

@@ -256,7 +256,8 @@ fn json<T: Serialize>(tree: Tree, value: &T) -> Result<Vec<u8>, StoreError> {
 
 pub struct StepQueue {
     store: Arc<dyn Store>,
-    key: Arc<ring::signature::Ed25519KeyPair>,
+    /// Signs every step queued; replaced by a rotation ([`StepQueue::rotate_key`]).
+    key: std::sync::RwLock<Arc<ring::signature::Ed25519KeyPair>>,
     alloc: Mutex<()>,
     wakers: Mutex<HashMap<NodeId, Arc<Notify>>>,
     updates: broadcast::Sender<StepUpdate>,
@@ -342,13 +343,53 @@ impl StepQueue {
         }
         Ok(StepQueue {
             store,
-            key,
+            key: std::sync::RwLock::new(key),
             alloc: Mutex::new(()),
             wakers: Mutex::new(HashMap::new()),
             updates,
             active: Mutex::new(active),
             clocks,
         })
+    }
+
+    fn signing_key(&self) -> Arc<ring::signature::Ed25519KeyPair> {
+        self.key.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the step key with the one `rotate` makes, under the
+    /// allocation lock, so that every step queued before is signed with the
+    /// old key and every one after with the new. `rotate` is given, per
+    /// node, the last sequence number queued on each lane so far: the steps
+    /// the old key signed.
+    pub(crate) fn rotate_key<E>(
+        &self,
+        rotate: impl FnOnce(
+            std::collections::BTreeMap<String, Vec<(Lane, u64)>>,
+        ) -> Result<Arc<ring::signature::Ed25519KeyPair>, E>,
+    ) -> Result<(), E>
+    where
+        E: From<StoreError>,
+    {
+        let _alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last: std::collections::BTreeMap<String, Vec<(Lane, u64)>> = Default::default();
+        for (key, bytes) in self.store.list(Tree::Meta)? {
+            let Some(rest) = key.strip_prefix("seq/") else {
+                continue;
+            };
+            let Ok(seq) = serde_json::from_slice::<u64>(&bytes) else {
+                continue;
+            };
+            let Some((node, lane)) = rest.rsplit_once('/') else {
+                continue;
+            };
+            let Some(lane) = Lane::ALL.into_iter().find(|l| l.as_str() == lane) else {
+                continue;
+            };
+            last.entry(node.to_owned()).or_default().push((lane, seq));
+        }
+        let key = rotate(last)?;
+        *self.key.write().unwrap_or_else(|p| p.into_inner()) = key;
+        Ok(())
     }
 
     fn active_index(&self) -> std::sync::MutexGuard<'_, HashMap<StepId, ActiveStep>> {
@@ -536,7 +577,7 @@ impl StepQueue {
                     ),
                     action,
                 };
-                let signed = sign_step(&step, &self.key)?;
+                let signed = sign_step(&step, &self.signing_key())?;
                 let record = StepRecord {
                     step,
                     signed,

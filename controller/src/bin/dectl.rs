@@ -22,7 +22,7 @@ use de_common::api::{
     ExecResult, LogFiles, NewCode, NodeUpdate, NodeView, OperateRequest, OperateRow, PhaseState,
     PlanCheck, PlanCreated, PlanDiff, Resolved, StatusRow, resolve,
 };
-use de_common::api::{NewToken, Role, TokenCreated, TokenView};
+use de_common::api::{NewToken, PkiView, RetireCa, Role, TokenCreated, TokenView};
 use serde::Serialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::Value;
@@ -130,6 +130,27 @@ enum Command {
     Tokens {
         #[command(subcommand)]
         what: TokenCmd,
+    },
+    /// The controller's keys: `show`, `rotate-step-key`, `rotate-ca`, `retire-old-ca` (admin only to change).
+    Pki {
+        #[command(subcommand)]
+        what: PkiCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCmd {
+    /// The CA and step key fingerprints, and the nodes still on the old CA.
+    Show,
+    /// A new step key signs every new step; steps queued before still run.
+    RotateStepKey,
+    /// A new CA issues node certificates; the old one stays trusted until retired.
+    RotateCa,
+    /// Stop trusting the old CA once every node renewed from the new one.
+    RetireOldCa {
+        /// Retire even though nodes still hold an old certificate (they must enrol again).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -498,6 +519,7 @@ fn run(cli: Cli, api: &Api) -> Outcome {
         } => exec(api, command, targets, timeout, json),
         Command::Tokens { what } => tokens(api, what, json),
         Command::Ca => ca(api, json),
+        Command::Pki { what } => pki(api, what, json),
     }
 }
 
@@ -541,6 +563,39 @@ fn ca(api: &Api, json: bool) -> Outcome {
             _ => println!("CA:             the public web PKI's roots"),
         }
         println!("API key pin:    {pin}");
+    }
+    Ok(())
+}
+
+fn pki(api: &Api, what: PkiCmd, json: bool) -> Outcome {
+    let reply = match what {
+        PkiCmd::Show => api.get("/api/v1/pki")?,
+        PkiCmd::RotateStepKey => api.ok("POST", "/api/v1/pki/rotate-step-key", None)?,
+        PkiCmd::RotateCa => api.ok("POST", "/api/v1/pki/rotate-ca", None)?,
+        PkiCmd::RetireOldCa { force } => api.ok(
+            "POST",
+            "/api/v1/pki/retire-old-ca",
+            body(&RetireCa { force }),
+        )?,
+    };
+    if json {
+        reply.print_json();
+        return Ok(());
+    }
+    let k: PkiView = reply.parse()?;
+    println!("CA            {}", k.ca);
+    println!("previous CA   {}", cell(k.previous_ca));
+    println!("step key      {}", k.step_key);
+    println!(
+        "previous key  {} (until {})",
+        cell(k.previous_step_key),
+        cell(k.previous_step_key_until)
+    );
+    if !k.nodes_on_previous_ca.is_empty() {
+        println!(
+            "nodes still on the previous CA: {}",
+            k.nodes_on_previous_ca.join(", ")
+        );
     }
     Ok(())
 }
@@ -639,11 +694,16 @@ fn nodes(api: &Api, json: bool) -> Outcome {
             } else {
                 "offline"
             };
+            // Two machines present this node's certificate: shown until revoked.
+            let state = match n.identity_conflict {
+                Some(_) => format!("{state}, cloned"),
+                None => state.to_owned(),
+            };
             vec![
                 n.id.clone(),
                 n.ips.join(","),
                 n.hostname.clone(),
-                state.to_owned(),
+                state,
                 format!(
                     "{} cpu, {} MB, {} MB disk",
                     n.hardware.cpus, n.hardware.ram_mb, n.hardware.disk_mb

@@ -34,6 +34,9 @@ pub(crate) const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     ("POST", "/api/v1/tokens", Role::Admin),
     ("DELETE", "/api/v1/tokens/{name}", Role::Admin),
     ("GET", "/api/v1/audit", Role::Admin),
+    ("POST", "/api/v1/pki/rotate-step-key", Role::Admin),
+    ("POST", "/api/v1/pki/rotate-ca", Role::Admin),
+    ("POST", "/api/v1/pki/retire-old-ca", Role::Admin),
     // Acting on nodes: commands, steps, deployments, plans, monit.
     ("POST", "/api/v1/exec", Role::Operator),
     ("POST", "/api/v1/nodes/{id}/steps", Role::Operator),
@@ -46,6 +49,7 @@ pub(crate) const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     // Reading.
     ("GET", "/api/v1/nodes", Role::ReadOnly),
     ("GET", "/api/v1/nodes/{id}", Role::ReadOnly),
+    ("GET", "/api/v1/pki", Role::ReadOnly),
     ("GET", "/api/v1/steps/{id}", Role::ReadOnly),
     ("GET", "/api/v1/deployments", Role::ReadOnly),
     ("GET", "/api/v1/deployments/{id}", Role::ReadOnly),
@@ -223,6 +227,7 @@ mod tests {
         ("compat.rs", include_str!("compat.rs"), false),
         ("operate.rs", include_str!("operate.rs"), false),
         ("access.rs", include_str!("access.rs"), false),
+        ("pki.rs", include_str!("pki.rs"), false),
     ];
 
     /// `(METHOD, path)` of every `.route("path", get(..).post(..))` in `src`

@@ -19,7 +19,7 @@ pub(crate) use de_common::api::ErrorCode;
 use tracing::error;
 
 use crate::access::TokensError;
-use crate::agents::{CodesError, StepsError};
+use crate::agents::{CodesError, PkiError, RotationError, StepsError};
 use crate::deploy::DeployError;
 use crate::oplog::LogFileError;
 use crate::plan::{NO_PLAN, Problem};
@@ -51,6 +51,7 @@ impl Status for ErrorCode {
             }
             ErrorCode::NodesOffline => StatusCode::BAD_GATEWAY,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::CaInUse => StatusCode::CONFLICT,
             // Only a newer controller sends a code this one does not know.
             ErrorCode::Other => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -204,6 +205,26 @@ impl From<TokensError> for ApiError {
     }
 }
 
+impl From<PkiError> for ApiError {
+    fn from(e: PkiError) -> ApiError {
+        match &e {
+            PkiError::RotationUnderWay => ApiError::new(ErrorCode::CaInUse, e.to_string()),
+            _ => ApiError::internal_from(&e),
+        }
+    }
+}
+
+impl From<RotationError> for ApiError {
+    fn from(e: RotationError) -> ApiError {
+        match e {
+            RotationError::Pki(e) => e.into(),
+            RotationError::Store(e) => e.into(),
+            e @ RotationError::NothingToRetire => ApiError::not_found(e.to_string()),
+            e @ RotationError::NodesOnOldCa(_) => ApiError::new(ErrorCode::CaInUse, e.to_string()),
+        }
+    }
+}
+
 impl From<LogFileError> for ApiError {
     fn from(e: LogFileError) -> ApiError {
         match &e {
@@ -294,6 +315,7 @@ mod tests {
                 "plan_unusable",
                 "nodes_offline",
                 "forbidden",
+                "ca_in_use",
             ]
         );
     }

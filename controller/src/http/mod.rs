@@ -1,7 +1,8 @@
 //! The HTTP edge: the router (`app()`, so tests can drive it with
 //! `oneshot`), token and role checks (`auth`, with the table of the role
 //! each route needs), and one module per group of routes — `access`
-//! (`/api/v1` tokens and audit log),
+//! (`/api/v1` tokens and audit log), `pki` (`/api/v1/pki`: the keys and
+//! their rotation),
 //! `native` (`/api/v1` codes, nodes, exec, steps, deployments), `plan`
 //! (`/api/v1/catalogs`, `/api/v1/plan*`), `logs` (live log, downloads,
 //! tails), `compat` and `operate` (the original `/deployment-engine`
@@ -23,6 +24,7 @@ mod join;
 mod logs;
 mod native;
 mod operate;
+mod pki;
 mod plan;
 pub mod tls;
 
@@ -45,6 +47,7 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         .merge(plan::routes())
         .merge(logs::native_routes())
         .merge(access::routes())
+        .merge(pki::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             ctl.clone(),
             require_token,

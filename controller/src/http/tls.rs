@@ -166,7 +166,7 @@ impl ApiTls {
                 let leaf = CertificateDer::from_pem_slice(cert_pem.as_bytes())
                     .map_err(|_| TlsError::Parse)?;
                 let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-                (vec![leaf, pki.ca_der().clone()], key, names.clone())
+                (vec![leaf, pki.ca_der()], key, names.clone())
             }
             ApiCert::Files { cert, key } => {
                 let cert_pem =
