@@ -6,8 +6,8 @@
 # Debian node does: the system monit runs as its service would (by hand:
 # no systemd is PID 1 here), the one line shown with an install code fetches
 # join.sh and the agent package from the controller over the pinned
-# connection and enrols, the agent opens monit's HTTP interface with its
-# drop-in, debian-demo's nats is deployed, restarted (new pid), stopped and
+# connection and enrols, the package opens monit's HTTP interface with its
+# drop-in (de-agent monit-setup), debian-demo's nats is deployed, restarted (new pid), stopped and
 # uninstalled, the node revoked; then install-agent.sh's argument errors,
 # and both packages removed and purged so the machine is left as it was
 # (/etc/monit byte for byte; monit, if installed here, stays; the system
@@ -246,7 +246,7 @@ else
   done
   check "the agent (de-agent run --config /etc/deployment-engine/agent.toml) comes online" test "$online" = 1
   drop_in=/etc/monit/conf.d/deployment-engine-httpd
-  check "the agent opened the system monit's HTTP interface with a drop-in ($drop_in), monitrc untouched" \
+  check "the package opened the system monit's HTTP interface with a drop-in ($drop_in), monitrc untouched" \
     sh -c "[ -f $drop_in ] && grep -q '^set httpd unixsocket' $drop_in && ! grep -Eq '^[[:space:]]*set[[:space:]]+httpd' /etc/monit/monitrc"
   check "monit's own command line works through it (monit status)" sh -c "monit -c /etc/monit/monitrc status >/dev/null"
   node_ip=$(c "https://$api/api/v1/nodes" | sed -E 's/.*"ips":\["([^"]+)".*/\1/')

@@ -349,13 +349,9 @@ pub async fn run(
     let sampler = Sampler::new(&opts.root)?;
     let monit = match &opts.monit_control {
         Some(file) => Monit::private(file)?,
-        None => match Monit::system_with_httpd().await {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(error = %ErrorChain(&e), "could not open the system monit's HTTP interface");
-                Monit::system()
-            }
-        },
+        // The package opened its HTTP interface (`de-agent monit-setup`);
+        // the agent only reads where it is, and never changes monit's files.
+        None => Monit::system(),
     };
     if let Err(e) = monit.ensure_running().await {
         warn!(error = %ErrorChain(&e), "monit does not answer; component steps and status need it");

@@ -106,6 +106,13 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Open the system monit's HTTP interface for the agent, when
+    /// /etc/monit/monitrc and the files it includes set none (Debian's stock
+    /// monitrc): writes /etc/monit/conf.d/deployment-engine-httpd (a unix
+    /// socket), checks it with `monit -t` and reloads monit. A `set httpd`
+    /// already there is left as it is. The package runs it on install;
+    /// purging the package removes the drop-in.
+    MonitSetup,
 }
 
 /// Every option, resolved: flag > environment variable > config file > built-in default.
@@ -228,6 +235,16 @@ async fn do_enroll(code: String, settings: &Settings) -> Result<Identity, ExitCo
 
 async fn async_main(command: Command, file: Config) -> ExitCode {
     match command {
+        Command::MonitSetup => match de_agent::Monit::system_with_httpd().await {
+            Ok(m) => {
+                println!("monit's HTTP interface: {}", m.httpd_description());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("de-agent: {}", ErrorChain(&e));
+                ExitCode::FAILURE
+            }
+        },
         Command::Enroll {
             controller,
             code,

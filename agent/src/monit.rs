@@ -4,9 +4,10 @@
 //! control file's include directory; status comes from monit's XML status
 //! over its HTTP interface: the unix socket, or the TCP port (with the first
 //! `allow user:password`) when the control file or a file it includes sets
-//! one. Debian's stock monitrc sets none: the agent then adds the drop-in
-//! [`SYSTEM_DROP_IN`], which opens a unix socket, and reloads monit (the
-//! agent package's purge removes it).
+//! one. Debian's stock monitrc sets none: `de-agent monit-setup` (run by the
+//! package on install) then adds the drop-in [`SYSTEM_DROP_IN`], which
+//! opens a unix socket, and reloads monit (the package's purge removes it).
+//! A running agent never changes monit's files.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -471,6 +472,22 @@ impl Monit {
         self.cli(&[verb, name]).await
     }
 
+    /// Where monit's HTTP interface is, in words (no password).
+    pub fn httpd_description(&self) -> String {
+        match &self.httpd {
+            Some(Httpd::Socket(p)) => format!("unix socket {}", p.display()),
+            Some(Httpd::Tcp { addr, auth }) => format!(
+                "TCP {addr}{}",
+                if auth.is_some() {
+                    ", with a password"
+                } else {
+                    ""
+                }
+            ),
+            None => "none".into(),
+        }
+    }
+
     fn httpd_name(&self) -> PathBuf {
         self.httpd
             .as_ref()
@@ -482,7 +499,7 @@ impl Monit {
         let httpd = self.httpd.clone().ok_or_else(|| MonitError::Status {
             socket: PathBuf::new(),
             why: format!(
-                "{} (and the files it includes) has no 'set httpd' statement: add 'set httpd unixsocket /run/monit.sock' and reload monit",
+                "{} (and the files it includes) has no 'set httpd' statement: run 'de-agent monit-setup' (the package does on install), or add 'set httpd unixsocket /run/monit.sock' and reload monit",
                 self.control.display()
             ),
         })?;

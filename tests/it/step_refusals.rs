@@ -98,7 +98,12 @@ async fn fake_controller(
     let steps = Arc::new(Mutex::new(steps));
     let conn = endpoint.accept().await.context("no agent")?.await?;
     let (mut send, mut recv) = conn.accept_bi().await?;
-    match read_frame::<_, AgentMsg>(&mut recv).await? {
+    // An agent says which machine it is (`Machine`) before its `Hello`.
+    let mut first = read_frame::<_, AgentMsg>(&mut recv).await?;
+    if let Some(AgentMsg::Machine { .. }) = first {
+        first = read_frame::<_, AgentMsg>(&mut recv).await?;
+    }
+    match first {
         Some(AgentMsg::Hello(_)) => {}
         other => anyhow::bail!("expected Hello, got {other:?}"),
     }
