@@ -41,6 +41,9 @@ pub(crate) struct Config {
     pub(crate) controller: Option<String>,
     /// A private monit control file; unset: the system monit.
     pub(crate) monit_control: Option<PathBuf>,
+    /// The artifact cache's bound, MiB (1-1048576).
+    #[serde(default, deserialize_with = "cache_max_mb")]
+    pub(crate) cache_max_mb: Option<u64>,
     /// Always refused: see the module docs.
     #[serde(default, rename = "code", deserialize_with = "refuse_code")]
     _code: (),
@@ -53,6 +56,17 @@ fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     } else {
         Err(D::Error::custom(format!(
             "must be between 1 and {MAX_SECS} seconds, got {v}"
+        )))
+    }
+}
+
+fn cache_max_mb<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = u64::deserialize(d)?;
+    if (1..=1_048_576).contains(&v) {
+        Ok(Some(v))
+    } else {
+        Err(D::Error::custom(format!(
+            "must be between 1 and 1048576 MiB, got {v}"
         )))
     }
 }

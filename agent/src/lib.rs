@@ -4,6 +4,7 @@
 
 mod applied;
 mod enroll;
+mod fetch;
 mod hardware;
 mod identity;
 mod link;
@@ -13,6 +14,7 @@ mod steps;
 
 pub use applied::AppliedError;
 pub use enroll::{EnrollError, EnrollOptions, enroll};
+pub use fetch::DEFAULT_CACHE_MAX_MB;
 pub use hardware::{HardwareError, Sampler, hostname};
 pub use identity::{Identity, IdentityError, IdentityMeta};
 pub use link::{LinkError, LinkOptions, backoff, run};

@@ -43,6 +43,8 @@ pub struct LinkOptions {
     pub min_backoff: Duration,
     pub max_backoff: Duration,
     pub connect_timeout: Duration,
+    /// The artifact cache's bound (`STATE/cache`).
+    pub cache_max_bytes: u64,
 }
 
 /// Why the link could not start; each variant only passes its cause on.
@@ -361,6 +363,13 @@ pub async fn run(
     let local = net::local_ip(addr, identity.meta.advertise_ip);
     let machine = crate::identity::Identity::machine_id(&opts.state_dir, local)
         .map_err(|e| LinkError::Net(NetError::Machine(ErrorChain(&e).to_string())))?;
+    let (conn_tx, conn_rx) = watch::channel(None);
+    let fetcher = crate::fetch::Fetcher::new(
+        opts.state_dir.join("cache"),
+        opts.cache_max_bytes,
+        conn_rx.clone(),
+    )
+    .map_err(|e| LinkError::Net(NetError::Machine(format!("the artifact cache: {e}"))))?;
     let shared = Arc::new(Shared {
         identity: identity.clone(),
         step_keys: Mutex::new((
@@ -373,10 +382,10 @@ pub async fn run(
             applied: Arc::new(crate::applied::Applied::load(&opts.state_dir)?),
             root: opts.root.clone(),
             monit: monit.clone(),
+            fetcher: Some(fetcher),
         },
         events: events_tx,
     });
-    let (conn_tx, conn_rx) = watch::channel(None);
     let workers = tokio_util::task::TaskTracker::new();
     for lane in Lane::ALL {
         workers.spawn(lane_worker(

@@ -126,6 +126,7 @@ struct Settings {
     max_backoff_secs: u64,
     controller: Option<String>,
     monit_control: Option<PathBuf>,
+    cache_max_mb: u64,
 }
 
 impl Settings {
@@ -150,6 +151,7 @@ impl Settings {
                 .unwrap_or(DEFAULT_MAX_BACKOFF_SECS),
             controller: controller.or(file.controller),
             monit_control: monit_control.or(file.monit_control),
+            cache_max_mb: file.cache_max_mb.unwrap_or(de_agent::DEFAULT_CACHE_MAX_MB),
         }
     }
 }
@@ -330,6 +332,7 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
                 min_backoff: Duration::from_millis(250),
                 max_backoff: Duration::from_secs(settings.max_backoff_secs),
                 connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
+                cache_max_bytes: settings.cache_max_mb << 20,
             };
             info!(node = %identity.meta.node_id, controller = %identity.meta.controller, "starting");
             match de_agent::run(identity, opts, shutdown).await {

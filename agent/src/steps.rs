@@ -182,6 +182,8 @@ impl Ledger {
 pub(crate) struct ExecContext {
     pub root: PathBuf,
     pub monit: Monit,
+    /// The artifact cache and the link artifacts come over (`Fetch`).
+    pub fetcher: Option<crate::fetch::Fetcher>,
     pub cancels: Arc<Cancels>,
     /// What this node applied per instance (`MarkApplied`, `Unmark`).
     pub applied: Arc<crate::applied::Applied>,
@@ -601,6 +603,25 @@ fn write_file(
     mode: u32,
     owner: Option<&str>,
 ) -> Result<PathBuf, String> {
+    write_file_from(root, path, Source::Bytes(contents), mode, owner)
+}
+
+/// What [`write_file_from`] writes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Source<'a> {
+    Bytes(&'a [u8]),
+    /// A file's contents, copied (an artifact in the agent's cache).
+    File(&'a Path),
+}
+
+/// [`write_file`], the contents from `source`.
+pub(crate) fn write_file_from(
+    root: &Path,
+    path: &str,
+    source: Source<'_>,
+    mode: u32,
+    owner: Option<&str>,
+) -> Result<PathBuf, String> {
     use std::os::unix::fs::MetadataExt;
     let target = under_root(root, path)?;
     let ids = match owner {
@@ -626,7 +647,7 @@ fn write_file(
     }
     let (tmp, file) = create_temp(&dir.path, name)?;
     let chown = format!("chown {} {}", owner.unwrap_or_default(), target.display());
-    let filled = fill_temp(&file, &tmp, contents, mode, ids, &chown).and_then(|()| {
+    let filled = fill_temp(&file, &tmp, source, mode, ids, &chown).and_then(|()| {
         std::fs::rename(&tmp, &dest).map_err(|e| format!("rename to {}: {e}", target.display()))
     });
     if let Err(e) = filled {
@@ -651,12 +672,120 @@ fn write_file(
     Ok(target)
 }
 
+/// Unpacks `archive` (a verified cache entry) into the directory `path`
+/// under the node root: into a new private directory beside it first (the
+/// walk to it refuses planted links, as [`write_file`]'s does), owned by
+/// `owner` when given, its top directory given `mode`; then that directory
+/// takes the place of the old one, which is deleted. `tar` (always on
+/// Debian) unpacks `.tar.gz` without keeping the archive's owners; `unzip`
+/// (Debian's `unzip` package) unpacks `.zip`.
+pub(crate) async fn unpack(
+    root: &Path,
+    path: &str,
+    archive: &Path,
+    kind: de_common::Unpack,
+    mode: u32,
+    owner: Option<&str>,
+) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let target = under_root(root, path)?;
+    let (dir, name) = walk_to(root, &target, true, "unpack into")?;
+    let dest = dir.path.join(name);
+    if let Ok(m) = std::fs::symlink_metadata(&dest)
+        && !m.is_dir()
+    {
+        return Err(format!(
+            "{} exists and is not a directory; refusing to replace it: remove it, or unpack elsewhere",
+            target.display()
+        ));
+    }
+    let fresh = dir.path.join(temp_name(name)?);
+    std::fs::create_dir(&fresh).map_err(|e| format!("mkdir {}: {e}", fresh.display()))?;
+    let cleanup = |e: String| {
+        let _ = std::fs::remove_dir_all(&fresh);
+        e
+    };
+    let (program, args): (&str, Vec<std::ffi::OsString>) = match kind {
+        de_common::Unpack::TarGz => (
+            "tar",
+            vec![
+                "-xzf".into(),
+                archive.into(),
+                "-C".into(),
+                fresh.clone().into(),
+                "--no-same-owner".into(),
+            ],
+        ),
+        de_common::Unpack::Zip => (
+            "unzip",
+            vec![
+                "-q".into(),
+                archive.into(),
+                "-d".into(),
+                fresh.clone().into(),
+            ],
+        ),
+    };
+    let out = tokio::process::Command::new(program)
+        .args(&args)
+        .output()
+        .await
+        .map_err(|e| {
+            cleanup(format!(
+                "could not run {program} ({e}){}",
+                if program == "unzip" {
+                    ": install Debian's unzip package"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(cleanup(format!(
+            "{program} failed to unpack {}: {}",
+            archive.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    if let Some(o) = owner {
+        let out = tokio::process::Command::new("chown")
+            .arg("-R")
+            .arg(o)
+            .arg(&fresh)
+            .output()
+            .await
+            .map_err(|e| cleanup(format!("chown: {e}")))?;
+        if !out.status.success() {
+            return Err(cleanup(format!(
+                "chown -R {o} {}: {}",
+                target.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(mode & 0o7777))
+        .map_err(|e| cleanup(format!("chmod {}: {e}", fresh.display())))?;
+    let old = dir.path.join(temp_name(name)?);
+    let had_old = std::fs::rename(&dest, &old).is_ok();
+    if let Err(e) = std::fs::rename(&fresh, &dest) {
+        if had_old {
+            let _ = std::fs::rename(&old, &dest);
+        }
+        return Err(cleanup(format!("rename to {}: {e}", target.display())));
+    }
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    let _ = dir.file.sync_all();
+    Ok(target)
+}
+
 /// Writes, owns (`chown` names that action in a message), chmods and syncs
 /// the open temporary file.
 fn fill_temp(
     file: &std::fs::File,
     tmp: &Path,
-    contents: &[u8],
+    source: Source<'_>,
     mode: u32,
     ids: Option<(Option<u32>, Option<u32>)>,
     chown: &str,
@@ -664,8 +793,16 @@ fn fill_temp(
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     let mut w = file;
-    w.write_all(contents)
-        .map_err(|e| format!("write {}: {e}", tmp.display()))?;
+    match source {
+        Source::Bytes(contents) => w
+            .write_all(contents)
+            .map_err(|e| format!("write {}: {e}", tmp.display()))?,
+        Source::File(from) => {
+            let mut r =
+                std::fs::File::open(from).map_err(|e| format!("read {}: {e}", from.display()))?;
+            std::io::copy(&mut r, &mut w).map_err(|e| format!("write {}: {e}", tmp.display()))?;
+        }
+    }
     if let Some((uid, gid)) = ids {
         std::os::unix::fs::fchown(file, uid, gid).map_err(|e| format!("{chown}: {e}"))?;
     }
@@ -1091,6 +1228,59 @@ pub(crate) async fn execute(
                 Some(owner) => format!("wrote {} owned by {owner}", target.display()),
             }),
         },
+        StepAction::Fetch {
+            artifact,
+            sha256,
+            size,
+            path,
+            mode,
+            owner,
+            unpack: how,
+        } => match &ctx.fetcher {
+            None => failed("this agent has no artifact cache".into()),
+            Some(fetcher) => {
+                let mut notes = Vec::new();
+                match fetcher.get(sha256, *size, &cancel, &mut notes).await {
+                    Err(e) => failed(format!("fetch {artifact}: {e}")),
+                    Ok(entry) => {
+                        let placed = match how {
+                            Some(kind) => {
+                                unpack(&ctx.root, path, &entry, *kind, *mode, owner.as_deref())
+                                    .await
+                            }
+                            None => {
+                                let (root, path, owner, mode) =
+                                    (ctx.root.clone(), path.clone(), owner.clone(), *mode);
+                                tokio::task::spawn_blocking(move || {
+                                    write_file_from(
+                                        &root,
+                                        &path,
+                                        Source::File(&entry),
+                                        mode,
+                                        owner.as_deref(),
+                                    )
+                                })
+                                .await
+                                .unwrap_or_else(|e| Err(format!("the write stopped: {e}")))
+                            }
+                        };
+                        match placed {
+                            Ok(target) => ok(format!(
+                                "{artifact}: {}; {} {}",
+                                notes.join("; "),
+                                if how.is_some() {
+                                    "unpacked into"
+                                } else {
+                                    "written to"
+                                },
+                                target.display()
+                            )),
+                            Err(e) => failed(format!("{artifact}: {}; {e}", notes.join("; "))),
+                        }
+                    }
+                }
+            }
+        },
         StepAction::MonitAdd { name, check } => match ctx.monit.add(name, check).await {
             Ok(out) => ok(out),
             Err(e) => failed(e.to_string()),
@@ -1153,6 +1343,7 @@ mod tests {
             applied: Arc::new(crate::applied::Applied::load(root).expect("applied book")),
             root: root.to_owned(),
             monit: Monit::system(),
+            fetcher: None,
         }
     }
 

@@ -64,6 +64,10 @@ pub enum ErrorCode {
     /// 409: a CA rotation is under way (rotate) or nodes still hold a
     /// certificate of the old CA (retire); the message says which.
     CaInUse,
+    /// 413: an artifact upload is larger than `artifact_max_mb`.
+    ArtifactTooLarge,
+    /// 400: an artifact upload does not match the SHA-256 sent with it.
+    ArtifactMismatch,
     /// A code this build does not know (from a newer controller).
     #[serde(other)]
     Other,
@@ -71,7 +75,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code the controller sends, in the order `docs/API.md` lists them.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPlan,
         ErrorCode::WebsocketRequired,
@@ -88,6 +92,8 @@ impl ErrorCode {
         ErrorCode::NodesOffline,
         ErrorCode::Forbidden,
         ErrorCode::CaInUse,
+        ErrorCode::ArtifactTooLarge,
+        ErrorCode::ArtifactMismatch,
     ];
 }
 
@@ -881,6 +887,15 @@ pub struct NewToken {
     /// `[A-Za-z0-9._-]`, 1 to 64 characters, unique.
     pub name: String,
     pub role: Role,
+}
+
+/// An artifact the controller holds (`GET /api/v1/artifacts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactView {
+    pub name: String,
+    pub sha256: String,
+    pub size: u64,
+    pub uploaded_at: String,
 }
 
 /// A stored token as `GET /api/v1/tokens` lists it: never the token itself.

@@ -29,8 +29,8 @@ pub use hardware::{ComponentStatus, Hardware, Usage};
 pub use ids::{DeploymentId, NodeId, StepId};
 pub use signal::shutdown_signal;
 pub use step::{
-    Lane, MonitOp, STEP_DOMAIN, SignError, SignedStep, Step, StepAction, StepRefusal, check_step,
-    decode_step_unverified, sign_step, verify_step,
+    Lane, MonitOp, STEP_DOMAIN, SignError, SignedStep, Step, StepAction, StepRefusal, Unpack,
+    check_step, decode_step_unverified, sign_step, verify_step,
 };
 pub use wire::{
     AGENT_ALPN, AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, ENROLL_ALPN, EnrollClientMsg,

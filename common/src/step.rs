@@ -89,6 +89,28 @@ pub enum StepAction {
     },
     /// The last step of uninstalling `instance`: the agent forgets its mark.
     Unmark { instance: String },
+    /// Put the controller's artifact `sha256` (`size` bytes; `artifact` is
+    /// its name, for messages) at `path`, fetched over the agent's link into
+    /// its cache when not there yet, verified against `sha256` (which this
+    /// signed step pins) before anything uses it; with `unpack`, the archive
+    /// is unpacked into the directory `path` instead.
+    Fetch {
+        artifact: String,
+        sha256: String,
+        size: u64,
+        path: String,
+        mode: u32,
+        owner: Option<String>,
+        unpack: Option<Unpack>,
+    },
+}
+
+/// The archive formats a `Fetch` can unpack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Unpack {
+    /// gzip-compressed tar (`.tar.gz`, `.tgz`).
+    TarGz,
+    Zip,
 }
 
 impl StepAction {
@@ -113,6 +135,7 @@ impl StepAction {
             StepAction::Cancel { .. } => "cancel",
             StepAction::MarkApplied { .. } => "mark_applied",
             StepAction::Unmark { .. } => "unmark",
+            StepAction::Fetch { .. } => "fetch",
         }
     }
 }

@@ -215,6 +215,13 @@ pub enum AgentMsg {
     Renew {
         csr_pem: String,
     },
+    /// On a stream of its own: the artifact `sha256` from byte `offset` on
+    /// (a transfer cut short resumes where its verified bytes end). The
+    /// controller sends it only to a node with an open `Fetch` step for it.
+    Fetch {
+        sha256: String,
+        offset: u64,
+    },
 }
 
 /// One instance the agent applied (a `MarkApplied` step), as it stands now.
@@ -276,6 +283,13 @@ pub enum ControllerMsg {
     },
     /// Why the controller will not renew the certificate.
     RenewRefused(String),
+    /// The answer to `AgentMsg::Fetch`: the artifact is `size` bytes; the
+    /// bytes from the asked offset follow on the stream, raw, to its end.
+    Artifact {
+        size: u64,
+    },
+    /// Why the controller will not send the artifact asked for.
+    FetchRefused(String),
 }
 
 /// The anchors an agent pins, as the controller holds them now.

@@ -89,13 +89,25 @@ fn main() {
     let catalogs = Catalogs::builtin().expect("built-in catalogs");
     let nodes = nodes();
     let valid = plan(&catalogs, 0);
-    let valid_plan =
-        validate_plan(valid.as_bytes(), &catalogs, &nodes, None).expect("the plan is valid");
+    let valid_plan = validate_plan(
+        valid.as_bytes(),
+        &catalogs,
+        &nodes,
+        None,
+        &Default::default(),
+    )
+    .expect("the plan is valid");
     assert_eq!(valid_plan.nodes.len(), NODES);
     assert_eq!(valid_plan.plan.components.len(), 14);
 
     let (min, median) = time(RUNS, || {
-        let v = validate_plan(valid.as_bytes(), &catalogs, &nodes, None);
+        let v = validate_plan(
+            valid.as_bytes(),
+            &catalogs,
+            &nodes,
+            None,
+            &Default::default(),
+        );
         assert!(v.is_ok());
     });
     println!(
@@ -108,7 +120,13 @@ fn main() {
     // Every IP unknown: 1,000 problems to build and report.
     let unknown = plan(&catalogs, 2000);
     let (min, median) = time(RUNS, || {
-        let v = validate_plan(unknown.as_bytes(), &catalogs, &nodes, None);
+        let v = validate_plan(
+            unknown.as_bytes(),
+            &catalogs,
+            &nodes,
+            None,
+            &Default::default(),
+        );
         assert_eq!(v.map_err(|p| p.len()).err(), Some(NODES));
     });
     println!(

@@ -35,6 +35,7 @@ pub(crate) const LOG_KEEP: RangeInclusive<u32> = 0..=100;
 pub(crate) const NODE_GRACE: RangeInclusive<u64> = 1..=86_400;
 /// Days a node certificate is valid (at most 5 years); agents renew it in its last third.
 pub(crate) const NODE_CERT_DAYS: RangeInclusive<u32> = 1..=1825;
+pub(crate) const ARTIFACT_MAX_MB: RangeInclusive<u64> = 1..=1_048_576;
 
 /// The controller's config file; every field is optional and falls back to the built-in default.
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -64,6 +65,9 @@ pub(crate) struct Config {
     /// Days a node certificate is valid ([`NODE_CERT_DAYS`]).
     #[serde(default, deserialize_with = "node_cert_days")]
     pub(crate) node_cert_days: Option<u32>,
+    /// The largest artifact upload, MiB ([`ARTIFACT_MAX_MB`]).
+    #[serde(default, deserialize_with = "artifact_max_mb")]
+    pub(crate) artifact_max_mb: Option<u64>,
 }
 
 fn in_file<'de, D, T>(d: D, range: &RangeInclusive<T>) -> Result<Option<T>, D::Error>
@@ -101,6 +105,10 @@ fn node_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> 
 
 fn node_cert_days<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     in_file(d, &NODE_CERT_DAYS)
+}
+
+fn artifact_max_mb<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    in_file(d, &ARTIFACT_MAX_MB)
 }
 
 /// A flag's (or its environment variable's) value: a number in `range`.
@@ -186,6 +194,10 @@ mod tests {
         assert_eq!(
             all.node_cert_days,
             Some(de_controller::DEFAULT_NODE_CERT_DAYS)
+        );
+        assert_eq!(
+            all.artifact_max_mb,
+            Some(de_controller::artifacts::DEFAULT_ARTIFACT_MAX_MB)
         );
     }
 

@@ -4,6 +4,7 @@
 
 mod access;
 pub mod agents;
+pub mod artifacts;
 mod deploy;
 pub mod http;
 mod oplog;
@@ -49,6 +50,8 @@ pub enum OpenError {
     Access(#[source] StoreError),
     #[error("could not open the log dir {0}")]
     Logs(String, #[source] std::io::Error),
+    #[error("could not open the artifacts")]
+    Artifacts(#[from] artifacts::ArtifactsError),
 }
 
 /// Everything the controller's tasks share.
@@ -76,6 +79,10 @@ pub struct Controller {
     /// `/join.sh` and the packages nodes download: set by `main.rs` when the
     /// API speaks HTTPS (the script is only served over a pinned connection).
     pub join: Option<agents::join::Join>,
+    /// Files held for `fetch` steps (`DATA/artifacts`).
+    pub artifacts: artifacts::Artifacts,
+    /// The largest upload accepted (`artifact_max_mb`).
+    pub artifact_max_bytes: u64,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -101,6 +108,7 @@ impl Controller {
         let log_dir = data_dir.join("logs");
         let logs = LogHub::open(&log_dir)
             .map_err(|e| OpenError::Logs(log_dir.display().to_string(), e))?;
+        let artifacts = artifacts::Artifacts::open(data_dir, store.clone())?;
         Ok((
             Controller {
                 store,
@@ -116,6 +124,8 @@ impl Controller {
                 deployer: Deployer::default(),
                 agent_addr: format!("{}:{DEFAULT_QUIC_PORT}", hostname()),
                 join: None,
+                artifacts,
+                artifact_max_bytes: artifacts::DEFAULT_ARTIFACT_MAX_MB << 20,
             },
             origin,
         ))

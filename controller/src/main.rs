@@ -15,7 +15,8 @@ use tracing::{info, warn};
 use de_controller::{Controller, PublicAddr, TokenOrigin, http, quic};
 
 use crate::config::{
-    Config, LOG_KEEP, LOG_MAX_MB, NODE_CERT_DAYS, NODE_GRACE, PACKAGED_PATH, STEP_ATTEMPTS,
+    ARTIFACT_MAX_MB, Config, LOG_KEEP, LOG_MAX_MB, NODE_CERT_DAYS, NODE_GRACE, PACKAGED_PATH,
+    STEP_ATTEMPTS,
 };
 
 const DEFAULT_DATA_DIR: &str = "./de-data";
@@ -107,6 +108,9 @@ enum Command {
         /// --node-cert-days), so that tests see renewals in seconds.
         #[arg(long, env = "DE_TEST_NODE_CERT_SECS", hide = true, value_parser = |s: &str| config::flag(s, &(10..=86_400u64)))]
         test_node_cert_secs: Option<u64>,
+        /// The largest artifact upload, in MiB, 1-1048576 [default: 4096].
+        #[arg(long, env = "DE_ARTIFACT_MAX_MB", value_parser = |s: &str| config::flag(s, &ARTIFACT_MAX_MB))]
+        artifact_max_mb: Option<u64>,
     },
 }
 
@@ -124,6 +128,7 @@ struct Settings {
     api_tls: Option<ApiTlsSetting>,
     packages_dirs: Vec<PathBuf>,
     node_cert_lifetime: Duration,
+    artifact_max_bytes: u64,
 }
 
 /// Where the API's certificate comes from, before the data dir is open.
@@ -154,6 +159,7 @@ impl Settings {
             packages_dir,
             node_cert_days,
             test_node_cert_secs,
+            artifact_max_mb,
         } = command;
         let data_dir: PathBuf =
             (data_dir.or(file.data_dir)).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
@@ -202,6 +208,10 @@ impl Settings {
             },
             api_tls,
             packages_dirs,
+            artifact_max_bytes: artifact_max_mb
+                .or(file.artifact_max_mb)
+                .unwrap_or(de_controller::artifacts::DEFAULT_ARTIFACT_MAX_MB)
+                << 20,
             node_cert_lifetime: test_node_cert_secs.map_or_else(
                 || {
                     let days = node_cert_days
@@ -271,6 +281,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         api_tls,
         packages_dirs,
         node_cert_lifetime,
+        artifact_max_bytes,
     } = settings;
     let (mut ctl, origin) = Controller::open(&data_dir)
         .with_context(|| format!("could not open the data dir {}", data_dir.display()))?;
@@ -291,6 +302,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     ctl.deployer.set_attempts(step_attempts);
     ctl.logs.set_limits(log_limits);
     ctl.pki.set_node_cert_lifetime(node_cert_lifetime);
+    ctl.artifact_max_bytes = artifact_max_bytes;
     let endpoint = quic::endpoint(quic_listen, &ctl.pki, ctl.nodes.revoked_set())?;
     let quic_addr = endpoint
         .local_addr()

@@ -28,6 +28,8 @@ pub enum Tree {
     Tokens,
     /// The audit log by sequence (zero-padded, so keys sort in order).
     Audit,
+    /// Artifacts by name: their SHA-256, size and upload time.
+    Artifacts,
 }
 
 impl Tree {
@@ -41,6 +43,7 @@ impl Tree {
             Tree::Deployments => "deployments",
             Tree::Tokens => "tokens",
             Tree::Audit => "audit",
+            Tree::Artifacts => "artifacts",
         }
     }
 }

@@ -662,6 +662,7 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
                 AgentMsg::Hello(_)
                 | AgentMsg::Pull { .. }
                 | AgentMsg::Event(_)
+                | AgentMsg::Fetch { .. }
                 | AgentMsg::Machine { .. },
             )) => {
                 conn.close(
@@ -727,6 +728,72 @@ fn renew(ctl: &Controller, node_id: &NodeId, csr_pem: &str, remote: SocketAddr) 
             warn!(node = %node_id, error = %ErrorChain(&e), "could not record the renewed certificate");
             ControllerMsg::RenewRefused("controller store unavailable; try again later".into())
         }
+    }
+}
+
+/// Answers `AgentMsg::Fetch` on its own stream: `Artifact{size}` and the
+/// bytes from `offset` to the end, then the stream is finished; or
+/// `FetchRefused` saying why. Only a node with an open `Fetch` step for the
+/// artifact gets it: holding one node does not give access to what other
+/// nodes are sent.
+async fn send_artifact(
+    ctl: &Controller,
+    node_id: &NodeId,
+    sha256: &str,
+    offset: u64,
+    mut send: quinn::SendStream,
+) {
+    use tokio::io::AsyncSeekExt as _;
+    let refuse = |why: String| ControllerMsg::FetchRefused(why);
+    let opened = if !ctl.steps.may_fetch(node_id, sha256) {
+        Err(refuse(format!(
+            "no open fetch step of this node names the artifact {sha256}"
+        )))
+    } else if let Some(path) = ctl.artifacts.path_of(sha256) {
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => match f.metadata().await {
+                Ok(m) if offset <= m.len() => Ok((f, m.len())),
+                Ok(m) => Err(refuse(format!(
+                    "offset {offset} is past the artifact's end ({} bytes)",
+                    m.len()
+                ))),
+                Err(e) => Err(refuse(format!("the controller cannot read it: {e}"))),
+            },
+            Err(e) => Err(refuse(format!("the controller cannot read it: {e}"))),
+        }
+    } else {
+        Err(refuse(format!(
+            "the controller no longer holds the artifact {sha256}: upload it again"
+        )))
+    };
+    let (mut file, size) = match opened {
+        Ok(f) => f,
+        Err(answer) => {
+            if let ControllerMsg::FetchRefused(why) = &answer {
+                warn!(node = %node_id, artifact = %sha256, "fetch refused: {why}");
+            }
+            let _ = write_frame(&mut send, &answer).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if write_frame(&mut send, &ControllerMsg::Artifact { size })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        send.reset(quinn::VarInt::from_u32(1)).ok();
+        return;
+    }
+    match tokio::io::copy(&mut file, &mut send).await {
+        Ok(n) => {
+            debug!(node = %node_id, artifact = %sha256, bytes = n, from = offset, "artifact sent");
+            let _ = send.finish();
+        }
+        // The link broke: the agent resumes from what it verified.
+        Err(e) => debug!(node = %node_id, artifact = %sha256, "artifact transfer cut: {e}"),
     }
 }
 
@@ -819,6 +886,10 @@ async fn serve_stream(
                         warn!(node = %node_id, step = %step_id, error = %ErrorChain(&e), "cannot record a step event")
                     }
                 }
+            }
+            AgentMsg::Fetch { sha256, offset } => {
+                send_artifact(&ctl, &node_id, &sha256, offset, send).await;
+                return;
             }
             AgentMsg::Hello(_)
             | AgentMsg::Heartbeat(_)

@@ -155,6 +155,18 @@ impl<'a> Hide<'a> {
             StepAction::MonitRemove { name } | StepAction::Monit { name, .. } => self.text(name),
             StepAction::CollectLogs { paths, .. } => paths.iter_mut().for_each(|p| self.text(p)),
             StepAction::Cancel { .. } => {}
+            StepAction::Fetch {
+                artifact,
+                path,
+                owner,
+                ..
+            } => {
+                self.text(artifact);
+                self.text(path);
+                if let Some(o) = owner {
+                    self.text(o);
+                }
+            }
             StepAction::MarkApplied {
                 instance,
                 fingerprint,
@@ -279,6 +291,15 @@ pub(crate) struct ActiveStep {
     /// How long the step may run on its node: a script's timeout, or
     /// [`OTHER_ACTION_BUDGET`].
     pub(crate) budget: Duration,
+    /// The artifact a `Fetch` step lets its node download.
+    pub(crate) fetch: Option<String>,
+}
+
+fn fetch_of(action: &StepAction) -> Option<String> {
+    match action {
+        StepAction::Fetch { sha256, .. } => Some(sha256.clone()),
+        _ => None,
+    }
 }
 
 /// How long an action without a timeout of its own (monit, files, logs) may take.
@@ -289,6 +310,8 @@ fn budget_of(action: &StepAction) -> Duration {
         StepAction::Script { timeout_secs, .. } => {
             Duration::from_secs(u64::from((*timeout_secs).max(1)))
         }
+        // A transfer at 1 MiB/s or better, on top of the usual budget.
+        StepAction::Fetch { size, .. } => OTHER_ACTION_BUDGET + Duration::from_secs(size >> 20),
         _ => OTHER_ACTION_BUDGET,
     }
 }
@@ -337,6 +360,7 @@ impl StepQueue {
                         node: r.step.node_id.clone(),
                         started: (r.state == StepState::Running).then_some(now),
                         budget: budget_of(&r.step.action),
+                        fetch: fetch_of(&r.step.action),
                     },
                 );
             }
@@ -394,6 +418,14 @@ impl StepQueue {
 
     fn active_index(&self) -> std::sync::MutexGuard<'_, HashMap<StepId, ActiveStep>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `node` has a `Fetch` step for the artifact `sha256` that is
+    /// not final yet: the only reason it may download it.
+    pub(crate) fn may_fetch(&self, node: &NodeId, sha256: &str) -> bool {
+        self.active_index()
+            .values()
+            .any(|a| a.node == *node && a.fetch.as_deref() == Some(sha256))
     }
 
     /// The steps not final yet, for the watchdog.
@@ -602,6 +634,7 @@ impl StepQueue {
                         node: node.clone(),
                         started: None,
                         budget: budget_of(&record.step.action),
+                        fetch: fetch_of(&record.step.action),
                     },
                 );
                 batch.insert(id, records.len());

@@ -144,6 +144,7 @@ mod tests {
             node: "n-1".into(),
             started: started_secs_ago.map(|s| now - Duration::from_secs(s)),
             budget: Duration::from_secs(budget),
+            fetch: None,
         }
     }
 

@@ -126,6 +126,11 @@ enum Command {
     /// controller's API presents: fingerprints for others to check and pin
     /// (`curl --pinnedpubkey`, a browser's certificate viewer).
     Ca,
+    /// Artifacts for `fetch` steps: `upload FILE [--name NAME]`, `list`, `delete NAME`.
+    Artifacts {
+        #[command(subcommand)]
+        what: ArtifactCmd,
+    },
     /// API tokens: `create NAME --role ROLE`, `list`, `revoke NAME` (admin only).
     Tokens {
         #[command(subcommand)]
@@ -152,6 +157,21 @@ enum PkiCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ArtifactCmd {
+    /// Upload a file (streamed; its SHA-256 is computed here and checked by
+    /// the controller). The name defaults to the file's.
+    Upload {
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// The artifacts the controller holds.
+    List,
+    /// Delete an artifact (its bytes go when no other name refers to them).
+    Delete { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -519,8 +539,95 @@ fn run(cli: Cli, api: &Api) -> Outcome {
         } => exec(api, command, targets, timeout, json),
         Command::Tokens { what } => tokens(api, what, json),
         Command::Ca => ca(api, json),
+        Command::Artifacts { what } => artifacts(api, what, json),
         Command::Pki { what } => pki(api, what, json),
     }
+}
+
+fn artifacts(api: &Api, what: ArtifactCmd, json: bool) -> Outcome {
+    use de_common::api::ArtifactView;
+    let reply = match what {
+        ArtifactCmd::Upload { file, name } => {
+            let name = match name {
+                Some(n) => n,
+                None => file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::to_owned)
+                    .ok_or_else(|| {
+                        Failure(
+                            format!("{} has no file name: pass --name", file.display()),
+                            1,
+                        )
+                    })?,
+            };
+            let unreadable =
+                |e: std::io::Error| Failure(format!("cannot read {}: {e}", file.display()), 1);
+            // The hash first, so the controller refuses bytes that changed on the way.
+            let mut f = std::fs::File::open(&file).map_err(unreadable)?;
+            let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf).map_err(unreadable)?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+            }
+            let sha: String = hash
+                .finish()
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let f = std::fs::File::open(&file).map_err(unreadable)?;
+            let url = format!("{}/api/v1/artifacts?name={name}&sha256={sha}", api.base);
+            let mut resp = api
+                .agent
+                .post(&url)
+                .header("Authorization", format!("Bearer {}", api.token))
+                .header("Content-Type", "application/octet-stream")
+                .send(f)
+                .map_err(|e| {
+                    Failure(
+                        format!("cannot reach the controller at {}: {e}", api.base),
+                        2,
+                    )
+                })?;
+            let status = resp.status().as_u16();
+            let mut text = String::new();
+            resp.body_mut()
+                .as_reader()
+                .read_to_string(&mut text)
+                .map_err(|e| Failure(format!("reading the answer from {url}: {e}"), 2))?;
+            Reply {
+                request: "POST /api/v1/artifacts".to_owned(),
+                status,
+                text,
+            }
+            .check()?
+        }
+        ArtifactCmd::List => api.get("/api/v1/artifacts")?,
+        ArtifactCmd::Delete { name } => {
+            api.ok("DELETE", &format!("/api/v1/artifacts/{name}"), None)?
+        }
+    };
+    if json {
+        reply.print_json();
+        return Ok(());
+    }
+    let rows: Vec<ArtifactView> = match reply.parse::<Vec<ArtifactView>>() {
+        Ok(all) => all,
+        Err(_) => vec![reply.parse::<ArtifactView>()?],
+    };
+    table(
+        &["NAME", "SIZE", "SHA256", "UPLOADED"],
+        &rows
+            .into_iter()
+            .map(|a| vec![a.name, a.size.to_string(), a.sha256, a.uploaded_at])
+            .collect::<Vec<_>>(),
+    );
+    Ok(())
 }
 
 /// `dectl ca`: the CA dectl trusts and the key the controller presents.

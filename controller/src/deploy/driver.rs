@@ -262,6 +262,7 @@ impl PlanInputs {
 fn observe_nodes(ctl: &Controller, nodes: &[NodeView]) -> Result<Observed, StoreError> {
     let mut observed = Observed {
         stopped: super::intent::stopped(&*ctl.store)?,
+        artifacts: ctl.artifacts.index()?,
         ..Observed::default()
     };
     for n in nodes {

@@ -60,6 +60,8 @@ pub(crate) struct Observed {
     /// taken as last applied until they report again (a deployment started
     /// right after another must not re-apply what it just applied).
     pub(crate) stale: BTreeSet<NodeId>,
+    /// The artifacts the controller holds, for `fetch` steps.
+    pub(crate) artifacts: crate::artifacts::ArtifactIndex,
 }
 
 /// Everything the planner decided: the steps, per instance what and why,
@@ -207,7 +209,7 @@ pub(crate) fn plan_changes(
             }
         }
     };
-    let renderer = catalog.for_plan(plan);
+    let renderer = catalog.for_plan(plan).with_artifacts(&observed.artifacts);
     let mut target = Applied {
         revision,
         instances: BTreeMap::new(),

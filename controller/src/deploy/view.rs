@@ -112,5 +112,6 @@ pub(crate) fn describe(a: &StepAction) -> String {
         StepAction::Cancel { .. } => "cancel".into(),
         StepAction::MarkApplied { .. } => "mark applied".into(),
         StepAction::Unmark { .. } => "unmark".into(),
+        StepAction::Fetch { artifact, path, .. } => format!("fetch {artifact} to {path}"),
     }
 }

@@ -34,6 +34,11 @@ pub(crate) const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     ("POST", "/api/v1/tokens", Role::Admin),
     ("DELETE", "/api/v1/tokens/{name}", Role::Admin),
     ("GET", "/api/v1/audit", Role::Admin),
+    // Artifacts: what fetch steps put on nodes, as root, is the operator's to change.
+    ("POST", "/api/v1/artifacts", Role::Operator),
+    ("DELETE", "/api/v1/artifacts/{name}", Role::Operator),
+    ("GET", "/api/v1/artifacts", Role::ReadOnly),
+    ("GET", "/api/v1/artifacts/{name}", Role::Operator),
     ("POST", "/api/v1/pki/rotate-step-key", Role::Admin),
     ("POST", "/api/v1/pki/rotate-ca", Role::Admin),
     ("POST", "/api/v1/pki/retire-old-ca", Role::Admin),
@@ -228,6 +233,8 @@ mod tests {
         ("operate.rs", include_str!("operate.rs"), false),
         ("access.rs", include_str!("access.rs"), false),
         ("pki.rs", include_str!("pki.rs"), false),
+        ("artifacts.rs", include_str!("artifacts.rs"), false),
+        ("join.rs", include_str!("join.rs"), true),
     ];
 
     /// `(METHOD, path)` of every `.route("path", get(..).post(..))` in `src`

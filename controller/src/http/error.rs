@@ -52,6 +52,8 @@ impl Status for ErrorCode {
             ErrorCode::NodesOffline => StatusCode::BAD_GATEWAY,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::CaInUse => StatusCode::CONFLICT,
+            ErrorCode::ArtifactTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::ArtifactMismatch => StatusCode::BAD_REQUEST,
             // Only a newer controller sends a code this one does not know.
             ErrorCode::Other => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -316,6 +318,8 @@ mod tests {
                 "nodes_offline",
                 "forbidden",
                 "ca_in_use",
+                "artifact_too_large",
+                "artifact_mismatch",
             ]
         );
     }

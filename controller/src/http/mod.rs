@@ -16,6 +16,7 @@
 //! flushed to disk.
 
 mod access;
+mod artifacts;
 mod auth;
 mod compat;
 mod console;
@@ -47,6 +48,7 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         .merge(plan::routes())
         .merge(logs::native_routes())
         .merge(access::routes())
+        .merge(artifacts::routes())
         .merge(pki::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             ctl.clone(),

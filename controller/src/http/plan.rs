@@ -76,11 +76,16 @@ pub(crate) async fn submit(
 fn submit_blocking(ctl: &Controller, body: &[u8], store: bool) -> Result<Accepted, ApiError> {
     let current = ctl.plans.current();
     let nodes = ctl.nodes.list();
+    let artifacts = ctl
+        .artifacts
+        .index()
+        .map_err(|e| ApiError::internal("cannot list the artifacts", &e))?;
     let valid = match validate_plan(
         body,
         &ctl.catalogs,
         &nodes,
         current.as_ref().map(|c| &c.plan),
+        &artifacts,
     ) {
         Ok(v) => v,
         Err(problems) => {

@@ -180,6 +180,28 @@ pub enum StepSpec {
         #[serde(default = "default_max_bytes")]
         max_bytes: u64,
     },
+    /// Put the controller's artifact `artifact` (a name or a SHA-256,
+    /// templated) at `path`, or with `unpack` (`tar.gz`, `tgz`, `zip`)
+    /// unpack it into the directory `path`.
+    Fetch {
+        artifact: String,
+        path: String,
+        #[serde(default = "default_mode")]
+        mode: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unpack: Option<UnpackSpec>,
+    },
+}
+
+/// The archive formats `fetch` unpacks, as a catalog names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnpackSpec {
+    #[serde(rename = "tar.gz", alias = "tgz")]
+    TarGz,
+    #[serde(rename = "zip")]
+    Zip,
 }
 
 /// The catalog-wide file, `catalog.toml`.
@@ -296,6 +318,21 @@ fn step_templates(step: &StepSpec) -> Vec<(String, &str)> {
             let mut out = vec![
                 ("path".to_owned(), path.as_str()),
                 ("contents".to_owned(), contents.as_str()),
+            ];
+            if let Some(o) = owner {
+                out.push(("owner".to_owned(), o.as_str()));
+            }
+            out
+        }
+        StepSpec::Fetch {
+            artifact,
+            path,
+            owner,
+            ..
+        } => {
+            let mut out = vec![
+                ("artifact".to_owned(), artifact.as_str()),
+                ("path".to_owned(), path.as_str()),
             ];
             if let Some(o) = owner {
                 out.push(("owner".to_owned(), o.as_str()));

@@ -12,11 +12,13 @@ use std::collections::BTreeMap;
 use minijinja::{Value, context};
 use serde::Serialize;
 
-use de_common::{Hardware, MonitOp, StepAction};
+use de_common::{Hardware, MonitOp, StepAction, Unpack};
+
+use crate::artifacts::ArtifactIndex;
 
 use crate::agents::nodes::NodeView;
 use crate::plan::Plan;
-use crate::plan::catalog::{Catalog, StepSpec};
+use crate::plan::catalog::{Catalog, StepSpec, UnpackSpec};
 
 /// The node a component is rendered for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -79,6 +81,10 @@ pub enum RenderError {
         "the monit check of {component} must begin with 'check <type> {component} ...', found {found:?}"
     )]
     MonitName { component: String, found: String },
+    #[error(
+        "it needs the artifact {name:?}, which the controller does not hold: upload it with `dectl artifacts upload FILE --name {name}` (POST /api/v1/artifacts?name={name})"
+    )]
+    MissingArtifact { name: String },
 }
 
 /// Renders components of one plan; the plan-wide context is built once.
@@ -88,6 +94,8 @@ pub struct PlanRenderer<'a> {
     plan: &'a Plan,
     properties: Value,
     components: Value,
+    /// The artifacts `fetch` steps may name (none unless given).
+    artifacts: Option<&'a ArtifactIndex>,
 }
 
 /// The properties templates see: standard ones with defaults, then extras.
@@ -134,6 +142,7 @@ impl Catalog {
             plan,
             properties: Value::from_serialize(template_properties(plan, self)),
             components: Value::from_serialize(components),
+            artifacts: None,
         }
     }
 
@@ -148,7 +157,14 @@ impl Catalog {
     }
 }
 
-impl PlanRenderer<'_> {
+impl<'a> PlanRenderer<'a> {
+    /// `fetch` steps resolve their artifact in `index` (by name, or by
+    /// SHA-256); without one, every artifact is missing.
+    pub fn with_artifacts(mut self, index: &'a ArtifactIndex) -> PlanRenderer<'a> {
+        self.artifacts = Some(index);
+        self
+    }
+
     /// Renders `component` for `node`, which the plan must list for it.
     pub fn render(
         &self,
@@ -183,6 +199,7 @@ impl PlanRenderer<'_> {
         let r = Renderer {
             env: catalog.env(),
             ctx: &ctx,
+            artifacts: self.artifacts,
         };
 
         let monit_check = r.render(&Catalog::template_name(Some(component), "monit_check"))?;
@@ -238,6 +255,7 @@ struct Fixed<'a> {
 struct Renderer<'a> {
     env: &'a minijinja::Environment<'static>,
     ctx: &'a Value,
+    artifacts: Option<&'a ArtifactIndex>,
 }
 
 impl Renderer<'_> {
@@ -312,6 +330,42 @@ impl Renderer<'_> {
                 paths: fixed.logs.to_vec(),
                 max_bytes: *max_bytes,
             },
+            StepSpec::Fetch {
+                mode,
+                owner,
+                unpack,
+                ..
+            } => {
+                let name = self.field(component, at, "artifact")?.trim().to_owned();
+                let found = self.artifacts.and_then(|index| {
+                    index
+                        .get(&name)
+                        .map(|(sha, size)| (name.clone(), sha.clone(), *size))
+                        .or_else(|| {
+                            index
+                                .iter()
+                                .find(|(_, (sha, _))| *sha == name)
+                                .map(|(n, (sha, size))| (n.clone(), sha.clone(), *size))
+                        })
+                });
+                let (artifact, sha256, size) =
+                    found.ok_or(RenderError::MissingArtifact { name })?;
+                StepAction::Fetch {
+                    artifact,
+                    sha256,
+                    size,
+                    path: self.field(component, at, "path")?.trim().to_owned(),
+                    mode: *mode,
+                    owner: match owner {
+                        Some(_) => optional(self.field(component, at, "owner")?),
+                        None => None,
+                    },
+                    unpack: unpack.map(|u| match u {
+                        UnpackSpec::TarGz => Unpack::TarGz,
+                        UnpackSpec::Zip => Unpack::Zip,
+                    }),
+                }
+            }
         })
     }
 }

@@ -39,6 +39,7 @@ pub fn validate_plan(
     catalogs: &Catalogs,
     nodes: &[NodeView],
     stored: Option<&Plan>,
+    artifacts: &crate::artifacts::ArtifactIndex,
 ) -> Result<ValidPlan, Vec<Problem>> {
     let mut problems = Vec::new();
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
@@ -243,7 +244,7 @@ pub fn validate_plan(
     };
     // Render every instance now, so a template that fails for this plan is
     // reported here and not in the middle of a deployment.
-    let renderer = catalog.for_plan(&plan);
+    let renderer = catalog.for_plan(&plan).with_artifacts(artifacts);
     for (name, ip) in plan.instances() {
         let Some(node) = assigned.get(ip) else {
             continue;
@@ -817,7 +818,13 @@ mod tests {
 
     fn run(body: &str, stored: Option<&Plan>) -> Result<ValidPlan, Vec<Problem>> {
         let catalogs = Catalogs::builtin().expect("catalogs");
-        validate_plan(body.as_bytes(), &catalogs, &nodes(), stored)
+        validate_plan(
+            body.as_bytes(),
+            &catalogs,
+            &nodes(),
+            stored,
+            &Default::default(),
+        )
     }
 
     /// A problem kind as the API words it.
@@ -1040,8 +1047,14 @@ mod tests {
             .expect("load");
         catalogs = catalogs.with(cat);
         let body = json!({"components": {"web": ["10.0.0.1"]}, "properties": {"domain": "x.local", "catalog": "t"}});
-        let ps = validate_plan(body.to_string().as_bytes(), &catalogs, &nodes(), None)
-            .expect_err("render fails");
+        let ps = validate_plan(
+            body.to_string().as_bytes(),
+            &catalogs,
+            &nodes(),
+            None,
+            &Default::default(),
+        )
+        .expect_err("render fails");
         assert_eq!(ps[0].kind, ProblemKind::RenderFailed);
         assert!(
             ps[0].problem.contains("web.toml: install[0].run"),
