@@ -103,6 +103,15 @@ impl Fetcher {
         }
         let part = self.dir.join(format!("{sha256}.part"));
         let mut resumes = 0u32;
+        if let Ok(m) = std::fs::metadata(&part)
+            && m.len() > 0
+            && m.len() < size
+        {
+            notes.push(format!(
+                "resuming at byte {} of an earlier transfer",
+                m.len()
+            ));
+        }
         loop {
             let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
             if have > size {

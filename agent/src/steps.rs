@@ -1337,6 +1337,79 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn an_archive_is_unpacked_into_a_fresh_directory_that_replaces_the_old_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("bin")).expect("mkdir");
+        std::fs::write(src.join("bin/app"), "v2").expect("write");
+        let archive = dir.path().join("app.tgz");
+        let made = std::process::Command::new("tar")
+            .arg("-czf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&src)
+            .arg("bin")
+            .status()
+            .expect("tar");
+        assert!(made.success());
+        // The old release, with a file the new one does not have.
+        std::fs::create_dir_all(root.join("opt/app/bin")).expect("mkdir");
+        std::fs::write(root.join("opt/app/stale"), "v1").expect("write");
+        let target = unpack(
+            &root,
+            "opt/app",
+            &archive,
+            de_common::Unpack::TarGz,
+            0o755,
+            None,
+        )
+        .await
+        .expect("unpack");
+        assert_eq!(target, root.join("opt/app"));
+        assert_eq!(
+            std::fs::read_to_string(root.join("opt/app/bin/app")).expect("read"),
+            "v2"
+        );
+        assert!(
+            !root.join("opt/app/stale").exists(),
+            "the old directory was replaced"
+        );
+        let left: Vec<_> = std::fs::read_dir(root.join("opt"))
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, ["app"], "no temporary directory is left");
+        // A file where the directory should go is not replaced; garbage is not an archive.
+        std::fs::write(root.join("opt/file"), "x").expect("write");
+        let e = unpack(
+            &root,
+            "opt/file",
+            &archive,
+            de_common::Unpack::TarGz,
+            0o755,
+            None,
+        )
+        .await
+        .expect_err("a file");
+        assert!(e.contains("is not a directory"), "{e}");
+        std::fs::write(dir.path().join("junk.tgz"), "not gzip").expect("write");
+        let e = unpack(
+            &root,
+            "opt/junk",
+            &dir.path().join("junk.tgz"),
+            de_common::Unpack::TarGz,
+            0o755,
+            None,
+        )
+        .await
+        .expect_err("junk");
+        assert!(e.contains("tar failed"), "{e}");
+        assert!(!root.join("opt/junk").exists());
+    }
+
     fn ctx(root: &Path) -> ExecContext {
         ExecContext {
             cancels: Arc::default(),

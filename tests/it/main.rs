@@ -1,6 +1,7 @@
 //! Integration tests: real `de-controller` and `de-agent` processes talking
 //! over real QUIC on loopback addresses (127.0.0.x).
 
+mod artifacts;
 mod codes;
 mod config;
 mod console;

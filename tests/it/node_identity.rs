@@ -406,3 +406,81 @@ fn enrolment_peers_get_small_limits_and_a_cap() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// Holding one node gives no access to what other nodes are sent: an
+/// artifact's bytes go only to a node with an open `fetch` step naming it.
+#[test]
+fn a_node_gets_only_the_artifacts_its_own_fetch_steps_name() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ctl = TestController::start(&dir.path().join("data"))?;
+    let a = enrolled(dir.path(), &ctl, "127.0.15.31")?;
+    let b = enrolled(dir.path(), &ctl, "127.0.15.32")?;
+    let (a_id, b_id) = (a.node_id()?, b.node_id()?);
+    let secret = "a keystore meant for node b only";
+    let up = ctl.request(
+        "POST",
+        "/api/v1/artifacts?name=keystore",
+        Some(&ctl.token),
+        Some(secret),
+    )?;
+    assert_eq!(up.status, 201, "{}", up.body);
+    let sha = up.body["sha256"].as_str().context("sha256")?.to_owned();
+    let fetch_step = |node: &str| -> Result<()> {
+        let body = serde_json::json!({
+            "action": {"Fetch": {"artifact": "keystore", "sha256": sha, "size": secret.len(),
+                "path": "/tmp/keystore", "mode": 0o600, "owner": null, "unpack": null}},
+            "wait_secs": 0,
+        });
+        let a = ctl.api(
+            "POST",
+            &format!("/api/v1/nodes/{node}/steps"),
+            Some(&body.to_string()),
+        )?;
+        anyhow::ensure!(a.status == 200 || a.status == 202, "{}", a.body);
+        Ok(())
+    };
+    // B's step is queued (B is not running, so it stays open).
+    fetch_step(&b_id)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let ep = client(&rt, &a, &a.ip)?;
+    let (conn, _control, answer) =
+        rt.block_on(link(&ep, ctl.quic, &hello(&a_id, &a.ip, vec![])))?;
+    assert!(matches!(answer, ControllerMsg::Welcome(_)), "{answer:?}");
+    let ask = |conn: &quinn::Connection| {
+        let conn = conn.clone();
+        let sha = sha.clone();
+        rt.block_on(async move {
+            tokio::time::timeout(WAIT, async {
+                let (mut send, mut recv) = conn.open_bi().await?;
+                write_frame(
+                    &mut send,
+                    &AgentMsg::Fetch {
+                        sha256: sha,
+                        offset: 0,
+                    },
+                )
+                .await?;
+                let head = read_frame::<_, ControllerMsg>(&mut recv).await?;
+                let rest = recv.read_to_end(1 << 20).await.unwrap_or_default();
+                anyhow::Ok((head, rest))
+            })
+            .await?
+        })
+    };
+    // A modified agent on A asks for B's artifact: refused, no byte sent.
+    let (head, rest) = ask(&conn)?;
+    assert!(
+        matches!(&head, Some(ControllerMsg::FetchRefused(why)) if why.contains("no open fetch step")),
+        "{head:?}"
+    );
+    assert!(rest.is_empty());
+    // With a fetch step of its own, A is sent the bytes.
+    fetch_step(&a_id)?;
+    let (head, rest) = ask(&conn)?;
+    assert!(
+        matches!(head, Some(ControllerMsg::Artifact { size }) if size == secret.len() as u64),
+        "{head:?}"
+    );
+    assert_eq!(rest, secret.as_bytes());
+    Ok(())
+}
