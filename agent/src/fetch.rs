@@ -87,6 +87,7 @@ impl Fetcher {
         size: u64,
         cancel: &CancellationToken,
         notes: &mut Vec<String>,
+        progress: &(dyn Fn(u64) + Sync),
     ) -> Result<PathBuf, String> {
         if !valid_sha256(sha256) {
             return Err(format!("{sha256:?} is not a SHA-256"));
@@ -121,7 +122,10 @@ impl Fetcher {
             if have == size {
                 break;
             }
-            match self.transfer(sha256, size, have, &part, cancel).await {
+            match self
+                .transfer(sha256, size, have, &part, cancel, progress)
+                .await
+            {
                 Ok(()) => {}
                 Err(Transfer::Refused(why)) => {
                     return Err(format!("the controller refused the artifact: {why}"));
@@ -164,6 +168,7 @@ impl Fetcher {
         offset: u64,
         part: &Path,
         cancel: &CancellationToken,
+        progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(), Transfer> {
         let mut conn_rx = self.conn.clone();
         let conn = tokio::select! {
@@ -203,6 +208,9 @@ impl Fetcher {
             .await
             .map_err(|e| Transfer::Refused(format!("open {}: {e}", part.display())))?;
         let mut left = size - offset;
+        // Progress every tenth of the artifact (at least every 16 MiB).
+        let every = (size / 10).clamp(1, 16 << 20);
+        let mut next = offset + every;
         while left > 0 {
             let chunk = tokio::select! {
                 () = cancel.cancelled() => return Err(Transfer::Cancelled),
@@ -221,6 +229,11 @@ impl Fetcher {
                 .await
                 .map_err(|e| Transfer::Refused(format!("write {}: {e}", part.display())))?;
             left -= take as u64;
+            let done = size - left;
+            if done >= next && left > 0 {
+                progress(done);
+                next = done + every;
+            }
         }
         file.sync_all()
             .await

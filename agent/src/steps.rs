@@ -1240,7 +1240,25 @@ pub(crate) async fn execute(
             None => failed("this agent has no artifact cache".into()),
             Some(fetcher) => {
                 let mut notes = Vec::new();
-                match fetcher.get(sha256, *size, &cancel, &mut notes).await {
+                // Progress lines go out as the step's output (live log, step view).
+                let progress = |done: u64| {
+                    let _ = events.try_send(StepEvent {
+                        step_id: step.id.clone(),
+                        lane: step.lane,
+                        seq: step.seq,
+                        kind: StepEventKind::Output {
+                            stream: OutStream::Stdout,
+                            lines: vec![format!(
+                                "fetch {artifact}: {done} of {size} bytes ({}%)",
+                                done * 100 / (*size).max(1)
+                            )],
+                        },
+                    });
+                };
+                match fetcher
+                    .get(sha256, *size, &cancel, &mut notes, &progress)
+                    .await
+                {
                     Err(e) => failed(format!("fetch {artifact}: {e}")),
                     Ok(entry) => {
                         let placed = match how {

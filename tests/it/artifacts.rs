@@ -151,6 +151,14 @@ fn a_100_mb_artifact_reaches_three_agents_verified_and_cached() -> Result<()> {
             "{ip}: {out}"
         );
     }
+    // The transfer's progress is in each instance's log, as it went.
+    for i in 0..3 {
+        let log = std::fs::read_to_string(data.join(format!("logs/blob_{i}.log")))?;
+        assert!(
+            log.contains("fetch blob.bin: ") && log.contains(" of 104857600 bytes ("),
+            "blob_{i}.log: {log}"
+        );
+    }
     for a in &agents {
         let placed = std::fs::read(a.root.join("opt/blob/blob.bin"))?;
         assert!(placed == bytes, "{}: the placed file differs", a.ip);
