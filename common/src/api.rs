@@ -896,6 +896,10 @@ pub struct ArtifactView {
     pub sha256: String,
     pub size: u64,
     pub uploaded_at: String,
+    /// For a Debian package: `PACKAGE VERSION ARCH`, as the repository the
+    /// controller gives nodes offers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deb: Option<String>,
 }
 
 /// A stored token as `GET /api/v1/tokens` lists it: never the token itself.

@@ -52,6 +52,8 @@ pub enum ArtifactsError {
     NotFound(String),
     #[error("the upload was cut short: {0}")]
     Body(String),
+    #[error("{name} is not a Debian package dpkg-deb can read ({why}): nothing was stored")]
+    BadDeb { name: String, why: String },
 }
 
 /// What the store keeps per name.
@@ -61,10 +63,49 @@ pub struct ArtifactRecord {
     pub sha256: String,
     pub size: u64,
     pub uploaded_at: String,
+    /// For a `.deb`: its control fields as `dpkg-deb -f` prints them, for
+    /// the Debian repository the controller gives nodes (`apt_repo` steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deb_control: Option<String>,
 }
 
-/// Name -> (SHA-256, size), for rendering `fetch` steps.
-pub type ArtifactIndex = BTreeMap<String, (String, u64)>;
+/// What rendering needs of one artifact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub sha256: String,
+    pub size: u64,
+    pub deb_control: Option<String>,
+}
+
+/// Name -> what rendering `fetch` and `apt_repo` steps needs.
+pub type ArtifactIndex = BTreeMap<String, IndexEntry>;
+
+/// The control fields of the Debian package at `path`, as `dpkg-deb -f`
+/// prints them; an error names what is wrong with the file. `Ok(None)`
+/// where `dpkg-deb` is not installed (the package is then not offered in
+/// the repository).
+async fn deb_control(path: &Path) -> Result<Option<String>, String> {
+    let out = match tokio::process::Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(path)
+        .output()
+        .await
+    {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("could not run dpkg-deb: {e}")),
+    };
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    let text =
+        String::from_utf8(out.stdout).map_err(|_| "its control fields are not UTF-8".to_owned())?;
+    let has = |f: &str| text.lines().any(|l| l.starts_with(&format!("{f}: ")));
+    if !(has("Package") && has("Version") && has("Architecture")) {
+        return Err("its control fields lack Package, Version or Architecture".into());
+    }
+    Ok(Some(text.trim_end().to_owned()))
+}
 
 /// A name that can be stored, shown and written in a script as is.
 pub fn valid_name(name: &str) -> bool {
@@ -155,7 +196,16 @@ impl Artifacts {
             .list()?
             .into_iter()
             .filter(|r| self.path_of(&r.sha256).is_some())
-            .map(|r| (r.name, (r.sha256, r.size)))
+            .map(|r| {
+                (
+                    r.name,
+                    IndexEntry {
+                        sha256: r.sha256,
+                        size: r.size,
+                        deb_control: r.deb_control,
+                    },
+                )
+            })
             .collect())
     }
 
@@ -250,11 +300,26 @@ impl Artifacts {
                 got: sha256,
             });
         }
+        let deb_control = if name.ends_with(".deb") {
+            match deb_control(&tmp).await {
+                Ok(c) => c,
+                Err(why) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(ArtifactsError::BadDeb {
+                        name: name.to_owned(),
+                        why,
+                    });
+                }
+            }
+        } else {
+            None
+        };
         let record = ArtifactRecord {
             name: name.to_owned(),
             sha256: sha256.clone(),
             size,
             uploaded_at: crate::util::rfc3339(std::time::SystemTime::now()),
+            deb_control,
         };
         let _names = self.lock();
         let dest = self.dir.join("sha256").join(&sha256);

@@ -15,6 +15,7 @@ mod https;
 mod link_security;
 mod monit;
 mod node_identity;
+mod offline;
 mod operate;
 mod pki_rotation;
 mod plans;

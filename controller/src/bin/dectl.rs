@@ -581,7 +581,17 @@ fn artifacts(api: &Api, what: ArtifactCmd, json: bool) -> Outcome {
                 .map(|b| format!("{b:02x}"))
                 .collect();
             let f = std::fs::File::open(&file).map_err(unreadable)?;
-            let url = format!("{}/api/v1/artifacts?name={name}&sha256={sha}", api.base);
+            // '+' (as in Debian versions) means a space in a query: escape it.
+            let escaped: String = name
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    other => format!("%{other:02X}"),
+                })
+                .collect();
+            let url = format!("{}/api/v1/artifacts?name={escaped}&sha256={sha}", api.base);
             let mut resp = api
                 .agent
                 .post(&url)

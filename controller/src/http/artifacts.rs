@@ -38,9 +38,10 @@ impl From<ArtifactsError> for ApiError {
             ArtifactsError::HashMismatch { .. } => {
                 ApiError::new(ErrorCode::ArtifactMismatch, e.to_string())
             }
-            ArtifactsError::BadName(_) | ArtifactsError::BadHash(_) | ArtifactsError::Body(_) => {
-                ApiError::bad_request(e.to_string())
-            }
+            ArtifactsError::BadName(_)
+            | ArtifactsError::BadHash(_)
+            | ArtifactsError::Body(_)
+            | ArtifactsError::BadDeb { .. } => ApiError::bad_request(e.to_string()),
             ArtifactsError::NotFound(_) => ApiError::not_found(e.to_string()),
             ArtifactsError::Io { .. } | ArtifactsError::Store(_) => {
                 ApiError::internal("artifact storage failed", &e)
@@ -55,6 +56,20 @@ fn view(r: ArtifactRecord) -> ArtifactView {
         sha256: r.sha256,
         size: r.size,
         uploaded_at: r.uploaded_at,
+        deb: r.deb_control.as_deref().map(|c| {
+            let field = |f: &str| {
+                c.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{f}: ")))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            format!(
+                "{} {} {}",
+                field("Package"),
+                field("Version"),
+                field("Architecture")
+            )
+        }),
     }
 }
 

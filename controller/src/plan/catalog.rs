@@ -193,6 +193,21 @@ pub enum StepSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         unpack: Option<UnpackSpec>,
     },
+    /// The controller's Debian repository on the node: every `.deb` artifact
+    /// fetched into `dir` (templated), with its `Packages` index and a
+    /// `sources.list` naming only it, for `apt-get -o
+    /// Dir::Etc::SourceList=DIR/sources.list`. Skipped unless `when`
+    /// (templated) renders to `1` or `true`.
+    AptRepo {
+        #[serde(default = "default_repo_dir")]
+        dir: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        when: Option<String>,
+    },
+}
+
+fn default_repo_dir() -> String {
+    "{{ path(\"var/lib/deployment-engine/repo\") }}".to_owned()
 }
 
 /// The archive formats `fetch` unpacks, as a catalog names them.
@@ -321,6 +336,13 @@ fn step_templates(step: &StepSpec) -> Vec<(String, &str)> {
             ];
             if let Some(o) = owner {
                 out.push(("owner".to_owned(), o.as_str()));
+            }
+            out
+        }
+        StepSpec::AptRepo { dir, when } => {
+            let mut out = vec![("dir".to_owned(), dir.as_str())];
+            if let Some(w) = when {
+                out.push(("when".to_owned(), w.as_str()));
             }
             out
         }

@@ -220,17 +220,15 @@ impl<'a> PlanRenderer<'a> {
         };
         let mut install = Vec::new();
         for (i, step) in catalog.prepare().iter().enumerate() {
-            install.push(r.step(None, &format!("prepare[{i}]"), step, &fixed)?);
+            install.extend(r.steps(None, &format!("prepare[{i}]"), step, &fixed)?);
         }
         for (i, step) in def.install.iter().enumerate() {
-            install.push(r.step(Some(component), &format!("install[{i}]"), step, &fixed)?);
+            install.extend(r.steps(Some(component), &format!("install[{i}]"), step, &fixed)?);
         }
-        let uninstall = def
-            .uninstall
-            .iter()
-            .enumerate()
-            .map(|(i, step)| r.step(Some(component), &format!("uninstall[{i}]"), step, &fixed))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut uninstall = Vec::new();
+        for (i, step) in def.uninstall.iter().enumerate() {
+            uninstall.extend(r.steps(Some(component), &format!("uninstall[{i}]"), step, &fixed)?);
+        }
         Ok(RenderedComponent {
             component: component.to_owned(),
             ip: node.ip.clone(),
@@ -273,6 +271,67 @@ impl Renderer<'_> {
 
     fn field(&self, component: Option<&str>, at: &str, field: &str) -> Result<String, RenderError> {
         self.render(&Catalog::template_name(component, &format!("{at}.{field}")))
+    }
+
+    /// The actions one catalog step renders to: one, except `apt_repo`
+    /// (a fetch per package, the index and the source list; none when its
+    /// `when` is not true).
+    fn steps(
+        &self,
+        component: Option<&str>,
+        at: &str,
+        step: &StepSpec,
+        fixed: &Fixed<'_>,
+    ) -> Result<Vec<StepAction>, RenderError> {
+        let StepSpec::AptRepo { when, .. } = step else {
+            return Ok(vec![self.step(component, at, step, fixed)?]);
+        };
+        if when.is_some() {
+            let w = self.field(component, at, "when")?;
+            if !matches!(w.trim(), "1" | "true" | "True") {
+                return Ok(Vec::new());
+            }
+        }
+        let dir = self
+            .field(component, at, "dir")?
+            .trim()
+            .trim_end_matches('/')
+            .to_owned();
+        let mut out = Vec::new();
+        let mut index = String::new();
+        for (name, e) in self.artifacts.into_iter().flatten() {
+            let Some(control) = &e.deb_control else {
+                continue;
+            };
+            out.push(StepAction::Fetch {
+                artifact: name.clone(),
+                sha256: e.sha256.clone(),
+                size: e.size,
+                path: format!("{dir}/{name}"),
+                mode: 0o644,
+                owner: None,
+                unpack: None,
+            });
+            index.push_str(&format!(
+                "{control}\nFilename: ./{name}\nSize: {}\nSHA256: {}\n\n",
+                e.size, e.sha256
+            ));
+        }
+        // The index is in the signed step, and holds every package's
+        // SHA-256, which apt checks: the source is pinned without a key.
+        out.push(StepAction::WriteFile {
+            path: format!("{dir}/Packages"),
+            contents: index.into_bytes(),
+            mode: 0o644,
+            owner: None,
+        });
+        out.push(StepAction::WriteFile {
+            path: format!("{dir}/sources.list"),
+            contents: format!("deb [trusted=yes] file:{dir} ./\n").into_bytes(),
+            mode: 0o644,
+            owner: None,
+        });
+        Ok(out)
     }
 
     fn step(
@@ -340,12 +399,12 @@ impl Renderer<'_> {
                 let found = self.artifacts.and_then(|index| {
                     index
                         .get(&name)
-                        .map(|(sha, size)| (name.clone(), sha.clone(), *size))
+                        .map(|e| (name.clone(), e.sha256.clone(), e.size))
                         .or_else(|| {
                             index
                                 .iter()
-                                .find(|(_, (sha, _))| *sha == name)
-                                .map(|(n, (sha, size))| (n.clone(), sha.clone(), *size))
+                                .find(|(_, e)| e.sha256 == name)
+                                .map(|(n, e)| (n.clone(), e.sha256.clone(), e.size))
                         })
                 });
                 let (artifact, sha256, size) =
@@ -365,6 +424,16 @@ impl Renderer<'_> {
                         UnpackSpec::Zip => Unpack::Zip,
                     }),
                 }
+            }
+            // Rendered by `steps`, into several actions.
+            StepSpec::AptRepo { .. } => {
+                return Err(RenderError::Template {
+                    template: at.to_owned(),
+                    source: Box::new(minijinja::Error::new(
+                        minijinja::ErrorKind::InvalidOperation,
+                        "apt_repo renders into several steps",
+                    )),
+                });
             }
         })
     }
