@@ -300,3 +300,38 @@ fn over_plain_http_there_is_no_join_script_and_codes_show_the_copied_script_line
     );
     Ok(())
 }
+
+/// After a CA rotation and the old CA's retirement, the API's certificate
+/// chains to the new CA, the only one `DATA/ca.pem` then holds: clients
+/// that trust it keep working without a restart, and the pin holds.
+#[test]
+fn the_api_certificate_follows_a_ca_rotation_and_keeps_its_pin() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ctl = tls_controller(&dir.path().join("data"), &dir.path().join("none"))?;
+    let pin = pin_of(&ctl)?;
+    let before = std::fs::read_to_string(ctl.data_dir.join("ca.pem"))?;
+    ctl.api("POST", "/api/v1/pki/rotate-ca", None)?
+        .expect::<serde_json::Value>(200)?;
+    ctl.api(
+        "POST",
+        "/api/v1/pki/retire-old-ca",
+        Some(r#"{"force": true}"#),
+    )?
+    .expect::<serde_json::Value>(200)?;
+    let after = std::fs::read_to_string(ctl.data_dir.join("ca.pem"))?;
+    assert_ne!(before, after, "the CA changed");
+    assert_eq!(after.matches("BEGIN CERTIFICATE").count(), 1, "{after}");
+    // Every request of the harness trusts only DATA/ca.pem as it is now.
+    let a = ctl.api("GET", "/api/v1/nodes", None)?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let o = curl(&[
+        "-f",
+        "--pinnedpubkey",
+        &pin,
+        "--cacert",
+        ctl.data_dir.join("ca.pem").to_str().context("path")?,
+        &format!("https://{}/healthz", ctl.api),
+    ])?;
+    assert!(o.status.success(), "{o:?}");
+    Ok(())
+}

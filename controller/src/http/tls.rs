@@ -6,7 +6,9 @@
 //!
 //! Invariants: the API key is written only with mode 0600 and reused across
 //! restarts, so the pin stays the same; the certificate is issued again at
-//! every start (names changed in the config take effect at once); a
+//! every start (names changed in the config take effect at once) and
+//! whenever the controller's CA changes (a CA rotation), so it always
+//! chains to the CA clients are told to trust; a
 //! handshake that does not finish in [`HANDSHAKE_TIMEOUT`] is dropped, and at
 //! most [`MAX_HANDSHAKES`] run at once.
 
@@ -131,9 +133,85 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
         .join(":")
 }
 
+/// Serves the API certificate issued from the CA the controller issues
+/// from now, issuing it again (to the same key) when that CA changed.
+struct OwnCert {
+    pki: Arc<Pki>,
+    key: rcgen::KeyPair,
+    names: Vec<String>,
+    /// The CA the cached certificate chains to, and the certificate.
+    current: std::sync::RwLock<(CertificateDer<'static>, Arc<rustls::sign::CertifiedKey>)>,
+}
+
+impl std::fmt::Debug for OwnCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnCert")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnCert {
+    fn certified(
+        &self,
+        ca: &CertificateDer<'static>,
+    ) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+        let pem = self
+            .pki
+            .issue_server_cert(&self.key, &self.names, API_CERT_DAYS)?;
+        let leaf = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|_| TlsError::Parse)?;
+        let key = PrivateKeyDer::Pkcs8(self.key.serialize_der().into());
+        let signing = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(TlsError::Config)?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            vec![leaf, ca.clone()],
+            signing,
+        )))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for OwnCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let ca = self.pki.ca_der();
+        {
+            let cur = self.current.read().unwrap_or_else(|p| p.into_inner());
+            if cur.0 == ca {
+                return Some(cur.1.clone());
+            }
+        }
+        match self.certified(&ca) {
+            Ok(ck) => {
+                let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+                *cur = (ca, ck.clone());
+                tracing::info!("the CA changed: the API certificate was issued anew from it");
+                Some(ck)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot issue the API certificate from the new CA: {}",
+                    de_common::ErrorChain(&e)
+                );
+                Some(
+                    self.current
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .1
+                        .clone(),
+                )
+            }
+        }
+    }
+}
+
 impl ApiTls {
     /// Loads (or issues) the API's certificate.
-    pub fn load(pki: &Pki, source: &ApiCert) -> Result<ApiTls, TlsError> {
+    pub fn load(pki: &Arc<Pki>, source: &ApiCert) -> Result<ApiTls, TlsError> {
+        let mut own = None;
         let (chain, key, names) = match source {
             ApiCert::Own { data_dir, names } => {
                 let key_path = data_dir.join("api.key");
@@ -165,8 +243,21 @@ impl ApiTls {
                 })?;
                 let leaf = CertificateDer::from_pem_slice(cert_pem.as_bytes())
                     .map_err(|_| TlsError::Parse)?;
-                let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-                (vec![leaf, pki.ca_der()], key, names.clone())
+                let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+                let ca = pki.ca_der();
+                let chain = vec![leaf, ca.clone()];
+                let signing = rustls::crypto::ring::default_provider()
+                    .key_provider
+                    .load_private_key(key_der.clone_key())
+                    .map_err(TlsError::Config)?;
+                let certified = Arc::new(rustls::sign::CertifiedKey::new(chain.clone(), signing));
+                own = Some(Arc::new(OwnCert {
+                    pki: pki.clone(),
+                    key,
+                    names: names.clone(),
+                    current: std::sync::RwLock::new((ca, certified)),
+                }));
+                (chain, key_der, names.clone())
             }
             ApiCert::Files { cert, key } => {
                 let cert_pem =
@@ -186,12 +277,16 @@ impl ApiTls {
         };
         let pin = pin_of(&chain[0])?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Config)?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(TlsError::Config)?;
+            .with_no_client_auth();
+        let mut config = match own {
+            Some(resolver) => builder.with_cert_resolver(resolver),
+            None => builder
+                .with_single_cert(chain, key)
+                .map_err(TlsError::Config)?,
+        };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(ApiTls {
             config: Arc::new(config),
@@ -306,7 +401,7 @@ mod tests {
     #[test]
     fn the_api_key_and_so_the_pin_survive_a_restart_and_the_names_are_in_the_cert() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (pki, _) = Pki::load_or_create(dir.path()).expect("pki");
+        let pki = Arc::new(Pki::load_or_create(dir.path()).expect("pki").0);
         let own = ApiCert::Own {
             data_dir: dir.path().to_owned(),
             names: vec!["ctl.example".into(), "192.0.2.7".into()],
@@ -334,7 +429,7 @@ mod tests {
     #[test]
     fn an_operator_cert_is_used_as_given_and_a_missing_key_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (pki, _) = Pki::load_or_create(dir.path()).expect("pki");
+        let pki = Arc::new(Pki::load_or_create(dir.path()).expect("pki").0);
         let key = rcgen::KeyPair::generate().expect("key");
         let pem = pki
             .issue_server_cert(&key, &["op.example".into()], 30)
