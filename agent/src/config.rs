@@ -44,6 +44,8 @@ pub(crate) struct Config {
     /// The artifact cache's bound, MiB (1-1048576).
     #[serde(default, deserialize_with = "cache_max_mb")]
     pub(crate) cache_max_mb: Option<u64>,
+    /// `text` or `json`.
+    pub(crate) log_format: Option<de_common::LogFormat>,
     /// Always refused: see the module docs.
     #[serde(default, rename = "code", deserialize_with = "refuse_code")]
     _code: (),

@@ -31,6 +31,11 @@ struct Cli {
     /// Flags and environment variables override its values.
     #[arg(long, global = true, env = "DE_AGENT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Log lines as `text` (for people) or `json` (one object per line, with
+    /// the span fields, for journald and log shippers) [default: text; also
+    /// `log_format` in the config file].
+    #[arg(long, global = true, env = "DE_LOG_FORMAT", value_name = "FORMAT")]
+    log_format: Option<de_common::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -157,14 +162,6 @@ impl Settings {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
     let (file, from) =
         match de_common::load_config::<Config>(cli.config.as_deref(), Path::new(PACKAGED_PATH)) {
@@ -174,6 +171,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         };
+    de_common::init_logging(
+        "info,quinn=warn",
+        cli.log_format.or(file.log_format).unwrap_or_default(),
+    );
     if let Some(path) = from {
         tracing::debug!(config = %path.display(), "read the config file");
     }

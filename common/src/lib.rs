@@ -16,6 +16,7 @@ mod files;
 mod frame;
 mod hardware;
 mod ids;
+mod logging;
 mod signal;
 mod step;
 mod wire;
@@ -27,6 +28,7 @@ pub use files::{ensure_private_dir, write_private};
 pub use frame::{FrameError, MAX_FRAME_LEN, decode, encode, read_frame, write_frame};
 pub use hardware::{ComponentStatus, Hardware, Usage};
 pub use ids::{DeploymentId, NodeId, StepId};
+pub use logging::{LogFormat, init_logging};
 pub use signal::shutdown_signal;
 pub use step::{
     Lane, MonitOp, STEP_DOMAIN, SignError, SignedStep, Step, StepAction, StepRefusal, Unpack,

@@ -68,6 +68,8 @@ pub(crate) struct Config {
     /// The largest artifact upload, MiB ([`ARTIFACT_MAX_MB`]).
     #[serde(default, deserialize_with = "artifact_max_mb")]
     pub(crate) artifact_max_mb: Option<u64>,
+    /// `text` or `json`.
+    pub(crate) log_format: Option<de_common::LogFormat>,
 }
 
 fn in_file<'de, D, T>(d: D, range: &RangeInclusive<T>) -> Result<Option<T>, D::Error>
@@ -195,6 +197,7 @@ mod tests {
             all.node_cert_days,
             Some(de_controller::DEFAULT_NODE_CERT_DAYS)
         );
+        assert_eq!(all.log_format, Some(de_common::LogFormat::Json));
         assert_eq!(
             all.artifact_max_mb,
             Some(de_controller::artifacts::DEFAULT_ARTIFACT_MAX_MB)

@@ -213,3 +213,46 @@ fn bad_config_files_exit_64_with_one_line_naming_the_file_and_key() -> Result<()
     );
     Ok(())
 }
+
+/// `--log-format json`: every line the controller logs is one JSON object
+/// with its level and fields, for journald and log shippers; a format that
+/// does not exist is refused naming the choices.
+#[test]
+fn log_lines_can_be_json_objects_one_per_line() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let ctl = TestController::start_with(
+        &data,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--log-format", "json"],
+    )?;
+    let log = data.with_extension("controller.log");
+    let text = wait_until(
+        std::time::Duration::from_secs(20),
+        "a JSON log line",
+        || {
+            let t = std::fs::read_to_string(&log).ok()?;
+            t.lines().any(|l| l.starts_with('{')).then_some(t)
+        },
+    )?;
+    let mut objects = 0;
+    for line in text.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON ({e}): {line}"))?;
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+        objects += 1;
+    }
+    assert!(objects >= 1);
+    assert!(
+        text.contains(r#""message":"agents are told to dial""#),
+        "{text}"
+    );
+    drop(ctl);
+    let mut cmd = command("de-controller");
+    cmd.args(["serve", "--log-format", "xml"]);
+    let o = run_bounded(cmd, Duration::from_secs(30))?;
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(o.stderr.contains("text or json"), "{}", o.stderr);
+    Ok(())
+}
