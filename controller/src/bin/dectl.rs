@@ -1655,6 +1655,9 @@ mod tests {
             steps_total: 0,
             steps_done: 0,
             steps: None,
+            paused: false,
+            rollout: Vec::new(),
+            watches: Vec::new(),
         }
     }
 

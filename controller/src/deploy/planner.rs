@@ -21,10 +21,12 @@ use de_common::{DeploymentId, InstanceState, MonitOp, NodeId, StepAction};
 use super::DeployError;
 use super::intent::key;
 use super::record::{
-    Applied, AppliedInstance, DeployState, DeployStep, Deployment, PhaseState, TaskKind,
+    Applied, AppliedInstance, DeployState, DeployStep, Deployment, Hook, PhaseState, Rollout,
+    TaskKind,
 };
 use crate::agents::NodeView;
 use crate::plan::render::{NodeContext, RenderedComponent};
+use crate::plan::rollout::RolloutSpec;
 use crate::plan::validate::find_node;
 use crate::plan::{Catalog, StoredPlan};
 
@@ -67,6 +69,8 @@ pub(crate) struct Observed {
 #[derive(Debug, Clone)]
 pub(crate) struct Planned {
     pub(crate) steps: Vec<DeployStep>,
+    /// Component -> its rollout, for every component with steps.
+    pub(crate) rollout: BTreeMap<String, Rollout>,
     pub(crate) target: Applied,
     pub(crate) changes: Vec<InstanceChange>,
     /// `IP (node)` or `IP (no enrolled node)`, sorted.
@@ -214,7 +218,13 @@ pub(crate) fn plan_changes(
     };
     let mut steps = Vec::new();
     let mut changes = Vec::new();
-    let step = |component: &str, instance: &str, ip: &str, node: &NodeId, kind, group, action| {
+    let step = |component: &str,
+                instance: &str,
+                ip: &str,
+                node: &NodeId,
+                kind,
+                group,
+                (action, hook): (StepAction, Option<Hook>)| {
         DeployStep {
             component: component.to_owned(),
             instance: instance.to_owned(),
@@ -231,8 +241,10 @@ pub(crate) fn plan_changes(
             exit_code: None,
             error: None,
             output: None,
+            hook,
         }
     };
+    let mut uninstalled: BTreeMap<String, usize> = BTreeMap::new();
     // Uninstalls first (group 0; they are independent of each other).
     for r in applied
         .instances
@@ -252,15 +264,25 @@ pub(crate) fn plan_changes(
         let Some(node_id) = node.map(|n| n.node_id()) else {
             continue;
         };
-        // The catalog's uninstall steps (stop, clean up), then the check goes, then the mark.
-        let actions = r.uninstall.iter().cloned().chain([
-            StepAction::MonitRemove {
-                name: r.monit_name.clone(),
-            },
-            StepAction::Unmark {
-                instance: r.instance.clone(),
-            },
-        ]);
+        *uninstalled.entry(r.component.clone()).or_default() += 1;
+        // pre_stop (drain it), the catalog's uninstall steps (stop, clean
+        // up), then the check goes, then the mark.
+        let actions = hooked(&r.pre_stop, Hook::PreStop)
+            .chain(r.uninstall.iter().cloned().map(|a| (a, None)))
+            .chain([
+                (
+                    StepAction::MonitRemove {
+                        name: r.monit_name.clone(),
+                    },
+                    None,
+                ),
+                (
+                    StepAction::Unmark {
+                        instance: r.instance.clone(),
+                    },
+                    None,
+                ),
+            ]);
         for a in actions {
             steps.push(step(
                 &r.component,
@@ -277,7 +299,53 @@ pub(crate) fn plan_changes(
         .instances()
         .map(|(c, ip)| (c.to_owned(), ip.to_owned()))
         .collect();
-    for (g, component) in catalog.install_order().iter().enumerate() {
+    let specs: BTreeMap<&str, RolloutSpec> = catalog
+        .components()
+        .map(|def| {
+            (
+                def.name.as_str(),
+                def.rollout.overridden_by(plan.rollout.get(&def.name)),
+            )
+        })
+        .collect();
+    // Groups: a serial component waits for every one before it; another
+    // only for those of its `after` list the plan has.
+    let mut group_of: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut last_group = 0;
+    for component in catalog.install_order() {
+        if !plan.components.contains_key(component) {
+            continue;
+        }
+        let serial = specs
+            .get(component.as_str())
+            .and_then(|s| s.serial)
+            .unwrap_or(true);
+        let g = if serial {
+            last_group + 1
+        } else {
+            catalog
+                .component(component)
+                .map(|def| {
+                    def.after
+                        .iter()
+                        .filter_map(|a| group_of.get(a.as_str()))
+                        .max()
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(last_group)
+                + 1
+        };
+        group_of.insert(component, g);
+        last_group = last_group.max(g);
+    }
+    let post_deploy_group = last_group + 1;
+    // Per component: whether this deployment changes it, and its first
+    // instance as rendered (where its post_deploy hook runs).
+    let mut changed: BTreeSet<String> = BTreeSet::new();
+    let mut first: BTreeMap<String, (RenderedComponent, NodeId)> = BTreeMap::new();
+    for component in catalog.install_order() {
+        let g = group_of.get(component.as_str()).copied().unwrap_or(0);
         for (c, ip) in instances.iter().filter(|(c, _)| c == component) {
             let k = key(c, ip);
             let prev = applied.instances.get(&k);
@@ -327,27 +395,74 @@ pub(crate) fn plan_changes(
                         (ChangeAction::Nothing, why)
                     }),
             };
+            let plain = |list: Vec<StepAction>| list.into_iter().map(|a| (a, None));
+            let post_start = || -> Vec<(StepAction, Option<Hook>)> {
+                if operator_stopped {
+                    Vec::new()
+                } else {
+                    hooked(&rendered.post_start, Hook::PostStart).collect()
+                }
+            };
+            // post_start goes after the start, before the mark: an instance
+            // whose check fails is not marked applied, so it is tried again.
+            let with_post_start = |mut list: Vec<StepAction>| {
+                let mark = list.pop();
+                plain(list)
+                    .chain(post_start())
+                    .chain(mark.map(|m| (m, None)))
+                    .collect::<Vec<_>>()
+            };
             let (kind, actions) = match action {
                 ChangeAction::Install => (
                     TaskKind::Install,
-                    apply_steps(&rendered, &fp, false, supervised, operator_stopped),
+                    with_post_start(apply_steps(
+                        &rendered,
+                        &fp,
+                        false,
+                        supervised,
+                        operator_stopped,
+                    )),
                 ),
-                ChangeAction::Reapply => (
-                    TaskKind::Reconfigure,
-                    apply_steps(&rendered, &fp, true, supervised, operator_stopped),
-                ),
+                ChangeAction::Reapply => {
+                    let pre_stop: Vec<_> = if operator_stopped {
+                        Vec::new()
+                    } else {
+                        hooked(&rendered.pre_stop, Hook::PreStop).collect()
+                    };
+                    (
+                        TaskKind::Reconfigure,
+                        pre_stop
+                            .into_iter()
+                            .chain(with_post_start(apply_steps(
+                                &rendered,
+                                &fp,
+                                true,
+                                supervised,
+                                operator_stopped,
+                            )))
+                            .collect(),
+                    )
+                }
                 ChangeAction::Start => (
                     TaskKind::Reconfigure,
-                    vec![StepAction::Monit {
+                    plain(vec![StepAction::Monit {
                         name: rendered.monit_name.clone(),
                         op: MonitOp::Start,
-                    }],
+                    }])
+                    .chain(post_start())
+                    .collect(),
                 ),
                 ChangeAction::Nothing | ChangeAction::Uninstall => (TaskKind::Reconfigure, vec![]),
             };
             let node_id = n.node_id();
+            if !actions.is_empty() {
+                changed.insert(c.clone());
+            }
             for a in actions {
-                steps.push(step(c, &rendered.instance, ip, &node_id, kind, g + 1, a));
+                steps.push(step(c, &rendered.instance, ip, &node_id, kind, g, a));
+            }
+            if rendered.index == 0 {
+                first.insert(c.clone(), (rendered.clone(), node_id.clone()));
             }
             let why = if operator_stopped && action != ChangeAction::Nothing {
                 format!("{why}; stopped through the API, so it is not started")
@@ -371,18 +486,69 @@ pub(crate) fn plan_changes(
                     fingerprint: fp,
                     monit_name: rendered.monit_name.clone(),
                     uninstall: rendered.uninstall.clone(),
+                    pre_stop: rendered.pre_stop.clone(),
                 },
             );
         }
+    }
+    // post_deploy: once per component this deployment changes, on its first instance.
+    for component in catalog.install_order() {
+        let Some((r, node_id)) = first.get(component).filter(|_| changed.contains(component))
+        else {
+            continue;
+        };
+        for a in hooked(&r.post_deploy, Hook::PostDeploy) {
+            steps.push(step(
+                component,
+                &r.instance,
+                &r.ip,
+                node_id,
+                TaskKind::Reconfigure,
+                post_deploy_group,
+                a,
+            ));
+        }
+    }
+    // Each component's rollout, a percentage of its instances in the plan
+    // (of those uninstalled, for a component the plan dropped).
+    let mut rollout = BTreeMap::new();
+    for s in &steps {
+        if rollout.contains_key(&s.component) {
+            continue;
+        }
+        let spec = specs.get(s.component.as_str()).cloned().unwrap_or_default();
+        let count = plan
+            .components
+            .get(&s.component)
+            .map(Vec::len)
+            .filter(|n| *n > 0)
+            .or_else(|| uninstalled.get(&s.component).copied())
+            .unwrap_or(1);
+        let canaries = usize::try_from(spec.canaries.unwrap_or(0)).unwrap_or(usize::MAX);
+        rollout.insert(
+            s.component.clone(),
+            Rollout {
+                canaries,
+                max_in_flight: spec.max_in_flight.map(|m| m.resolve(count)),
+                watch_secs: spec.watch_secs.unwrap_or(0),
+                serial: spec.serial.unwrap_or(true),
+            },
+        );
     }
     offline.sort();
     offline.dedup();
     Ok(Planned {
         steps,
+        rollout,
         target,
         changes,
         offline,
     })
+}
+
+/// A hook's steps, marked as such.
+fn hooked(list: &[StepAction], hook: Hook) -> impl Iterator<Item = (StepAction, Option<Hook>)> {
+    list.iter().cloned().map(move |a| (a, Some(hook)))
 }
 
 /// A running deployment of what [`plan_changes`] decided; refused when a
@@ -409,6 +575,9 @@ pub(crate) fn plan_deployment(
         max_attempts: new.max_attempts,
         steps: planned.steps,
         target: planned.target,
+        paused: false,
+        rollout: planned.rollout,
+        watches: Vec::new(),
     })
 }
 

@@ -55,6 +55,11 @@ pub struct RenderedComponent {
     /// The catalog's `prepare` steps, then the component's install steps.
     pub install: Vec<StepAction>,
     pub uninstall: Vec<StepAction>,
+    /// Hooks (docs/CATALOGS.md): before it is changed or uninstalled, after
+    /// it starts, once after a deployment that changed the component.
+    pub pre_stop: Vec<StepAction>,
+    pub post_start: Vec<StepAction>,
+    pub post_deploy: Vec<StepAction>,
     /// The name of the monit check (the component's name).
     pub monit_name: String,
     pub monit_check: String,
@@ -208,12 +213,17 @@ impl PlanRenderer<'_> {
         for (i, step) in def.install.iter().enumerate() {
             install.push(r.step(Some(component), &format!("install[{i}]"), step, &fixed)?);
         }
-        let uninstall = def
-            .uninstall
-            .iter()
-            .enumerate()
-            .map(|(i, step)| r.step(Some(component), &format!("uninstall[{i}]"), step, &fixed))
-            .collect::<Result<Vec<_>, _>>()?;
+        let list = |name: &str, steps: &[StepSpec]| {
+            steps
+                .iter()
+                .enumerate()
+                .map(|(i, step)| r.step(Some(component), &format!("{name}[{i}]"), step, &fixed))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let uninstall = list("uninstall", &def.uninstall)?;
+        let pre_stop = list("pre_stop", &def.pre_stop)?;
+        let post_start = list("post_start", &def.post_start)?;
+        let post_deploy = list("post_deploy", &def.post_deploy)?;
         Ok(RenderedComponent {
             component: component.to_owned(),
             ip: node.ip.clone(),
@@ -221,6 +231,9 @@ impl PlanRenderer<'_> {
             instance,
             install,
             uninstall,
+            pre_stop,
+            post_start,
+            post_deploy,
             monit_name: component.to_owned(),
             monit_check,
             logs,
