@@ -1007,6 +1007,10 @@ pub enum AuditAction {
     RotateCa,
     /// The previous CA no longer trusted.
     RetireCa,
+    /// A deployment paused.
+    Pause,
+    /// A paused deployment resumed.
+    Resume,
     /// An action this build does not know (from a newer controller).
     #[serde(other)]
     Other,
