@@ -984,3 +984,186 @@ contents = "members={{ components.base | join(',') }}"
         );
     }
 }
+
+#[cfg(test)]
+mod rollout_tests {
+    use super::*;
+    use crate::deploy::view::describe;
+    use crate::testkit;
+
+    /// `web` has every hook and a rollout; `side`, not serial and after
+    /// nothing, runs beside `db`; `late`, serial, waits for both.
+    fn catalog() -> Catalog {
+        let files = [
+            ("catalog.toml", "description = \"hooks\"\n"),
+            (
+                "db.toml",
+                "description = \"db\"\ncardinality = \"many\"\nmonit_check = \"check process db with pidfile /db\"\n[[install]]\naction = \"script\"\nrun = \"db\"\n",
+            ),
+            (
+                "side.toml",
+                "description = \"side\"\ncardinality = \"many\"\nmonit_check = \"check process side with pidfile /s\"\n[rollout]\nserial = false\n[[install]]\naction = \"script\"\nrun = \"side\"\n",
+            ),
+            (
+                "web.toml",
+                r#"
+description = "web"
+cardinality = "many"
+after = ["db"]
+monit_check = "check process web with pidfile /run/web.pid"
+[rollout]
+canaries = 1
+max_in_flight = "50%"
+watch_secs = 5
+[[install]]
+action = "script"
+run = "install {{ properties.domain }}"
+[[install]]
+action = "monit_add"
+[[install]]
+action = "monit_start"
+[[uninstall]]
+action = "monit_stop"
+[[pre_stop]]
+action = "write_file"
+path = "/drain/{{ instance }}"
+contents = ""
+[[post_start]]
+action = "write_file"
+path = "/check/{{ instance }}"
+contents = ""
+[[post_deploy]]
+action = "write_file"
+path = "/smoke/{{ instance }}"
+contents = ""
+"#,
+            ),
+            (
+                "late.toml",
+                "description = \"late\"\ncardinality = \"many\"\nafter = [\"web\"]\nmonit_check = \"check process late with pidfile /l\"\n[[install]]\naction = \"script\"\nrun = \"late\"\n",
+            ),
+        ];
+        let files: Vec<(String, String)> = files
+            .iter()
+            .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+            .collect();
+        Catalog::from_files("h", "/catalogs/h", false, &files).expect("the test catalog loads")
+    }
+
+    fn plan(domain: &str, web: &[&str]) -> StoredPlan {
+        let mut plan = testkit::plan(
+            "h",
+            &[
+                ("db", &["10.0.0.1"]),
+                ("side", &["10.0.0.2"]),
+                ("web", web),
+                ("late", &["10.0.0.1"]),
+            ],
+        );
+        plan.properties.domain = domain.to_owned();
+        StoredPlan {
+            revision: 1,
+            stored_at: "t0".to_owned(),
+            plan,
+        }
+    }
+
+    fn deploy(p: &StoredPlan, applied: &Applied) -> Deployment {
+        let nodes: Vec<NodeView> = (1..=3)
+            .map(|i| testkit::node(&format!("n{i}"), &format!("10.0.0.{i}"), 2, 4096, 50_000))
+            .collect();
+        plan_deployment(
+            &catalog(),
+            p,
+            applied,
+            &nodes,
+            &Observed::default(),
+            NewDeployment {
+                id: "d-1".into(),
+                created_at: "t1".to_owned(),
+                max_attempts: 3,
+            },
+        )
+        .expect("plans")
+    }
+
+    fn lines(d: &Deployment, component: &str) -> Vec<String> {
+        d.steps
+            .iter()
+            .filter(|s| s.component == component)
+            .map(|s| {
+                let hook = s.hook.map(|h| format!(" ({h:?})")).unwrap_or_default();
+                format!("{} {}: {}{hook}", s.group, s.instance, describe(&s.action))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hooks_run_around_a_change_and_once_after_the_deployment_and_groups_follow_serial() {
+        let p = plan("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        let d = deploy(&p, &Applied::default());
+        // side (not serial, after nothing) runs beside db; web after db;
+        // late (serial) after everything before it.
+        let group = |c: &str| d.steps.iter().find(|s| s.component == c).map(|s| s.group);
+        assert_eq!(
+            [group("db"), group("side"), group("web"), group("late")],
+            [Some(1), Some(1), Some(2), Some(3)]
+        );
+        // A first install: post_start after the start, before the mark; no
+        // pre_stop; post_deploy once, on web_0, after everything.
+        let web = lines(&d, "web");
+        assert_eq!(
+            web[..5],
+            [
+                "2 web_0: script",
+                "2 web_0: monit add web",
+                "2 web_0: monit start web",
+                "2 web_0: write /check/web_0 (PostStart)",
+                "2 web_0: mark applied",
+            ]
+        );
+        assert_eq!(
+            web.last().map(String::as_str),
+            Some("4 web_0: write /smoke/web_0 (PostDeploy)")
+        );
+        assert_eq!(web.iter().filter(|l| l.contains("/smoke/")).count(), 1);
+        // 50% of 3 rounds down to 1; the rollout is in the record.
+        assert_eq!(
+            d.rollout.get("web"),
+            Some(&Rollout {
+                canaries: 1,
+                max_in_flight: Some(1),
+                watch_secs: 5,
+                serial: true,
+            })
+        );
+        // A re-apply drains first; an uninstall runs the pre_stop rendered
+        // when it was applied.
+        let again = deploy(&plan("b.test", &["10.0.0.1", "10.0.0.2"]), &d.target);
+        let web = lines(&again, "web");
+        assert_eq!(web[0], "0 web_2: write /drain/web_2 (PreStop)");
+        assert_eq!(web[1], "0 web_2: monit stop web");
+        assert!(
+            web.contains(&"2 web_0: write /drain/web_0 (PreStop)".to_owned()),
+            "{web:?}"
+        );
+        let restart = web.iter().position(|l| l == "2 web_0: monit restart web");
+        let check = web
+            .iter()
+            .position(|l| l == "2 web_0: write /check/web_0 (PostStart)");
+        assert!(restart.is_some() && check > restart, "{web:?}");
+        // A plan's override wins over the catalog's key.
+        let mut p = plan("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        p.plan.rollout.insert(
+            "web".to_owned(),
+            serde_json::from_str(r#"{"max_in_flight": 2, "canaries": 0}"#).expect("json"),
+        );
+        let d = deploy(&p, &Applied::default());
+        assert_eq!(
+            d.rollout
+                .get("web")
+                .map(|r| (r.canaries, r.max_in_flight, r.watch_secs)),
+            Some((0, Some(2), 5))
+        );
+    }
+}
