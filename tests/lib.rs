@@ -769,3 +769,76 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
 }
+
+/// Seconds since the Unix epoch of an RFC 3339 UTC time as the controller
+/// writes it (`2026-01-01T00:00:00Z`, `...:00.25Z`): step and watch times.
+pub fn rfc3339_secs(t: &str) -> Option<f64> {
+    let t = t.strip_suffix('Z')?;
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut h = time.split(':');
+    let (hh, mm) = (
+        h.next()?.parse::<i64>().ok()?,
+        h.next()?.parse::<i64>().ok()?,
+    );
+    let ss: f64 = h.next()?.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + hh * 3600 + mm * 60) as f64 + ss)
+}
+
+/// Per instance of `component` in a deployment, from its first step's start
+/// to the end of its last step or watch (seconds since the epoch): when the
+/// deployment had it in flight.
+pub fn in_flight_spans(
+    d: &de_common::api::DeploymentView,
+    component: &str,
+) -> Vec<(String, f64, f64)> {
+    let mut out: Vec<(String, f64, f64)> = Vec::new();
+    let steps = d
+        .steps
+        .iter()
+        .flatten()
+        .filter(|s| s.component == component);
+    for s in steps {
+        let (Some(a), Some(b)) = (
+            s.started_at.as_deref().and_then(rfc3339_secs),
+            s.finished_at.as_deref().and_then(rfc3339_secs),
+        ) else {
+            continue;
+        };
+        match out.iter_mut().find(|x| x.0 == s.instance) {
+            Some(x) => {
+                x.1 = x.1.min(a);
+                x.2 = x.2.max(b);
+            }
+            None => out.push((s.instance.clone(), a, b)),
+        }
+    }
+    for w in d.watches.iter().filter(|w| w.component == component) {
+        if let (Some(x), Some(end)) = (
+            out.iter_mut().find(|x| x.0 == w.instance),
+            w.finished_at.as_deref().and_then(rfc3339_secs),
+        ) {
+            x.2 = x.2.max(end);
+        }
+    }
+    out.sort_by(|a, b| a.1.total_cmp(&b.1));
+    out
+}
+
+/// The most spans of `spans` that overlap at one moment.
+pub fn most_overlapping(spans: &[(String, f64, f64)]) -> usize {
+    spans
+        .iter()
+        .map(|(_, at, _)| spans.iter().filter(|(_, a, b)| a <= at && at < b).count())
+        .max()
+        .unwrap_or(0)
+}

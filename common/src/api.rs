@@ -542,6 +542,19 @@ pub enum TaskKind {
     Uninstall,
 }
 
+/// Which lifecycle hook of its component's catalog a deployment step comes
+/// from (none: an install, re-apply or uninstall step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    /// Before the instance is changed or uninstalled (e.g. drain it).
+    PreStop,
+    /// After the instance is started: a check that must pass.
+    PostStart,
+    /// Once per deployment that changed the component, after everything.
+    PostDeploy,
+}
+
 /// Where a deployment step is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -586,6 +599,53 @@ pub struct StepView {
     pub error: Option<String>,
     /// The end of the last attempt's stdout then stderr.
     pub output: Option<String>,
+    /// The catalog hook the step comes from, if any.
+    #[serde(default)]
+    pub hook: Option<Hook>,
+    /// The step's instance is one of its component's canaries.
+    #[serde(default)]
+    pub canary: bool,
+}
+
+/// How one component's instances change in a deployment, and where they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub component: String,
+    /// The first this many instances change first (canaries).
+    pub canaries: usize,
+    /// At most this many instances change at once (none: all).
+    pub max_in_flight: Option<usize>,
+    /// Seconds an instance must stay RUNNING after its steps (0: no watch).
+    pub watch_secs: u64,
+    /// It waits for every component before it.
+    pub serial: bool,
+    /// The canary instances (`nginx_0`, ...).
+    pub canary_instances: Vec<String>,
+    /// Instances being changed now (steps running or between steps, or watched).
+    pub in_flight: Vec<String>,
+    /// Instances whose watch is running.
+    pub watching: Vec<String>,
+    /// Instances done, of how many this deployment changes.
+    pub done: usize,
+    pub instances: usize,
+}
+
+/// The watch of one instance after its steps: monit must report it RUNNING,
+/// with the same pid, for `secs` seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchView {
+    pub component: String,
+    pub instance: String,
+    pub ip: String,
+    pub node_id: String,
+    pub secs: u64,
+    /// `running` while watched, then `done` or `failed`, `skipped` or `cancelled`.
+    pub state: PhaseState,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    /// The pid monit reported when the watch first saw it RUNNING.
+    pub pid: Option<u32>,
+    pub error: Option<String>,
 }
 
 /// A deployment as the API shows it: `GET /api/v1/deployments` (without
@@ -601,6 +661,15 @@ pub struct DeploymentView {
     pub steps_total: usize,
     pub steps_done: usize,
     pub steps: Option<Vec<StepView>>,
+    /// An operator paused it: the steps in flight finish, no new one starts.
+    #[serde(default)]
+    pub paused: bool,
+    /// Per component with steps in it, how its instances change.
+    #[serde(default)]
+    pub rollout: Vec<RolloutView>,
+    /// The watches of instances after their steps.
+    #[serde(default)]
+    pub watches: Vec<WatchView>,
 }
 
 // ------------------------------------------------------ plans and catalogs
@@ -957,6 +1026,10 @@ pub enum AuditAction {
     RotateCa,
     /// The previous CA no longer trusted.
     RetireCa,
+    /// A deployment paused.
+    Pause,
+    /// A paused deployment resumed.
+    Resume,
     /// An action this build does not know (from a newer controller).
     #[serde(other)]
     Other,
@@ -1147,10 +1220,19 @@ mod tests {
             steps_total: 0,
             steps_done: 0,
             steps: None,
+            paused: false,
+            rollout: Vec::new(),
+            watches: Vec::new(),
         };
         assert_eq!(
             serde_json::to_string(&listed).expect("json"),
-            r#"{"id":"d-1","state":"succeeded","plan_revision":3,"created_at":"t0","finished_at":null,"error":null,"steps_total":0,"steps_done":0,"steps":null}"#
+            r#"{"id":"d-1","state":"succeeded","plan_revision":3,"created_at":"t0","finished_at":null,"error":null,"steps_total":0,"steps_done":0,"steps":null,"paused":false,"rollout":[],"watches":[]}"#
+        );
+        let older = r#"{"id":"d-1","state":"succeeded","plan_revision":3,"created_at":"t0","finished_at":null,"error":null,"steps_total":0,"steps_done":0,"steps":null}"#;
+        assert_eq!(
+            serde_json::from_str::<DeploymentView>(older).expect("an older answer"),
+            listed,
+            "an answer from a controller before rollouts reads as not paused"
         );
     }
 

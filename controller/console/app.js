@@ -894,7 +894,24 @@ function renderDeploy(main, selected) {
   const head = h('div', {class: 'row spread'});
   const body = h('div');
   const cancelSlot = h('span', {id: 'cancel-slot'});
+  const pauseSlot = h('span', {id: 'pause-slot'});
+  let pauseFor = null;
   let headFor = null;
+
+  // Pause (the steps in flight finish, no new one starts) or resume.
+  const setPaused = async (id, paused, b) => {
+    b.disabled = true;
+    try {
+      const d = await api('POST', `api/v1/deployments/${encodeURIComponent(id)}/${paused ? 'pause' : 'resume'}`);
+      clear(detailMsg, notice('info', h('strong', {}, `Deployment ${d.id} ${d.paused ? 'paused' : 'resumed'}`),
+        d.paused ? ': the steps in flight finish; no new step starts until you resume it.' : ': its next steps start.'));
+      if (d.steps && d.id === headFor) drawDetail(d);
+    } catch (e) {
+      clear(detailMsg, notice('bad', e.message));
+    }
+    b.disabled = false;
+    await refresh();
+  };
 
   const cancelDeployment = async (id, b) => {
     b.disabled = true;
@@ -917,10 +934,12 @@ function renderDeploy(main, selected) {
     headFor = d.id;
     clear(detailMsg);
     clear(cancelSlot);
+    clear(pauseSlot);
+    pauseFor = null;
     clear(head,
       h('div', {}, h('strong', {class: 'mono', id: 'deployment-id'}, d.id), ' ', h('span', {id: 'deployment-state'})),
       h('div', {class: 'small muted', id: 'deployment-when'}),
-      h('div', {class: 'row'}, cancelSlot,
+      h('div', {class: 'row'}, pauseSlot, cancelSlot,
         h('button', {type: 'button', class: 'small', id: 'download-deployment-log', onclick: async () => {
           try {
             download(`${d.id}.log`, await api('GET', `api/v1/deployments/${encodeURIComponent(d.id)}/log`));
@@ -938,6 +957,13 @@ function renderDeploy(main, selected) {
       append(cancelSlot, confirmButton('Cancel deployment', 'Confirm cancel', {id: 'cancel-deployment', class: 'small danger'},
         (b) => cancelDeployment(d.id, b)));
     }
+    const pauseState = d.state === 'running' ? (d.paused ? 'paused' : 'running') : null;
+    if (pauseState !== pauseFor) {
+      pauseFor = pauseState;
+      clear(pauseSlot, pauseState === null ? null : pauseState === 'paused'
+        ? h('button', {type: 'button', class: 'small', id: 'resume-deployment', onclick: (e) => setPaused(d.id, false, e.currentTarget)}, 'Resume')
+        : h('button', {type: 'button', class: 'small', id: 'pause-deployment', onclick: (e) => setPaused(d.id, true, e.currentTarget)}, 'Pause'));
+    }
     if (!changed(memo, 'detail', d)) return;
     clear(document.getElementById('deployment-state'), deployBadge(d.state));
     document.getElementById('deployment-when').textContent =
@@ -950,6 +976,20 @@ function renderDeploy(main, selected) {
       h('div', {class: 'overall'}, progress(d.steps_done, d.steps_total, overall),
         h('span', {id: 'deployment-steps'}, ` ${d.steps_done}/${d.steps_total} steps`)),
       d.error ? notice(d.state === 'cancelled' ? 'cancelled' : 'bad', d.error) : null,
+      d.paused && d.state === 'running' ? h('div', {id: 'deployment-paused'},
+        notice('warn', 'Paused: the steps in flight finish; no new step starts until it is resumed.')) : null,
+      (d.rollout || []).some((r) => r.canaries || r.max_in_flight !== null || r.watch_secs || !r.serial)
+        ? h('table', {class: 'grid', id: 'rollout'},
+          h('thead', {}, h('tr', {}, ['Component', 'Canaries', 'At once', 'Watch', 'In flight', 'Watching', 'Done'].map((t) => h('th', {}, t)))),
+          h('tbody', {}, (d.rollout || []).map((r) => h('tr', {'data-component': r.component},
+            h('td', {}, r.component),
+            h('td', {class: 'small'}, r.canary_instances.length ? r.canary_instances.join(', ') : '-'),
+            h('td', {}, r.max_in_flight === null ? 'all' : String(r.max_in_flight)),
+            h('td', {}, r.watch_secs ? `${r.watch_secs} s` : '-'),
+            h('td', {class: 'small in-flight'}, r.in_flight.length ? r.in_flight.join(', ') : '-'),
+            h('td', {class: 'small watching'}, r.watching.length ? r.watching.join(', ') : '-'),
+            h('td', {}, `${r.done}/${r.instances}`)))))
+        : null,
       groups.length ? h('table', {class: 'grid', id: 'progress'},
         h('thead', {}, h('tr', {}, ['Instance', 'Node', 'Kind', 'Progress', ''].map((t) => h('th', {}, t)))),
         h('tbody', {}, groups.map((g) => h('tr', {'data-instance': g.instance, 'data-ip': g.ip},

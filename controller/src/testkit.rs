@@ -59,6 +59,7 @@ pub(crate) fn plan(catalog: &str, components: &[(&str, &[&str])]) -> Plan {
             catalog: catalog.to_owned(),
             extra: BTreeMap::new(),
         },
+        rollout: BTreeMap::new(),
     }
 }
 

@@ -1,15 +1,18 @@
 //! The debian-demo catalog deployed for real (nginx, haproxy, nats-server
 //! from Debian packages) on four agents with private monit (127.0.9.x):
-//! haproxy balances to every nginx, nats answers, status is RUNNING, and
-//! nginx scales out and in.
+//! haproxy balances to every nginx, nats answers, status is RUNNING, nginx
+//! scales out and in, and a change of `greeting` rolls nginx one node at a
+//! time, drained from haproxy, without a failed request.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use de_common::api::{DeployState, DeploymentView, StatusRow};
-use de_tests::{TestController, cluster, wait_until};
+use de_tests::{TestController, cluster, in_flight_spans, most_overlapping, wait_until};
 use serde_json::json;
 
 const DEPLOY_WAIT: Duration = Duration::from_secs(600);
@@ -65,13 +68,14 @@ fn debian_demo_deploys_for_real_and_nginx_scales_out_and_in() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let ips = ["127.0.9.1", "127.0.9.2", "127.0.9.3", "127.0.9.4"];
     let (ctl, _agents) = cluster(dir.path(), &ips, true)?;
-    let plan = |nginx: &[&str]| {
+    let plan_saying = |nginx: &[&str], greeting: &str| {
         json!({
             "components": {"haproxy": [ips[0]], "nats": [ips[0]], "nginx": nginx},
             // Node roots live in private temp dirs: let nginx workers run as root to read them.
-            "properties": {"domain": "demo.test", "catalog": "debian-demo", "nginx_user": "root", "checkdisk": 1, "disksize": 1},
+            "properties": {"domain": "demo.test", "catalog": "debian-demo", "nginx_user": "root", "checkdisk": 1, "disksize": 1, "greeting": greeting},
         })
     };
+    let plan = |nginx: &[&str]| plan_saying(nginx, "hello");
 
     let d = deploy_and_wait(&ctl, &plan(&ips[1..3]))?;
     assert_eq!(d.state, DeployState::Succeeded, "{:?}", d.error);
@@ -127,5 +131,91 @@ fn debian_demo_deploys_for_real_and_nginx_scales_out_and_in() -> Result<()> {
         (backends(ips[0], 12) == [ips[1], ips[2]]).then_some(())
     })?;
     all_running(&ctl, 4)?;
+
+    // A new greeting rolls nginx alone, one node at a time, drained from
+    // haproxy first, while a client asks haproxy for its page every 20 ms.
+    assert!(
+        http_get(ips[0]).is_some_and(|p| p.contains("<p class=\"greeting\">hello</p>")),
+        "the page shows the default greeting"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (stop, haproxy) = (stop.clone(), ips[0].to_owned());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match http_get(&haproxy) {
+                    Some(page)
+                        if page.starts_with("HTTP/1.1 200") || page.starts_with("HTTP/1.0 200") =>
+                    {
+                        ok += 1
+                    }
+                    other => failed.push(other.map_or_else(
+                        || "no answer".to_owned(),
+                        |p| p.lines().next().unwrap_or_default().to_owned(),
+                    )),
+                }
+                // The pace of the client, not a wait for a condition.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        })
+    };
+    let rolled = deploy_and_wait(&ctl, &plan_saying(&ips[1..3], "bonjour"));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("the client thread panicked"))?;
+    let d = rolled?;
+    assert_eq!(d.state, DeployState::Succeeded, "{:?}", d.error);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests through haproxy failed during the roll: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 20, "the client asked throughout: {ok} answers");
+    let components: std::collections::BTreeSet<&str> = d
+        .steps
+        .iter()
+        .flatten()
+        .map(|s| s.component.as_str())
+        .collect();
+    assert_eq!(
+        components.into_iter().collect::<Vec<_>>(),
+        ["nginx"],
+        "only nginx changed"
+    );
+    let spans = in_flight_spans(&d, "nginx");
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    assert_eq!(
+        most_overlapping(&spans),
+        1,
+        "nginx instances were changed together: {spans:?}"
+    );
+    let rollout = d.rollout.iter().find(|r| r.component == "nginx");
+    assert_eq!(rollout.and_then(|r| r.max_in_flight), Some(1));
+    assert!(
+        d.steps
+            .iter()
+            .flatten()
+            .any(|s| s.hook == Some(de_common::api::Hook::PreStop)
+                && s.output
+                    .as_deref()
+                    .is_some_and(|o| o.contains("drained from haproxy"))),
+        "pre_stop drained nginx from haproxy"
+    );
+    assert!(
+        d.watches
+            .iter()
+            .all(|w| w.state == de_common::api::PhaseState::Done)
+            && d.watches.len() == 2,
+        "{:?}",
+        d.watches
+    );
+    wait_until(Duration::from_secs(30), "both nginx say bonjour", || {
+        let pages: Vec<String> = (0..6).filter_map(|_| http_get(ips[0])).collect();
+        (pages.len() == 6 && pages.iter().all(|p| p.contains(">bonjour<"))).then_some(())
+    })?;
     Ok(())
 }

@@ -20,6 +20,7 @@ mod operate;
 mod pki_rotation;
 mod plans;
 mod planted;
+mod rollout;
 mod skew;
 mod step_refusals;
 mod steps;

@@ -97,6 +97,9 @@ struct Live {
     source: IpAddr,
     usage: Usage,
     components: Vec<ComponentStatus>,
+    /// When the last heartbeat (which carries `components`) arrived; None
+    /// before the first on this link.
+    components_at: Option<SystemTime>,
     last_seen: SystemTime,
     heartbeat: Duration,
     /// What the agent reports it applied (None until its first inventory,
@@ -399,6 +402,7 @@ impl Nodes {
                 source,
                 usage: hello.usage.clone(),
                 components: Vec::new(),
+                components_at: None,
                 last_seen: now,
                 heartbeat: Duration::from_secs(u64::from(hello.heartbeat_secs.max(1))),
                 inventory: None,
@@ -515,7 +519,16 @@ impl Nodes {
             l.usage = usage;
             l.components = components;
             l.last_seen = SystemTime::now();
+            l.components_at = Some(l.last_seen);
         }
+    }
+
+    /// What node `id`'s monit said in the last heartbeat on its current
+    /// link, and when that heartbeat arrived (None before the first).
+    pub fn monit_of(&self, id: &NodeId) -> Option<(SystemTime, Vec<ComponentStatus>)> {
+        let live = self.live();
+        let l = live.get(id)?;
+        Some((l.components_at?, l.components.clone()))
     }
 
     /// The agent's report of what it applied and how it drifted.

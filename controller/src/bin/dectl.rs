@@ -80,7 +80,9 @@ enum Command {
         what: Plan,
     },
     /// Deploy the current plan; `--follow` shows progress until it ends.
-    /// `deploy cancel [ID]` cancels the running deployment.
+    /// `deploy cancel [ID]` cancels the running deployment; `deploy pause
+    /// [ID]` pauses it (the steps in flight finish, no new one starts) and
+    /// `deploy resume [ID]` resumes it.
     #[command(args_conflicts_with_subcommands = true)]
     Deploy {
         #[arg(long)]
@@ -230,6 +232,16 @@ enum Plan {
 enum Deploy {
     /// Cancel a running deployment: its steps are withdrawn or killed.
     Cancel {
+        /// The deployment (default: the one running).
+        id: Option<String>,
+    },
+    /// Pause a running deployment: the steps in flight finish, no new one starts.
+    Pause {
+        /// The deployment (default: the one running).
+        id: Option<String>,
+    },
+    /// Resume a paused deployment.
+    Resume {
         /// The deployment (default: the one running).
         id: Option<String>,
     },
@@ -524,7 +536,15 @@ fn run(cli: Cli, api: &Api) -> Outcome {
         Command::Deploy {
             what: Some(Deploy::Cancel { id }),
             ..
-        } => cancel(api, id, json),
+        } => act_on_deployment(api, "cancel", id, json),
+        Command::Deploy {
+            what: Some(Deploy::Pause { id }),
+            ..
+        } => act_on_deployment(api, "pause", id, json),
+        Command::Deploy {
+            what: Some(Deploy::Resume { id }),
+            ..
+        } => act_on_deployment(api, "resume", id, json),
         Command::Deploy { follow, what: None } => deploy(api, follow, json),
         Command::Deployments { id } => deployments(api, id.as_deref(), json),
         Command::Status => status(api, json),
@@ -1081,8 +1101,8 @@ fn running_deployment(all: &[DeploymentView]) -> Option<&DeploymentView> {
     all.iter().find(|d| d.state == DeployState::Running)
 }
 
-/// Cancels deployment `id`, or the one running.
-fn cancel(api: &Api, id: Option<String>, json: bool) -> Outcome {
+/// Cancels, pauses or resumes (`verb`) deployment `id`, or the one running.
+fn act_on_deployment(api: &Api, verb: &str, id: Option<String>, json: bool) -> Outcome {
     let id = match id {
         Some(id) => id,
         None => {
@@ -1097,14 +1117,19 @@ fn cancel(api: &Api, id: Option<String>, json: bool) -> Outcome {
                 })?
         }
     };
-    let reply = api.ok("POST", &format!("/api/v1/deployments/{id}/cancel"), None)?;
+    let reply = api.ok("POST", &format!("/api/v1/deployments/{id}/{verb}"), None)?;
     if json {
         reply.print_json();
         return Ok(());
     }
     let d: DeploymentView = reply.parse()?;
+    let paused = if d.paused && d.state == DeployState::Running {
+        ", paused: the steps in flight finish, no new one starts"
+    } else {
+        ""
+    };
     println!(
-        "deployment {} {} ({}/{} steps done)",
+        "deployment {} {} ({}/{} steps done{paused})",
         d.id,
         word(&d.state),
         d.steps_done,
@@ -1656,8 +1681,18 @@ mod tests {
     #[test]
     fn deploy_start_and_plan_diff_parse_as_documented() {
         let deploy = |args: &[&str]| match parse(args) {
-            Ok(Command::Deploy { follow, what }) => {
-                Some((follow, what.map(|Deploy::Cancel { id }| id)))
+            Ok(Command::Deploy {
+                follow,
+                what: None | Some(Deploy::Cancel { .. }),
+            }) => {
+                let what = match parse(args) {
+                    Ok(Command::Deploy {
+                        what: Some(Deploy::Cancel { id }),
+                        ..
+                    }) => Some(id),
+                    _ => None,
+                };
+                Some((follow, what))
             }
             _ => None,
         };
@@ -1670,6 +1705,17 @@ mod tests {
         );
         // --follow means nothing to a cancel.
         assert!(parse(&["deploy", "--follow", "cancel"]).is_err());
+        assert!(matches!(
+            parse(&["deploy", "pause"]),
+            Ok(Command::Deploy {
+                what: Some(Deploy::Pause { id: None }),
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["deploy", "resume", "d-2"]),
+            Ok(Command::Deploy { what: Some(Deploy::Resume { id: Some(id) }), .. }) if id == "d-2"
+        ));
         assert!(matches!(
             parse(&["start", "nats"]),
             Ok(Command::Start { component, ip: None }) if component == "nats"
@@ -1772,6 +1818,9 @@ mod tests {
             steps_total: 0,
             steps_done: 0,
             steps: None,
+            paused: false,
+            rollout: Vec::new(),
+            watches: Vec::new(),
         }
     }
 

@@ -17,7 +17,8 @@ use de_common::{DeploymentId, Lane, OutStream, StepId};
 
 use super::planner::{NewDeployment, Observed, plan_changes, plan_deployment};
 use super::reconcile::{
-    CANCELLED_BY_OPERATOR, Effect, Ending, Finished, IdSource, Seen, cancel, reconcile, resumed,
+    CANCELLED_BY_OPERATOR, CheckSeen, Effect, Ending, Finished, IdSource, MonitReport,
+    MonitReports, Now, Seen, cancel, reconcile, resumed, set_paused,
 };
 use super::record::{Applied, DeployState, Deployment, PhaseState};
 use super::{DEFAULT_STEP_ATTEMPTS, DeployError};
@@ -83,15 +84,10 @@ impl Deployer {
         let _pass = ctl.deployer.lock_pass();
         let mut d = Deployer::get(ctl, id)?.ok_or_else(|| DeployError::NotFound(id.clone()))?;
         if d.state != DeployState::Running {
-            let state = match d.state {
-                DeployState::Running => "is running",
-                DeployState::Succeeded => "succeeded",
-                DeployState::Failed => "failed",
-                DeployState::Cancelled => "was cancelled",
-            };
             return Err(DeployError::NotRunning {
                 id: id.clone(),
-                state: state.to_owned(),
+                state: ended(d.state).to_owned(),
+                what: "cancelled",
             });
         }
         let effects = cancel(&mut d, CANCELLED_BY_OPERATOR, &rfc3339(SystemTime::now()));
@@ -107,6 +103,35 @@ impl Deployer {
         if running.as_ref() == Some(id) {
             *running = None;
         }
+        Ok(d)
+    }
+
+    /// Pauses (`paused`) or resumes running deployment `id`, durably, before
+    /// this returns: a paused one finishes its steps in flight and starts no
+    /// new one. Pausing a paused one (or resuming a running one) changes nothing.
+    pub fn set_paused(
+        ctl: &Controller,
+        id: &DeploymentId,
+        paused: bool,
+    ) -> Result<Deployment, DeployError> {
+        let _pass = ctl.deployer.lock_pass();
+        let mut d = Deployer::get(ctl, id)?.ok_or_else(|| DeployError::NotFound(id.clone()))?;
+        if d.state != DeployState::Running {
+            return Err(DeployError::NotRunning {
+                id: id.clone(),
+                state: ended(d.state).to_owned(),
+                what: if paused { "paused" } else { "resumed" },
+            });
+        }
+        let effects = set_paused(&mut d, paused);
+        apply(ctl, &d, effects).map_err(|e| match e {
+            PassError::Cancel(e) => DeployError::CancelSteps(e),
+            PassError::Save(e)
+            | PassError::Read(e)
+            | PassError::Steps(e)
+            | PassError::Applied(e) => DeployError::Store(e),
+            PassError::Random(e) => DeployError::NoRandomness(e),
+        })?;
         Ok(d)
     }
 
@@ -175,14 +200,16 @@ impl Deployer {
 
     /// Resumes deployments that were running when the controller stopped.
     pub fn resume(ctl: &Arc<Controller>) -> Result<(), StoreError> {
-        for (id, d) in ctl.store.list_json::<Deployment>(Tree::Deployments)? {
+        for (id, mut d) in ctl.store.list_json::<Deployment>(Tree::Deployments)? {
             if d.state == DeployState::Running {
                 let id = DeploymentId::from(id);
                 info!(deployment = %id, "resuming deployment");
-                for e in resumed(&d) {
-                    if let Effect::Log { instance, line } = e {
-                        ctl.logs.line(instance.as_deref(), &line);
-                    }
+                let (text, ms) = now();
+                let effects = resumed(&mut d, Now { text: &text, ms });
+                // A save that fails leaves the watches to restart from their
+                // old start: the next pass still judges them from fresh reports.
+                if let Err(e) = apply(ctl, &d, effects) {
+                    warn!(deployment = %id, error = %de_common::ErrorChain(&e), "could not record the resumed deployment");
                 }
                 *ctl.deployer.lock_running() = Some(id.clone());
                 let ctl2 = ctl.clone();
@@ -220,6 +247,16 @@ impl Deployer {
 
     pub fn get(ctl: &Controller, id: &DeploymentId) -> Result<Option<Deployment>, StoreError> {
         ctl.store.get_json(Tree::Deployments, id.as_str())
+    }
+}
+
+/// What a deployment in `state` did, in words ("it failed").
+fn ended(state: DeployState) -> &'static str {
+    match state {
+        DeployState::Running => "is running",
+        DeployState::Succeeded => "succeeded",
+        DeployState::Failed => "failed",
+        DeployState::Cancelled => "was cancelled",
     }
 }
 
@@ -357,6 +394,46 @@ fn observe(steps: &StepQueue, d: &Deployment) -> Result<HashMap<StepId, Seen>, S
     Ok(seen)
 }
 
+/// The time now, as records write it and in ms since the epoch.
+fn now() -> (String, u64) {
+    let t = SystemTime::now();
+    (rfc3339(t), ms_since_epoch(t))
+}
+
+fn ms_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The last monit report of every node `d` watches an instance on.
+fn monit_reports(ctl: &Controller, d: &Deployment) -> MonitReports {
+    let mut out = MonitReports::new();
+    for w in d.watches.iter().filter(|w| w.state == PhaseState::Running) {
+        if out.contains_key(&w.node_id) {
+            continue;
+        }
+        if let Some((at, checks)) = ctl.nodes.monit_of(&w.node_id) {
+            let checks = checks
+                .into_iter()
+                .map(|c| CheckSeen {
+                    name: c.name,
+                    status: c.status,
+                    pid: c.pid,
+                })
+                .collect();
+            out.insert(
+                w.node_id.clone(),
+                MonitReport {
+                    at_ms: ms_since_epoch(at),
+                    checks,
+                },
+            );
+        }
+    }
+    out
+}
+
 /// One pass: read, reconcile, carry out the effects. Returns the state the
 /// deployment is in afterwards (None once it is gone from the store).
 fn pass(ctl: &Controller, id: &DeploymentId) -> Result<Option<DeployState>, PassError> {
@@ -368,8 +445,10 @@ fn pass(ctl: &Controller, id: &DeploymentId) -> Result<Option<DeployState>, Pass
         return Ok(Some(d.state));
     }
     let seen = observe(&ctl.steps, &d).map_err(PassError::Steps)?;
+    let monit = monit_reports(ctl, &d);
     let mut ids = RandomIds::new().map_err(PassError::Random)?;
-    let effects = reconcile(&mut d, &seen, &mut ids, &rfc3339(SystemTime::now()));
+    let (text, ms) = now();
+    let effects = reconcile(&mut d, &seen, &monit, &mut ids, Now { text: &text, ms });
     // Output of a running step goes to its instance's log, also after a restart.
     {
         let mut routes = ctl.deployer.lock_instances();

@@ -54,10 +54,12 @@ pub enum DeployError {
     NoRandomness(#[source] crate::util::NoRandomness),
     #[error("no deployment {0:?}: GET /api/v1/deployments lists them")]
     NotFound(DeploymentId),
-    #[error(
-        "deployment {id} is not running (it {state}): only a running deployment can be cancelled"
-    )]
-    NotRunning { id: DeploymentId, state: String },
+    #[error("deployment {id} is not running (it {state}): only a running deployment can be {what}")]
+    NotRunning {
+        id: DeploymentId,
+        state: String,
+        what: &'static str,
+    },
     #[error("could not cancel the deployment's steps")]
     CancelSteps(#[source] crate::agents::StepsError),
 }

@@ -21,10 +21,12 @@ use de_common::{DeploymentId, InstanceState, MonitOp, NodeId, StepAction};
 use super::DeployError;
 use super::intent::key;
 use super::record::{
-    Applied, AppliedInstance, DeployState, DeployStep, Deployment, PhaseState, TaskKind,
+    Applied, AppliedInstance, DeployState, DeployStep, Deployment, Hook, PhaseState, Rollout,
+    TaskKind,
 };
 use crate::agents::NodeView;
 use crate::plan::render::{NodeContext, RenderedComponent};
+use crate::plan::rollout::RolloutSpec;
 use crate::plan::validate::find_node;
 use crate::plan::{Catalog, StoredPlan};
 
@@ -69,6 +71,8 @@ pub(crate) struct Observed {
 #[derive(Debug, Clone)]
 pub(crate) struct Planned {
     pub(crate) steps: Vec<DeployStep>,
+    /// Component -> its rollout, for every component with steps.
+    pub(crate) rollout: BTreeMap<String, Rollout>,
     pub(crate) target: Applied,
     pub(crate) changes: Vec<InstanceChange>,
     /// `IP (node)` or `IP (no enrolled node)`, sorted.
@@ -216,7 +220,13 @@ pub(crate) fn plan_changes(
     };
     let mut steps = Vec::new();
     let mut changes = Vec::new();
-    let step = |component: &str, instance: &str, ip: &str, node: &NodeId, kind, group, action| {
+    let step = |component: &str,
+                instance: &str,
+                ip: &str,
+                node: &NodeId,
+                kind,
+                group,
+                (action, hook): (StepAction, Option<Hook>)| {
         DeployStep {
             component: component.to_owned(),
             instance: instance.to_owned(),
@@ -233,8 +243,10 @@ pub(crate) fn plan_changes(
             exit_code: None,
             error: None,
             output: None,
+            hook,
         }
     };
+    let mut uninstalled: BTreeMap<String, usize> = BTreeMap::new();
     // Uninstalls first (group 0; they are independent of each other).
     for r in applied
         .instances
@@ -254,15 +266,25 @@ pub(crate) fn plan_changes(
         let Some(node_id) = node.map(|n| n.node_id()) else {
             continue;
         };
-        // The catalog's uninstall steps (stop, clean up), then the check goes, then the mark.
-        let actions = r.uninstall.iter().cloned().chain([
-            StepAction::MonitRemove {
-                name: r.monit_name.clone(),
-            },
-            StepAction::Unmark {
-                instance: r.instance.clone(),
-            },
-        ]);
+        *uninstalled.entry(r.component.clone()).or_default() += 1;
+        // pre_stop (drain it), the catalog's uninstall steps (stop, clean
+        // up), then the check goes, then the mark.
+        let actions = hooked(&r.pre_stop, Hook::PreStop)
+            .chain(r.uninstall.iter().cloned().map(|a| (a, None)))
+            .chain([
+                (
+                    StepAction::MonitRemove {
+                        name: r.monit_name.clone(),
+                    },
+                    None,
+                ),
+                (
+                    StepAction::Unmark {
+                        instance: r.instance.clone(),
+                    },
+                    None,
+                ),
+            ]);
         for a in actions {
             steps.push(step(
                 &r.component,
@@ -279,7 +301,53 @@ pub(crate) fn plan_changes(
         .instances()
         .map(|(c, ip)| (c.to_owned(), ip.to_owned()))
         .collect();
-    for (g, component) in catalog.install_order().iter().enumerate() {
+    let specs: BTreeMap<&str, RolloutSpec> = catalog
+        .components()
+        .map(|def| {
+            (
+                def.name.as_str(),
+                def.rollout.overridden_by(plan.rollout.get(&def.name)),
+            )
+        })
+        .collect();
+    // Groups: a serial component waits for every one before it; another
+    // only for those of its `after` list the plan has.
+    let mut group_of: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut last_group = 0;
+    for component in catalog.install_order() {
+        if !plan.components.contains_key(component) {
+            continue;
+        }
+        let serial = specs
+            .get(component.as_str())
+            .and_then(|s| s.serial)
+            .unwrap_or(true);
+        let g = if serial {
+            last_group + 1
+        } else {
+            catalog
+                .component(component)
+                .map(|def| {
+                    def.after
+                        .iter()
+                        .filter_map(|a| group_of.get(a.as_str()))
+                        .max()
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(last_group)
+                + 1
+        };
+        group_of.insert(component, g);
+        last_group = last_group.max(g);
+    }
+    let post_deploy_group = last_group + 1;
+    // Per component: whether this deployment changes it, and its first
+    // instance as rendered (where its post_deploy hook runs).
+    let mut changed: BTreeSet<String> = BTreeSet::new();
+    let mut first: BTreeMap<String, (RenderedComponent, NodeId)> = BTreeMap::new();
+    for component in catalog.install_order() {
+        let g = group_of.get(component.as_str()).copied().unwrap_or(0);
         for (c, ip) in instances.iter().filter(|(c, _)| c == component) {
             let k = key(c, ip);
             let prev = applied.instances.get(&k);
@@ -329,27 +397,74 @@ pub(crate) fn plan_changes(
                         (ChangeAction::Nothing, why)
                     }),
             };
+            let plain = |list: Vec<StepAction>| list.into_iter().map(|a| (a, None));
+            let post_start = || -> Vec<(StepAction, Option<Hook>)> {
+                if operator_stopped {
+                    Vec::new()
+                } else {
+                    hooked(&rendered.post_start, Hook::PostStart).collect()
+                }
+            };
+            // post_start goes after the start, before the mark: an instance
+            // whose check fails is not marked applied, so it is tried again.
+            let with_post_start = |mut list: Vec<StepAction>| {
+                let mark = list.pop();
+                plain(list)
+                    .chain(post_start())
+                    .chain(mark.map(|m| (m, None)))
+                    .collect::<Vec<_>>()
+            };
             let (kind, actions) = match action {
                 ChangeAction::Install => (
                     TaskKind::Install,
-                    apply_steps(&rendered, &fp, false, supervised, operator_stopped),
+                    with_post_start(apply_steps(
+                        &rendered,
+                        &fp,
+                        false,
+                        supervised,
+                        operator_stopped,
+                    )),
                 ),
-                ChangeAction::Reapply => (
-                    TaskKind::Reconfigure,
-                    apply_steps(&rendered, &fp, true, supervised, operator_stopped),
-                ),
+                ChangeAction::Reapply => {
+                    let pre_stop: Vec<_> = if operator_stopped {
+                        Vec::new()
+                    } else {
+                        hooked(&rendered.pre_stop, Hook::PreStop).collect()
+                    };
+                    (
+                        TaskKind::Reconfigure,
+                        pre_stop
+                            .into_iter()
+                            .chain(with_post_start(apply_steps(
+                                &rendered,
+                                &fp,
+                                true,
+                                supervised,
+                                operator_stopped,
+                            )))
+                            .collect(),
+                    )
+                }
                 ChangeAction::Start => (
                     TaskKind::Reconfigure,
-                    vec![StepAction::Monit {
+                    plain(vec![StepAction::Monit {
                         name: rendered.monit_name.clone(),
                         op: MonitOp::Start,
-                    }],
+                    }])
+                    .chain(post_start())
+                    .collect(),
                 ),
                 ChangeAction::Nothing | ChangeAction::Uninstall => (TaskKind::Reconfigure, vec![]),
             };
             let node_id = n.node_id();
+            if !actions.is_empty() {
+                changed.insert(c.clone());
+            }
             for a in actions {
-                steps.push(step(c, &rendered.instance, ip, &node_id, kind, g + 1, a));
+                steps.push(step(c, &rendered.instance, ip, &node_id, kind, g, a));
+            }
+            if rendered.index == 0 {
+                first.insert(c.clone(), (rendered.clone(), node_id.clone()));
             }
             let why = if operator_stopped && action != ChangeAction::Nothing {
                 format!("{why}; stopped through the API, so it is not started")
@@ -373,18 +488,69 @@ pub(crate) fn plan_changes(
                     fingerprint: fp,
                     monit_name: rendered.monit_name.clone(),
                     uninstall: rendered.uninstall.clone(),
+                    pre_stop: rendered.pre_stop.clone(),
                 },
             );
         }
+    }
+    // post_deploy: once per component this deployment changes, on its first instance.
+    for component in catalog.install_order() {
+        let Some((r, node_id)) = first.get(component).filter(|_| changed.contains(component))
+        else {
+            continue;
+        };
+        for a in hooked(&r.post_deploy, Hook::PostDeploy) {
+            steps.push(step(
+                component,
+                &r.instance,
+                &r.ip,
+                node_id,
+                TaskKind::Reconfigure,
+                post_deploy_group,
+                a,
+            ));
+        }
+    }
+    // Each component's rollout, a percentage of its instances in the plan
+    // (of those uninstalled, for a component the plan dropped).
+    let mut rollout = BTreeMap::new();
+    for s in &steps {
+        if rollout.contains_key(&s.component) {
+            continue;
+        }
+        let spec = specs.get(s.component.as_str()).cloned().unwrap_or_default();
+        let count = plan
+            .components
+            .get(&s.component)
+            .map(Vec::len)
+            .filter(|n| *n > 0)
+            .or_else(|| uninstalled.get(&s.component).copied())
+            .unwrap_or(1);
+        let canaries = usize::try_from(spec.canaries.unwrap_or(0)).unwrap_or(usize::MAX);
+        rollout.insert(
+            s.component.clone(),
+            Rollout {
+                canaries,
+                max_in_flight: spec.max_in_flight.map(|m| m.resolve(count)),
+                watch_secs: spec.watch_secs.unwrap_or(0),
+                serial: spec.serial.unwrap_or(true),
+            },
+        );
     }
     offline.sort();
     offline.dedup();
     Ok(Planned {
         steps,
+        rollout,
         target,
         changes,
         offline,
     })
+}
+
+/// A hook's steps, marked as such.
+fn hooked(list: &[StepAction], hook: Hook) -> impl Iterator<Item = (StepAction, Option<Hook>)> {
+    list.iter().cloned().map(move |a| (a, Some(hook)))
 }
 
 /// A running deployment of what [`plan_changes`] decided; refused when a
@@ -411,6 +577,9 @@ pub(crate) fn plan_deployment(
         max_attempts: new.max_attempts,
         steps: planned.steps,
         target: planned.target,
+        paused: false,
+        rollout: planned.rollout,
+        watches: Vec::new(),
     })
 }
 
@@ -814,6 +983,189 @@ contents = "members={{ components.base | join(',') }}"
                 ("base_0", &[][..], Some("base")),
                 ("app_0", &["/etc/app.conf".to_owned()][..], None),
             ]
+        );
+    }
+}
+
+#[cfg(test)]
+mod rollout_tests {
+    use super::*;
+    use crate::deploy::view::describe;
+    use crate::testkit;
+
+    /// `web` has every hook and a rollout; `side`, not serial and after
+    /// nothing, runs beside `db`; `late`, serial, waits for both.
+    fn catalog() -> Catalog {
+        let files = [
+            ("catalog.toml", "description = \"hooks\"\n"),
+            (
+                "db.toml",
+                "description = \"db\"\ncardinality = \"many\"\nmonit_check = \"check process db with pidfile /db\"\n[[install]]\naction = \"script\"\nrun = \"db\"\n",
+            ),
+            (
+                "side.toml",
+                "description = \"side\"\ncardinality = \"many\"\nmonit_check = \"check process side with pidfile /s\"\n[rollout]\nserial = false\n[[install]]\naction = \"script\"\nrun = \"side\"\n",
+            ),
+            (
+                "web.toml",
+                r#"
+description = "web"
+cardinality = "many"
+after = ["db"]
+monit_check = "check process web with pidfile /run/web.pid"
+[rollout]
+canaries = 1
+max_in_flight = "50%"
+watch_secs = 5
+[[install]]
+action = "script"
+run = "install {{ properties.domain }}"
+[[install]]
+action = "monit_add"
+[[install]]
+action = "monit_start"
+[[uninstall]]
+action = "monit_stop"
+[[pre_stop]]
+action = "write_file"
+path = "/drain/{{ instance }}"
+contents = ""
+[[post_start]]
+action = "write_file"
+path = "/check/{{ instance }}"
+contents = ""
+[[post_deploy]]
+action = "write_file"
+path = "/smoke/{{ instance }}"
+contents = ""
+"#,
+            ),
+            (
+                "late.toml",
+                "description = \"late\"\ncardinality = \"many\"\nafter = [\"web\"]\nmonit_check = \"check process late with pidfile /l\"\n[[install]]\naction = \"script\"\nrun = \"late\"\n",
+            ),
+        ];
+        let files: Vec<(String, String)> = files
+            .iter()
+            .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+            .collect();
+        Catalog::from_files("h", "/catalogs/h", false, &files).expect("the test catalog loads")
+    }
+
+    fn plan(domain: &str, web: &[&str]) -> StoredPlan {
+        let mut plan = testkit::plan(
+            "h",
+            &[
+                ("db", &["10.0.0.1"]),
+                ("side", &["10.0.0.2"]),
+                ("web", web),
+                ("late", &["10.0.0.1"]),
+            ],
+        );
+        plan.properties.domain = domain.to_owned();
+        StoredPlan {
+            revision: 1,
+            stored_at: "t0".to_owned(),
+            plan,
+        }
+    }
+
+    fn deploy(p: &StoredPlan, applied: &Applied) -> Deployment {
+        let nodes: Vec<NodeView> = (1..=3)
+            .map(|i| testkit::node(&format!("n{i}"), &format!("10.0.0.{i}"), 2, 4096, 50_000))
+            .collect();
+        plan_deployment(
+            &catalog(),
+            p,
+            applied,
+            &nodes,
+            &Observed::default(),
+            NewDeployment {
+                id: "d-1".into(),
+                created_at: "t1".to_owned(),
+                max_attempts: 3,
+            },
+        )
+        .expect("plans")
+    }
+
+    fn lines(d: &Deployment, component: &str) -> Vec<String> {
+        d.steps
+            .iter()
+            .filter(|s| s.component == component)
+            .map(|s| {
+                let hook = s.hook.map(|h| format!(" ({h:?})")).unwrap_or_default();
+                format!("{} {}: {}{hook}", s.group, s.instance, describe(&s.action))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hooks_run_around_a_change_and_once_after_the_deployment_and_groups_follow_serial() {
+        let p = plan("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        let d = deploy(&p, &Applied::default());
+        // side (not serial, after nothing) runs beside db; web after db;
+        // late (serial) after everything before it.
+        let group = |c: &str| d.steps.iter().find(|s| s.component == c).map(|s| s.group);
+        assert_eq!(
+            [group("db"), group("side"), group("web"), group("late")],
+            [Some(1), Some(1), Some(2), Some(3)]
+        );
+        // A first install: post_start after the start, before the mark; no
+        // pre_stop; post_deploy once, on web_0, after everything.
+        let web = lines(&d, "web");
+        assert_eq!(
+            web[..5],
+            [
+                "2 web_0: script",
+                "2 web_0: monit add web",
+                "2 web_0: monit start web",
+                "2 web_0: write /check/web_0 (PostStart)",
+                "2 web_0: mark applied",
+            ]
+        );
+        assert_eq!(
+            web.last().map(String::as_str),
+            Some("4 web_0: write /smoke/web_0 (PostDeploy)")
+        );
+        assert_eq!(web.iter().filter(|l| l.contains("/smoke/")).count(), 1);
+        // 50% of 3 rounds down to 1; the rollout is in the record.
+        assert_eq!(
+            d.rollout.get("web"),
+            Some(&Rollout {
+                canaries: 1,
+                max_in_flight: Some(1),
+                watch_secs: 5,
+                serial: true,
+            })
+        );
+        // A re-apply drains first; an uninstall runs the pre_stop rendered
+        // when it was applied.
+        let again = deploy(&plan("b.test", &["10.0.0.1", "10.0.0.2"]), &d.target);
+        let web = lines(&again, "web");
+        assert_eq!(web[0], "0 web_2: write /drain/web_2 (PreStop)");
+        assert_eq!(web[1], "0 web_2: monit stop web");
+        assert!(
+            web.contains(&"2 web_0: write /drain/web_0 (PreStop)".to_owned()),
+            "{web:?}"
+        );
+        let restart = web.iter().position(|l| l == "2 web_0: monit restart web");
+        let check = web
+            .iter()
+            .position(|l| l == "2 web_0: write /check/web_0 (PostStart)");
+        assert!(restart.is_some() && check > restart, "{web:?}");
+        // A plan's override wins over the catalog's key.
+        let mut p = plan("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        p.plan.rollout.insert(
+            "web".to_owned(),
+            serde_json::from_str(r#"{"max_in_flight": 2, "canaries": 0}"#).expect("json"),
+        );
+        let d = deploy(&p, &Applied::default());
+        assert_eq!(
+            d.rollout
+                .get("web")
+                .map(|r| (r.canaries, r.max_in_flight, r.watch_secs)),
+            Some((0, Some(2), 5))
         );
     }
 }

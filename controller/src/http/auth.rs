@@ -46,6 +46,8 @@ pub(crate) const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     ("POST", "/api/v1/exec", Role::Operator),
     ("POST", "/api/v1/nodes/{id}/steps", Role::Operator),
     ("POST", "/api/v1/deployments/{id}/cancel", Role::Operator),
+    ("POST", "/api/v1/deployments/{id}/pause", Role::Operator),
+    ("POST", "/api/v1/deployments/{id}/resume", Role::Operator),
     ("POST", "/deployment-engine/config", Role::Operator),
     ("GET", "/deployment-engine/deploy", Role::Operator),
     ("PUT", "/deployment-engine/restart", Role::Operator),

@@ -52,6 +52,8 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
         .route("/deployments/{id}", get(get_deployment))
         .route("/deployments/{id}/log", get(get_deployment_log))
         .route("/deployments/{id}/cancel", post(cancel_deployment))
+        .route("/deployments/{id}/pause", post(pause_deployment))
+        .route("/deployments/{id}/resume", post(resume_deployment))
 }
 
 /// The most nodes one install code may be made for.
@@ -427,6 +429,47 @@ async fn cancel_deployment(
         .await
         .map_err(|e| ApiError::internal("the cancel did not finish", &e))??;
     audit(&ctl, &caller, AuditAction::Cancel, vec![asked], "")?;
+    Ok(axum::Json(d.view(true)))
+}
+
+/// Pauses a running deployment: its steps in flight finish, no new one
+/// starts. 200 with the deployment (`paused: true`), durable when answered;
+/// pausing a paused one changes nothing. 404 for no such deployment, 409
+/// for one that is not running.
+async fn pause_deployment(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<DeploymentId>,
+) -> Result<axum::Json<DeploymentView>, ApiError> {
+    set_paused(ctl, caller, id, true).await
+}
+
+/// Resumes a paused deployment: 200 with the deployment (`paused: false`);
+/// resuming one that is not paused changes nothing. 404, 409 as for pause.
+async fn resume_deployment(
+    State(ctl): Ctl,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<DeploymentId>,
+) -> Result<axum::Json<DeploymentView>, ApiError> {
+    set_paused(ctl, caller, id, false).await
+}
+
+async fn set_paused(
+    ctl: Arc<Controller>,
+    caller: Caller,
+    id: DeploymentId,
+    paused: bool,
+) -> Result<axum::Json<DeploymentView>, ApiError> {
+    let (action, word) = if paused {
+        (AuditAction::Pause, "pause")
+    } else {
+        (AuditAction::Resume, "resume")
+    };
+    audit(&ctl, &caller, action, vec![id.to_string()], "")?;
+    let c = ctl.clone();
+    let d = tokio::task::spawn_blocking(move || crate::Deployer::set_paused(&c, &id, paused))
+        .await
+        .map_err(|e| ApiError::internal(&format!("the {word} did not finish"), &e))??;
     Ok(axum::Json(d.view(true)))
 }
 

@@ -15,6 +15,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::rollout::RolloutSpec;
+
 /// The catalog a plan uses when its properties do not name one.
 pub(crate) const DEFAULT_CATALOG: &str = "cf-v170";
 
@@ -257,6 +259,19 @@ pub struct ComponentDef {
     pub install: Vec<StepSpec>,
     #[serde(default)]
     pub uninstall: Vec<StepSpec>,
+    /// How its instances change: canaries, max in flight, watch, serial.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+    /// Hook: steps before an instance is changed or uninstalled (drain it).
+    #[serde(default)]
+    pub pre_stop: Vec<StepSpec>,
+    /// Hook: steps after an instance is started (a check that must pass).
+    #[serde(default)]
+    pub post_start: Vec<StepSpec>,
+    /// Hook: steps once per deployment that changed the component, after
+    /// everything, on its first instance.
+    #[serde(default)]
+    pub post_deploy: Vec<StepSpec>,
     /// The monit check; it must declare `check <type> <component name>`.
     pub monit_check: String,
     /// Log files to collect (templates; absolute paths on the node).
@@ -531,6 +546,9 @@ impl Catalog {
                     ));
                 }
             }
+            if let Some(problem) = def.rollout.problem() {
+                return Err(invalid(&file, format!("[rollout] {problem}")));
+            }
             let collects = def
                 .install
                 .iter()
@@ -570,7 +588,13 @@ impl Catalog {
         }
         for def in components.values() {
             let file = format!("{}.toml", def.name);
-            for (list, steps) in [("install", &def.install), ("uninstall", &def.uninstall)] {
+            for (list, steps) in [
+                ("install", &def.install),
+                ("uninstall", &def.uninstall),
+                ("pre_stop", &def.pre_stop),
+                ("post_start", &def.post_start),
+                ("post_deploy", &def.post_deploy),
+            ] {
                 for (i, step) in steps.iter().enumerate() {
                     for (field, src) in step_templates(step) {
                         add(&file, format!("{list}[{i}].{field}"), src)?;

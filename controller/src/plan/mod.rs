@@ -12,6 +12,7 @@
 
 pub(crate) mod catalog;
 pub(crate) mod render;
+pub(crate) mod rollout;
 pub(crate) mod validate;
 
 pub use catalog::{Cardinality, Catalogs};
@@ -24,6 +25,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+
+use rollout::RolloutSpec;
 
 use crate::store::{Store, StoreError, StoreExt, Tree};
 use crate::util::rfc3339;
@@ -109,6 +112,10 @@ pub struct Plan {
     /// Component name -> node IPs (canonical text form), in the operator's order.
     pub components: BTreeMap<String, Vec<String>>,
     pub properties: Properties,
+    /// Per component, how its instances change, over the catalog's
+    /// `[rollout]` (optional; the original's plans have none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollout: BTreeMap<String, RolloutSpec>,
 }
 
 impl Plan {
@@ -283,6 +290,7 @@ mod tests {
                 catalog: "cf-v170".into(),
                 extra: BTreeMap::new(),
             },
+            rollout: BTreeMap::new(),
         }
     }
 

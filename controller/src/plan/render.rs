@@ -57,6 +57,11 @@ pub struct RenderedComponent {
     /// The catalog's `prepare` steps, then the component's install steps.
     pub install: Vec<StepAction>,
     pub uninstall: Vec<StepAction>,
+    /// Hooks (docs/CATALOGS.md): before it is changed or uninstalled, after
+    /// it starts, once after a deployment that changed the component.
+    pub pre_stop: Vec<StepAction>,
+    pub post_start: Vec<StepAction>,
+    pub post_deploy: Vec<StepAction>,
     /// The name of the monit check (the component's name).
     pub monit_name: String,
     pub monit_check: String,
@@ -229,6 +234,16 @@ impl<'a> PlanRenderer<'a> {
         for (i, step) in def.uninstall.iter().enumerate() {
             uninstall.extend(r.steps(Some(component), &format!("uninstall[{i}]"), step, &fixed)?);
         }
+        let list = |name: &str, steps: &[StepSpec]| -> Result<Vec<StepAction>, RenderError> {
+            let mut out = Vec::new();
+            for (i, step) in steps.iter().enumerate() {
+                out.extend(r.steps(Some(component), &format!("{name}[{i}]"), step, &fixed)?);
+            }
+            Ok(out)
+        };
+        let pre_stop = list("pre_stop", &def.pre_stop)?;
+        let post_start = list("post_start", &def.post_start)?;
+        let post_deploy = list("post_deploy", &def.post_deploy)?;
         Ok(RenderedComponent {
             component: component.to_owned(),
             ip: node.ip.clone(),
@@ -236,6 +251,9 @@ impl<'a> PlanRenderer<'a> {
             instance,
             install,
             uninstall,
+            pre_stop,
+            post_start,
+            post_deploy,
             monit_name: component.to_owned(),
             monit_check,
             logs,

@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use crate::agents::nodes::NodeView;
 use crate::plan::catalog::{Cardinality, Catalog, Catalogs, DEFAULT_CATALOG, STANDARD_PROPERTIES};
 use crate::plan::render::NodeContext;
+use crate::plan::rollout::RolloutSpec;
 use crate::plan::{DnsRecord, Plan, Properties, REDACTED, Secret};
 
 pub(crate) use de_common::api::Problem;
@@ -77,14 +78,14 @@ pub fn validate_plan(
         ]);
     };
     for key in top.keys() {
-        if key != "components" && key != "properties" {
+        if key != "components" && key != "properties" && key != "rollout" {
             problems.push(
                 Problem::new(
                     ProblemKind::UnknownField,
-                    format!("the plan has an unknown field {key:?}; a plan has only \"components\" and \"properties\""),
+                    format!("the plan has an unknown field {key:?}; a plan has only \"components\", \"properties\" and the optional \"rollout\""),
                 )
                 .found(key.clone())
-                .needed("components, properties"),
+                .needed("components, properties, rollout"),
             );
         }
     }
@@ -238,9 +239,14 @@ pub fn validate_plan(
         return Err(problems);
     }
 
+    let rollout = check_rollout(top.get("rollout"), &catalog, &mut problems);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
     let plan = Plan {
         components,
         properties,
+        rollout,
     };
     // Render every instance now, so a template that fails for this plan is
     // reported here and not in the middle of a deployment.
@@ -786,6 +792,69 @@ pub(crate) fn find_node<'a>(nodes: &'a [NodeView], ip: &str) -> Option<&'a NodeV
     resolve(nodes, ip)
         .node()
         .or_else(|| nodes.iter().find(|n| n.is_named(ip)))
+}
+
+/// The plan's optional `"rollout"`: component -> [`RolloutSpec`] overriding
+/// the catalog's `[rollout]` (docs/CATALOGS.md).
+fn check_rollout(
+    value: Option<&Value>,
+    catalog: &Catalog,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, RolloutSpec> {
+    let mut out = BTreeMap::new();
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return out;
+    };
+    let Value::Object(map) = value else {
+        problems.push(
+            Problem::new(
+                ProblemKind::InvalidStructure,
+                "\"rollout\" must be an object: component name -> {\"canaries\", \"max_in_flight\", \"watch_secs\", \"serial\"}",
+            )
+            .property("rollout")
+            .found(json_type(value))
+            .needed("an object"),
+        );
+        return out;
+    };
+    for (component, spec) in map {
+        if catalog.component(component).is_none() {
+            problems.push(
+                Problem::new(
+                    ProblemKind::UnknownComponent,
+                    format!(
+                        "\"rollout\" names {component:?}, which catalog {} does not have",
+                        catalog.name()
+                    ),
+                )
+                .component(component)
+                .property("rollout"),
+            );
+            continue;
+        }
+        match serde_json::from_value::<RolloutSpec>(spec.clone()) {
+            Ok(r) => match r.problem() {
+                Some(p) => problems.push(
+                    Problem::new(ProblemKind::InvalidStructure, format!("rollout of {component}: {p}"))
+                        .component(component)
+                        .property("rollout"),
+                ),
+                None => {
+                    out.insert(component.clone(), r);
+                }
+            },
+            Err(e) => problems.push(
+                Problem::new(
+                    ProblemKind::InvalidStructure,
+                    format!("rollout of {component}: {e}; keys: canaries, max_in_flight (a number or \"N%\"), watch_secs, serial"),
+                )
+                .component(component)
+                .property("rollout")
+                .found(spec.to_string()),
+            ),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -8,10 +8,10 @@
 
 use std::collections::HashMap;
 
-use de_common::{StepAction, StepId};
+use de_common::{MonitOp, StepAction, StepId};
 
 use super::*;
-use crate::deploy::record::{Applied, DeployStep, Deployment, TaskKind};
+use crate::deploy::record::{Applied, DeployStep, Deployment, Rollout, TaskKind};
 
 /// Ids `s1`, `s2`... (`r3-s1`... for the controller that resumes from snapshot 3).
 #[derive(Debug, Clone)]
@@ -53,7 +53,8 @@ fn refused(why: &str) -> Finished {
 
 /// A running deployment `d-test` of steps written `instance@ip group path`
 /// (the component is the instance's name before `_`, the node `n` and the
-/// IP's last number, the action writes `path`; group 0 uninstalls).
+/// IP's last number, the action writes `path`, or, for `start:path`, starts
+/// a monit check named `path`; group 0 uninstalls).
 fn deployment(steps: &[&str], max_attempts: u32) -> Deployment {
     let steps = steps
         .iter()
@@ -76,11 +77,17 @@ fn deployment(steps: &[&str], max_attempts: u32) -> Deployment {
                     TaskKind::Install
                 },
                 group,
-                action: StepAction::WriteFile {
-                    path: path.to_owned(),
-                    contents: Vec::new(),
-                    mode: 0o644,
-                    owner: None,
+                action: match path.strip_prefix("start:") {
+                    Some(name) => StepAction::Monit {
+                        name: name.to_owned(),
+                        op: MonitOp::Start,
+                    },
+                    None => StepAction::WriteFile {
+                        path: path.to_owned(),
+                        contents: Vec::new(),
+                        mode: 0o644,
+                        owner: None,
+                    },
                 },
                 state: PhaseState::Pending,
                 attempts: 0,
@@ -90,6 +97,7 @@ fn deployment(steps: &[&str], max_attempts: u32) -> Deployment {
                 exit_code: None,
                 error: None,
                 output: None,
+                hook: None,
             }
         })
         .collect();
@@ -106,12 +114,16 @@ fn deployment(steps: &[&str], max_attempts: u32) -> Deployment {
             revision: 2,
             instances: Default::default(),
         },
+        paused: false,
+        rollout: Default::default(),
+        watches: Vec::new(),
     }
 }
 
 fn path_of(a: &StepAction) -> &str {
     match a {
         StepAction::WriteFile { path, .. } => path,
+        StepAction::Monit { name, .. } => name,
         other => panic!("the tests' steps write files, not {other:?}"),
     }
 }
@@ -129,7 +141,16 @@ struct World {
     tries: HashMap<String, usize>,
     ids: Counter,
     clock: u32,
+    /// What monit on the nodes says of an instance at a clock tick:
+    /// (status, pid); refreshed on every tick.
+    health: fn(u32, &str) -> (&'static str, Option<u32>),
+    monit: MonitReports,
     transcript: Vec<String>,
+}
+
+/// Every instance runs as pid 100 throughout.
+fn healthy(_: u32, _: &str) -> (&'static str, Option<u32>) {
+    ("RUNNING", Some(100))
 }
 
 impl World {
@@ -145,8 +166,40 @@ impl World {
                 n: 0,
             },
             clock: 0,
+            health: healthy,
+            monit: MonitReports::new(),
             transcript: Vec::new(),
         }
+    }
+
+    fn rollout(mut self, component: &str, r: Rollout) -> World {
+        self.saved.rollout.insert(component.to_owned(), r);
+        self
+    }
+
+    fn health(mut self, f: fn(u32, &str) -> (&'static str, Option<u32>)) -> World {
+        self.health = f;
+        self
+    }
+
+    /// Every node's monit reports, as of this tick, each instance of the
+    /// record on it as `health` says.
+    fn report(&mut self) {
+        let mut reports = MonitReports::new();
+        for s in &self.saved.steps {
+            let r = reports.entry(s.node_id.clone()).or_default();
+            r.at_ms = u64::from(self.clock) * 1000;
+            if r.checks.iter().any(|c| c.name == s.component) {
+                continue;
+            }
+            let (status, pid) = (self.health)(self.clock, &s.instance);
+            r.checks.push(CheckSeen {
+                name: s.component.clone(),
+                status: status.to_owned(),
+                pid,
+            });
+        }
+        self.monit = reports;
     }
 
     fn attempts(mut self, n: u32) -> World {
@@ -182,7 +235,12 @@ impl World {
         self.clock += 1;
         let mut d = self.saved.clone();
         let seen = self.seen();
-        let fx = reconcile(&mut d, &seen, &mut self.ids, &format!("t{}", self.clock));
+        let text = format!("t{}", self.clock);
+        let now = Now {
+            text: &text,
+            ms: u64::from(self.clock) * 1000,
+        };
+        let fx = reconcile(&mut d, &seen, &self.monit, &mut self.ids, now);
         (d, fx)
     }
 
@@ -245,8 +303,10 @@ impl World {
         }
     }
 
-    /// An agent runs the oldest queued step that has not run yet.
+    /// An agent runs the oldest queued step that has not run yet; the
+    /// nodes' monit reports.
     fn tick(&mut self) {
+        self.report();
         let Some((q, result)) = self.queue.iter_mut().find(|(_, r)| r.is_none()) else {
             return;
         };
@@ -297,8 +357,13 @@ impl World {
             prefix: prefix.to_owned(),
             n: 0,
         };
-        let d = self.saved.clone();
-        for e in resumed(&d) {
+        let mut d = self.saved.clone();
+        let text = format!("t{}", self.clock);
+        let now = Now {
+            text: &text,
+            ms: u64::from(self.clock) * 1000,
+        };
+        for e in resumed(&mut d, now) {
             self.apply(&d, &e);
         }
     }
@@ -313,8 +378,10 @@ impl World {
 }
 
 /// What every saved record must hold: one running step per instance at most,
-/// and steps run only once every group below theirs is done.
+/// steps run only once every group below theirs is done, and each
+/// component's rollout holds (see [`check_rollout`]).
 fn check_invariants(d: &Deployment) {
+    check_rollout(d);
     for s in d.steps.iter().filter(|s| s.state == PhaseState::Running) {
         let same = d
             .steps
@@ -331,6 +398,58 @@ fn check_invariants(d: &Deployment) {
             s.instance,
             s.group
         );
+    }
+}
+
+/// Per group and component: at most `max_in_flight` instances in flight (a
+/// step started, and not every step done with no watch left running), and
+/// no instance but a canary started before every canary is through.
+fn check_rollout(d: &Deployment) {
+    let mut keys: Vec<(usize, String, String)> = Vec::new();
+    for s in &d.steps {
+        let k = (s.group, s.component.clone(), s.instance.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let of = |(g, _, i): &(usize, String, String)| {
+        let steps: Vec<&DeployStep> = d
+            .steps
+            .iter()
+            .filter(|s| s.group == *g && s.instance == *i)
+            .collect();
+        let started = steps.iter().any(|s| s.attempts > 0);
+        let watching = d
+            .watches
+            .iter()
+            .any(|w| w.group == *g && w.instance == *i && w.state == PhaseState::Running);
+        let through = steps.iter().all(|s| s.state == PhaseState::Done) && !watching;
+        (started, through)
+    };
+    let mut groups: Vec<(usize, String)> = keys.iter().map(|(g, c, _)| (*g, c.clone())).collect();
+    groups.dedup();
+    for (g, c) in groups {
+        let r = d.rollout.get(&c).cloned().unwrap_or_default();
+        let mine: Vec<&(usize, String, String)> =
+            keys.iter().filter(|k| k.0 == g && k.1 == c).collect();
+        let in_flight = mine
+            .iter()
+            .filter(|k| {
+                let (started, through) = of(k);
+                started && !through
+            })
+            .count();
+        let max = r.max_in_flight.unwrap_or(usize::MAX);
+        assert!(
+            in_flight <= max,
+            "{c} has {in_flight} instances in flight, at most {max} allowed"
+        );
+        let (canaries, rest) = mine.split_at(r.canaries.min(mine.len()));
+        if rest.iter().any(|k| of(k).0) {
+            for k in canaries {
+                assert!(of(k).1, "{} started before canary {} was through", c, k.2);
+            }
+        }
     }
 }
 
@@ -761,14 +880,16 @@ fn a_finish_reported_again_or_for_an_earlier_attempt_changes_nothing() {
         ("s3".into(), Seen::Waiting),
     ]);
     let mut d = before.clone();
-    let fx = reconcile(&mut d, &seen, &mut w.ids, "t9");
+    let now = |text| Now { text, ms: 9_000 };
+    let monit = MonitReports::new();
+    let fx = reconcile(&mut d, &seen, &monit, &mut w.ids, now("t9"));
     assert_eq!((&d, fx), (&before, Vec::new()));
     // The current attempt's own result counts, once.
     seen.insert("s3".into(), Seen::Finished(done()));
-    let fx = reconcile(&mut d, &seen, &mut w.ids, "t10");
+    let fx = reconcile(&mut d, &seen, &monit, &mut w.ids, now("t10"));
     assert_eq!(fx.iter().filter(|e| **e == Effect::Save).count(), 1);
     let again = d.clone();
-    let fx = reconcile(&mut d, &seen, &mut w.ids, "t11");
+    let fx = reconcile(&mut d, &seen, &monit, &mut w.ids, now("t11"));
     assert_eq!((&d, fx), (&again, Vec::new()));
 }
 
@@ -873,6 +994,30 @@ fn a_deployment_resumed_from_any_saved_record_ends_the_same_without_running_a_st
             ])
             .attempts(2)
             .script("/base/a", &[exit(1, "no"), exit(1, "still no")]),
+        ),
+        (
+            DeployState::Succeeded,
+            World::new(&[
+                "web_0@10.0.0.1 1 /web0/a",
+                "web_0@10.0.0.1 1 start:/web0/start",
+                "web_1@10.0.0.2 1 /web1/a",
+                "web_1@10.0.0.2 1 start:/web1/start",
+                "web_2@10.0.0.3 1 /web2/a",
+                "web_2@10.0.0.3 1 start:/web2/start",
+                "app_0@10.0.0.1 2 /app/a",
+            ])
+            .rollout("web", rollout(1, Some(1), 2))
+            .script("/web1/a", &[exit(1, "not yet")]),
+        ),
+        (
+            DeployState::Failed,
+            World::new(&[
+                "app_0@10.0.0.1 1 /app0/a",
+                "app_0@10.0.0.1 1 start:/app0/start",
+                "app_1@10.0.0.2 1 start:/app1/start",
+            ])
+            .rollout("app", rollout(1, Some(1), 30))
+            .health(exits),
         ),
     ];
     for (n, (end, start)) in scenarios.into_iter().enumerate() {
@@ -1002,4 +1147,309 @@ fn a_records_output_is_its_last_bytes_with_stderr_kept_first() {
         got.len() <= OUTPUT_KEPT && got.chars().all(|c| c == 'é'),
         "cut at a char boundary"
     );
+}
+
+fn rollout(canaries: usize, max_in_flight: Option<usize>, watch_secs: u64) -> Rollout {
+    Rollout {
+        canaries,
+        max_in_flight,
+        watch_secs,
+        serial: true,
+    }
+}
+
+/// When each step started and finished, by the clock of the passes:
+/// `(path, started, finished)`, ordered by path.
+fn times(w: &World) -> Vec<(String, u32, u32)> {
+    let t = |s: &Option<String>| -> u32 {
+        s.as_deref()
+            .and_then(|t| t.strip_prefix('t'))
+            .and_then(|n| n.parse().ok())
+            .expect("a time t<n>")
+    };
+    let mut out: Vec<(String, u32, u32)> = w
+        .saved
+        .steps
+        .iter()
+        .map(|s| {
+            (
+                path_of(&s.action).to_owned(),
+                t(&s.started_at),
+                t(&s.finished_at),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The most steps that were running at one time (a step runs from the
+/// pass that started it to the pass that saw it end).
+fn most_at_once(w: &World) -> usize {
+    let t = times(w);
+    let end = t.iter().map(|x| x.2).max().unwrap_or(0);
+    (0..=end)
+        .map(|c| t.iter().filter(|x| x.1 <= c && c < x.2).count())
+        .max()
+        .unwrap_or(0)
+}
+
+fn web(n: usize) -> Vec<String> {
+    (0..n)
+        .flat_map(|i| {
+            [
+                format!("web_{i}@10.0.0.{} 1 /web{i}/a", i + 1),
+                format!("web_{i}@10.0.0.{} 1 /web{i}/b", i + 1),
+            ]
+        })
+        .collect()
+}
+
+fn world(steps: &[String]) -> World {
+    let refs: Vec<&str> = steps.iter().map(String::as_str).collect();
+    World::new(&refs)
+}
+
+#[test]
+fn max_in_flight_bounds_how_many_instances_change_at_once() {
+    // Several agents: every queued step runs on each tick (nodes in parallel).
+    for (max, want) in [(Some(1), 1), (Some(2), 2), (None, 5)] {
+        let mut w = world(&web(5)).rollout("web", rollout(0, max, 0));
+        for _ in 0..100 {
+            w.pass();
+            if w.saved.state != DeployState::Running {
+                break;
+            }
+            while w.queue.iter().any(|(_, r)| r.is_none()) {
+                w.tick();
+            }
+        }
+        assert_eq!(w.saved.state, DeployState::Succeeded, "max {max:?}");
+        assert_eq!(most_at_once(&w), want, "max {max:?}: {:?}", times(&w));
+    }
+}
+
+#[test]
+fn canaries_change_first_and_a_failing_one_leaves_the_others_untouched() {
+    // Canary web_0 goes alone; then the rest two at a time.
+    let mut w = world(&web(4)).rollout("web", rollout(1, Some(2), 0));
+    w.run();
+    assert_eq!(w.saved.state, DeployState::Succeeded);
+    let t = times(&w);
+    let canary_end = t[0].2.max(t[1].2);
+    assert!(
+        t[2..].iter().all(|x| x.1 >= canary_end),
+        "another instance started before the canary finished: {t:?}"
+    );
+    // A canary that fails for good: no other instance is touched.
+    let mut w = world(&web(4))
+        .rollout("web", rollout(1, Some(2), 0))
+        .attempts(1)
+        .script("/web0/b", &[exit(3, "web_0 broke\n")]);
+    w.run();
+    assert_eq!(w.saved.state, DeployState::Failed);
+    assert_eq!(
+        w.saved.error.as_deref(),
+        Some(
+            "web (web_0, a canary) on 10.0.0.1 (node n1): write /web0/b failed after 1 attempts: exit code 3; output: web_0 broke"
+        )
+    );
+    for i in 1..4 {
+        for step in ["a", "b"] {
+            let path = format!("/web{i}/{step}");
+            let s = w.step(&path);
+            assert_eq!((s.state, s.attempts), (PhaseState::Skipped, 0), "{path}");
+            assert!(!w.tries.contains_key(&path), "{path} ran");
+        }
+    }
+}
+
+fn started(w: &World) -> Vec<String> {
+    w.saved
+        .steps
+        .iter()
+        .filter(|s| s.attempts > 0)
+        .map(|s| path_of(&s.action).to_owned())
+        .collect()
+}
+
+#[test]
+fn an_instance_counts_done_only_after_it_stayed_running_for_its_watch() {
+    let steps = [
+        "app_0@10.0.0.1 1 /app0/a",
+        "app_0@10.0.0.1 1 start:/app0/start",
+        "app_1@10.0.0.2 1 /app1/a",
+        "app_1@10.0.0.2 1 start:/app1/start",
+        "next_0@10.0.0.1 2 /next/a",
+    ];
+    let mut w = World::new(&steps).rollout("app", rollout(0, Some(1), 3));
+    w.run();
+    assert_eq!(w.saved.state, DeployState::Succeeded);
+    assert_eq!(w.saved.watches.len(), 2);
+    for watch in &w.saved.watches {
+        assert_eq!((watch.state, watch.pid), (PhaseState::Done, Some(100)));
+    }
+    // app_1 starts only once app_0's watch is over, and `next` after app_1's.
+    let t = times(&w);
+    let end_of = |i: &str| {
+        w.saved
+            .watches
+            .iter()
+            .find(|x| x.instance == i)
+            .and_then(|x| x.finished_at.clone())
+            .and_then(|f| f.strip_prefix('t').and_then(|n| n.parse::<u32>().ok()))
+            .expect("a finished watch")
+    };
+    let start = |p: &str| t.iter().find(|x| x.0 == p).map(|x| x.1).expect("a step");
+    let app0_start_done = t.iter().find(|x| x.0 == "/app0/start").map(|x| x.2);
+    assert!(
+        end_of("app_0") >= app0_start_done.expect("done") + 3,
+        "watched at least 3 s: {t:?}"
+    );
+    assert!(start("/app1/a") >= end_of("app_0"), "{t:?}");
+    assert!(start("/next/a") >= end_of("app_1"), "{t:?}");
+    assert!(
+        w.transcript.iter().any(|l| l
+            == "[app_0] app_0 on 10.0.0.1: watched for 3 s: monit reported it RUNNING throughout (pid 100)"),
+        "{:#?}",
+        w.transcript
+    );
+}
+
+/// app_0 runs as pid 100 until tick 6, then monit has restarted it as 101.
+fn restarts(clock: u32, instance: &str) -> (&'static str, Option<u32>) {
+    match (instance, clock) {
+        ("app_0", 0..6) => ("RUNNING", Some(100)),
+        ("app_0", _) => ("RUNNING", Some(101)),
+        _ => ("RUNNING", Some(7)),
+    }
+}
+
+/// app_0 goes DOWN at tick 6.
+fn exits(clock: u32, instance: &str) -> (&'static str, Option<u32>) {
+    match (instance, clock) {
+        ("app_0", 0..6) => ("RUNNING", Some(100)),
+        ("app_0", _) => ("DOWN", None),
+        _ => ("RUNNING", Some(7)),
+    }
+}
+
+/// app_0 never comes up.
+fn never_up(_: u32, instance: &str) -> (&'static str, Option<u32>) {
+    match instance {
+        "app_0" => ("STARTING", None),
+        _ => ("RUNNING", Some(7)),
+    }
+}
+
+#[test]
+fn a_watch_fails_when_the_instance_exits_restarts_or_never_runs_and_names_why() {
+    let steps = [
+        "app_0@10.0.0.1 1 start:/app0/start",
+        "app_1@10.0.0.2 1 start:/app1/start",
+    ];
+    for (health, why) in [
+        (
+            restarts as fn(u32, &str) -> (&'static str, Option<u32>),
+            "its pid changed from 100 to 101: it restarted",
+        ),
+        (
+            exits,
+            "monit reports it DOWN after it was RUNNING as pid 100",
+        ),
+        (
+            never_up,
+            "monit never reported it RUNNING within 60 s (last: STARTING)",
+        ),
+    ] {
+        let mut w = World::new(&steps)
+            .rollout("app", rollout(1, Some(1), 30))
+            .health(health);
+        w.run();
+        assert_eq!(w.saved.state, DeployState::Failed, "{why}");
+        assert_eq!(
+            w.saved.error.as_deref(),
+            Some(
+                format!("app (app_0, a canary) on 10.0.0.1 (node n1): watch failed: {why}")
+                    .as_str()
+            )
+        );
+        assert_eq!(w.saved.watches[0].state, PhaseState::Failed);
+        assert_eq!(
+            started(&w),
+            ["/app0/start"],
+            "{why}: nothing else was touched"
+        );
+        assert_eq!(w.applied, None);
+    }
+}
+
+#[test]
+fn a_paused_deployment_finishes_its_steps_in_flight_and_starts_none_until_resumed() {
+    let mut w = world(&web(3)).rollout("web", rollout(0, Some(2), 0));
+    w.pass();
+    assert_eq!(started(&w), ["/web0/a", "/web1/a"]);
+    let mut d = w.saved.clone();
+    let fx = set_paused(&mut d, true);
+    for e in &fx {
+        w.apply(&d, e);
+    }
+    assert!(w.saved.paused);
+    assert!(
+        set_paused(&mut d, true).is_empty(),
+        "pausing twice changes nothing"
+    );
+    for _ in 0..10 {
+        w.tick();
+        w.pass();
+    }
+    assert_eq!(w.saved.state, DeployState::Running);
+    assert_eq!(started(&w), ["/web0/a", "/web1/a"], "nothing new started");
+    assert!(
+        w.saved.steps.iter().all(|s| s.state != PhaseState::Running),
+        "the steps in flight finished"
+    );
+    // A controller restart keeps it paused.
+    w.transcript.clear();
+    w.resume("r-");
+    w.pass();
+    assert_eq!(started(&w), ["/web0/a", "/web1/a"]);
+    assert_eq!(
+        w.transcript[0],
+        "[controller] deployment d-test resumed after a controller restart (paused: no new step starts until an operator resumes it)"
+    );
+    let mut d = w.saved.clone();
+    for e in &set_paused(&mut d, false) {
+        w.apply(&d, e);
+    }
+    w.run();
+    assert_eq!(w.saved.state, DeployState::Succeeded);
+}
+
+#[test]
+fn a_watch_under_way_when_the_controller_stops_starts_over_on_resume() {
+    let mut w =
+        World::new(&["app_0@10.0.0.1 1 start:/app0/start"]).rollout("app", rollout(0, None, 5));
+    while w.saved.watches.is_empty() {
+        w.pass();
+        w.tick();
+    }
+    w.pass();
+    w.tick();
+    w.pass();
+    assert_eq!(w.saved.watches[0].pid, Some(100));
+    w.clock += 20;
+    w.resume("r-");
+    let watch = &w.saved.watches[0];
+    assert_eq!(
+        watch.since_ms,
+        u64::from(w.clock) * 1000,
+        "restarted from now"
+    );
+    assert_eq!((watch.running_since_ms, watch.pid), (None, Some(100)));
+    // The old reports, from before the restart, do not count.
+    let before = w.clock;
+    w.run();
+    assert_eq!(w.saved.state, DeployState::Succeeded);
+    assert!(w.clock >= before + 5, "watched 5 s again");
 }
