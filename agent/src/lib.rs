@@ -4,6 +4,9 @@
 
 mod applied;
 mod enroll;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod hardware;
 mod identity;
 mod link;

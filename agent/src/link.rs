@@ -21,8 +21,7 @@ use tracing::{info, warn};
 
 use de_common::{
     AgentMsg, CLOCK_SKEW_WARN_SECS, ControllerMsg, ErrorChain, Heartbeat, Hello, Lane, LinkRefusal,
-    StepEvent, StepEventKind, StepId, check_step, close_codes, read_frame, skew_secs, unix_ms,
-    write_frame,
+    StepEvent, StepEventKind, StepId, close_codes, read_frame, skew_secs, unix_ms, write_frame,
 };
 
 use crate::hardware::{Sampler, hostname};
@@ -161,15 +160,14 @@ async fn lane_worker(
                 Ok(None) | Err(_) => continue 'connection,
             };
             let node = &shared.identity.meta.node_id;
-            match check_step(
+            match crate::steps::accept(
                 &signed,
                 &shared.identity.step_public_key,
                 node,
+                lane,
                 after_seq,
                 now_unix(),
-            )
-            .and_then(|step| crate::steps::pulled_on(step, lane))
-            {
+            ) {
                 Err(refusal) => {
                     // Name what was refused as far as the (possibly untrusted) body says.
                     let (step_id, seq) = de_common::decode_step_unverified(&signed)

@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use de_common::{
-    Lane, OutStream, Step, StepAction, StepEvent, StepEventKind, StepId, StepOutcome, StepRefusal,
-    write_private,
+    Lane, NodeId, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind, StepId,
+    StepOutcome, StepRefusal, check_step, write_private,
 };
 
 use crate::monit::Monit;
@@ -248,6 +248,22 @@ impl Cancels {
 
 /// The error of a step the controller cancelled.
 const CANCELLED: &str = "cancelled by the controller";
+
+/// The agent's whole check of a step that came on a pull of `lane`:
+/// signature with the pinned key, this node, a sequence above the lane's
+/// last done, not expired ([`check_step`]), and signed for that lane
+/// ([`pulled_on`]). Only a step this returns is ever run.
+pub(crate) fn accept(
+    signed: &SignedStep,
+    step_public_key: &[u8],
+    node_id: &NodeId,
+    lane: Lane,
+    last_done: u64,
+    now_unix: u64,
+) -> Result<Step, StepRefusal> {
+    check_step(signed, step_public_key, node_id, last_done, now_unix)
+        .and_then(|step| pulled_on(step, lane))
+}
 
 /// `step`, if it is signed for `lane`, the lane whose pull brought it: its
 /// sequence number was checked against that lane's last done, so a step of

@@ -5,6 +5,9 @@
 mod access;
 pub mod agents;
 mod deploy;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 mod oplog;
 mod plan;

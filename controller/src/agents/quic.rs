@@ -148,6 +148,21 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// What checks an agent's client certificate in the TLS handshake: issued
+/// by our CA, naming a node (its subject CN) that is not revoked.
+pub(crate) fn client_verifier(
+    pki: &Pki,
+    revoked: RevokedSet,
+) -> Result<Arc<dyn ClientCertVerifier>, QuicSetupError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der().clone())?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .allow_unauthenticated()
+        .build()?;
+    Ok(Arc::new(RevocationAwareVerifier { inner, revoked }))
+}
+
 /// Binds the controller's QUIC endpoint.
 pub fn endpoint(
     addr: SocketAddr,
@@ -155,12 +170,7 @@ pub fn endpoint(
     revoked: RevokedSet,
 ) -> Result<quinn::Endpoint, QuicSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der().clone())?;
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
-    let verifier = Arc::new(RevocationAwareVerifier { inner, revoked });
+    let verifier = client_verifier(pki, revoked)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

@@ -15,12 +15,12 @@
 
 mod access;
 mod auth;
-mod compat;
+pub(crate) mod compat;
 mod console;
 mod error;
-mod logs;
+pub(crate) mod logs;
 mod native;
-mod operate;
+pub(crate) mod operate;
 mod plan;
 
 use std::sync::Arc;

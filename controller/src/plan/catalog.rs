@@ -741,7 +741,7 @@ impl Catalogs {
     }
 
     /// These catalogs and `extra` (replacing one of the same name).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn with(mut self, extra: Catalog) -> Catalogs {
         self.map.insert(extra.name().to_owned(), Arc::new(extra));
         self
