@@ -252,13 +252,14 @@ impl Fixture {
     /// gets it, through `validate_plan` (which renders every instance).
     /// Asserts that a valid plan's components and IPs are the catalog's and
     /// the nodes', and that it validates again as the controller stores it.
-    pub fn plan(&self, body: &[u8]) {
-        self.check_plan(body, &self.catalogs);
+    /// Returns whether the plan was valid.
+    pub fn plan(&self, body: &[u8]) -> bool {
+        self.check_plan(body, &self.catalogs)
     }
 
-    fn check_plan(&self, body: &[u8], catalogs: &Catalogs) {
+    fn check_plan(&self, body: &[u8], catalogs: &Catalogs) -> bool {
         let Ok(valid) = validate_plan(body, catalogs, &self.nodes, Some(&self.stored.plan)) else {
-            return;
+            return false;
         };
         for (component, ips) in &valid.plan.components {
             assert!(
@@ -285,6 +286,7 @@ impl Fixture {
             Ok(v) => assert_eq!(v.plan, valid.plan, "the stored plan validates differently"),
             Err(p) => panic!("the plan as stored does not validate: {p:?}"),
         }
+        true
     }
 
     /// A catalog directory as an operator puts it in `DATA/catalogs/`:
@@ -292,29 +294,24 @@ impl Fixture {
     /// [`catalog_files`]). They are written to a directory, loaded and their
     /// templates compiled; a catalog that loads is then used by a plan that
     /// places each of its components on a node, through validation and
-    /// rendering.
-    pub fn catalog(&self, data: &[u8]) {
+    /// rendering. Returns `None` when the catalog did not load, else
+    /// whether that plan was valid.
+    pub fn catalog(&self, data: &[u8]) -> Option<bool> {
         let dir = self.dir.join("catalogs").join(CATALOG_NAME);
         let _ = std::fs::remove_dir_all(&dir);
-        if std::fs::create_dir_all(&dir).is_err() {
-            return;
-        }
+        std::fs::create_dir_all(&dir).ok()?;
         for (name, contents) in catalog_files(data) {
-            let written =
-                std::fs::File::create(dir.join(name)).and_then(|mut f| f.write_all(contents));
-            if written.is_err() {
-                return;
-            }
+            std::fs::File::create(dir.join(name))
+                .and_then(|mut f| f.write_all(contents))
+                .ok()?;
         }
-        let Ok(catalog) = Catalog::from_dir(&dir) else {
-            return;
-        };
+        let catalog = Catalog::from_dir(&dir).ok()?;
         let components: BTreeMap<String, Value> = catalog
             .components()
             .map(|c| (c.name.clone(), json!(["10.0.0.1"])))
             .collect();
         let mut properties = json!({
-            "domain": "fuzz.local", "catalog": catalog.name(), "checkdisk": 1,
+            "domain": "fuzz.local", "catalog": catalog.name(), "checkdisk": 1, "disksize": 1,
             "adduser": 1, "user": "vcap", "password": "password", "root": "123456",
         });
         for name in catalog.required() {
@@ -324,7 +321,7 @@ impl Fixture {
         }
         let plan = json!({"components": components, "properties": properties});
         let catalogs = self.catalogs.clone().with(catalog);
-        self.check_plan(plan.to_string().as_bytes(), &catalogs);
+        Some(self.check_plan(plan.to_string().as_bytes(), &catalogs))
     }
 
     /// The original API's request bodies, through the functions their
@@ -446,6 +443,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_built_in_catalog_written_as_the_fuzzer_writes_it_loads_and_renders() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = Fixture::new(dir.path()).expect("fixture");
+        for name in ["cf-v170", "debian-demo"] {
+            let mut data = Vec::new();
+            for (catalog, file, text) in crate::plan::catalog::BUILTIN {
+                if *catalog == name {
+                    data.extend_from_slice(format!("--- {file}\n{text}\n").as_bytes());
+                }
+            }
+            assert_eq!(f.catalog(&data), Some(true), "{name}");
+        }
+    }
+
+    #[test]
     fn catalog_files_are_split_on_their_marks() {
         let data = b"--- a.toml\nx = 1\n--- ../b.toml\nno\n--- c.toml\n";
         let files = catalog_files(data);
@@ -457,8 +469,8 @@ mod tests {
     fn every_entry_runs_on_its_seed_shapes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = Fixture::new(dir.path()).expect("fixture");
-        f.plan(STORED_PLAN.as_bytes());
-        f.plan(b"{");
+        assert!(f.plan(STORED_PLAN.as_bytes()));
+        assert!(!f.plan(b"{"));
         f.compat(b"\x00{\"Comp\":\"nats\",\"Ip\":\"10.10.101.182\"}");
         f.compat(b"\x01{\"name\":\"all\",\"ip\":\"0.0.0.0\"}");
         f.compat(b"\x02local.log");
@@ -466,7 +478,7 @@ mod tests {
         f.logs(b"\x02tail=5");
         assert_eq!(f.csr("not a csr"), None);
         f.client_cert(f.server_cert_der());
-        f.catalog(b"--- catalog.toml\nname = 1\n");
+        assert_eq!(f.catalog(b"--- catalog.toml\nname = 1\n"), None);
         f.enroll_request(&[0, 1, 0]);
     }
 }

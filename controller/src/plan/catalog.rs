@@ -32,7 +32,7 @@ macro_rules! builtin {
 }
 
 /// Built-in catalogs: (catalog, file name, contents).
-const BUILTIN: &[(&str, &str, &str)] = &[
+pub(crate) const BUILTIN: &[(&str, &str, &str)] = &[
     builtin!("cf-v170", "catalog.toml"),
     builtin!("cf-v170", "haproxy.toml"),
     builtin!("cf-v170", "nats.toml"),

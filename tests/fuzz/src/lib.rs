@@ -88,8 +88,12 @@ impl Targets {
             "enroll" => self.enroll(data),
             "step" => self.agent.step(data),
             "cert" => self.cert(data),
-            "plan" => self.ctl.plan(data),
-            "catalog" => self.ctl.catalog(data),
+            "plan" => {
+                self.ctl.plan(data);
+            }
+            "catalog" => {
+                self.ctl.catalog(data);
+            }
             "monit" => de_agent::fuzzing::monit_answer(data),
             "compat" => self.ctl.compat(data),
             "logs" => self.ctl.logs(data),
