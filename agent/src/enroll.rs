@@ -228,7 +228,10 @@ async fn exchange(
     Ok((grant, key.serialize_pem()))
 }
 
-fn check_chain(ca_pem: &str, server_cert: &CertificateDer<'_>) -> Result<(), EnrollError> {
+pub(crate) fn check_chain(
+    ca_pem: &str,
+    server_cert: &CertificateDer<'_>,
+) -> Result<(), EnrollError> {
     use rustls_pki_types::pem::PemObject;
     let bad = || {
         EnrollError::Protocol("the controller's certificate is not signed by the CA it sent".into())

@@ -5,6 +5,9 @@
 mod applied;
 mod enroll;
 mod fetch;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod hardware;
 mod identity;
 mod link;

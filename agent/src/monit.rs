@@ -551,16 +551,7 @@ impl Monit {
         let buf = tokio::time::timeout(Duration::from_secs(5), fetch)
             .await
             .map_err(|_| err("no answer in 5 s".into()))??;
-        // ISO-8859-1: every byte is its own code point.
-        let text: String = buf.iter().map(|&b| b as char).collect();
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .ok_or_else(|| err("malformed HTTP answer".into()))?;
-        if !text.starts_with("HTTP/1.0 200") && !text.starts_with("HTTP/1.1 200") {
-            return Err(err(text.lines().next().unwrap_or_default().to_owned()));
-        }
-        Ok(body)
+        status_body(&buf).map_err(err)
     }
 
     /// Every process service monit supervises, with its state.
@@ -583,6 +574,21 @@ fn text_of<T: std::str::FromStr>(n: roxmltree::Node<'_, '_>, path: &[&str]) -> O
         cur = child(cur, p)?;
     }
     cur.text()?.trim().parse().ok()
+}
+
+/// The body of monit's HTTP answer to the status request (ISO-8859-1, so
+/// every byte is its own code point), or why there is none: the answer's
+/// first line when it is not a 200.
+pub(crate) fn status_body(answer: &[u8]) -> Result<String, String> {
+    let text: String = answer.iter().map(|&b| b as char).collect();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .ok_or_else(|| "malformed HTTP answer".to_owned())?;
+    if !text.starts_with("HTTP/1.0 200") && !text.starts_with("HTTP/1.1 200") {
+        return Err(text.lines().next().unwrap_or_default().to_owned());
+    }
+    Ok(body)
 }
 
 /// Maps monit's XML status to component states (RUNNING, DOWN, STARTING, STOPPING, STOPPED).

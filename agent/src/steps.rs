@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use de_common::{
-    Lane, OutStream, Step, StepAction, StepEvent, StepEventKind, StepId, StepOutcome, StepRefusal,
-    write_private,
+    Lane, NodeId, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind, StepId,
+    StepOutcome, StepRefusal, check_step, write_private,
 };
 
 use crate::monit::Monit;
@@ -250,6 +250,35 @@ impl Cancels {
 
 /// The error of a step the controller cancelled.
 const CANCELLED: &str = "cancelled by the controller";
+
+/// The agent's whole check of a step that came on a pull of `lane`:
+/// signature with the pinned key, this node, a sequence above the lane's
+/// last done, not expired ([`check_step`]), and signed for that lane
+/// ([`pulled_on`]). Only a step this returns is ever run.
+pub(crate) fn accept(
+    signed: &SignedStep,
+    keys: &(Vec<u8>, Option<de_common::PreviousStepKey>),
+    node_id: &NodeId,
+    lane: Lane,
+    last_done: u64,
+    now_unix: u64,
+) -> Result<Step, StepRefusal> {
+    // Signed with the current step key, or with the previous one when the
+    // step is one that key signed (its lane and sequence were queued before
+    // the rotation) and its overlap has not ended.
+    let checked = match check_step(signed, &keys.0, node_id, last_done, now_unix) {
+        Err(StepRefusal::BadSignature) => {
+            match (&keys.1, de_common::decode_step_unverified(signed)) {
+                (Some(previous), Some(body)) if previous.covers(body.lane, body.seq, now_unix) => {
+                    check_step(signed, &previous.public_key, node_id, last_done, now_unix)
+                }
+                _ => Err(StepRefusal::BadSignature),
+            }
+        }
+        other => other,
+    };
+    checked.and_then(|step| pulled_on(step, lane))
+}
 
 /// `step`, if it is signed for `lane`, the lane whose pull brought it: its
 /// sequence number was checked against that lane's last done, so a step of

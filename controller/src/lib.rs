@@ -6,6 +6,9 @@ mod access;
 pub mod agents;
 pub mod artifacts;
 mod deploy;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 mod oplog;
 mod plan;

@@ -177,7 +177,7 @@ impl std::fmt::Debug for Nodes {
 }
 
 /// `ip` parsed, with an IPv4 address in IPv6 form taken as the IPv4 one.
-fn addr(ip: &str) -> Option<IpAddr> {
+pub(crate) fn addr(ip: &str) -> Option<IpAddr> {
     ip.trim().parse::<IpAddr>().ok().map(|a| a.to_canonical())
 }
 

@@ -166,6 +166,17 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// What checks an agent's client certificate in the TLS handshake: issued
+/// by our CA, naming a node (its subject CN) that is not revoked.
+/// (The CAs trusted follow a CA rotation: the verifier asks `pki` at each
+/// handshake.)
+pub(crate) fn client_verifier(pki: &Arc<Pki>, revoked: RevokedSet) -> Arc<dyn ClientCertVerifier> {
+    Arc::new(RevocationAwareVerifier {
+        pki: pki.clone(),
+        revoked,
+    })
+}
+
 /// Binds the controller's QUIC endpoint.
 pub fn endpoint(
     addr: SocketAddr,
@@ -173,10 +184,7 @@ pub fn endpoint(
     revoked: RevokedSet,
 ) -> Result<quinn::Endpoint, QuicSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(RevocationAwareVerifier {
-        pki: pki.clone(),
-        revoked,
-    });
+    let verifier = client_verifier(pki, revoked);
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

@@ -117,22 +117,32 @@ fn lookup(
 
 async fn hardware(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
     let plan = ctl.plans.current().ok_or_else(ApiError::no_plan)?;
+    hardware_answer(&plan, &ctl.nodes.list(), &body)
+}
+
+/// The answer to `GET /deployment-engine/hardware` with `body`: every
+/// instance's row for `all` / `0.0.0.0` (or no body), else the row of the
+/// one instance named, which must be in `plan`.
+pub(crate) fn hardware_answer(
+    plan: &StoredPlan,
+    nodes: &[NodeView],
+    body: &[u8],
+) -> Result<Response, ApiError> {
     let req: HardwareRequest = parse_optional_json(
-        &body,
+        body,
         r#"{"Comp": "<component>", "Ip": "<node IP>"} (or {"Comp": "all", "Ip": "0.0.0.0"}, or no body)"#,
     )?
     .unwrap_or_else(|| HardwareRequest {
         comp: "all".into(),
         ip: "0.0.0.0".into(),
     });
-    let nodes = ctl.nodes.list();
     let comp = req.comp.trim();
     let ip = req.ip.trim();
     if comp == "all" && ip == "0.0.0.0" {
         let rows = plan
             .plan
             .instances()
-            .map(|(c, i)| lookup(&nodes, &plan, c, i))
+            .map(|(c, i)| lookup(nodes, plan, c, i))
             .collect::<Result<Vec<_>, _>>()?;
         return Ok(axum::Json(rows).into_response());
     }
@@ -156,7 +166,7 @@ async fn hardware(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
             "component {comp:?} and IP {ip:?} do not match the plan: {hint} (GET /deployment-engine/config shows the plan)"
         )));
     }
-    Ok(axum::Json(lookup(&nodes, &plan, comp, &canonical)?).into_response())
+    Ok(axum::Json(lookup(nodes, plan, comp, &canonical)?).into_response())
 }
 
 #[cfg(test)]

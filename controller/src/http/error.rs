@@ -9,7 +9,6 @@
 
 use std::error::Error;
 
-use axum::body::Bytes;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -252,7 +251,7 @@ impl IntoResponse for ApiError {
 /// original clients send JSON as a form, or with no type); `shape` shows the
 /// expected body in the 400 answer.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
-    body: &Bytes,
+    body: &[u8],
     shape: &str,
 ) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
@@ -265,7 +264,7 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
 /// [`parse_json`] for a route whose body may be left out: `None` when the
 /// body is empty or only whitespace.
 pub(crate) fn parse_optional_json<T: serde::de::DeserializeOwned>(
-    body: &Bytes,
+    body: &[u8],
     shape: &str,
 ) -> Result<Option<T>, ApiError> {
     if crate::util::is_blank(body) {
@@ -465,13 +464,12 @@ mod tests {
         struct Ttl {
             ttl_secs: u64,
         }
-        let blank = parse_optional_json::<Ttl>(&Bytes::from_static(b" \n"), "{}");
+        let blank = parse_optional_json::<Ttl>(b" \n", "{}");
         assert!(matches!(blank, Ok(None)), "{blank:?}");
-        let given = parse_optional_json::<Ttl>(&Bytes::from_static(b"{\"ttl_secs\": 5}"), "{}");
+        let given = parse_optional_json::<Ttl>(b"{\"ttl_secs\": 5}", "{}");
         assert!(matches!(given, Ok(Some(Ttl { ttl_secs: 5 }))), "{given:?}");
-        let e =
-            parse_optional_json::<Ttl>(&Bytes::from_static(b"{\"ttl\": 1}"), "{\"ttl_secs\": N}")
-                .expect_err("unknown shape");
+        let e = parse_optional_json::<Ttl>(b"{\"ttl\": 1}", "{\"ttl_secs\": N}")
+            .expect_err("unknown shape");
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(
             e.message.ends_with("expected {\"ttl_secs\": N}"),

@@ -115,7 +115,7 @@ async fn list(State(ctl): Ctl) -> Result<axum::Json<LogFiles>, ApiError> {
 /// (`local.log`, as `curl -d 'local.log'` sends it), a JSON string
 /// (`"local.log"`), the original document's `{ "local.log"}`, or
 /// `{"name": "local.log"}`.
-fn name_in_body(body: &[u8]) -> Result<String, ApiError> {
+pub(crate) fn name_in_body(body: &[u8]) -> Result<String, ApiError> {
     let shape = "the body must be the log file's name, plain (local.log) or as a JSON string (\"local.log\"); GET /deployment-engine/download lists them";
     if crate::util::is_blank(body) {
         return Err(ApiError::bad_request(format!("{shape}: the body is empty")));
@@ -156,29 +156,35 @@ async fn download_by_path(
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let tail = query
-        .as_deref()
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("tail="));
-    let Some(tail) = tail else {
+    let Some(n) = tail_in_query(query.as_deref())? else {
         return download(&ctl, &name);
     };
-    let n = tail
-        .parse::<usize>()
-        .ok()
-        .filter(|n| (1..=MAX_TAIL_LINES).contains(n))
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "tail must be a number of lines from 1 to {MAX_TAIL_LINES}, got {tail:?}; leave it out for the whole file"
-            ))
-        })?;
     let (_, mut file) = ctl.logs.open_file(&name)?;
     let text = tokio::task::spawn_blocking(move || crate::oplog::tail_lines(&mut file, n))
         .await
         .map_err(|e| ApiError::internal("could not read the log file", &e))?
         .map_err(|e| ApiError::internal("could not read the log file", &e))?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// The line count `?tail=N` asks for (1..=10000), `None` without one.
+pub(crate) fn tail_in_query(query: Option<&str>) -> Result<Option<usize>, ApiError> {
+    let tail = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("tail="));
+    let Some(tail) = tail else {
+        return Ok(None);
+    };
+    tail.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_TAIL_LINES).contains(n))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "tail must be a number of lines from 1 to {MAX_TAIL_LINES}, got {tail:?}; leave it out for the whole file"
+            ))
+        })
 }
 
 /// The file's contents as `text/plain`, streamed (a log may be large).

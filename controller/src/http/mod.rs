@@ -18,13 +18,13 @@
 mod access;
 mod artifacts;
 mod auth;
-mod compat;
+pub(crate) mod compat;
 mod console;
 mod error;
 mod join;
-mod logs;
+pub(crate) mod logs;
 mod native;
-mod operate;
+pub(crate) mod operate;
 mod pki;
 mod plan;
 pub mod tls;

@@ -81,6 +81,19 @@ async fn status(State(ctl): Ctl) -> Result<axum::Json<Vec<StatusRow>>, ApiError>
     ))
 }
 
+/// A `PUT /restart`, `/stop` or `/start` body, and the instances it names in `plan`.
+pub(crate) fn parse_targets(
+    plan: &StoredPlan,
+    body: &[u8],
+) -> Result<(OperateRequest, Vec<(String, String)>), ApiError> {
+    let target: OperateRequest = parse_json(
+        body,
+        r#"{"name": "<component>", "ip": "<node IP>"} ("all" / "0.0.0.0" for everything)"#,
+    )?;
+    let picked = targets(plan, &target)?;
+    Ok((target, picked))
+}
+
 fn targets(plan: &StoredPlan, t: &OperateRequest) -> Result<Vec<(String, String)>, ApiError> {
     let name = t.name.trim();
     let ip = t.ip.trim();
@@ -107,11 +120,7 @@ async fn operate(
     op: MonitOp,
 ) -> Result<Response, ApiError> {
     let plan = ctl.plans.current().ok_or_else(ApiError::no_plan)?;
-    let target: OperateRequest = parse_json(
-        &body,
-        r#"{"name": "<component>", "ip": "<node IP>"} ("all" / "0.0.0.0" for everything)"#,
-    )?;
-    let picked = targets(&plan, &target)?;
+    let (target, picked) = parse_targets(&plan, &body)?;
     // Operator intent, on disk before anything is asked: a stopped instance
     // stays stopped across deployments until it is started or restarted here.
     let keys: Vec<String> = picked

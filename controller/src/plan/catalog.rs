@@ -34,7 +34,7 @@ macro_rules! builtin {
 }
 
 /// Built-in catalogs: (catalog, file name, contents).
-const BUILTIN: &[(&str, &str, &str)] = &[
+pub(crate) const BUILTIN: &[(&str, &str, &str)] = &[
     builtin!("cf-v170", "catalog.toml"),
     builtin!("cf-v170", "haproxy.toml"),
     builtin!("cf-v170", "nats.toml"),
@@ -824,7 +824,7 @@ impl Catalogs {
     }
 
     /// These catalogs and `extra` (replacing one of the same name).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn with(mut self, extra: Catalog) -> Catalogs {
         self.map.insert(extra.name().to_owned(), Arc::new(extra));
         self
