@@ -294,7 +294,10 @@ fn a_cloned_identity_is_refused_shown_and_does_not_take_the_link_in_turn() -> Re
     std::fs::create_dir_all(&b.state_dir)?;
     for e in std::fs::read_dir(&a.state_dir)? {
         let e = e?;
-        std::fs::copy(e.path(), b.state_dir.join(e.file_name()))?;
+        // The identity is in files; the artifact cache (a directory) is not needed.
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), b.state_dir.join(e.file_name()))?;
+        }
     }
     let meta = std::fs::read_to_string(b.state_dir.join("agent.json"))?
         .replace("127.0.19.5", "127.0.19.6");
