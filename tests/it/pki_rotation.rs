@@ -101,7 +101,17 @@ fn certificates_renew_over_the_link_and_across_a_controller_restart() -> Result<
     // 30 s certificates are due after about 20 s: the agent renews on its own.
     let second = renewed(&ctl, &id, &first, Duration::from_secs(60))?;
     assert!(second > first, "{first} -> {second}");
-    assert_ne!(std::fs::read_to_string(a.state_dir.join("node.pem"))?, pem);
+    // The controller records the new end when it issues the certificate;
+    // the agent puts it on disk just after.
+    wait_until(
+        Duration::from_secs(30),
+        "the new certificate on the node's disk",
+        || {
+            std::fs::read_to_string(a.state_dir.join("node.pem"))
+                .ok()
+                .filter(|now| *now != pem)
+        },
+    )?;
     online(&ctl, &id)?;
     works(&ctl, "127.0.19.2")?;
 
@@ -223,7 +233,9 @@ fn a_ca_rotation_keeps_the_links_and_nodes_renew_before_the_old_ca_is_retired() 
     let ctl = controller(&data, "127.0.19.1:0", None)?;
     let a = enrolled(&ctl, dir.path(), "127.0.19.4")?;
     let id = a.node_id()?;
-    let before = std::fs::read_to_string(a.state_dir.join("node.pem"))?;
+    let before = node(&ctl, &id)?
+        .cert_not_after
+        .context("the enrolled node shows its certificate's end")?;
 
     let k = pki(&ctl, "POST", "rotate-ca")?;
     assert!(k.previous_ca.is_some(), "{k:?}");
