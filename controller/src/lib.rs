@@ -86,6 +86,8 @@ pub struct Controller {
     pub artifacts: artifacts::Artifacts,
     /// The largest upload accepted (`artifact_max_mb`).
     pub artifact_max_bytes: u64,
+    /// Test only: the rate artifacts are sent to agents at (KiB/s).
+    pub artifact_send_kibps: Option<u64>,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -129,6 +131,7 @@ impl Controller {
                 join: None,
                 artifacts,
                 artifact_max_bytes: artifacts::DEFAULT_ARTIFACT_MAX_MB << 20,
+                artifact_send_kibps: None,
             },
             origin,
         ))

@@ -113,6 +113,10 @@ enum Command {
         /// --node-cert-days), so that tests see renewals in seconds.
         #[arg(long, env = "DE_TEST_NODE_CERT_SECS", hide = true, value_parser = |s: &str| config::flag(s, &(10..=86_400u64)))]
         test_node_cert_secs: Option<u64>,
+        /// Test only: send artifacts to agents at most this many KiB/s, so
+        /// that tests can cut a link in the middle of a transfer.
+        #[arg(long, env = "DE_TEST_ARTIFACT_KIBPS", hide = true, value_parser = |s: &str| config::flag(s, &(1..=10_485_760u64)))]
+        test_artifact_kibps: Option<u64>,
         /// The largest artifact upload, in MiB, 1-1048576 [default: 4096].
         #[arg(long, env = "DE_ARTIFACT_MAX_MB", value_parser = |s: &str| config::flag(s, &ARTIFACT_MAX_MB))]
         artifact_max_mb: Option<u64>,
@@ -134,6 +138,7 @@ struct Settings {
     packages_dirs: Vec<PathBuf>,
     node_cert_lifetime: Duration,
     artifact_max_bytes: u64,
+    test_artifact_kibps: Option<u64>,
 }
 
 /// Where the API's certificate comes from, before the data dir is open.
@@ -165,6 +170,7 @@ impl Settings {
             node_cert_days,
             test_node_cert_secs,
             artifact_max_mb,
+            test_artifact_kibps,
         } = command;
         let data_dir: PathBuf =
             (data_dir.or(file.data_dir)).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
@@ -213,6 +219,7 @@ impl Settings {
             },
             api_tls,
             packages_dirs,
+            test_artifact_kibps,
             artifact_max_bytes: artifact_max_mb
                 .or(file.artifact_max_mb)
                 .unwrap_or(de_controller::artifacts::DEFAULT_ARTIFACT_MAX_MB)
@@ -283,6 +290,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         packages_dirs,
         node_cert_lifetime,
         artifact_max_bytes,
+        test_artifact_kibps,
     } = settings;
     let (mut ctl, origin) = Controller::open(&data_dir)
         .with_context(|| format!("could not open the data dir {}", data_dir.display()))?;
@@ -304,6 +312,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     ctl.logs.set_limits(log_limits);
     ctl.pki.set_node_cert_lifetime(node_cert_lifetime);
     ctl.artifact_max_bytes = artifact_max_bytes;
+    ctl.artifact_send_kibps = test_artifact_kibps;
     let endpoint = quic::endpoint(quic_listen, &ctl.pki, ctl.nodes.revoked_set())?;
     let quic_addr = endpoint
         .local_addr()

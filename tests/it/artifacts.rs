@@ -263,3 +263,76 @@ fn deleting_an_artifact_keeps_its_bytes_while_another_name_holds_them() -> Resul
     assert_eq!(gone.status, 404);
     Ok(())
 }
+
+/// A link cut in the middle of a transfer (the controller SIGKILLed and
+/// started again): the agent resumes from the bytes it has, the step
+/// succeeds, and the file is whole. The controller sends at 2 MiB/s here
+/// (a test-only flag), so the cut lands mid-transfer.
+#[test]
+fn a_transfer_cut_by_a_controller_kill_resumes_where_it_stopped() -> Result<()> {
+    use de_tests::{TestAgent, wait_until};
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_catalog(&data, "blobs", CATALOG, &[("blob", BLOB)])?;
+    let slow = ["--test-artifact-kibps", "2048"];
+    let mut ctl = TestController::start_with(&data, "127.0.23.20:0", "127.0.23.20:0", &slow)?;
+    let (api, quic) = (ctl.api.to_string(), ctl.quic.to_string());
+    let ip = "127.0.23.21";
+    let mut agent = TestAgent::new(dir.path(), ip)?;
+    let out = agent.enroll(&ctl.quic, &ctl.new_code(None)?)?;
+    anyhow::ensure!(out.status.success(), "enrol: {}", out.stderr);
+    agent.start(1)?;
+    wait_until(Duration::from_secs(30), "the agent online", || {
+        ctl.node_by_ip(ip).ok().flatten().filter(|n| n.online)
+    })?;
+    let size = 12 << 20;
+    let bytes = noise(size);
+    let sha = sha256_hex(&bytes);
+    let agent_http: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent_http
+        .post(format!(
+            "{}/api/v1/artifacts?name=blob.bin&sha256={sha}",
+            ctl.base_url()
+        ))
+        .header("Authorization", format!("Bearer {}", ctl.token))
+        .send(&bytes[..])?;
+    let text = resp.body_mut().read_to_string()?;
+    anyhow::ensure!(resp.status() == 201, "upload: {text}");
+
+    let plan = json!({"components": {"blob": [ip]}, "properties": {"domain": "blob.test", "catalog": "blobs"}});
+    let a = ctl.api("POST", "/deployment-engine/config", Some(&plan.to_string()))?;
+    anyhow::ensure!(a.status == 201, "plan refused: {}", a.body);
+    let id = ctl.deploy()?.id;
+    let part = agent.state_dir.join("cache").join(format!("{sha}.part"));
+    let cut_at = wait_until(
+        Duration::from_secs(60),
+        "the transfer a quarter done",
+        || {
+            std::fs::metadata(&part)
+                .ok()
+                .map(|m| m.len())
+                .filter(|&n| n > (size as u64) / 4)
+        },
+    )?;
+    assert!(cut_at < size as u64, "the transfer was not cut: {cut_at}");
+    ctl.proc.kill();
+    let ctl = TestController::start_with(&data, &api, &quic, &slow)?;
+    let d = ctl.finished(&id, WAIT)?;
+    assert_eq!(d.state, DeployState::Succeeded, "{:?}", d.error);
+    let out = fetch_outputs(&d)
+        .into_iter()
+        .map(|(_, o)| o)
+        .next()
+        .context("no fetch step")?;
+    assert!(out.contains("transfer cut at byte"), "{out}");
+    assert!(out.contains("resuming"), "{out}");
+    assert!(
+        out.contains("fetched 12582912 bytes from the controller, sha256 verified"),
+        "{out}"
+    );
+    assert!(std::fs::read(agent.root.join("opt/blob/blob.bin"))? == bytes);
+    Ok(())
+}

@@ -795,13 +795,40 @@ async fn send_artifact(
         send.reset(quinn::VarInt::from_u32(1)).ok();
         return;
     }
-    match tokio::io::copy(&mut file, &mut send).await {
+    let sent = match ctl.artifact_send_kibps {
+        None => tokio::io::copy(&mut file, &mut send).await,
+        Some(kibps) => throttled_copy(&mut file, &mut send, kibps).await,
+    };
+    match sent {
         Ok(n) => {
             debug!(node = %node_id, artifact = %sha256, bytes = n, from = offset, "artifact sent");
             let _ = send.finish();
         }
         // The link broke: the agent resumes from what it verified.
         Err(e) => debug!(node = %node_id, artifact = %sha256, "artifact transfer cut: {e}"),
+    }
+}
+
+/// Copies at most `kibps` KiB a second (tests cut links mid-transfer).
+async fn throttled_copy(
+    from: &mut tokio::fs::File,
+    to: &mut quinn::SendStream,
+    kibps: u64,
+) -> std::io::Result<u64> {
+    use tokio::io::AsyncReadExt as _;
+    let chunk = usize::try_from((kibps << 10) / 10)
+        .unwrap_or(usize::MAX)
+        .clamp(1, 1 << 20);
+    let mut buf = vec![0u8; chunk];
+    let mut n = 0u64;
+    loop {
+        let k = from.read(&mut buf).await?;
+        if k == 0 {
+            return Ok(n);
+        }
+        to.write_all(&buf[..k]).await?;
+        n += k as u64;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
