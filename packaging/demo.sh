@@ -54,6 +54,14 @@ done
 grep -q "^quic listening" "$demo/controller.out" || { cat "$demo/controller.log" >&2; exit 1; }
 token=$(cat "$demo/controller/admin.token")
 auth=(-H "Authorization: Bearer $token")
+# dectl finds this controller without flags (unless you have a config already).
+dectl_conf=${XDG_CONFIG_HOME:-$HOME/.config}/dectl/config.toml
+if [ ! -e "$dectl_conf" ]; then
+  mkdir -p "$(dirname "$dectl_conf")"
+  printf '# Written by packaging/demo.sh for its controller.\ncontroller = "http://%s"\ntoken_file = "%s"\n' \
+    "$api" "$demo/controller/admin.token" >"$dectl_conf"
+  echo "== dectl's config: $dectl_conf (try: $bin/dectl nodes)"
+fi
 
 echo "== asking for an install code (POST /api/v1/install-codes)"
 code=$(curl -fsS -X POST "${auth[@]}" "http://$api/api/v1/install-codes" | sed -E 's/.*"code":"([0-9]{4})".*/\1/')

@@ -417,3 +417,58 @@ fn dectl_drives_a_controller_from_codes_to_a_deployment() -> Result<()> {
     assert!(o.stderr.contains("--token-file"), "{}", o.stderr);
     Ok(())
 }
+
+/// `dectl` finds its controller without flags: `~/.config/dectl/config.toml`
+/// names the URL, the token file and the CA; a flag still wins; a bad key
+/// is refused naming the file.
+#[test]
+fn dectl_finds_its_controller_from_its_config_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ctl = TestController::start_with(
+        &dir.path().join("data"),
+        "127.0.10.50:0",
+        "127.0.10.50:0",
+        &["--api-tls"],
+    )?;
+    let home = dir.path().join("home");
+    let conf_dir = home.join(".config/dectl");
+    std::fs::create_dir_all(&conf_dir)?;
+    // The token and CA elsewhere than dectl's defaults, so only the file can name them.
+    std::fs::write(
+        conf_dir.join("config.toml"),
+        format!(
+            "controller = \"{}\"\ntoken_file = {:?}\nca_cert = {:?}\n",
+            ctl.base_url(),
+            ctl.data_dir.join("admin.token"),
+            ctl.data_dir.join("ca.pem")
+        ),
+    )?;
+    let run = |args: &[&str]| -> Result<Output> {
+        let mut cmd = Command::new(bin("dectl"));
+        cmd.current_dir(dir.path())
+            .env("HOME", &home)
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("DECTL_CONTROLLER")
+            .env_remove("DECTL_TOKEN_FILE")
+            .env_remove("DECTL_CA_CERT")
+            .args(args);
+        run_bounded(cmd, Duration::from_secs(60))
+    };
+    let o = run(&["nodes"])?;
+    assert!(ok(&o), "{o:?}");
+    // A flag overrides the file.
+    let o = run(&["--controller", "https://127.0.10.51:9", "nodes"])?;
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(o.stderr.contains("127.0.10.51:9"), "{}", o.stderr);
+    // A key dectl does not know: refused, naming the file and the keys.
+    std::fs::write(conf_dir.join("config.toml"), "controler = \"x\"\n")?;
+    let o = run(&["nodes"])?;
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        o.stderr.contains("config.toml")
+            && o.stderr.contains("keys: controller, token_file, ca_cert"),
+        "{}",
+        o.stderr
+    );
+    Ok(())
+}

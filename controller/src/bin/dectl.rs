@@ -30,22 +30,19 @@ use serde_json::Value;
 #[derive(Parser, Debug)]
 #[command(name = "dectl", version, about = "Deployment Engine command line")]
 struct Cli {
-    /// The controller's API URL.
-    #[arg(
-        long,
-        env = "DECTL_CONTROLLER",
-        default_value = "http://127.0.0.1:50000",
-        global = true
-    )]
-    controller: String,
-    /// File holding the API token (the controller's DATA/admin.token).
-    #[arg(
-        long,
-        env = "DECTL_TOKEN_FILE",
-        default_value = "./de-data/admin.token",
-        global = true
-    )]
-    token_file: PathBuf,
+    /// dectl's config file (TOML: `controller`, `token_file`, `ca_cert`)
+    /// [default: ~/.config/dectl/config.toml ($XDG_CONFIG_HOME) when it
+    /// exists]. Flags and DECTL_* variables override its values.
+    #[arg(long, env = "DECTL_CONFIG", global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The controller's API URL [default: the config file's, else
+    /// http://127.0.0.1:50000].
+    #[arg(long, env = "DECTL_CONTROLLER", global = true)]
+    controller: Option<String>,
+    /// File holding the API token (the controller's DATA/admin.token)
+    /// [default: the config file's, else ./de-data/admin.token].
+    #[arg(long, env = "DECTL_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
     /// The CA that vouches for an https:// controller (PEM) [default: ca.pem
     /// beside the token file when it is there (the controller's DATA/ca.pem),
     /// else the public web PKI's roots].
@@ -1548,13 +1545,78 @@ impl std::io::Write for LogStream {
     }
 }
 
-/// The CA to check an https:// controller by: `--ca-cert`, else `ca.pem`
-/// beside the token file, else none (the web PKI).
-fn ca_of(cli: &Cli) -> Result<Option<Ca>, Failure> {
-    if let Some(path) = &cli.ca_cert {
+/// dectl's config file: where its controller is, and how to reach it.
+#[derive(Debug, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct DectlConfig {
+    controller: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_cert: Option<PathBuf>,
+}
+
+/// The config file: `--config` (must exist), else
+/// `$XDG_CONFIG_HOME/dectl/config.toml` or `~/.config/dectl/config.toml`
+/// when it exists.
+fn load_config(given: Option<&std::path::Path>) -> Result<DectlConfig, Failure> {
+    let default = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .map(|d| d.join("dectl/config.toml"));
+    let path = match (given, default) {
+        (Some(p), _) => p.to_owned(),
+        (None, Some(p)) if p.is_file() => p,
+        _ => return Ok(DectlConfig::default()),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Failure(
+            format!("cannot read the config file {}: {e}", path.display()),
+            2,
+        )
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        Failure(
+            format!(
+                "{} is not a valid dectl config (keys: controller, token_file, ca_cert): {}",
+                path.display(),
+                e.message()
+            ),
+            2,
+        )
+    })
+}
+
+/// Where dectl goes, with what: flag or DECTL_* > config file > default.
+struct Target {
+    controller: String,
+    token_file: PathBuf,
+    ca_cert: Option<PathBuf>,
+}
+
+fn target_of(cli: &Cli) -> Result<Target, Failure> {
+    let file = load_config(cli.config.as_deref())?;
+    Ok(Target {
+        controller: cli
+            .controller
+            .clone()
+            .or(file.controller)
+            .unwrap_or_else(|| "http://127.0.0.1:50000".to_owned()),
+        token_file: cli
+            .token_file
+            .clone()
+            .or(file.token_file)
+            .unwrap_or_else(|| PathBuf::from("./de-data/admin.token")),
+        ca_cert: cli.ca_cert.clone().or(file.ca_cert),
+    })
+}
+
+/// The CA to check an https:// controller by: `--ca-cert` (or the config
+/// file's), else `ca.pem` beside the token file, else none (the web PKI).
+fn ca_of(t: &Target) -> Result<Option<Ca>, Failure> {
+    if let Some(path) = &t.ca_cert {
         return Ca::read(path.clone()).map(Some);
     }
-    let beside = cli
+    let beside = t
         .token_file
         .parent()
         .map(|d| d.join("ca.pem"))
@@ -1564,17 +1626,24 @@ fn ca_of(cli: &Cli) -> Result<Option<Ca>, Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let token = match std::fs::read_to_string(&cli.token_file) {
+    let target = match target_of(&cli) {
+        Ok(t) => t,
+        Err(Failure(msg, code)) => {
+            eprintln!("dectl: {msg}");
+            return ExitCode::from(code);
+        }
+    };
+    let token = match std::fs::read_to_string(&target.token_file) {
         Ok(t) => t.trim().to_owned(),
         Err(e) => {
             eprintln!(
-                "dectl: cannot read the API token from {}: {e}; pass --token-file (the controller's DATA/admin.token) or set DECTL_TOKEN_FILE",
-                cli.token_file.display()
+                "dectl: cannot read the API token from {}: {e}; pass --token-file (the controller's DATA/admin.token), set DECTL_TOKEN_FILE, or write token_file in ~/.config/dectl/config.toml",
+                target.token_file.display()
             );
             return ExitCode::from(2);
         }
     };
-    let ca = match ca_of(&cli) {
+    let ca = match ca_of(&target) {
         Ok(ca) => ca,
         Err(Failure(msg, code)) => {
             eprintln!("dectl: {msg}");
@@ -1597,7 +1666,7 @@ fn main() -> ExitCode {
         .build()
         .into();
     let api = Api {
-        base: cli.controller.trim_end_matches('/').to_owned(),
+        base: target.controller.trim_end_matches('/').to_owned(),
         token,
         agent,
         ca,
