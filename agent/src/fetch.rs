@@ -201,12 +201,15 @@ impl Fetcher {
             Ok(other) => return Err(Transfer::Cut(format!("unexpected answer {other:?}"))),
             Err(e) => return Err(cut(&e)),
         }
-        let mut file = tokio::fs::OpenOptions::new()
+        let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(part)
             .await
             .map_err(|e| Transfer::Refused(format!("open {}: {e}", part.display())))?;
+        // Writes of 4 MiB: each write of a tokio file is a trip to the
+        // blocking pool, and QUIC hands over the bytes in small chunks.
+        let mut file = tokio::io::BufWriter::with_capacity(4 << 20, file);
         let mut left = size - offset;
         // Progress every tenth of the artifact (at least every 16 MiB).
         let every = (size / 10).clamp(1, 16 << 20);
@@ -231,11 +234,19 @@ impl Fetcher {
             left -= take as u64;
             let done = size - left;
             if done >= next && left > 0 {
+                // What the progress line reports is on disk (a resume starts there).
+                file.flush()
+                    .await
+                    .map_err(|e| Transfer::Refused(format!("write {}: {e}", part.display())))?;
                 progress(done);
                 next = done + every;
             }
         }
-        file.sync_all()
+        file.flush()
+            .await
+            .map_err(|e| Transfer::Refused(format!("write {}: {e}", part.display())))?;
+        file.get_ref()
+            .sync_all()
             .await
             .map_err(|e| Transfer::Refused(format!("write {}: {e}", part.display())))?;
         Ok(())

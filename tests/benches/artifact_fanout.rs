@@ -131,7 +131,8 @@ fn scp(dir: &std::path::Path, file: &std::path::Path, ips: &[String]) -> Result<
         &cfg,
         format!(
             "Port 2222\nListenAddress 127.0.70.254\nHostKey {}\nPermitRootLogin prohibit-password\n\
-             AuthorizedKeysFile {}\nPasswordAuthentication no\nUsePAM no\nStrictModes no\nPidFile {}\n",
+             AuthorizedKeysFile {}\nPasswordAuthentication no\nUsePAM no\nStrictModes no\nPidFile {}\n\
+             Subsystem sftp internal-sftp\n",
             host.display(),
             auth.display(),
             dir.join("sshd.pid").display()

@@ -796,7 +796,12 @@ async fn send_artifact(
         return;
     }
     let sent = match ctl.artifact_send_kibps {
-        None => tokio::io::copy(&mut file, &mut send).await,
+        // Reads of 1 MiB: each read of a tokio file is a trip to the
+        // blocking pool, and `copy`'s own 8 KiB buffer would make 128 a MiB.
+        None => {
+            let mut reader = tokio::io::BufReader::with_capacity(1 << 20, &mut file);
+            tokio::io::copy_buf(&mut reader, &mut send).await
+        }
         Some(kibps) => throttled_copy(&mut file, &mut send, kibps).await,
     };
     match sent {
