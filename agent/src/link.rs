@@ -148,7 +148,7 @@ impl Shared {
 /// or with the previous one when the step is one that key signed (its lane
 /// and sequence were queued before the rotation) and its overlap has not
 /// ended; then node, replay and expiry.
-fn check_pulled(
+pub fn check_pulled(
     signed: &de_common::SignedStep,
     keys: &(Vec<u8>, Option<PreviousStepKey>),
     node: &de_common::NodeId,
