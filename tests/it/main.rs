@@ -19,6 +19,7 @@ mod operate;
 mod pki_rotation;
 mod plans;
 mod planted;
+mod sim;
 mod skew;
 mod step_refusals;
 mod steps;
