@@ -213,7 +213,7 @@ impl Identity {
     /// bundle, the previous step key (before the current one, so a crash
     /// between leaves the current key with a stale previous, which load
     /// drops), then the current step key. True when anything changed.
-    pub(crate) fn save_trust(&mut self, dir: &Path, trust: &Trust) -> Result<bool, IdentityError> {
+    pub fn save_trust(&mut self, dir: &Path, trust: &Trust) -> Result<bool, IdentityError> {
         let mut changed = false;
         if trust.ca_pem != self.ca_pem {
             write(dir, CA, trust.ca_pem.as_bytes())?;

@@ -21,8 +21,8 @@ use tracing::{info, warn};
 
 use de_common::{
     AgentMsg, CLOCK_SKEW_WARN_SECS, ControllerMsg, ErrorChain, Heartbeat, Hello, Lane, LinkRefusal,
-    PreviousStepKey, StepEvent, StepEventKind, StepId, close_codes, read_frame, renewal_due,
-    skew_secs, unix_ms, write_frame,
+    PreviousStepKey, StepEvent, StepEventKind, StepId, StepRefusal, check_step, close_codes,
+    decode_step_unverified, read_frame, renewal_due, skew_secs, unix_ms, write_frame,
 };
 
 use crate::hardware::{Sampler, hostname};
@@ -141,6 +141,28 @@ impl Shared {
 
     fn set_step_keys(&self, current: Vec<u8>, previous: Option<PreviousStepKey>) {
         *self.step_keys.lock().unwrap_or_else(|p| p.into_inner()) = (current, previous);
+    }
+}
+
+/// The agent's check of a pulled step: signed with the current step key,
+/// or with the previous one when the step is one that key signed (its lane
+/// and sequence were queued before the rotation) and its overlap has not
+/// ended; then node, replay and expiry.
+pub fn check_pulled(
+    signed: &de_common::SignedStep,
+    keys: &(Vec<u8>, Option<PreviousStepKey>),
+    node: &de_common::NodeId,
+    after_seq: u64,
+    now: u64,
+) -> Result<de_common::Step, StepRefusal> {
+    match check_step(signed, &keys.0, node, after_seq, now) {
+        Err(StepRefusal::BadSignature) => match (&keys.1, decode_step_unverified(signed)) {
+            (Some(previous), Some(body)) if previous.covers(body.lane, body.seq, now) => {
+                check_step(signed, &previous.public_key, node, after_seq, now)
+            }
+            _ => Err(StepRefusal::BadSignature),
+        },
+        other => other,
     }
 }
 

@@ -32,7 +32,7 @@ pub enum NetError {
     Machine(String),
 }
 
-pub(crate) fn resolve(controller: &str) -> Result<SocketAddr, NetError> {
+pub fn resolve(controller: &str) -> Result<SocketAddr, NetError> {
     let with_port = if controller.parse::<SocketAddr>().is_ok()
         || controller
             .rsplit_once(':')
@@ -80,7 +80,7 @@ pub(crate) fn local_ip(controller: SocketAddr, advertise: Option<IpAddr>) -> IpA
 }
 
 /// A client endpoint, bound to `advertise` when it is an address of this node.
-pub(crate) fn endpoint(
+pub fn endpoint(
     controller: SocketAddr,
     advertise: Option<IpAddr>,
 ) -> Result<quinn::Endpoint, NetError> {
@@ -173,7 +173,7 @@ pub(crate) fn enroll_config() -> Result<quinn::ClientConfig, NetError> {
 }
 
 /// Mutual TLS for the agent link (`de-agent/1`): trusts only the pinned CAs.
-pub(crate) fn link_config(
+pub fn link_config(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,

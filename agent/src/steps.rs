@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use de_common::{
     Lane, NodeId, OutStream, SignedStep, Step, StepAction, StepEvent, StepEventKind, StepId,
-    StepOutcome, StepRefusal, check_step, write_private,
+    StepOutcome, StepRefusal, write_private,
 };
 
 use crate::monit::Monit;
@@ -263,21 +263,8 @@ pub(crate) fn accept(
     last_done: u64,
     now_unix: u64,
 ) -> Result<Step, StepRefusal> {
-    // Signed with the current step key, or with the previous one when the
-    // step is one that key signed (its lane and sequence were queued before
-    // the rotation) and its overlap has not ended.
-    let checked = match check_step(signed, &keys.0, node_id, last_done, now_unix) {
-        Err(StepRefusal::BadSignature) => {
-            match (&keys.1, de_common::decode_step_unverified(signed)) {
-                (Some(previous), Some(body)) if previous.covers(body.lane, body.seq, now_unix) => {
-                    check_step(signed, &previous.public_key, node_id, last_done, now_unix)
-                }
-                _ => Err(StepRefusal::BadSignature),
-            }
-        }
-        other => other,
-    };
-    checked.and_then(|step| pulled_on(step, lane))
+    crate::link::check_pulled(signed, keys, node_id, last_done, now_unix)
+        .and_then(|step| pulled_on(step, lane))
 }
 
 /// `step`, if it is signed for `lane`, the lane whose pull brought it: its

@@ -21,6 +21,7 @@ mod pki_rotation;
 mod plans;
 mod planted;
 mod rollout;
+mod sim;
 mod skew;
 mod step_refusals;
 mod steps;
