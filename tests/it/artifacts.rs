@@ -336,3 +336,46 @@ fn a_transfer_cut_by_a_controller_kill_resumes_where_it_stopped() -> Result<()> 
     assert!(std::fs::read(agent.root.join("opt/blob/blob.bin"))? == bytes);
     Ok(())
 }
+
+/// `dectl artifacts upload *.deb`: several files in one call, each under
+/// its own name (a '+' in a Debian version included); `--name` renames one
+/// file only.
+#[test]
+fn dectl_uploads_several_files_at_once_under_their_names() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ctl = TestController::start_on(&dir.path().join("data"), "127.0.23.30:0", "127.0.23.30:0")?;
+    let files = ["one_1.0+b1_all.bin", "two.txt"];
+    for f in files {
+        std::fs::write(dir.path().join(f), format!("contents of {f}"))?;
+    }
+    let dectl = |args: &[&str]| -> Result<de_tests::Output> {
+        let mut cmd = Command::new(bin("dectl"));
+        cmd.current_dir(dir.path())
+            .arg("--controller")
+            .arg(ctl.base_url())
+            .arg("--token-file")
+            .arg(ctl.data_dir.join("admin.token"))
+            .args(args);
+        run_bounded(cmd, Duration::from_secs(60))
+    };
+    let o = dectl(&["artifacts", "upload", files[0], files[1]])?;
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        o.stdout.contains(files[0]) && o.stdout.contains(files[1]),
+        "{}",
+        o.stdout
+    );
+    let list: Vec<ArtifactView> = ctl.api("GET", "/api/v1/artifacts", None)?.expect(200)?;
+    let names: Vec<&str> = list.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, files);
+    for a in &list {
+        assert_eq!(
+            a.sha256,
+            sha256_hex(format!("contents of {}", a.name).as_bytes())
+        );
+    }
+    let o = dectl(&["artifacts", "upload", "--name", "x", files[0], files[1]])?;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(o.stderr.contains("--name names one file"), "{}", o.stderr);
+    Ok(())
+}

@@ -160,10 +160,12 @@ enum PkiCmd {
 
 #[derive(Subcommand, Debug)]
 enum ArtifactCmd {
-    /// Upload a file (streamed; its SHA-256 is computed here and checked by
-    /// the controller). The name defaults to the file's.
+    /// Upload files (`upload *.deb`; each streamed, its SHA-256 computed
+    /// here and checked by the controller). A name defaults to the file's;
+    /// `--name` renames a single file.
     Upload {
-        file: PathBuf,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
         #[arg(long)]
         name: Option<String>,
     },
@@ -564,75 +566,26 @@ fn run(cli: Cli, api: &Api) -> Outcome {
 fn artifacts(api: &Api, what: ArtifactCmd, json: bool) -> Outcome {
     use de_common::api::ArtifactView;
     let reply = match what {
-        ArtifactCmd::Upload { file, name } => {
-            let name = match name {
-                Some(n) => n,
-                None => file
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .map(str::to_owned)
-                    .ok_or_else(|| {
-                        Failure(
-                            format!("{} has no file name: pass --name", file.display()),
-                            1,
-                        )
-                    })?,
-            };
-            let unreadable =
-                |e: std::io::Error| Failure(format!("cannot read {}: {e}", file.display()), 1);
-            // The hash first, so the controller refuses bytes that changed on the way.
-            let mut f = std::fs::File::open(&file).map_err(unreadable)?;
-            let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = f.read(&mut buf).map_err(unreadable)?;
-                if n == 0 {
-                    break;
-                }
-                hash.update(&buf[..n]);
+        ArtifactCmd::Upload { files, name } => {
+            if name.is_some() && files.len() != 1 {
+                return Err(Failure(
+                    "--name names one file: upload several files under their own names".into(),
+                    1,
+                ));
             }
-            let sha: String = hash
-                .finish()
-                .as_ref()
+            let mut replies = Vec::new();
+            for file in &files {
+                replies.push(upload_one(api, file, name.clone())?);
+            }
+            if json {
+                replies.iter().for_each(Reply::print_json);
+                return Ok(());
+            }
+            let rows = replies
                 .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            let f = std::fs::File::open(&file).map_err(unreadable)?;
-            // '+' (as in Debian versions) means a space in a query: escape it.
-            let escaped: String = name
-                .bytes()
-                .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'~' => {
-                        (b as char).to_string()
-                    }
-                    other => format!("%{other:02X}"),
-                })
-                .collect();
-            let url = format!("{}/api/v1/artifacts?name={escaped}&sha256={sha}", api.base);
-            let mut resp = api
-                .agent
-                .post(&url)
-                .header("Authorization", format!("Bearer {}", api.token))
-                .header("Content-Type", "application/octet-stream")
-                .send(f)
-                .map_err(|e| {
-                    Failure(
-                        format!("cannot reach the controller at {}: {e}", api.base),
-                        2,
-                    )
-                })?;
-            let status = resp.status().as_u16();
-            let mut text = String::new();
-            resp.body_mut()
-                .as_reader()
-                .read_to_string(&mut text)
-                .map_err(|e| Failure(format!("reading the answer from {url}: {e}"), 2))?;
-            Reply {
-                request: "POST /api/v1/artifacts".to_owned(),
-                status,
-                text,
-            }
-            .check()?
+                .map(Reply::parse::<ArtifactView>)
+                .collect::<Result<Vec<_>, _>>()?;
+            return artifact_table(rows);
         }
         ArtifactCmd::List => api.get("/api/v1/artifacts")?,
         ArtifactCmd::Delete { name } => {
@@ -647,14 +600,98 @@ fn artifacts(api: &Api, what: ArtifactCmd, json: bool) -> Outcome {
         Ok(all) => all,
         Err(_) => vec![reply.parse::<ArtifactView>()?],
     };
+    artifact_table(rows)
+}
+
+fn artifact_table(rows: Vec<de_common::api::ArtifactView>) -> Outcome {
     table(
-        &["NAME", "SIZE", "SHA256", "UPLOADED"],
+        &["NAME", "SIZE", "SHA256", "UPLOADED", "PACKAGE"],
         &rows
             .into_iter()
-            .map(|a| vec![a.name, a.size.to_string(), a.sha256, a.uploaded_at])
+            .map(|a| {
+                vec![
+                    a.name,
+                    a.size.to_string(),
+                    a.sha256,
+                    a.uploaded_at,
+                    a.deb.unwrap_or_else(|| "-".into()),
+                ]
+            })
             .collect::<Vec<_>>(),
     );
     Ok(())
+}
+
+/// Uploads one file: its SHA-256 computed here first, so the controller
+/// refuses bytes that changed on the way.
+fn upload_one(api: &Api, file: &std::path::Path, name: Option<String>) -> Result<Reply, Failure> {
+    let name = match name {
+        Some(n) => n,
+        None => file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                Failure(
+                    format!("{} has no file name: pass --name", file.display()),
+                    1,
+                )
+            })?,
+    };
+    let unreadable = |e: std::io::Error| Failure(format!("cannot read {}: {e}", file.display()), 1);
+    // The hash first, so the controller refuses bytes that changed on the way.
+    let mut f = std::fs::File::open(file).map_err(unreadable)?;
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(unreadable)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+    }
+    let sha: String = hash
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let f = std::fs::File::open(file).map_err(unreadable)?;
+    // '+' (as in Debian versions) means a space in a query: escape it.
+    let escaped: String = name
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    let url = format!("{}/api/v1/artifacts?name={escaped}&sha256={sha}", api.base);
+    let mut resp = api
+        .agent
+        .post(&url)
+        .header("Authorization", format!("Bearer {}", api.token))
+        .header("Content-Type", "application/octet-stream")
+        .send(f)
+        .map_err(|e| {
+            Failure(
+                format!("cannot reach the controller at {}: {e}", api.base),
+                2,
+            )
+        })?;
+    let status = resp.status().as_u16();
+    let mut text = String::new();
+    resp.body_mut()
+        .as_reader()
+        .read_to_string(&mut text)
+        .map_err(|e| Failure(format!("reading the answer from {url}: {e}"), 2))?;
+    Reply {
+        request: "POST /api/v1/artifacts".to_owned(),
+        status,
+        text,
+    }
+    .check()
 }
 
 /// `dectl ca`: the CA dectl trusts and the key the controller presents.
