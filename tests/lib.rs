@@ -842,3 +842,27 @@ pub fn most_overlapping(spans: &[(String, f64, f64)]) -> usize {
         .max()
         .unwrap_or(0)
 }
+
+/// `n` bytes that do not compress (xorshift, the same every run), so
+/// nothing on the way can shortcut them.
+pub fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// The SHA-256 of `b`, in lower-case hex (as the API shows it).
+pub fn sha256_hex(b: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}

@@ -19,24 +19,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use de_common::api::DeployState;
-use de_tests::{Proc, TestController, cluster, run_bounded, spawn, wait_until, write_catalog};
+use de_tests::{
+    Proc, TestController, cluster, noise, run_bounded, spawn, wait_until, write_catalog,
+};
 use serde_json::json;
 
 const SIZE: usize = 100 << 20;
 const NODES: usize = 10;
-
-fn noise(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
 
 /// CPU seconds (user + system) and peak RSS (KiB) of `pid`.
 fn usage(pid: u32) -> Result<(f64, u64)> {

@@ -11,34 +11,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use de_common::api::{ArtifactView, DeployState, DeploymentView};
-use de_tests::{TestController, bin, cluster, run_bounded, write_catalog};
+use de_tests::{TestController, bin, cluster, noise, run_bounded, sha256_hex, write_catalog};
 use serde_json::json;
 
 const SIZE: usize = 100 << 20;
 const WAIT: Duration = Duration::from_secs(300);
-
-/// `n` bytes that do not compress (xorshift), so nothing on the way can
-/// shortcut them.
-fn noise(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, b)
-        .as_ref()
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
-}
 
 const CATALOG: &str = r#"
 description = "one artifact on every node"

@@ -54,13 +54,13 @@ fn wait_status(
     })
 }
 
-#[test]
-fn components_run_under_monit_and_obey_start_stop_restart() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (ctl, agents) = cluster(dir.path(), &["127.0.4.1"], true)?;
-    let agent = &agents[0];
-    let node = agent.node_id()?;
-    let root = std::fs::canonicalize(&agent.root)?;
+/// Installs the check of `sleeper` (a `sleep` with its pidfile under
+/// `root`) on `node`; returns the pidfile.
+fn add_sleeper(
+    ctl: &TestController,
+    node: &str,
+    root: &std::path::Path,
+) -> Result<std::path::PathBuf> {
     let pidfile = root.join("run/sleeper.pid");
     let check = format!(
         "check process sleeper with pidfile {pid}\n  \
@@ -70,13 +70,24 @@ fn components_run_under_monit_and_obey_start_stop_restart() -> Result<()> {
         run = root.join("run").display()
     );
     step(
-        &ctl,
-        &node,
+        ctl,
+        node,
         StepAction::MonitAdd {
             name: "sleeper".to_owned(),
             check,
         },
     )?;
+    Ok(pidfile)
+}
+
+#[test]
+fn components_run_under_monit_and_obey_start_stop_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ctl, agents) = cluster(dir.path(), &["127.0.4.1"], true)?;
+    let agent = &agents[0];
+    let node = agent.node_id()?;
+    let root = std::fs::canonicalize(&agent.root)?;
+    let pidfile = add_sleeper(&ctl, &node, &root)?;
     step(&ctl, &node, monit("sleeper", MonitOp::Start))?;
     let running = wait_status(&ctl, &node, "sleeper", "RUNNING")?;
     let pid = running.pid.context("pid")?;
@@ -150,22 +161,7 @@ fn a_monit_on_a_tcp_port_with_a_password_is_used_as_it_is() -> Result<()> {
     assert_eq!(agent.monit_control.as_deref(), Some(control.as_path()));
     let node = agent.node_id()?;
     let root = std::fs::canonicalize(&agent.root)?;
-    let pidfile = root.join("run/sleeper.pid");
-    let check = format!(
-        "check process sleeper with pidfile {pid}\n  \
-         start program = \"/bin/sh -c 'mkdir -p {run}; nohup sleep 1000 >/dev/null 2>&1 & echo $! > {pid}'\"\n  \
-         stop program = \"/bin/sh -c 'kill $(cat {pid})'\"\n",
-        pid = pidfile.display(),
-        run = root.join("run").display()
-    );
-    step(
-        &ctl,
-        &node,
-        StepAction::MonitAdd {
-            name: "sleeper".to_owned(),
-            check,
-        },
-    )?;
+    add_sleeper(&ctl, &node, &root)?;
     step(&ctl, &node, monit("sleeper", MonitOp::Start))?;
     let first = wait_status(&ctl, &node, "sleeper", "RUNNING")?.pid;
     step(&ctl, &node, monit("sleeper", MonitOp::Restart))?;
