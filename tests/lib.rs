@@ -17,7 +17,10 @@ use de_common::api::{
 };
 use serde::de::DeserializeOwned;
 
+pub mod bench;
 pub mod webdriver;
+
+pub use bench::{BenchSize, bench_size};
 
 /// Directory holding the binaries of this build profile (built once per test process).
 pub fn bin_dir() -> &'static Path {

@@ -12,6 +12,8 @@
 //! - `scp` to the same 10 addresses, in parallel, when `/usr/sbin/sshd`
 //!   exists (Debian's openssh-server; started on 127.0.70.254:2222 with a
 //!   throwaway host key, as root with a throwaway client key), else skipped.
+//!
+//! As a test (`cargo test`): 1 MiB to 2 agents, without `scp`.
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -20,12 +22,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use de_common::api::DeployState;
 use de_tests::{
-    Proc, TestController, cluster, noise, run_bounded, spawn, wait_until, write_catalog,
+    BenchSize, Proc, TestController, bench_size, cluster, noise, run_bounded, spawn, wait_until,
+    write_catalog,
 };
 use serde_json::json;
 
+/// Bytes of the artifact and agents at full size.
 const SIZE: usize = 100 << 20;
 const NODES: usize = 10;
+/// The same, run as a test.
+const SMALL_SIZE: usize = 1 << 20;
+const SMALL_NODES: usize = 2;
 
 /// CPU seconds (user + system) and peak RSS (KiB) of `pid`.
 fn usage(pid: u32) -> Result<(f64, u64)> {
@@ -55,14 +62,14 @@ fn deploy(ctl: &TestController, ips: &[String], tag: &str) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-/// 10 TCP streams of 100 MB over loopback, memory to memory.
-fn loopback_ceiling(bytes: &[u8]) -> Result<Duration> {
+/// `nodes` TCP streams of `bytes` over loopback, memory to memory.
+fn loopback_ceiling(bytes: &[u8], nodes: usize) -> Result<Duration> {
     let listener = std::net::TcpListener::bind("127.0.70.253:0")?;
     let addr = listener.local_addr()?;
     let t = Instant::now();
     std::thread::scope(|s| -> Result<()> {
         let mut readers = Vec::new();
-        for _ in 0..NODES {
+        for _ in 0..nodes {
             readers.push(s.spawn(move || -> Result<usize> {
                 let mut c = std::net::TcpStream::connect(addr)?;
                 let mut buf = vec![0u8; 1 << 20];
@@ -77,7 +84,7 @@ fn loopback_ceiling(bytes: &[u8]) -> Result<Duration> {
             }));
         }
         let mut writers = Vec::new();
-        for _ in 0..NODES {
+        for _ in 0..nodes {
             let (mut c, _) = listener.accept()?;
             writers.push(s.spawn(move || -> Result<()> {
                 c.write_all(bytes)?;
@@ -168,6 +175,11 @@ fn scp(dir: &std::path::Path, file: &std::path::Path, ips: &[String]) -> Result<
 }
 
 fn main() -> Result<()> {
+    let (size, nodes) = match bench_size("artifact_fanout") {
+        BenchSize::Full => (SIZE, NODES),
+        BenchSize::Small => (SMALL_SIZE, SMALL_NODES),
+        BenchSize::Skip => return Ok(()),
+    };
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     write_catalog(
@@ -198,10 +210,10 @@ contents = "{{ properties.tag }}"
 "#,
         )],
     )?;
-    let ips: Vec<String> = (1..=NODES).map(|i| format!("127.0.70.{i}")).collect();
+    let ips: Vec<String> = (1..=nodes).map(|i| format!("127.0.70.{i}")).collect();
     let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
     let (ctl, _agents) = cluster(dir.path(), &refs, false)?;
-    let bytes = noise(SIZE);
+    let bytes = noise(size);
     let file = dir.path().join("blob.bin");
     std::fs::write(&file, &bytes)?;
     let t = Instant::now();
@@ -220,12 +232,19 @@ contents = "{{ properties.tag }}"
     let cold = deploy(&ctl, &ips, "cold")?;
     let (cpu1, hwm) = usage(pid)?;
     let warm = deploy(&ctl, &ips, "warm")?;
-    let ceiling = loopback_ceiling(&bytes)?;
-    let scp = scp(dir.path(), &file, &ips)?;
+    let ceiling = loopback_ceiling(&bytes, nodes)?;
+    let scp = if size == SIZE {
+        scp(dir.path(), &file, &ips)?
+    } else {
+        None
+    };
 
-    let total = (SIZE * NODES) as f64 / (1 << 20) as f64;
+    let total = (size * nodes) as f64 / (1 << 20) as f64;
     let rate = |d: Duration| total / d.as_secs_f64();
-    println!("100 MB to {NODES} agents ({total:.0} MiB in all):");
+    println!(
+        "{} MiB to {nodes} agents ({total:.0} MiB in all):",
+        size >> 20
+    );
     println!(
         "  upload (curl, one copy)            {:>8.2} s",
         upload.as_secs_f64()
@@ -248,12 +267,12 @@ contents = "{{ properties.tag }}"
     );
     match scp {
         Some(d) => println!(
-            "  scp, 10 in parallel                {:>8.2} s  {:>7.0} MiB/s",
+            "  scp, {nodes} in parallel                {:>8.2} s  {:>7.0} MiB/s",
             d.as_secs_f64(),
             rate(d)
         ),
         None => println!(
-            "  scp: skipped (/usr/sbin/sshd not installed: apt-get install openssh-server)"
+            "  scp: skipped (it runs at full size when /usr/sbin/sshd is installed: apt-get install openssh-server)"
         ),
     }
     Ok(())

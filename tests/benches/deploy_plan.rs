@@ -5,12 +5,15 @@
 //! ordered groups. Measures `GET /deployment-engine/deploy` until the
 //! deployment is `succeeded`. Run with
 //! `cargo bench -p de-tests --bench deploy_plan`; figures in docs/BENCHMARKS.md.
+//! As a test (`cargo test`): 2 nodes.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use de_common::api::DeployState;
-use de_tests::{TestAgent, TestController, supervised_sleeper, wait_until, write_catalog};
+use de_tests::{
+    BenchSize, TestAgent, TestController, bench_size, supervised_sleeper, wait_until, write_catalog,
+};
 
 const APP: &str = r#"
 description = "app"
@@ -80,7 +83,12 @@ fn run(n: usize) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    for n in [10, 30] {
+    let sizes: &[usize] = match bench_size("deploy_plan") {
+        BenchSize::Full => &[10, 30],
+        BenchSize::Small => &[2],
+        BenchSize::Skip => return Ok(()),
+    };
+    for &n in sizes {
         run(n)?;
     }
     Ok(())

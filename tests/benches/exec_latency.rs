@@ -1,12 +1,13 @@
 //! Benchmark: round-trip latency of `POST /api/v1/exec` (queue a signed step,
 //! agents long-poll it, run `true`, report back) on 1, 10 and 50 real agents
 //! on loopback addresses. Run with `cargo bench -p de-tests --bench exec_latency`;
-//! figures go to docs/BENCHMARKS.md.
+//! figures go to docs/BENCHMARKS.md. As a test (`cargo test`): 1 and 3
+//! agents, 3 rounds.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use de_tests::{TestAgent, TestController, wait_until};
+use de_tests::{BenchSize, TestAgent, TestController, bench_size, wait_until};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -59,8 +60,13 @@ fn run(n: usize, rounds: usize) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    for n in [1, 10, 50] {
-        run(n, 30)?;
+    let (sizes, rounds): (&[usize], usize) = match bench_size("exec_latency") {
+        BenchSize::Full => (&[1, 10, 50], 30),
+        BenchSize::Small => (&[1, 3], 3),
+        BenchSize::Skip => return Ok(()),
+    };
+    for &n in sizes {
+        run(n, rounds)?;
     }
     Ok(())
 }
