@@ -310,6 +310,14 @@ fn a_result_sent_twice_or_whose_ack_was_lost_is_recorded_once_and_nothing_runs_t
             .is_some_and(|o| o.contains("first run")),
         "{steps:?}"
     );
+    // The operations log tells each step's end once.
+    let log = std::fs::read_to_string(data.join("logs/local.log"))?;
+    let ends = |what: &str| {
+        log.lines()
+            .filter(|l| l.ends_with(&format!("twice_0 on {IP}: {what} done")))
+            .count()
+    };
+    assert_eq!((ends("script"), ends("mark applied")), (2, 1), "{log}");
     drop(link);
     Ok(())
 }

@@ -92,7 +92,7 @@ fn a_frozen_agent_is_offline_after_three_heartbeats_not_before_and_back_when_it_
         .context("last_seen")?;
     // Its last heartbeat came before the freeze (and at most one interval before).
     assert!(
-        heard <= stopped + 0.1 && stopped - heard <= HEARTBEAT + 0.5,
+        heard <= stopped + 0.5 && stopped - heard <= HEARTBEAT + 1.5,
         "last heard {:.2} s before the freeze",
         stopped - heard
     );
@@ -107,9 +107,9 @@ fn a_frozen_agent_is_offline_after_three_heartbeats_not_before_and_back_when_it_
         "offline {:.2} s after the freeze",
         last_online - stopped
     );
-    // ...and offline once three have passed (with a second for the poll and the clock).
+    // ...and offline once three have passed (with 2 s for the poll on a busy machine).
     assert!(
-        offline_at - heard <= 3.0 * HEARTBEAT + 1.0,
+        offline_at - heard <= 3.0 * HEARTBEAT + 2.0,
         "still online {:.2} s after its last heartbeat",
         offline_at - heard
     );
