@@ -581,7 +581,7 @@ impl Drop for TestAgent {
                 || {
                     pid_files(&self.root)
                         .iter()
-                        .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+                        .all(|p| !process_alive(*p))
                         .then_some(())
                 },
             );
@@ -758,6 +758,19 @@ pub fn pidfile(agent: &TestAgent, name: &str) -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+/// Whether `pid` is a live process: `/proc/PID/stat` exists and its state
+/// is neither Z (zombie) nor X (dead). A zombie has exited; only its exit
+/// status waits for its parent.
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(!matches!(state, 'Z' | 'X'))
+        })
+        .unwrap_or(false)
 }
 
 /// Peak resident memory (VmHWM) of a process, in KiB.
