@@ -879,3 +879,31 @@ pub fn sha256_hex(b: &[u8]) -> String {
         .map(|x| format!("{x:02x}"))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_process_is_alive_and_an_exited_unreaped_one_is_not() {
+        let mut running = Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
+        let mut exited = Command::new("true").spawn().expect("spawn true");
+        let zombie = exited.id();
+        // Not reaped: it stays in /proc as a zombie until `wait`.
+        let state = wait_until(Duration::from_secs(10), "true to exit", || {
+            let stat = std::fs::read_to_string(format!("/proc/{zombie}/stat")).ok()?;
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            (state == 'Z').then_some(state)
+        });
+        let alive = (process_alive(running.id()), process_alive(zombie));
+        let _ = running.kill();
+        let _ = running.wait();
+        let _ = exited.wait();
+        assert!(state.is_ok(), "{state:?}");
+        assert_eq!(alive, (true, false));
+        assert!(!process_alive(zombie), "a reaped process");
+    }
+}
