@@ -584,7 +584,7 @@ impl Drop for TestAgent {
                 || {
                     pid_files(&self.root)
                         .iter()
-                        .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+                        .all(|p| !process_alive(*p))
                         .then_some(())
                 },
             );
@@ -763,6 +763,19 @@ pub fn pidfile(agent: &TestAgent, name: &str) -> Option<u32> {
         .ok()
 }
 
+/// Whether `pid` is a live process: `/proc/PID/stat` exists and its state
+/// is neither Z (zombie) nor X (dead). A zombie has exited; only its exit
+/// status waits for its parent.
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(!matches!(state, 'Z' | 'X'))
+        })
+        .unwrap_or(false)
+}
+
 /// Peak resident memory (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -868,4 +881,32 @@ pub fn sha256_hex(b: &[u8]) -> String {
         .iter()
         .map(|x| format!("{x:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_process_is_alive_and_an_exited_unreaped_one_is_not() {
+        let mut running = Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
+        let mut exited = Command::new("true").spawn().expect("spawn true");
+        let zombie = exited.id();
+        // Not reaped: it stays in /proc as a zombie until `wait`.
+        let state = wait_until(Duration::from_secs(10), "true to exit", || {
+            let stat = std::fs::read_to_string(format!("/proc/{zombie}/stat")).ok()?;
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            (state == 'Z').then_some(state)
+        });
+        let alive = (process_alive(running.id()), process_alive(zombie));
+        let _ = running.kill();
+        let _ = running.wait();
+        let _ = exited.wait();
+        assert!(state.is_ok(), "{state:?}");
+        assert_eq!(alive, (true, false));
+        assert!(!process_alive(zombie), "a reaped process");
+    }
 }

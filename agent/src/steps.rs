@@ -97,6 +97,10 @@ impl Ledger {
                 interrupted.push((lane, seq, id));
             }
         }
+        let ids: Vec<&StepId> = interrupted.iter().map(|(_, _, id)| id).collect();
+        if !ids.is_empty() {
+            kill_leftovers(&ids);
+        }
         for (lane, seq, id) in interrupted {
             let outcome = StepOutcome {
                 error: Some("interrupted: the agent stopped while this step ran".into()),
@@ -1187,6 +1191,53 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// Appended to stderr when a background process kept the output open.
 const HELD_OPEN_NOTE: &str = "\n[deployment-engine: stopped reading output: a background process the script started kept stdout or stderr open; redirect its output (>/dev/null 2>&1)]\n";
 
+/// Kills what is left of steps that were running when the agent stopped:
+/// a script leads a process group of its own, which outlives a killed agent
+/// and would otherwise run on beside the steps after it. Its processes are
+/// found by the `DE_STEP_ID` they inherit, so a reused pid is never hit.
+/// Passes until one finds nothing, for children forked during a pass.
+fn kill_leftovers(ids: &[&StepId]) {
+    let wanted: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| format!("DE_STEP_ID={}", id.as_str()).into_bytes())
+        .collect();
+    for _ in 0..10 {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let mut found = 0;
+        for entry in procs.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            if env
+                .split(|b| *b == 0)
+                .any(|var| wanted.iter().any(|w| w == var))
+            {
+                tracing::warn!(
+                    pid,
+                    "killing a process left by a step the agent's stop interrupted"
+                );
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+                found += 1;
+            }
+        }
+        if found == 0 {
+            return;
+        }
+    }
+}
+
 /// Kills the whole process group `pgid` a script leads (its children too).
 async fn kill_group(pgid: Option<u32>) {
     if let Some(pgid) = pgid {
@@ -1358,6 +1409,37 @@ pub(crate) async fn execute(
 mod tests {
     use super::*;
 
+    /// Whether process `pid` runs: `/proc/PID/stat` exists and its state is
+    /// not Z (a zombie has exited) nor X.
+    fn alive(pid: &str) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let state = s.rsplit_once(')')?.1.trim_start().chars().next()?;
+                Some(!matches!(state, 'Z' | 'X'))
+            })
+            .unwrap_or(false)
+    }
+
+    /// Waits, at most `limit`, for the process whose pid a script wrote to
+    /// `pidfile` to exit; false (and the process killed) if it still runs.
+    async fn exits_within(pidfile: &Path, limit: Duration) -> bool {
+        let pid = std::fs::read_to_string(pidfile).expect("the child wrote its pid");
+        let pid = pid.trim();
+        assert!(pid.parse::<u32>().is_ok(), "pid {pid:?}");
+        let deadline = Instant::now() + limit;
+        while alive(pid) {
+            if Instant::now() >= deadline {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", pid])
+                    .status();
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     fn step(action: StepAction) -> Step {
         Step {
             id: "s-1".into(),
@@ -1490,9 +1572,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (tx, _rx) = mpsc::channel(64);
         let c = ctx(dir.path());
-        let child_marker = dir.path().join("child-finished");
+        let child_pid = dir.path().join("child.pid");
         let long = step(script(
-            &format!("(sleep 2; touch {}) & sleep 60", child_marker.display()),
+            &format!(
+                "sh -c 'echo $$ > {}; exec sleep 60' & sleep 60",
+                child_pid.display()
+            ),
             120,
         ));
         let running = {
@@ -1505,7 +1590,7 @@ mod tests {
         });
         cancel.id = "s-cancel".into();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !c.cancels.lock().running.contains_key(&long.id) {
+        while !(c.cancels.lock().running.contains_key(&long.id) && child_pid.exists()) {
             assert!(Instant::now() < deadline, "the script never registered");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1546,9 +1631,8 @@ mod tests {
         );
         assert!(!marker.exists(), "a withdrawn step ran");
         // The killed group took the script's child with it.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
         assert!(
-            !child_marker.exists(),
+            exits_within(&child_pid, Duration::from_secs(10)).await,
             "the cancelled script's child survived"
         );
     }
@@ -1614,9 +1698,12 @@ mod tests {
     async fn a_script_past_its_timeout_is_killed_with_its_children() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (tx, _rx) = mpsc::channel(16);
-        let marker = dir.path().join("child-alive");
+        let child_pid = dir.path().join("child.pid");
         let s = step(script(
-            &format!("(sleep 3; touch {}) & sleep 30", marker.display()),
+            &format!(
+                "sh -c 'echo $$ > {}; exec sleep 60' & sleep 30",
+                child_pid.display()
+            ),
             1,
         ));
         let out = execute(&s, &ctx(dir.path()), &tx).await;
@@ -1629,8 +1716,10 @@ mod tests {
         );
         assert!(out.duration_ms < 10_000, "{out:?}");
         // The background child was in the killed process group.
-        tokio::time::sleep(Duration::from_millis(3500)).await;
-        assert!(!marker.exists(), "the script's child survived the kill");
+        assert!(
+            exits_within(&child_pid, Duration::from_secs(10)).await,
+            "the script's child survived the kill"
+        );
     }
 
     #[test]
@@ -2026,12 +2115,34 @@ mod tests {
 
     #[test]
     fn an_interrupted_step_is_reported_once_and_not_rerun() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
         let dir = tempfile::tempdir().expect("tempdir");
         let mut l = Ledger::load(dir.path()).expect("load");
-        let s = step(script("true", 1));
+        let mut s = step(script("sleep 60", 120));
+        // An id of its own: the reload kills every process carrying it.
+        s.id = "s-interrupted-by-a-stop".into();
         l.begin(&s).expect("begin");
+        // The script the stopped agent left, in a process group of its own.
+        let mut left = std::process::Command::new("sleep")
+            .arg("60")
+            .env("DE_STEP_ID", s.id.as_str())
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
         drop(l);
         let mut l = Ledger::load(dir.path()).expect("reload");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = left.try_wait().expect("try_wait") {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = left.kill();
+                panic!("the interrupted step's script still runs after the reload");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.signal(), Some(9), "{status}");
         assert_eq!(l.last_done(Lane::Adhoc), 1);
         let unacked = l.unacked();
         assert_eq!(unacked.len(), 1);
@@ -2046,7 +2157,7 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        l.acked(&"s-1".into()).expect("ack");
+        l.acked(&s.id).expect("ack");
         let l = Ledger::load(dir.path()).expect("reload");
         assert!(l.unacked().is_empty());
         assert_eq!(l.last_done(Lane::Deploy), 0);

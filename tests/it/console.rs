@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use de_common::api::{DeployState, DeploymentView};
+use de_common::api::{AuditAction, AuditEntry, DeployState, DeploymentView};
 use de_tests::webdriver::Browser;
 use de_tests::{
-    TestAgent, TestController, pidfile, script_component, supervised_sleeper, wait_until,
-    write_catalog,
+    TestAgent, TestController, pidfile, process_alive, script_component, supervised_sleeper,
+    wait_until, write_catalog,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -68,6 +68,14 @@ fn shot(b: &Browser, scratch: &Path, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// How many `action` entries the audit log holds. Reading it is also a
+/// request made after whatever the page sent before: a request from a click
+/// has been handled (and audited) by the time this answers.
+fn audited(ctl: &TestController, action: AuditAction) -> Result<usize> {
+    let audit: Vec<AuditEntry> = ctl.api("GET", "/api/v1/audit", None)?.expect(200)?;
+    Ok(audit.iter().filter(|e| e.action == action).count())
+}
+
 /// Clicks the element `css` names once it is there. The page re-renders
 /// parts of itself (polls, navigation), so an element found a moment ago
 /// can be replaced before the click lands ("stale element reference"):
@@ -84,18 +92,6 @@ fn click(b: &Browser, css: &str) -> Result<()> {
             Err(e) => return Err(e).with_context(|| format!("click {css}")),
         }
     }
-}
-
-/// Whether `pid` is a live process (not gone, not a zombie).
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit(')')
-                .next()
-                .map(|rest| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 fn pid_of(agent: &TestAgent) -> Option<u32> {
@@ -312,11 +308,20 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
     })?;
     // Stop takes a second click; then monit stops node 2's process.
     let stop = "#status-table tr[data-comp=sleeper][data-ip='127.0.11.2'] button[data-op=stop]";
+    let stops = audited(ctl, AuditAction::Stop)?;
     click(b, stop)?;
     b.wait_for_text(stop, "Confirm stop", WAIT)?;
+    ensure!(
+        audited(ctl, AuditAction::Stop)? == stops,
+        "a stop was sent on the first click"
+    );
     ensure!(process_alive(other), "stopped on the first click");
     click(b, stop)?;
     b.wait_for_text("#op-result", "stop done: ok on 1 instance", WAIT)?;
+    ensure!(
+        audited(ctl, AuditAction::Stop)? == stops + 1,
+        "one stop for the two clicks"
+    );
     wait_until(WAIT, "node 2's sleeper to exit", || {
         (!process_alive(other)).then_some(())
     })?;
@@ -475,8 +480,13 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
     })?;
     let slow_id = b.wait_for("#deployment-id", WAIT)?.text()?;
     b.wait_for_text("#progress tr[data-instance=slow_0]", "running", WAIT)?;
+    let cancels = audited(ctl, AuditAction::Cancel)?;
     click(b, "#cancel-deployment")?;
     b.wait_for_text("#cancel-deployment", "Confirm cancel", WAIT)?;
+    ensure!(
+        audited(ctl, AuditAction::Cancel)? == cancels,
+        "a cancel was sent on the first click"
+    );
     let still: DeploymentView = ctl
         .api("GET", &format!("/api/v1/deployments/{slow_id}"), None)?
         .expect(200)?;
@@ -546,12 +556,17 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
     let revoke = "#nodes-table tr[data-node-id] button[data-action=revoke]";
     b.wait_for(revoke, WAIT)?;
     let row = format!("#nodes-table tr[data-node-id='{}']", agents[1].node_id()?);
+    let revokes = audited(ctl, AuditAction::Revoke)?;
     click(b, &format!("{row} button[data-action=revoke]"))?;
     b.wait_for_text(
         &format!("{row} button[data-action=revoke]"),
         "Confirm",
         WAIT,
     )?;
+    ensure!(
+        audited(ctl, AuditAction::Revoke)? == revokes,
+        "a revoke was sent on the first click"
+    );
     ensure!(
         !ctl.node_by_ip(IPS[1])?.context("node 2")?.revoked,
         "revoked on the first click"
@@ -562,6 +577,21 @@ fn walk_through(b: &Browser, ctl: &TestController, dir: &Path, scratch: &Path) -
         ctl.node_by_ip(IPS[1])?.context("node 2")?.revoked,
         "not revoked in the API"
     );
+    ensure!(
+        audited(ctl, AuditAction::Revoke)? == revokes + 1,
+        "one revoke for the two clicks"
+    );
+    // Refused from then on: the controller drops its link and turns it
+    // away when it comes back; the agent says so and the node stays offline.
+    wait_until(WAIT, "node 2's agent to be told it is revoked", || {
+        agents[1]
+            .log_text()
+            .contains("the controller revoked this node")
+            .then_some(())
+    })?;
+    wait_until(WAIT, "node 2 offline", || {
+        ctl.node_by_ip(IPS[1]).ok().flatten().filter(|n| !n.online)
+    })?;
 
     // Signing out forgets the token.
     click(b, "#sign-out")?;

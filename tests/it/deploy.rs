@@ -10,8 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use de_common::api::{DeployState, DeploymentView, PhaseState};
-use de_tests::{TestController, cluster, wait_until};
+use de_common::api::{
+    DeployState, DeploymentView, PhaseState, StepRecordView, StepRequest, StepState,
+};
+use de_common::{Lane, StepAction};
+use de_tests::{TestController, cluster, pidfile, process_alive, wait_until};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -168,6 +171,30 @@ fn download(ctl: &TestController, name: &str) -> Result<de_tests::Answer> {
     )
 }
 
+/// Runs a no-op step in `node`'s deploy lane and waits for it; returns its
+/// number in that lane.
+fn lane_probe(ctl: &TestController, node: &str) -> Result<u64> {
+    let req = StepRequest {
+        action: StepAction::Script {
+            script: "true".to_owned(),
+            user: None,
+            env: Vec::new(),
+            timeout_secs: 30,
+        },
+        lane: Some(Lane::Deploy),
+        wait_secs: Some(60),
+    };
+    let rec: StepRecordView = ctl
+        .api(
+            "POST",
+            &format!("/api/v1/nodes/{node}/steps"),
+            Some(&serde_json::to_string(&req)?),
+        )?
+        .expect(200)?;
+    assert_eq!(rec.state, StepState::Done, "{rec:?}");
+    Ok(rec.step.seq)
+}
+
 #[test]
 fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -303,6 +330,11 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
     })?;
 
     // Scale in: base leaves the third node again, which is stopped and cleaned up.
+    let base3 = pidfile(&agents[2], "base").context("base's pid on node 3")?;
+    assert!(
+        process_alive(base3),
+        "base runs on node 3 before the scale-in"
+    );
     std::fs::write(&log, "")?;
     submit(&ctl, &plan(&ips[..2], &ips[..2], &log, 0, 0))?;
     let d = finished(&ctl, &deploy(&ctl)?)?;
@@ -313,6 +345,9 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
     wait_until(WAIT, "base gone from node 3's monit", || {
         let n = ctl.node_by_ip(ips[2]).ok().flatten()?;
         (!n.components.iter().any(|c| c.name == "base")).then_some(())
+    })?;
+    wait_until(WAIT, "base's process on node 3 to be gone", || {
+        (!process_alive(base3)).then_some(())
     })?;
 
     // A step that always fails fails the deployment, with its output, and nothing after it runs.
@@ -341,12 +376,18 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
     );
 
     // A node of the plan is offline: 502, naming it, and nothing starts.
-    if let Some(p) = agents[1].proc.as_mut() {
-        p.terminate(Duration::from_secs(10))?;
-    }
+    agents[1]
+        .proc
+        .as_mut()
+        .context("the second agent runs")?
+        .terminate(Duration::from_secs(10))?;
     wait_until(WAIT, "node 2 offline", || {
         ctl.node_by_ip(ips[1]).ok().flatten().filter(|n| !n.online)
     })?;
+    let node1 = agents[0].node_id()?;
+    let before = lane_probe(&ctl, &node1)?;
+    let deployments = ctl.api("GET", "/api/v1/deployments", None)?.body;
+    std::fs::write(&log, "")?;
     let a = ctl.api("GET", "/deployment-engine/deploy", None)?;
     assert_eq!(a.status, 502, "{}", a.body);
     assert!(
@@ -357,6 +398,16 @@ fn deployments_follow_dependencies_retry_scale_and_fail_with_output() -> Result<
         "{}",
         a.body
     );
+    // No deployment was recorded, and no step was queued for the online
+    // node: the probe after the refusal takes the very next number of the
+    // deploy lane, and runs after anything queued before it, which would
+    // have written to the journal.
+    assert_eq!(
+        ctl.api("GET", "/api/v1/deployments", None)?.body,
+        deployments
+    );
+    assert_eq!(lane_probe(&ctl, &node1)?, before + 1, "a step was queued");
+    assert_eq!(journal(&log), Vec::<String>::new());
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use de_common::api::NodeView;
 use de_tests::{TestAgent, TestController, wait_until};
 
@@ -70,7 +70,7 @@ fn three_agents_enrol_come_online_and_return_after_a_controller_restart() -> Res
     wait_until(WAIT, "usage from heartbeats", || {
         ctl.nodes()
             .ok()
-            .filter(|ns| ns.iter().all(|n| n.usage.mem_pct > 0.0))
+            .filter(|ns| ns.len() == 3 && ns.iter().all(|n| n.usage.mem_pct > 0.0))
     })?;
     // Node identity files are private.
     for a in &agents {
@@ -110,10 +110,9 @@ fn three_agents_enrol_come_online_and_return_after_a_controller_restart() -> Res
 
     // A stopped agent goes offline after 3 silent heartbeat intervals.
     let stopped = &mut agents[0];
-    if let Some(p) = stopped.proc.as_mut() {
-        let status = p.terminate(Duration::from_secs(10))?;
-        assert!(status.success(), "agent exits cleanly on SIGTERM: {status}");
-    }
+    let p = stopped.proc.as_mut().context("the first agent runs")?;
+    let status = p.terminate(Duration::from_secs(10))?;
+    assert!(status.success(), "agent exits cleanly on SIGTERM: {status}");
     wait_until(WAIT, "stopped agent offline", || {
         ctl.node_by_ip("127.0.0.2")
             .ok()

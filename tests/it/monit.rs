@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use de_common::api::{ComponentStatus, NodeView, StepRecordView, StepRequest, StepState};
 use de_common::{MonitOp, StepAction};
-use de_tests::{TestController, cluster, wait_until};
+use de_tests::{TestController, cluster, process_alive, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -34,13 +34,18 @@ fn monit(name: &str, op: MonitOp) -> StepAction {
     }
 }
 
-fn component(ctl: &TestController, node: &str, name: &str) -> Option<ComponentStatus> {
+/// The component `name` as the node reports it; `Ok(None)` only when the
+/// controller answered and the node has no such component.
+fn component_of(ctl: &TestController, node: &str, name: &str) -> Result<Option<ComponentStatus>> {
     let n: NodeView = ctl
-        .api("GET", &format!("/api/v1/nodes/{node}"), None)
-        .ok()?
-        .expect(200)
-        .ok()?;
-    n.components.into_iter().find(|c| c.name == name)
+        .api("GET", &format!("/api/v1/nodes/{node}"), None)?
+        .expect(200)?;
+    Ok(n.components.into_iter().find(|c| c.name == name))
+}
+
+/// The component, or `None` when it is missing or the controller did not answer.
+fn component(ctl: &TestController, node: &str, name: &str) -> Option<ComponentStatus> {
+    component_of(ctl, node, name).ok().flatten()
 }
 
 fn wait_status(
@@ -95,10 +100,9 @@ fn components_run_under_monit_and_obey_start_stop_restart() -> Result<()> {
 
     step(&ctl, &node, monit("sleeper", MonitOp::Stop))?;
     wait_status(&ctl, &node, "sleeper", "STOPPED")?;
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "stopped process is gone"
-    );
+    wait_until(WAIT, "the stopped process to be gone", || {
+        (!process_alive(pid)).then_some(())
+    })?;
 
     step(&ctl, &node, monit("sleeper", MonitOp::Start))?;
     let first = wait_status(&ctl, &node, "sleeper", "RUNNING")?.pid;
@@ -109,9 +113,10 @@ fn components_run_under_monit_and_obey_start_stop_restart() -> Result<()> {
 
     // Killed from outside: monit notices and starts it again.
     let victim = restarted.pid.context("pid")?;
-    let _ = std::process::Command::new("kill")
+    let killed = std::process::Command::new("kill")
         .args(["-KILL", &victim.to_string()])
-        .status();
+        .status()?;
+    assert!(killed.success(), "kill -KILL {victim}: {killed}");
     wait_until(WAIT, "monit to restart the killed component", || {
         component(&ctl, &node, "sleeper")
             .filter(|c| c.status == "RUNNING" && c.pid.is_some_and(|p| p != victim))
@@ -125,8 +130,14 @@ fn components_run_under_monit_and_obey_start_stop_restart() -> Result<()> {
             name: "sleeper".to_owned(),
         },
     )?;
+    let last = component(&ctl, &node, "sleeper")
+        .and_then(|c| c.pid)
+        .context("the pid before the removal")?;
     wait_until(WAIT, "sleeper gone", || {
-        component(&ctl, &node, "sleeper").is_none().then_some(())
+        matches!(component_of(&ctl, &node, "sleeper"), Ok(None)).then_some(())
+    })?;
+    wait_until(WAIT, "the removed component's process to be gone", || {
+        (!process_alive(last)).then_some(())
     })?;
     Ok(())
 }

@@ -174,9 +174,11 @@ fn status_restart_and_stop_act_through_each_nodes_monit() -> Result<()> {
     assert_eq!(a.status, 400);
 
     // An offline agent is named in the status.
-    if let Some(p) = agents[1].proc.as_mut() {
-        p.terminate(Duration::from_secs(10))?;
-    }
+    agents[1]
+        .proc
+        .as_mut()
+        .context("the second agent runs")?
+        .terminate(Duration::from_secs(10))?;
     wait_until(WAIT, "offline in status", || {
         ctl.status()
             .ok()

@@ -4,12 +4,11 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use de_common::api::HardwareRow;
-use de_tests::{Answer, TestAgent, TestController, bin, run_bounded, wait_until};
+use de_tests::{Answer, TestAgent, TestController, command, run_bounded, wait_until};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -457,7 +456,7 @@ fn a_catalog_in_the_data_dir_is_loaded_and_used() -> Result<()> {
         data.join("catalogs/webfarm/web.toml"),
         "cardinality = \"several\"\n",
     )?;
-    let mut cmd = Command::new(bin("de-controller"));
+    let mut cmd = command("de-controller");
     cmd.args([
         "serve",
         "--api-listen",

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use de_common::api::{ExecRequest, StepRecordView, StepRequest, StepState};
 use de_common::{Lane, StepAction};
-use de_tests::{TestAgent, cluster, peak_rss_kib, wait_until};
+use de_tests::{TestAgent, cluster, peak_rss_kib, process_alive, wait_until};
 
 fn exec_request(script: &str, targets: Option<Vec<String>>, timeout_secs: u64) -> ExecRequest {
     ExecRequest {
@@ -64,13 +64,28 @@ fn exec_runs_on_three_agents_and_returns_each_ones_output() -> Result<()> {
         Some(r#"{"script": "true", "timeout": 5}"#),
     )?;
     assert_eq!(a.status, 400, "unknown field is refused: {}", a.body);
-    // A command past its timeout is killed and says so.
+    // A command past its timeout is killed and says so, within its timeout
+    // and a bound (the agent reads output for 2 s more after a kill).
+    let pidfile = agents[0].root.join("timeout.pid");
+    let asked = std::time::Instant::now();
     let results = ctl.exec(&exec_request(
-        "sleep 30",
+        &format!("echo $$ > {}; exec sleep 30", pidfile.display()),
         Some(vec![agents[0].ip.clone()]),
         1,
     ))?;
+    let took = asked.elapsed();
+    println!("a 1 s timeout answered after {took:?}");
     assert!(results.len() == 1 && results[0].timed_out, "{results:?}");
+    assert!(
+        took < Duration::from_secs(1 + 10),
+        "a 1 s timeout answered after {took:?}"
+    );
+    let pid: u32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
+    wait_until(
+        Duration::from_secs(10),
+        "the timed-out script to be gone",
+        || (!process_alive(pid)).then_some(()),
+    )?;
     Ok(())
 }
 
@@ -89,8 +104,11 @@ fn a_step_printing_100_mb_does_not_grow_the_agents_memory() -> Result<()> {
     assert_eq!(tail.len(), 64 * 1024, "the result keeps a bounded tail");
     assert!(tail.ends_with("yyyy"));
     let after = peak_rss_kib(pid).context("rss")?;
+    // Holding the output would take about 97,000 KiB; the figure measured is
+    // in docs/BENCHMARKS.md, this bound only catches the output being kept.
+    println!("agent peak RSS {before} KiB before, {after} KiB after 100 MB of output");
     assert!(
-        after < before + 48 * 1024,
+        after < before + 64 * 1024,
         "agent peak memory grew from {before} KiB to {after} KiB while streaming 100 MB"
     );
     Ok(())
@@ -112,8 +130,15 @@ fn queue(ctl: &de_tests::TestController, node: &str, script: &str) -> Result<Str
         &format!("/api/v1/nodes/{node}/steps"),
         Some(&serde_json::to_string(&req)?),
     )?;
-    assert!(a.status == 200 || a.status == 202, "{}", a.body);
-    Ok(a.json::<StepRecordView>()?.step.id.into())
+    let rec: StepRecordView = a.json()?;
+    // 200 with a finished record, 202 with one still queued or running.
+    assert_eq!(
+        a.status,
+        if rec.state.is_final() { 200 } else { 202 },
+        "{}",
+        a.body
+    );
+    Ok(rec.step.id.into())
 }
 
 fn step_state(ctl: &de_tests::TestController, id: &str) -> Option<StepRecordView> {
@@ -134,7 +159,7 @@ fn an_agent_killed_mid_step_neither_repeats_nor_skips() -> Result<()> {
     let two = queue(
         &ctl,
         &node,
-        "echo two-start >> \"$DE_ROOT/steps.log\"; sleep 60; echo two-end >> \"$DE_ROOT/steps.log\"",
+        "echo $$ > \"$DE_ROOT/two.pid\"; echo two-start >> \"$DE_ROOT/steps.log\"; sleep 60; echo two-end >> \"$DE_ROOT/steps.log\"",
     )?;
     let three = queue(&ctl, &node, "echo three >> \"$DE_ROOT/steps.log\"")?;
     wait_until(Duration::from_secs(30), "step two to start", || {
@@ -142,12 +167,19 @@ fn an_agent_killed_mid_step_neither_repeats_nor_skips() -> Result<()> {
             .ok()
             .filter(|t| t.contains("two-start"))
     })?;
-    // SIGKILL the agent in the middle of step two, and kill the script it left behind.
+    // SIGKILL the agent in the middle of step two: its script runs on,
+    // until the restarted agent kills what the interrupted step left.
+    let script: u32 = std::fs::read_to_string(agent.root.join("two.pid"))?
+        .trim()
+        .parse()?;
     agent.proc.as_mut().context("proc")?.kill();
-    let _ = std::process::Command::new("pkill")
-        .args(["-KILL", "-f", "sleep 60; echo two-end"])
-        .status();
+    assert!(process_alive(script), "the script outlives the agent");
     agent.start(1)?;
+    wait_until(
+        Duration::from_secs(30),
+        "the interrupted script killed",
+        || (!process_alive(script)).then_some(()),
+    )?;
     let done = wait_until(Duration::from_secs(60), "step three to finish", || {
         step_state(&ctl, &three).filter(|s| s.state == StepState::Done)
     })?;

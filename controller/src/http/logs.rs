@@ -323,8 +323,9 @@ mod tests {
                 "{body}"
             );
         }
-        let (s, _) = call(&ctl, "GET", "/api/v1/logs/..?tail=3", Some(&t), None, "").await;
-        assert_ne!(s, StatusCode::OK);
+        let (s, body) = call(&ctl, "GET", "/api/v1/logs/..?tail=3", Some(&t), None, "").await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"], "bad_request");
         let (s, _) = call(
             &ctl,
             "GET",
@@ -382,7 +383,8 @@ mod tests {
         }
         for uri in ["/api/v1/logs/..%2Fadmin.copy", "/api/v1/logs/.."] {
             let (s, body) = call(&ctl, "GET", uri, Some(&t), None, "").await;
-            assert_ne!(s, StatusCode::OK, "{uri}: {body}");
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {body}");
+            assert_eq!(body["error"], "bad_request", "{uri}: {body}");
             assert!(!body.to_string().contains("secret"), "{uri}: {body}");
         }
         let (s, _) = call(&ctl, "GET", "/api/v1/logs/nats_7.log", Some(&t), None, "").await;
