@@ -238,7 +238,7 @@ fn a_running_deployment_is_cancelled_its_step_killed_and_the_next_one_accepted()
     ensure!(d.state == DeployState::Cancelled, "{d:?}");
     // The script's process group is killed on the node.
     wait_until(WAIT, "the cancelled script to be killed", || {
-        (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+        (!de_tests::process_alive(pid)).then_some(())
     })?;
     ensure!(
         !Path::new(&format!("{}.done", marker.display())).exists(),
