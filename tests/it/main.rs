@@ -13,6 +13,7 @@ mod enrolment;
 mod faults;
 mod https;
 mod link_security;
+mod metrics;
 mod monit;
 mod node_identity;
 mod offline;
