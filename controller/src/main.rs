@@ -576,6 +576,32 @@ mod tests {
     }
 
     #[test]
+    fn the_metrics_listener_is_off_unless_the_flag_or_the_file_sets_it() {
+        let file = |text: &str| -> Config {
+            de_common::parse_toml(Path::new("controller.toml"), text).expect("config")
+        };
+        let s = |args: &[&str], f: Config| {
+            Settings::resolve(serve(args).expect("args").command, f).expect("settings")
+        };
+        assert_eq!(s(&[], Config::default()).metrics_listen, None);
+        let from_file = file("metrics_listen = \"127.0.0.1:9464\"");
+        assert_eq!(
+            s(&[], from_file).metrics_listen,
+            Some("127.0.0.1:9464".parse().expect("addr"))
+        );
+        let from_file = file("metrics_listen = \"127.0.0.1:9464\"");
+        assert_eq!(
+            s(&["--metrics-listen", "127.0.0.2:9100"], from_file).metrics_listen,
+            Some("127.0.0.2:9100".parse().expect("addr")),
+            "the flag wins"
+        );
+        assert!(
+            serve(&["--metrics-listen", "9464"]).is_err(),
+            "needs ADDR:PORT"
+        );
+    }
+
+    #[test]
     fn flags_at_the_ends_of_their_ranges_are_used_as_given() {
         let cli = serve(&[
             "--step-attempts",

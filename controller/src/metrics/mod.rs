@@ -543,3 +543,58 @@ pub(crate) fn render(ctl: &Controller) -> String {
     );
     t.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn by_state(d: &DeploymentMetrics) -> [i64; 4] {
+        DEPLOY_STATES.map(|s| d.by_state[deploy_index(s)].load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn deployments_move_from_running_to_how_they_ended_with_their_duration() {
+        let d = DeploymentMetrics::default();
+        d.loaded(DeployState::Succeeded);
+        d.loaded(DeployState::Running);
+        d.started();
+        assert_eq!(by_state(&d), [2, 1, 0, 0]);
+        // A save of a running record (paused, resumed) is no end.
+        d.ended(DeployState::Running, "2026-01-01T00:00:00Z", None);
+        assert_eq!(by_state(&d), [2, 1, 0, 0]);
+        d.ended(
+            DeployState::Failed,
+            "2026-01-01T00:00:00Z",
+            Some("2026-01-01T00:01:30.5Z"),
+        );
+        assert_eq!(by_state(&d), [1, 1, 1, 0]);
+        let failed = d.duration[deploy_index(DeployState::Failed) - 1].snapshot();
+        assert_eq!(failed.sum, 90.5);
+        // 90.5 s falls in the bucket up to 120 s.
+        let i = DEPLOYMENT_BOUNDS.iter().position(|b| *b == 120.0);
+        assert_eq!(i.and_then(|i| failed.counts.get(i)), Some(&1));
+        let succeeded = d.duration[deploy_index(DeployState::Succeeded) - 1].snapshot();
+        assert_eq!(succeeded.counts.iter().sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn http_methods_outside_the_known_set_share_one_label() {
+        let h = HttpMetrics::default();
+        let odd = axum::http::Method::from_bytes(b"BREW").expect("method");
+        for m in [axum::http::Method::GET, odd.clone(), odd] {
+            h.observe(&m, None, 404, Duration::from_millis(1));
+        }
+        let snap = h.snapshot();
+        let labels: Vec<_> = snap
+            .iter()
+            .map(|r| (r.route.as_str(), r.method, r.statuses.clone()))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("unmatched", "GET", vec![(404, 1)]),
+                ("unmatched", "other", vec![(404, 2)])
+            ]
+        );
+    }
+}
