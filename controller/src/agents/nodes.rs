@@ -739,8 +739,17 @@ impl Nodes {
             } else {
                 c.offline += 1;
             }
-            let version: String = rec.agent_version.chars().take(64).collect();
-            *c.versions.entry(version).or_default() += 1;
+            let v = &rec.agent_version;
+            let v = v
+                .char_indices()
+                .nth(64)
+                .map_or(v.as_str(), |(i, _)| &v[..i]);
+            match c.versions.get_mut(v) {
+                Some(n) => *n += 1,
+                None => {
+                    c.versions.insert(v.to_owned(), 1);
+                }
+            }
             if let Some(l) = l.filter(|l| !l.conns.is_empty()) {
                 c.heartbeat_ages
                     .push(now.duration_since(l.last_seen).unwrap_or_default());
@@ -879,6 +888,28 @@ mod tests {
             Err(NodeError::Revoked(_))
         ));
         assert!(n.not_on_ca("ca2").is_empty(), "revoked nodes do not count");
+    }
+
+    #[test]
+    fn the_census_counts_nodes_by_state_and_version_without_a_link() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let n = nodes(dir.path());
+        let mut long = record("n-b", "10.0.0.2", 1, 1, 1);
+        long.agent_version = "9".repeat(100);
+        for r in [
+            record("n-a", "10.0.0.1", 1, 1, 1),
+            long,
+            record("n-c", "10.0.0.3", 1, 1, 1),
+        ] {
+            n.enrolled(r).expect("enrol");
+        }
+        assert!(n.revoke(&"n-c".into()).expect("revoke"));
+        let c = n.census(SystemTime::now());
+        assert_eq!((c.online, c.offline, c.revoked), (0, 2, 1));
+        let want: std::collections::BTreeMap<String, u64> =
+            [("9".repeat(64), 1), ("test".to_owned(), 1)].into();
+        assert_eq!(c.versions, want, "a revoked node's version is not counted");
+        assert!(c.heartbeat_ages.is_empty(), "no node is linked");
     }
 
     #[test]
