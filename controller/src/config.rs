@@ -44,6 +44,8 @@ pub(crate) struct Config {
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) api_listen: Option<SocketAddr>,
     pub(crate) quic_listen: Option<SocketAddr>,
+    /// Where `/metrics` is also served, without a token.
+    pub(crate) metrics_listen: Option<SocketAddr>,
     pub(crate) public_addr: Option<PublicAddr>,
     /// How many times a deployment step is tried in all ([`STEP_ATTEMPTS`]).
     #[serde(default, deserialize_with = "step_attempts")]
@@ -176,6 +178,10 @@ mod tests {
         assert_eq!(
             all.quic_listen,
             Some("0.0.0.0:50001".parse().expect("addr"))
+        );
+        assert_eq!(
+            all.metrics_listen,
+            Some("127.0.0.1:9464".parse().expect("addr"))
         );
         assert_eq!(
             all.public_addr.map(|a| a.to_string()).as_deref(),

@@ -10,6 +10,7 @@ mod deploy;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+mod metrics;
 mod oplog;
 mod plan;
 mod store;
@@ -88,6 +89,8 @@ pub struct Controller {
     pub artifact_max_bytes: u64,
     /// Test only: the rate artifacts are sent to agents at (KiB/s).
     pub artifact_send_kibps: Option<u64>,
+    /// The counters and histograms `GET /metrics` shows.
+    pub(crate) metrics: metrics::Metrics,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -102,7 +105,9 @@ impl Controller {
         de_common::ensure_private_dir(data_dir)
             .map_err(|e| OpenError::DataDir(data_dir.display().to_string(), e))?;
         let (pki, origin) = Pki::load_or_create(data_dir)?;
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
+        let sled = SledStore::open(&data_dir.join("store"))?;
+        let metrics = metrics::Metrics::new(sled.flush_times());
+        let store: Arc<dyn Store> = Arc::new(sled);
         let codes = Codes::load(store.clone())?;
         let tokens = Tokens::load(store.clone(), pki.token()).map_err(OpenError::Access)?;
         let audit = Audit::open(store.clone()).map_err(OpenError::Access)?;
@@ -132,6 +137,7 @@ impl Controller {
                 artifacts,
                 artifact_max_bytes: artifacts::DEFAULT_ARTIFACT_MAX_MB << 20,
                 artifact_send_kibps: None,
+                metrics,
             },
             origin,
         ))

@@ -62,6 +62,11 @@ enum Command {
         /// Address of the QUIC endpoint agents connect to [default: 0.0.0.0:50001].
         #[arg(long, env = "DE_QUIC_LISTEN")]
         quic_listen: Option<SocketAddr>,
+        /// Also serve GET /metrics (Prometheus) on this address, plain HTTP and
+        /// without a token, for a scraper on a trusted network [default: only
+        /// on the API, with any valid token].
+        #[arg(long, env = "DE_METRICS_LISTEN", value_name = "ADDR:PORT")]
+        metrics_listen: Option<SocketAddr>,
         /// HOST[:PORT] that nodes dial, shown in the install command [default: the QUIC
         /// listen address, or this machine's host name when that is 0.0.0.0].
         #[arg(long, env = "DE_PUBLIC_ADDR")]
@@ -129,6 +134,8 @@ struct Settings {
     data_dir: PathBuf,
     api_listen: SocketAddr,
     quic_listen: SocketAddr,
+    /// `None`: `/metrics` only on the API.
+    metrics_listen: Option<SocketAddr>,
     public_addr: Option<PublicAddr>,
     step_attempts: u32,
     node_grace: Duration,
@@ -157,6 +164,7 @@ impl Settings {
             data_dir,
             api_listen,
             quic_listen,
+            metrics_listen,
             public_addr,
             step_attempts,
             node_grace,
@@ -199,6 +207,7 @@ impl Settings {
             data_dir,
             api_listen: (api_listen.or(file.api_listen)).unwrap_or(DEFAULT_API_LISTEN),
             quic_listen: (quic_listen.or(file.quic_listen)).unwrap_or(DEFAULT_QUIC_LISTEN),
+            metrics_listen: metrics_listen.or(file.metrics_listen),
             public_addr: public_addr.or(file.public_addr),
             // Both sources were checked against the ranges in `config.rs`.
             step_attempts: step_attempts
@@ -282,6 +291,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         data_dir,
         api_listen,
         quic_listen,
+        metrics_listen,
         public_addr,
         step_attempts,
         node_grace,
@@ -330,6 +340,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             format!("could not listen for HTTP on {api_listen}: is the port in use?")
         })?;
     let api_addr = listener.local_addr()?;
+    let metrics_listener = match metrics_listen {
+        None => None,
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("could not listen for metrics on {addr}: is the port in use?")
+        })?),
+    };
     let tls = match api_tls {
         None => {
             if !api_addr.ip().is_loopback() {
@@ -377,10 +393,22 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             http::tls::fingerprint(&ctl.pki.ca_der())
         );
     }
+    let shutdown = CancellationToken::new();
     println!("api listening on {api_addr}");
+    let metrics_task = match metrics_listener {
+        None => None,
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            println!("metrics listening on {addr}");
+            info!(%addr, "GET /metrics is served here without a token");
+            let shutdown = shutdown.clone();
+            let metrics = axum::serve(listener, http::metrics_app(ctl.clone()))
+                .with_graceful_shutdown(async move { shutdown.cancelled().await });
+            Some(tokio::spawn(async move { metrics.await }))
+        }
+    };
     println!("quic listening on {quic_addr}");
 
-    let shutdown = CancellationToken::new();
     let quic_task = tokio::spawn(quic::serve(endpoint, ctl.clone(), shutdown.clone()));
     let watchdog = tokio::spawn(de_controller::agents::watchdog::run(
         ctl.clone(),
@@ -410,6 +438,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(grace, quic_task).await;
     let _ = tokio::time::timeout(grace, http_task).await;
     let _ = tokio::time::timeout(grace, watchdog).await;
+    if let Some(task) = metrics_task {
+        let _ = tokio::time::timeout(grace, task).await;
+    }
     info!("stopped");
     Ok(())
 }
@@ -541,6 +572,32 @@ mod tests {
                 PathBuf::from(PACKAGED_PACKAGES_DIR),
                 PathBuf::from("d/packages")
             ]
+        );
+    }
+
+    #[test]
+    fn the_metrics_listener_is_off_unless_the_flag_or_the_file_sets_it() {
+        let file = |text: &str| -> Config {
+            de_common::parse_toml(Path::new("controller.toml"), text).expect("config")
+        };
+        let s = |args: &[&str], f: Config| {
+            Settings::resolve(serve(args).expect("args").command, f).expect("settings")
+        };
+        assert_eq!(s(&[], Config::default()).metrics_listen, None);
+        let from_file = file("metrics_listen = \"127.0.0.1:9464\"");
+        assert_eq!(
+            s(&[], from_file).metrics_listen,
+            Some("127.0.0.1:9464".parse().expect("addr"))
+        );
+        let from_file = file("metrics_listen = \"127.0.0.1:9464\"");
+        assert_eq!(
+            s(&["--metrics-listen", "127.0.0.2:9100"], from_file).metrics_listen,
+            Some("127.0.0.2:9100".parse().expect("addr")),
+            "the flag wins"
+        );
+        assert!(
+            serve(&["--metrics-listen", "9464"]).is_err(),
+            "needs ADDR:PORT"
         );
     }
 

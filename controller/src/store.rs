@@ -170,6 +170,8 @@ pub(crate) fn scan_json<T: DeserializeOwned>(
 #[derive(Debug, Clone)]
 pub(crate) struct SledStore {
     db: sled::Db,
+    /// How long each flush took (`de_store_flush_duration_seconds`).
+    flushes: std::sync::Arc<crate::metrics::Histogram>,
 }
 
 impl SledStore {
@@ -182,7 +184,17 @@ impl SledStore {
                 path: path.display().to_string(),
                 source,
             })?;
-        Ok(SledStore { db })
+        Ok(SledStore {
+            db,
+            flushes: std::sync::Arc::new(crate::metrics::Histogram::new(
+                crate::metrics::FLUSH_BOUNDS,
+            )),
+        })
+    }
+
+    /// The histogram of this store's flush times, for the metrics.
+    pub(crate) fn flush_times(&self) -> std::sync::Arc<crate::metrics::Histogram> {
+        self.flushes.clone()
     }
 
     fn tree(&self, tree: Tree) -> Result<sled::Tree, StoreError> {
@@ -195,13 +207,13 @@ impl SledStore {
     }
 
     fn flush(&self, tree: Tree) -> Result<(), StoreError> {
-        self.db
-            .flush()
-            .map(|_| ())
-            .map_err(|source| StoreError::Engine {
-                tree: tree.name(),
-                source,
-            })
+        let started = std::time::Instant::now();
+        let flushed = self.db.flush();
+        self.flushes.observe(started.elapsed());
+        flushed.map(|_| ()).map_err(|source| StoreError::Engine {
+            tree: tree.name(),
+            source,
+        })
     }
 }
 

@@ -14,6 +14,7 @@ mod enrolment;
 mod faults;
 mod https;
 mod link_security;
+mod metrics;
 mod monit;
 mod monit_states;
 mod node_identity;

@@ -235,6 +235,7 @@ pub async fn serve(endpoint: quinn::Endpoint, ctl: Arc<Controller>, shutdown: Ca
 }
 
 async fn handle(conn: quinn::Connection, ctl: Arc<Controller>, enrolling: &tokio::sync::Semaphore) {
+    let _open = ctl.metrics.quic_open();
     let alpn = conn
         .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
@@ -374,6 +375,7 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         Ok(k) => k,
         Err(e) => {
             ctl.codes.failed(&attempt);
+            ctl.metrics.code_failures.inc();
             if attempt.counted() {
                 warn!(%source, error = %ErrorChain(&e), "install-code guess failed; it counts against the code");
             }
@@ -394,6 +396,7 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         Ok(sealed) => sealed,
         Err(e) => {
             ctl.codes.failed(&attempt);
+            ctl.metrics.code_failures.inc();
             return Err(e);
         }
     };
@@ -405,6 +408,7 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         Ok(req) => req,
         Err(e) => {
             ctl.codes.failed(&attempt);
+            ctl.metrics.code_failures.inc();
             return Err(e);
         }
     };
@@ -416,6 +420,7 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
         Ok(c) => c,
         Err(e) => {
             ctl.codes.failed(&attempt);
+            ctl.metrics.code_failures.inc();
             return refuse(&mut send, EnrollRefusal::Invalid(e.to_string())).await;
         }
     };
@@ -469,6 +474,7 @@ async fn enroll(conn: &quinn::Connection, ctl: &Controller) -> Result<(), Enroll
     write_frame(&mut send, &EnrollServerMsg::Granted { sealed }).await?;
     let _ = send.finish();
     info!(node = %node_id, hostname = %req.hostname, ips = ?req.ips, %source, "node enrolled");
+    ctl.metrics.enrolments.inc();
     Ok(())
 }
 

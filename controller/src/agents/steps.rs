@@ -278,6 +278,8 @@ pub struct StepQueue {
     active: Mutex<HashMap<StepId, ActiveStep>>,
     /// Each node's clock skew: a step's `not_after` is on its node's clock.
     clocks: ClockSkews,
+    /// Steps ended, per lane and state, and their run times.
+    pub(crate) metrics: crate::metrics::StepMetrics,
 }
 
 /// What the watchdog needs of a step that has not ended.
@@ -285,6 +287,7 @@ pub struct StepQueue {
 pub(crate) struct ActiveStep {
     pub(crate) id: StepId,
     pub(crate) node: NodeId,
+    pub(crate) lane: Lane,
     /// When this controller learnt that it started (a restarted controller
     /// counts from its start).
     pub(crate) started: Option<Instant>,
@@ -358,6 +361,7 @@ impl StepQueue {
                     ActiveStep {
                         id: r.step.id.clone(),
                         node: r.step.node_id.clone(),
+                        lane: r.step.lane,
                         started: (r.state == StepState::Running).then_some(now),
                         budget: budget_of(&r.step.action),
                         fetch: fetch_of(&r.step.action),
@@ -373,6 +377,7 @@ impl StepQueue {
             updates,
             active: Mutex::new(active),
             clocks,
+            metrics: Default::default(),
         })
     }
 
@@ -431,6 +436,22 @@ impl StepQueue {
     /// The steps not final yet, for the watchdog.
     pub(crate) fn active(&self) -> Vec<ActiveStep> {
         self.active_index().values().cloned().collect()
+    }
+
+    /// Per lane, how many steps the watchdog tracks are queued and running
+    /// (for the metrics; a cancel notice is not tracked).
+    pub(crate) fn open_counts(&self) -> [(Lane, u64, u64); 3] {
+        let mut out = Lane::ALL.map(|l| (l, 0, 0));
+        for a in self.active_index().values() {
+            if let Some((_, queued, running)) = out.iter_mut().find(|(l, _, _)| *l == a.lane) {
+                if a.started.is_some() {
+                    *running += 1;
+                } else {
+                    *queued += 1;
+                }
+            }
+        }
+        out
     }
 
     /// Ends a step that is not final yet as failed, with `reason` as its
@@ -632,6 +653,7 @@ impl StepQueue {
                     ActiveStep {
                         id: id.clone(),
                         node: node.clone(),
+                        lane,
                         started: None,
                         budget: budget_of(&record.step.action),
                         fetch: fetch_of(&record.step.action),
@@ -725,8 +747,10 @@ impl StepQueue {
         let Some(mut r) = self.store.get_json::<StepRecord>(Tree::Steps, &key)? else {
             return Ok(None);
         };
+        let was = r.state;
         f(&mut r);
         self.store.put_json(Tree::Steps, &key, &r)?;
+        self.metrics.moved(&r, was);
         Ok(Some(r))
     }
 
@@ -930,6 +954,7 @@ impl StepQueue {
                         lane.as_str()
                     ));
                     self.store.put_json(Tree::Steps, &key, &r)?;
+                    self.metrics.moved(&r, StepState::Queued);
                 }
             }
         }

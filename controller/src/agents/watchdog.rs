@@ -142,6 +142,7 @@ mod tests {
         ActiveStep {
             id: "s-1".into(),
             node: "n-1".into(),
+            lane: de_common::Lane::Deploy,
             started: started_secs_ago.map(|s| now - Duration::from_secs(s)),
             budget: Duration::from_secs(budget),
             fetch: None,

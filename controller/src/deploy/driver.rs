@@ -172,6 +172,7 @@ impl Deployer {
             new,
         )?;
         ctl.store.put_json(Tree::Deployments, d.id.as_str(), &d)?;
+        ctl.metrics.deployments.started();
         *running = Some(d.id.clone());
         drop(running);
         ctl.logs.line(
@@ -201,6 +202,7 @@ impl Deployer {
     /// Resumes deployments that were running when the controller stopped.
     pub fn resume(ctl: &Arc<Controller>) -> Result<(), StoreError> {
         for (id, mut d) in ctl.store.list_json::<Deployment>(Tree::Deployments)? {
+            ctl.metrics.deployments.loaded(d.state);
             if d.state == DeployState::Running {
                 let id = DeploymentId::from(id);
                 info!(deployment = %id, "resuming deployment");
@@ -472,10 +474,14 @@ fn apply(ctl: &Controller, d: &Deployment, effects: Vec<Effect>) -> Result<(), P
                 .store
                 .put_json(Tree::Plans, APPLIED_KEY, &target)
                 .map_err(PassError::Applied)?,
-            Effect::Save => ctl
-                .store
-                .put_json(Tree::Deployments, d.id.as_str(), &d)
-                .map_err(PassError::Save)?,
+            Effect::Save => {
+                ctl.store
+                    .put_json(Tree::Deployments, d.id.as_str(), &d)
+                    .map_err(PassError::Save)?;
+                // Only a running record is ever applied: a saved end is its one transition.
+                let ended = d.finished_at.as_deref();
+                ctl.metrics.deployments.ended(d.state, &d.created_at, ended);
+            }
             Effect::Queue(steps) => {
                 let count = steps.len();
                 let steps = steps

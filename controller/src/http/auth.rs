@@ -75,6 +75,7 @@ pub(crate) const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     ("GET", "/deployment-engine/log", Role::ReadOnly),
     ("GET", "/deployment-engine/download", Role::ReadOnly),
     ("PUT", "/deployment-engine/download", Role::ReadOnly),
+    ("GET", "/metrics", Role::ReadOnly),
 ];
 
 /// The role `method` on `path` (as the router declares it) needs; `admin`
@@ -237,6 +238,7 @@ mod tests {
         ("pki.rs", include_str!("pki.rs"), false),
         ("artifacts.rs", include_str!("artifacts.rs"), false),
         ("join.rs", include_str!("join.rs"), true),
+        ("metrics.rs", include_str!("metrics.rs"), false),
     ];
 
     /// `(METHOD, path)` of every `.route("path", get(..).post(..))` in `src`

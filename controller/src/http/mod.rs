@@ -7,7 +7,8 @@
 //! (`/api/v1/catalogs`, `/api/v1/plan*`), `logs` (live log, downloads,
 //! tails), `compat` and `operate` (the original `/deployment-engine`
 //! routes), `console` (the web console at `/`), `join` (`/join.sh` and
-//! `/packages/`, what a fresh node fetches), `tls` (HTTPS). `error` is the one error
+//! `/packages/`, what a fresh node fetches), `metrics` (`/metrics`, and the
+//! counting of every request), `tls` (HTTPS). `error` is the one error
 //! layer every route answers through.
 //!
 //! Invariants: the HTTP layer uses the domain, never the reverse; every
@@ -23,6 +24,7 @@ mod console;
 mod error;
 mod join;
 pub(crate) mod logs;
+mod metrics;
 mod native;
 pub(crate) mod operate;
 mod pki;
@@ -39,6 +41,7 @@ use de_common::api::Health;
 pub(crate) use auth::WS_TOKEN_PROTOCOL;
 use auth::{require_token, require_token_or_query};
 pub(crate) use error::{ApiError, ErrorCode};
+pub use metrics::metrics_app;
 
 use crate::Controller;
 
@@ -58,13 +61,22 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         ctl.clone(),
         require_token_or_query,
     ));
+    let scrape = metrics::routes().route_layer(axum::middleware::from_fn_with_state(
+        ctl.clone(),
+        require_token,
+    ));
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/api/v1", v1)
         .nest("/deployment-engine", original)
+        .merge(scrape)
         .merge(console::routes())
         .merge(join::routes())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            ctl.clone(),
+            metrics::track,
+        ))
         .with_state(ctl)
 }
 
