@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Fuzzes the live HTTP API against its own OpenAPI document with schemathesis:
+# starts the debug controller (target/debug, as `cargo test` builds it) on a
+# 127.0.26.x address with a temporary data dir, enrols two agents (each with
+# its own root and monit), and runs `schemathesis run` on
+# GET /api/v1/openapi.json with the admin token. It fails on any 5xx and on
+# any answer that breaks the document's schema for it.
+#
+# Usage: tests/schemathesis/run.sh [MAX_EXAMPLES]   (default 20 per operation)
+# Env:   DE_SCHEMATHESIS_VENV  where schemathesis is installed (default target/schemathesis-venv)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+# Pinned: a newer schemathesis may check more, which is a change to make on purpose.
+SCHEMATHESIS_VERSION=4.32.5
+examples=${1:-20}
+bin=target/debug
+venv=${DE_SCHEMATHESIS_VENV:-target/schemathesis-venv}
+ip=127.0.26.200
+api=$ip:50260
+quic=$ip:50261
+agents=(127.0.26.201 127.0.26.202)
+
+for b in de-controller de-agent; do
+  [ -x "$bin/$b" ] || { echo "no $bin/$b: build it first (cargo test --workspace, or cargo build)" >&2; exit 1; }
+done
+command -v monit >/dev/null || { echo "monit is needed (the agents run a private one each)" >&2; exit 1; }
+
+if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q " $SCHEMATHESIS_VERSION\$"; then
+  echo "== installing schemathesis $SCHEMATHESIS_VERSION into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --no-input --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
+work=$(mktemp -d)
+pids=()
+monits=()
+cleanup() {
+  for m in "${monits[@]}"; do [ -e "$m" ] && monit -c "$m" quit >/dev/null 2>&1 || true; done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+echo "== controller on $api (data in a temp dir)"
+DE_CONTROLLER_CONFIG=/dev/null "$bin/de-controller" serve --data-dir "$work/controller" \
+  --api-listen "$api" --quic-listen "$quic" --artifact-max-mb 1 \
+  >"$work/controller.out" 2>"$work/controller.log" &
+pids+=($!)
+for _ in $(seq 1 600); do
+  grep -q "^quic listening" "$work/controller.out" 2>/dev/null && break
+  kill -0 "${pids[0]}" 2>/dev/null || break
+  sleep 0.1
+done
+grep -q "^quic listening" "$work/controller.out" || { cat "$work/controller.log" >&2; exit 1; }
+token=$(cat "$work/controller/admin.token")
+auth=(-H "Authorization: Bearer $token")
+
+code=$(curl -fsS -X POST "${auth[@]}" "http://$api/api/v1/install-codes" | sed -E 's/.*"code":"([0-9]{4})".*/\1/')
+for a in "${agents[@]}"; do
+  node=$work/agent-$a
+  mkdir -p "$node/root"
+  echo "== agent $a enrols with the install code"
+  DE_AGENT_CONFIG=/dev/null "$bin/de-agent" run --controller "$quic" --code "$code" --advertise-ip "$a" \
+    --state-dir "$node/state" --root "$node/root" --monit-control "$node/monit/monitrc" \
+    --heartbeat-secs 1 --max-backoff-secs 2 \
+    >"$node/agent.out" 2>"$node/agent.log" &
+  pids+=($!)
+  monits+=("$node/monit/monitrc")
+done
+online=0
+for _ in $(seq 1 600); do
+  online=$( (curl -fsS "${auth[@]}" "http://$api/api/v1/nodes" || true) | grep -o '"online":true' | wc -l || true)
+  [ "$online" -ge ${#agents[@]} ] && break
+  sleep 0.1
+done
+if [ "$online" -lt ${#agents[@]} ]; then
+  echo "only $online of ${#agents[@]} agents came online" >&2
+  for a in "${agents[@]}"; do tail -n 20 "$work/agent-$a/agent.log" >&2 || true; done
+  exit 1
+fi
+echo "== $online agents online"
+
+echo "== schemathesis $SCHEMATHESIS_VERSION: $examples examples per operation"
+status=0
+SCHEMATHESIS_HOOKS=hooks PYTHONPATH=tests/schemathesis "$venv/bin/schemathesis" --no-color run \
+  "http://$api/api/v1/openapi.json" \
+  --url "http://$api" \
+  --header "Authorization: Bearer $token" \
+  --checks not_a_server_error,response_schema_conformance \
+  --phases examples,coverage,fuzzing,stateful \
+  --max-examples "$examples" \
+  --seed "${DE_SCHEMATHESIS_SEED:-26}" \
+  --max-redirects 0 \
+  --request-timeout 30 \
+  --workers 4 \
+  --output-sanitize true || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "== the controller's log (last 40 lines)" >&2
+  tail -n 40 "$work/controller.log" >&2 || true
+fi
+exit "$status"
