@@ -37,11 +37,39 @@ pids=()
 monits=()
 cleanup() {
   for m in "${monits[@]}"; do [ -e "$m" ] && monit -c "$m" quit >/dev/null 2>&1 || true; done
+  # The sleepers the plan's deployment started, by their pid files.
+  for f in "$work"/agent-*/root/run/*.pid; do [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
+
+# A catalog of one harmless component (a `sleep` under each agent's own
+# monit), so that the routes that need a stored plan and a deployment are
+# fuzzed past their 403 `no_plan`.
+mkdir -p "$work/controller/catalogs/fuzz" && chmod 0700 "$work/controller"
+printf 'description = "One harmless component, for the API fuzzing"\n' >"$work/controller/catalogs/fuzz/catalog.toml"
+cat >"$work/controller/catalogs/fuzz/sleeper.toml" <<'TOML'
+description = "A sleep that monit supervises"
+cardinality = "many"
+monit_check = '''
+check process sleeper with pidfile {{ path("run/sleeper.pid") }}
+  start program = "/bin/sh -c 'mkdir -p {{ path("run") }}; nohup sleep 600 >/dev/null 2>&1 & echo $! > {{ path("run/sleeper.pid") }}'"
+  stop program = "/bin/sh -c 'kill $(cat {{ path("run/sleeper.pid") }})'"
+'''
+logs = []
+[minimum]
+cpus = 1
+ram_mb = 1
+disk_mb = 1
+
+[[install]]
+action = "monit_add"
+
+[[install]]
+action = "monit_start"
+TOML
 
 echo "== controller on $api (data in a temp dir)"
 DE_CONTROLLER_CONFIG=/dev/null "$bin/de-controller" serve --data-dir "$work/controller" \
@@ -81,6 +109,18 @@ if [ "$online" -lt ${#agents[@]} ]; then
   exit 1
 fi
 echo "== $online agents online"
+
+echo "== a plan on both agents, deployed once"
+plan='{"components": {"sleeper": ["'${agents[0]}'", "'${agents[1]}'"]}, "properties": {"domain": "fuzz.local", "catalog": "fuzz"}}'
+curl -fsS "${auth[@]}" -X POST --data-binary "$plan" "http://$api/deployment-engine/config" >/dev/null
+deployment=$(curl -fsS "${auth[@]}" "http://$api/deployment-engine/deploy" | sed -E 's/.*"id":"([^"]+)".*/\1/')
+state=running
+for _ in $(seq 1 600); do
+  state=$(curl -fsS "${auth[@]}" "http://$api/api/v1/deployments/$deployment" | sed -E 's/.*"state":"([a-z]+)".*"steps_total".*/\1/')
+  [ "$state" != running ] && break
+  sleep 0.1
+done
+[ "$state" = succeeded ] || { echo "the deployment $deployment ended $state" >&2; tail -n 40 "$work/controller.log" >&2; exit 1; }
 
 echo "== schemathesis $SCHEMATHESIS_VERSION: $examples examples per operation"
 status=0
