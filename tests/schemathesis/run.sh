@@ -3,17 +3,20 @@
 # starts the debug controller (target/debug, as `cargo test` builds it) on a
 # 127.0.26.x address with a temporary data dir, enrols two agents (each with
 # its own root and monit), and runs `schemathesis run` on
-# GET /api/v1/openapi.json with the admin token. It fails on any 5xx and on
-# any answer that breaks the document's schema for it.
+# GET /api/v1/openapi.json with the admin token. It fails on any 5xx, on any
+# answer that breaks the document (schema, status, content type, headers) and
+# on a request that breaks the document's schema but is accepted.
 #
-# Usage: tests/schemathesis/run.sh [MAX_EXAMPLES]   (default 20 per operation)
+# Usage: tests/schemathesis/run.sh [MAX_EXAMPLES]   (default 40 per operation)
 # Env:   DE_SCHEMATHESIS_VENV  where schemathesis is installed (default target/schemathesis-venv)
+#        DE_SCHEMATHESIS_SEED  the seed (default 26; a failure prints how to replay it)
+#        DE_SCHEMATHESIS_CHECKS  the checks (default below)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 # Pinned: a newer schemathesis may check more, which is a change to make on purpose.
 SCHEMATHESIS_VERSION=4.32.5
-examples=${1:-20}
+examples=${1:-40}
 bin=target/debug
 venv=${DE_SCHEMATHESIS_VENV:-target/schemathesis-venv}
 ip=127.0.26.200
@@ -128,7 +131,7 @@ SCHEMATHESIS_HOOKS=hooks PYTHONPATH=tests/schemathesis "$venv/bin/schemathesis" 
   "http://$api/api/v1/openapi.json" \
   --url "http://$api" \
   --header "Authorization: Bearer $token" \
-  --checks not_a_server_error,response_schema_conformance \
+  --checks "${DE_SCHEMATHESIS_CHECKS:-not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance,response_headers_conformance,negative_data_rejection}" \
   --phases examples,coverage,fuzzing,stateful \
   --max-examples "$examples" \
   --seed "${DE_SCHEMATHESIS_SEED:-26}" \
