@@ -1000,7 +1000,11 @@ impl std::str::FromStr for Role {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
-    /// `[A-Za-z0-9._-]`, 1 to 64 characters, unique.
+    /// `[A-Za-z0-9._-]`, 1 to 64 characters, not starting with `.`, unique.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+    )]
     pub name: String,
     pub role: Role,
 }
