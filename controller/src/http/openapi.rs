@@ -312,6 +312,26 @@ mod tests {
         }
     }
 
+    /// Any valid token reads the document; none is 401.
+    #[tokio::test]
+    async fn a_read_only_token_gets_the_document_and_no_token_is_refused() {
+        use axum::http::StatusCode;
+        let (_d, ctl) = crate::testkit::controller();
+        let t = ctl
+            .tokens
+            .create("reader", Role::ReadOnly, "admin")
+            .expect("token")
+            .token;
+        let (s, body) =
+            crate::testkit::call(&ctl, "GET", "/api/v1/openapi.json", Some(&t), None, "").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(body, document());
+        let (s, body) =
+            crate::testkit::call(&ctl, "GET", "/api/v1/openapi.json", None, None, "").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"], "unauthorized");
+    }
+
     /// The error shape is the one `ApiError` sends, with every code.
     #[test]
     fn the_error_shape_and_the_token_schemes_are_in_the_document() {
