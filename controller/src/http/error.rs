@@ -256,8 +256,11 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ApiError> {
     // Every body parsed here is an object: serde would also read a struct
     // from an array of its fields in order (`[null, null]`), which no client
-    // means to send.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    // means to send. (A body that is not JSON at all keeps serde's message.)
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+    {
         return Err(ApiError::bad_request(format!(
             "body is not a JSON object; expected {shape}"
         )));
@@ -315,6 +318,17 @@ mod tests {
             assert_eq!(
                 json["message"], r#"body is not a JSON object; expected {"ttl_secs": N}"#,
                 "{body}"
+            );
+        }
+        for not_json in ["", "x", "[1"] {
+            let e = parse_json::<NewCode>(not_json.as_bytes(), "S").expect_err(not_json);
+            let (status, json) = answer(e).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{not_json}");
+            let msg = json["message"].as_str().unwrap_or_default();
+            assert!(
+                msg.starts_with("body is not valid JSON for this route (")
+                    && msg.ends_with("); expected S"),
+                "{not_json:?}: {msg}"
             );
         }
         let ok: NewCode = parse_json(b" {\"ttl_secs\": 60}", "").expect("an object");
