@@ -37,6 +37,7 @@ if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q " $SCHEMATHESIS_VE
   "$python" -m venv "$venv" || { echo "$python -m venv failed: install python3-venv" >&2; exit 1; }
   "$venv/bin/pip" install --no-input --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
+venv=$(cd "$venv" && pwd)
 
 work=$(mktemp -d)
 pids=()
@@ -130,7 +131,9 @@ done
 
 echo "== schemathesis $SCHEMATHESIS_VERSION: $examples examples per operation"
 status=0
-SCHEMATHESIS_HOOKS=hooks PYTHONPATH=tests/schemathesis "$venv/bin/schemathesis" --no-color run \
+# Run from the temp dir: schemathesis and hypothesis keep their caches in the working directory.
+here=$PWD
+(cd "$work" && SCHEMATHESIS_HOOKS=hooks PYTHONPATH="$here/tests/schemathesis" "$venv/bin/schemathesis" --no-color run \
   "http://$api/api/v1/openapi.json" \
   --url "http://$api" \
   --header "Authorization: Bearer $token" \
@@ -141,7 +144,7 @@ SCHEMATHESIS_HOOKS=hooks PYTHONPATH=tests/schemathesis "$venv/bin/schemathesis" 
   --max-redirects 0 \
   --request-timeout 30 \
   --workers 4 \
-  --output-sanitize true || status=$?
+  --output-sanitize true) || status=$?
 if [ "$status" -ne 0 ]; then
   echo "== the controller's log (last 40 lines)" >&2
   tail -n 40 "$work/controller.log" >&2 || true
