@@ -5,7 +5,8 @@ in CI). The two routes that run what they are given on a node -- POST
 /api/v1/exec and POST /api/v1/nodes/{id}/steps -- are fuzzed with the shape
 of their bodies kept and only what would run or be written on the machine
 replaced: scripts become `true`, files go under the node's root, no other
-user, short waits. Nothing else is changed, and no check is relaxed.
+user, short waits. Nothing else is changed. One failure is excused, and only
+on its documented body: a 502 `nodes_offline` (see `filter_failure`).
 """
 
 import schemathesis
