@@ -27,6 +27,7 @@ use crate::wire::StepOutcome;
 /// Every value of `"error"` in an error answer, serialized as written here
 /// in snake_case (`no_plan`, ...). `docs/API.md` lists each with its status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// 400: the request is malformed (body, query, parameter).
@@ -100,6 +101,7 @@ impl ErrorCode {
 /// Every error answer: `{"error": CODE, "message": TEXT}`, plus `problems`
 /// when a plan was not accepted (`invalid_plan`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// A stable code: `bad_request`, `not_found`, `unauthorized`, `invalid_plan`, ...
     pub error: ErrorCode,
@@ -112,6 +114,7 @@ pub struct ErrorBody {
 /// One thing wrong with a plan: which component and IP, what was found, what is needed.
 /// Every field is always there (`null` when it does not apply).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Problem {
     pub kind: ProblemKind,
     pub component: Option<String>,
@@ -165,6 +168,7 @@ impl Problem {
 
 /// The stable codes of plan problems (docs/API.md lists what each means).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ProblemKind {
     MalformedJson,
@@ -188,6 +192,7 @@ pub enum ProblemKind {
 
 /// `GET /healthz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     /// `ok`.
     pub status: String,
@@ -199,6 +204,7 @@ pub struct Health {
 
 /// `POST /api/v1/install-codes` body (or an empty body).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewCode {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -211,6 +217,7 @@ pub struct NewCode {
 
 /// Where an install code shown by `GET /api/v1/install-codes` stands.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum InstallCodeState {
     /// Admits nodes.
@@ -224,6 +231,7 @@ pub enum InstallCodeState {
 
 /// A guess on an install code that did not prove it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FailedCodeAttempt {
     /// The address the attempt came from.
     pub source: String,
@@ -236,6 +244,7 @@ pub struct FailedCodeAttempt {
 
 /// The install code (`POST` and `GET /api/v1/install-codes`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CodeView {
     pub code: String,
     pub expires_at: String,
@@ -264,6 +273,7 @@ pub struct CodeView {
 
 /// A node as the API shows it (`GET /api/v1/nodes`, `GET /api/v1/nodes/{id}`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeView {
     pub id: String,
     pub hostname: String,
@@ -307,6 +317,7 @@ pub struct NodeView {
 
 /// Two machines that present one node's certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IdentityConflict {
     /// RFC 3339: when the second machine was first seen.
     pub since: String,
@@ -318,6 +329,7 @@ pub struct IdentityConflict {
 
 /// One machine presenting a node's certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Claimant {
     /// The link's source address.
     pub address: String,
@@ -327,6 +339,7 @@ pub struct Claimant {
 
 /// The controller's keys (`POST /api/v1/pki/*`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PkiView {
     /// SHA-256 of the CA that issues node certificates now (hex).
     pub ca: String,
@@ -344,6 +357,7 @@ pub struct PkiView {
 
 /// `POST /api/v1/pki/retire-old-ca` body (optional).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RetireCa {
     /// Retire even though nodes still hold a certificate of the old CA
@@ -427,6 +441,7 @@ pub fn resolve<'a>(nodes: &'a [NodeView], target: &str) -> Resolved<'a> {
 
 /// `POST /api/v1/exec` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     pub script: String,
@@ -443,6 +458,7 @@ pub struct ExecRequest {
 
 /// One target's answer to `POST /api/v1/exec`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecResult {
     pub node_id: String,
     pub ip: String,
@@ -458,6 +474,7 @@ pub struct ExecResult {
 /// `PUT /api/v1/nodes/{id}` body: what the operator changes about a node
 /// after enrolment (a field left out stays as it is).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NodeUpdate {
     /// The node's IPs from now on (at least one; none another live node has).
@@ -470,6 +487,7 @@ pub struct NodeUpdate {
 
 /// `POST /api/v1/nodes/{id}/steps` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StepRequest {
     pub action: StepAction,
@@ -483,6 +501,7 @@ pub struct StepRequest {
 
 /// Where a queued step is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum StepState {
     Queued,
@@ -509,6 +528,7 @@ impl StepState {
 /// /api/v1/nodes/{id}/steps`): without the signed bytes, and with script
 /// environment values as `******`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepRecordView {
     pub step: Step,
     pub state: StepState,
@@ -524,6 +544,7 @@ pub struct StepRecordView {
 
 /// A deployment's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DeployState {
     Running,
@@ -535,6 +556,7 @@ pub enum DeployState {
 
 /// What a deployment step does to its instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TaskKind {
     Install,
@@ -545,6 +567,7 @@ pub enum TaskKind {
 /// Which lifecycle hook of its component's catalog a deployment step comes
 /// from (none: an install, re-apply or uninstall step).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Hook {
     /// Before the instance is changed or uninstalled (e.g. drain it).
@@ -557,6 +580,7 @@ pub enum Hook {
 
 /// Where a deployment step is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PhaseState {
     Pending,
@@ -570,6 +594,7 @@ pub enum PhaseState {
 
 /// `GET /deployment-engine/deploy` (202): the deployment that was started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeployStarted {
     pub id: String,
     pub plan_revision: u64,
@@ -581,6 +606,7 @@ pub struct DeployStarted {
 /// A deployment step as the API shows it (the action by kind, never its
 /// contents: they may hold secrets).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepView {
     pub component: String,
     pub instance: String,
@@ -609,6 +635,7 @@ pub struct StepView {
 
 /// How one component's instances change in a deployment, and where they are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RolloutView {
     pub component: String,
     /// The first this many instances change first (canaries).
@@ -633,6 +660,7 @@ pub struct RolloutView {
 /// The watch of one instance after its steps: monit must report it RUNNING,
 /// with the same pid, for `secs` seconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WatchView {
     pub component: String,
     pub instance: String,
@@ -651,6 +679,7 @@ pub struct WatchView {
 /// A deployment as the API shows it: `GET /api/v1/deployments` (without
 /// steps: `"steps": null`) and `GET /api/v1/deployments/{id}` (with them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeploymentView {
     pub id: String,
     pub state: DeployState,
@@ -676,6 +705,7 @@ pub struct DeploymentView {
 
 /// What a deployment would do to one instance (`GET /api/v1/plan/diff`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeAction {
     /// New in the plan: installed.
@@ -692,6 +722,7 @@ pub enum ChangeAction {
 
 /// One instance in a plan diff.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstanceChange {
     pub component: String,
     /// `nginx_0`, ...
@@ -707,6 +738,7 @@ pub struct InstanceChange {
 
 /// `GET /api/v1/plan/diff`: what `GET /deployment-engine/deploy` would do now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlanDiff {
     pub plan_revision: u64,
     /// The revision last applied in full (0: none yet).
@@ -723,6 +755,7 @@ pub struct PlanDiff {
 
 /// The DNS record the operator must add once a plan has its entry component.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DnsView {
     /// The entry component (`haproxy`).
     pub component: String,
@@ -738,6 +771,7 @@ pub struct DnsView {
 /// `POST /api/v1/plan/validate` (200): the plan is valid; nothing was stored.
 /// `P` is the plan document (redacted), which this crate does not model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlanCheck<P> {
     pub catalog: String,
     pub dns: Option<DnsView>,
@@ -754,6 +788,7 @@ pub struct PlanCheck<P> {
 
 /// `POST /deployment-engine/config` (201): the plan is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlanCreated {
     pub catalog: String,
     pub dns: Option<DnsView>,
@@ -770,6 +805,7 @@ pub struct PlanCreated {
 /// `GET /api/v1/plan`: the stored plan with its revision. `P` is the plan
 /// document (redacted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StoredPlanView<P> {
     pub catalog: String,
     /// False when the plan's catalog is no longer loaded (then `order` and `dns` are null).
@@ -784,6 +820,7 @@ pub struct StoredPlanView<P> {
 
 /// How many instances of a component a plan may list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Cardinality {
     One,
@@ -792,6 +829,7 @@ pub enum Cardinality {
 
 /// The least hardware a node needs to host a component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Minimum {
     pub cpus: u32,
     pub disk_mb: u64,
@@ -800,6 +838,7 @@ pub struct Minimum {
 
 /// A component of a catalog, in the catalog list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ComponentSummary {
     /// Components installed before this one (when the plan has them).
     pub after: Vec<String>,
@@ -812,6 +851,7 @@ pub struct ComponentSummary {
 /// One catalog in `GET /api/v1/catalogs` (`GET /api/v1/catalogs/{name}`
 /// adds `properties`, `prepare` and each component's templates).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CatalogSummary {
     pub builtin: bool,
     pub components: Vec<ComponentSummary>,
@@ -831,6 +871,7 @@ pub struct CatalogSummary {
 
 /// One row of `GET /deployment-engine/status`, with the original's field names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusRow {
     #[serde(rename = "Comp")]
     pub comp: String,
@@ -850,6 +891,7 @@ pub struct StatusRow {
 
 /// `PUT /deployment-engine/restart` and `/stop` body; `all` / `0.0.0.0` match everything.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OperateRequest {
     #[serde(rename = "name", alias = "Comp", alias = "comp", alias = "Name")]
     pub name: String,
@@ -859,6 +901,7 @@ pub struct OperateRequest {
 
 /// One instance's outcome of a restart or stop.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OperateRow {
     #[serde(rename = "Comp")]
     pub comp: String,
@@ -872,6 +915,7 @@ pub struct OperateRow {
 /// `GET /deployment-engine/hardware` body: `{"Comp": "nats", "Ip": "10.0.0.3"}`
 /// (the original's restart/stop spellings `name` and `ip` are accepted too).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HardwareRequest {
     #[serde(rename = "Comp", alias = "comp", alias = "name", alias = "Name")]
     pub comp: String,
@@ -882,6 +926,7 @@ pub struct HardwareRequest {
 /// One row of `/deployment-engine/hardware`: CPU count, RAM in kB and DISK
 /// in MB, as the original.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HardwareRow {
     #[serde(rename = "Comp")]
     pub comp: String,
@@ -906,6 +951,7 @@ pub type LogFiles = Vec<String>;
 /// cancel, plan submission), `admin` also manages access (install codes,
 /// tokens, node revocation, the audit log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     ReadOnly,
@@ -951,15 +997,21 @@ impl std::str::FromStr for Role {
 
 /// Body of `POST /api/v1/tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
-    /// `[A-Za-z0-9._-]`, 1 to 64 characters, unique.
+    /// `[A-Za-z0-9._-]`, 1 to 64 characters, not starting with `.`, unique.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+    )]
     pub name: String,
     pub role: Role,
 }
 
 /// An artifact the controller holds (`GET /api/v1/artifacts`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArtifactView {
     pub name: String,
     pub sha256: String,
@@ -973,6 +1025,7 @@ pub struct ArtifactView {
 
 /// A stored token as `GET /api/v1/tokens` lists it: never the token itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenView {
     pub name: String,
     pub role: Role,
@@ -984,6 +1037,7 @@ pub struct TokenView {
 
 /// The answer to `POST /api/v1/tokens` (201): the token, shown this once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenCreated {
     pub name: String,
     pub role: Role,
@@ -994,6 +1048,7 @@ pub struct TokenCreated {
 
 /// What an audit entry records was asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AuditAction {
     /// `POST /api/v1/exec`.
@@ -1037,6 +1092,7 @@ pub enum AuditAction {
 
 /// One entry of the audit log (`GET /api/v1/audit`, newest first).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditEntry {
     /// RFC 3339.
     pub at: String,

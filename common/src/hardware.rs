@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a node has, as reported by its agent (from sysinfo).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Hardware {
     /// Logical CPUs.
     pub cpus: u32,
@@ -15,6 +16,7 @@ pub struct Hardware {
 
 /// How busy a node is, in percent (0-100).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Usage {
     pub cpu_pct: f32,
     pub mem_pct: f32,
@@ -23,6 +25,7 @@ pub struct Usage {
 
 /// One supervised component as the node's monit reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ComponentStatus {
     pub name: String,
     /// RUNNING, DOWN, STARTING, STOPPED, ...

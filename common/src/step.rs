@@ -16,6 +16,7 @@ pub const STEP_DOMAIN: &[u8] = b"de-step/1\0";
 /// numbers, so an ad-hoc command can run while a long install runs without
 /// either skipping the other's numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Lane {
     /// Deployment work: installs, uninstalls, configuration; one at a time.
     Deploy,
@@ -40,6 +41,7 @@ impl Lane {
 
 /// What monit should do with a component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum MonitOp {
     Start,
     Stop,
@@ -48,6 +50,7 @@ pub enum MonitOp {
 
 /// One action an agent can take.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum StepAction {
     /// Run `script` with `/bin/sh -c`, as `user` (root if None), with extra
     /// environment, killed after `timeout_secs`. Paths inside may use `$DE_ROOT`.
@@ -107,6 +110,7 @@ pub enum StepAction {
 
 /// The archive formats a `Fetch` can unpack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Unpack {
     /// gzip-compressed tar (`.tar.gz`, `.tgz`).
     TarGz,
@@ -142,6 +146,7 @@ impl StepAction {
 
 /// A unit of work for one node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Step {
     /// Unique id (the controller's), used in events and results.
     pub id: StepId,

@@ -126,6 +126,7 @@ pub enum OutStream {
 
 /// How a step ended on the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepOutcome {
     /// The script's exit code; `Some(0)` for other actions that succeeded.
     pub exit_code: Option<i32>,

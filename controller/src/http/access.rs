@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Extension, Router};
-use de_common::api::{AuditAction, AuditEntry, NewToken, TokenView};
+use de_common::api::{AuditAction, AuditEntry, NewToken, TokenCreated, TokenView};
 use serde::Deserialize;
 
 use super::auth::audit;
@@ -31,6 +31,11 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
 }
 
 /// 201 with the new token, shown this once.
+#[utoipa::path(
+    post, path = "/api/v1/tokens", tag = "access",
+    request_body = NewToken,
+    responses((status = 201, description = "The token, shown this once.", body = TokenCreated))
+)]
 async fn create_token(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -51,11 +56,20 @@ async fn create_token(
     Ok((StatusCode::CREATED, axum::Json(created)).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/tokens", tag = "access",
+    responses((status = 200, description = "The tokens, never their secret.", body = Vec<TokenView>))
+)]
 async fn list_tokens(State(ctl): Ctl) -> axum::Json<Vec<TokenView>> {
     axum::Json(ctl.tokens.list())
 }
 
 /// 204 once the token is refused (401) from then on.
+#[utoipa::path(
+    delete, path = "/api/v1/tokens/{name}", tag = "access",
+    params(("name" = String, Path, description = "The token's name.")),
+    responses((status = 204, description = "The token is refused from now on."))
+)]
 async fn revoke_token(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -79,6 +93,11 @@ struct AuditQuery {
 }
 
 /// The newest entries first, `?limit=N` of them (default 100).
+#[utoipa::path(
+    get, path = "/api/v1/audit", tag = "access",
+    params(("limit" = Option<u64>, Query, minimum = 1, description = "How many entries, newest first (100 when absent).")),
+    responses((status = 200, description = "The newest entries first.", body = Vec<AuditEntry>))
+)]
 async fn list_audit(
     State(ctl): Ctl,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
@@ -97,6 +116,11 @@ async fn list_audit(
     }
     Ok(axum::Json(ctl.audit.newest(limit)?))
 }
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(create_token, list_tokens, revoke_token, list_audit))]
+pub(super) struct Doc;
 
 #[cfg(test)]
 mod tests {

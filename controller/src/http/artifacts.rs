@@ -79,6 +79,15 @@ struct UploadQuery {
     sha256: Option<String>,
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/artifacts", operation_id = "upload_artifact", tag = "artifacts",
+    params(
+        ("name" = String, Query, description = "The artifact's name."),
+        ("sha256" = Option<String>, Query, description = "The SHA-256 (hex) the body must have.")
+    ),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file."),
+    responses((status = 201, description = "The artifact as stored.", body = ArtifactView))
+)]
 async fn upload(
     State(ctl): State<Arc<Controller>>,
     Query(q): Query<UploadQuery>,
@@ -105,6 +114,10 @@ async fn upload(
     Ok((StatusCode::CREATED, axum::Json(view(record))))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/artifacts", operation_id = "list_artifacts", tag = "artifacts",
+    responses((status = 200, description = "Every artifact, by name.", body = Vec<ArtifactView>))
+)]
 async fn list(
     State(ctl): State<Arc<Controller>>,
 ) -> Result<axum::Json<Vec<ArtifactView>>, ApiError> {
@@ -116,6 +129,11 @@ async fn list(
     Ok(axum::Json(all.into_iter().map(view).collect()))
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/artifacts/{name}", operation_id = "delete_artifact", tag = "artifacts",
+    params(("name" = String, Path, description = "The artifact's name.")),
+    responses((status = 200, description = "The artifact that was deleted.", body = ArtifactView))
+)]
 async fn remove(
     State(ctl): State<Arc<Controller>>,
     Path(name): Path<String>,
@@ -126,6 +144,12 @@ async fn remove(
     Ok(axum::Json(view(record)))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/artifacts/{name}", operation_id = "download_artifact", tag = "artifacts",
+    params(("name" = String, Path, description = "The artifact's name.")),
+    responses((status = 200, description = "The file.", body = Vec<u8>, content_type = "application/octet-stream",
+        headers(("x-sha256" = String, description = "The file's SHA-256 (hex)."))))
+)]
 async fn download(
     State(ctl): State<Arc<Controller>>,
     Path(name): Path<String>,
@@ -151,3 +175,8 @@ async fn download(
     }
     Ok(r)
 }
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(upload, list, remove, download))]
+pub(super) struct Doc;

@@ -68,6 +68,7 @@ pub(crate) const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     ("GET", "/api/v1/plan/diff", Role::ReadOnly),
     ("GET", "/api/v1/logs", Role::ReadOnly),
     ("GET", "/api/v1/logs/{name}", Role::ReadOnly),
+    ("GET", "/api/v1/openapi.json", Role::ReadOnly),
     ("GET", "/deployment-engine/config", Role::ReadOnly),
     ("GET", "/deployment-engine/hardware", Role::ReadOnly),
     ("POST", "/deployment-engine/hardware", Role::ReadOnly),
@@ -215,7 +216,7 @@ pub(crate) fn audit(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::http::app;
     use axum::body::Body;
@@ -226,7 +227,7 @@ mod tests {
     const API_MD: &str = include_str!("../../../docs/API.md");
 
     /// Every file that declares routes, and whether its routes are public.
-    const SOURCES: &[(&str, &str, bool)] = &[
+    pub(in crate::http) const SOURCES: &[(&str, &str, bool)] = &[
         ("mod.rs", include_str!("mod.rs"), true),
         ("console.rs", include_str!("console.rs"), true),
         ("native.rs", include_str!("native.rs"), false),
@@ -239,11 +240,12 @@ mod tests {
         ("artifacts.rs", include_str!("artifacts.rs"), false),
         ("join.rs", include_str!("join.rs"), true),
         ("metrics.rs", include_str!("metrics.rs"), false),
+        ("openapi.rs", include_str!("openapi.rs"), false),
     ];
 
     /// `(METHOD, path)` of every `.route("path", get(..).post(..))` in `src`
     /// (its test module left out).
-    fn declared_routes(src: &str) -> Vec<(&'static str, String)> {
+    pub(in crate::http) fn declared_routes(src: &str) -> Vec<(&'static str, String)> {
         let src = src
             .split("#[cfg(test)]\nmod tests")
             .next()

@@ -15,7 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 
-use de_common::api::{AuditAction, DeployStarted, HardwareRequest, HardwareRow, NodeView};
+use de_common::api::{
+    AuditAction, DeployStarted, HardwareRequest, HardwareRow, NodeView, PlanCreated,
+};
 
 use super::auth::audit;
 use super::error::{ApiError, ErrorCode, parse_optional_json};
@@ -37,6 +39,10 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
         .merge(super::logs::compat_routes())
 }
 
+#[utoipa::path(
+    get, path = "/deployment-engine/deploy", tag = "original",
+    responses((status = 202, description = "The deployment that was started.", body = DeployStarted))
+)]
 async fn deploy(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -61,6 +67,10 @@ async fn deploy(
         .into_response())
 }
 
+#[utoipa::path(
+    get, path = "/deployment-engine/config", tag = "original",
+    responses((status = 200, description = "The stored plan (secrets read `******`).", body = super::openapi::PlanDoc))
+)]
 async fn get_config(State(ctl): Ctl) -> Result<Response, ApiError> {
     let cur = ctl
         .plans
@@ -69,6 +79,11 @@ async fn get_config(State(ctl): Ctl) -> Result<Response, ApiError> {
     Ok(axum::Json(cur.plan.redacted()).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/deployment-engine/config", tag = "original",
+    request_body(content = super::openapi::PlanDoc, description = "The plan, as JSON (any Content-Type)."),
+    responses((status = 201, description = "The plan is stored.", body = PlanCreated))
+)]
 async fn post_config(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -115,6 +130,11 @@ fn lookup(
     Ok(row(comp, ip, node))
 }
 
+#[utoipa::path(
+    method(get, post), path = "/deployment-engine/hardware", tag = "original",
+    request_body(content = Option<HardwareRequest>, description = "One instance, or `all` / `0.0.0.0` (or no body) for every instance."),
+    responses((status = 200, description = "One row, or every instance's row.", body = super::openapi::HardwareAnswer))
+)]
 async fn hardware(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
     let plan = ctl.plans.current().ok_or_else(ApiError::no_plan)?;
     hardware_answer(&plan, &ctl.nodes.list(), &body)
@@ -168,6 +188,11 @@ pub(crate) fn hardware_answer(
     }
     Ok(axum::Json(lookup(nodes, plan, comp, &canonical)?).into_response())
 }
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(deploy, get_config, post_config, hardware))]
+pub(super) struct Doc;
 
 #[cfg(test)]
 mod tests {

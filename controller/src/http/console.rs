@@ -32,26 +32,92 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 /// `/` (the console), its assets under `/console/`, and `/favicon.ico`.
 pub(crate) fn routes() -> Router<Arc<Controller>> {
     Router::new()
-        .route(
-            "/",
-            get(|h: HeaderMap| async move { asset(&h, Asset::Index) }),
-        )
+        .route("/", get(index))
         // Relative, so that under a proxy's path prefix they stay under it.
-        .route("/console", get(|| async { Redirect::permanent("./") }))
-        .route("/console/", get(|| async { Redirect::permanent("../") }))
-        .route(
-            "/console/app.js",
-            get(|h: HeaderMap| async move { asset(&h, Asset::Script) }),
-        )
-        .route(
-            "/console/style.css",
-            get(|h: HeaderMap| async move { asset(&h, Asset::Style) }),
-        )
-        .route(
-            "/favicon.ico",
-            get(|h: HeaderMap| async move { asset(&h, Asset::Icon) }),
-        )
+        .route("/console", get(console_redirect))
+        .route("/console/", get(console_slash_redirect))
+        .route("/console/app.js", get(app_js))
+        .route("/console/style.css", get(style_css))
+        .route("/favicon.ico", get(favicon))
 }
+
+/// The console's page.
+#[utoipa::path(
+    get, path = "/", tag = "console",
+    responses(
+        (status = 200, description = "The console's page.", body = String, content_type = "text/html"),
+        (status = 304, description = "Not modified (`If-None-Match` named its ETag).")
+    )
+)]
+async fn index(h: HeaderMap) -> Response {
+    asset(&h, Asset::Index)
+}
+
+/// The console's script.
+#[utoipa::path(
+    get, path = "/console/app.js", tag = "console",
+    responses(
+        (status = 200, description = "The console's script.", body = String, content_type = "text/javascript"),
+        (status = 304, description = "Not modified (`If-None-Match` named its ETag).")
+    )
+)]
+async fn app_js(h: HeaderMap) -> Response {
+    asset(&h, Asset::Script)
+}
+
+/// The console's style sheet.
+#[utoipa::path(
+    get, path = "/console/style.css", tag = "console",
+    responses(
+        (status = 200, description = "The console's style sheet.", body = String, content_type = "text/css"),
+        (status = 304, description = "Not modified (`If-None-Match` named its ETag).")
+    )
+)]
+async fn style_css(h: HeaderMap) -> Response {
+    asset(&h, Asset::Style)
+}
+
+/// The console's icon.
+#[utoipa::path(
+    get, path = "/favicon.ico", tag = "console",
+    responses(
+        (status = 200, description = "The console's icon.", body = String, content_type = "image/svg+xml"),
+        (status = 304, description = "Not modified (`If-None-Match` named its ETag).")
+    )
+)]
+async fn favicon(h: HeaderMap) -> Response {
+    asset(&h, Asset::Icon)
+}
+
+/// `/console` is the console at `/`.
+#[utoipa::path(
+    get, path = "/console", tag = "console",
+    responses((status = 308, description = "To the console, `./`.", headers(("location" = String))))
+)]
+async fn console_redirect() -> Redirect {
+    Redirect::permanent("./")
+}
+
+/// `/console/` is the console at `/`.
+#[utoipa::path(
+    get, path = "/console/", tag = "console",
+    responses((status = 308, description = "To the console, `../`.", headers(("location" = String))))
+)]
+async fn console_slash_redirect() -> Redirect {
+    Redirect::permanent("../")
+}
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    index,
+    app_js,
+    style_css,
+    favicon,
+    console_redirect,
+    console_slash_redirect
+))]
+pub(super) struct Doc;
 
 #[derive(Debug, Clone, Copy)]
 enum Asset {

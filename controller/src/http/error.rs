@@ -254,6 +254,17 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     body: &[u8],
     shape: &str,
 ) -> Result<T, ApiError> {
+    // Every body parsed here is an object: serde would also read a struct
+    // from an array of its fields in order (`[null, null]`), which no client
+    // means to send. (A body that is not JSON at all keeps serde's message.)
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+    {
+        return Err(ApiError::bad_request(format!(
+            "body is not a JSON object; expected {shape}"
+        )));
+    }
     serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "body is not valid JSON for this route ({e}); expected {shape}"
@@ -293,6 +304,36 @@ mod tests {
         let status = resp.status();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
         (status, serde_json::from_slice(&bytes).expect("JSON body"))
+    }
+
+    /// A struct is read from an object only, not from an array of its
+    /// fields (which serde alone would accept).
+    #[tokio::test]
+    async fn a_body_that_is_not_an_object_is_refused_naming_the_shape() {
+        use de_common::api::NewCode;
+        for body in ["[null, null]", " [60]", "null", "\"x\"", "60"] {
+            let e = parse_json::<NewCode>(body.as_bytes(), r#"{"ttl_secs": N}"#).expect_err(body);
+            let (status, json) = answer(e).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(
+                json["message"], r#"body is not a JSON object; expected {"ttl_secs": N}"#,
+                "{body}"
+            );
+        }
+        for not_json in ["", "x", "[1"] {
+            let e = parse_json::<NewCode>(not_json.as_bytes(), "S").expect_err(not_json);
+            let (status, json) = answer(e).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{not_json}");
+            let msg = json["message"].as_str().unwrap_or_default();
+            assert!(
+                msg.starts_with("body is not valid JSON for this route (")
+                    && msg.ends_with("); expected S"),
+                "{not_json:?}: {msg}"
+            );
+        }
+        let ok: NewCode = parse_json(b" {\"ttl_secs\": 60}", "").expect("an object");
+        assert_eq!(ok.ttl_secs, Some(60));
+        assert_eq!(parse_optional_json::<NewCode>(b" \n", "").ok(), Some(None));
     }
 
     #[test]

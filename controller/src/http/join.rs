@@ -38,6 +38,10 @@ fn no_store(mut r: Response, content_type: &'static str) -> Response {
     r
 }
 
+#[utoipa::path(
+    get, path = "/join.sh", tag = "join",
+    responses((status = 200, description = "The script that joins a node (over HTTPS only).", body = String, content_type = "text/x-shellscript"))
+)]
 async fn join_script(State(ctl): State<Arc<Controller>>) -> Result<Response, ApiError> {
     let join = join_of(&ctl)?;
     let script = join.script(&ctl.agent_addr).ok_or_else(|| {
@@ -51,6 +55,14 @@ async fn join_script(State(ctl): State<Arc<Controller>>) -> Result<Response, Api
     ))
 }
 
+#[utoipa::path(
+    get, path = "/packages/{file}", tag = "join",
+    params(("file" = String, Path, description = "A file `/join.sh` names.")),
+    responses((status = 200, description = "The package (or `install-agent.sh`).", content(
+        (Vec<u8> = "application/vnd.debian.binary-package"),
+        (String = "text/x-shellscript")
+    )))
+)]
 async fn package(
     State(ctl): State<Arc<Controller>>,
     Path(file): Path<String>,
@@ -80,3 +92,8 @@ async fn package(
         "application/vnd.debian.binary-package",
     ))
 }
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(join_script, package))]
+pub(super) struct Doc;

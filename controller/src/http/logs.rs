@@ -47,7 +47,7 @@ pub(crate) fn compat_routes() -> Router<Arc<Controller>> {
 /// `/api/v1/logs` and `/api/v1/logs/{name}`.
 pub(crate) fn native_routes() -> Router<Arc<Controller>> {
     Router::new()
-        .route("/logs", get(list))
+        .route("/logs", get(list_native))
         .route("/logs/{name}", get(download_by_path))
 }
 
@@ -61,6 +61,10 @@ pub(crate) fn dropped_notice(missed: u64) -> String {
 /// Upgrades to a WebSocket fed with every line written from now on (nothing
 /// older: the files have that). Subscribes before answering, so a client that
 /// has its `101` misses no line written after it.
+#[utoipa::path(
+    get, path = "/deployment-engine/log", tag = "logs",
+    responses((status = 101, description = "A WebSocket (subprotocol `de.log`) of the log lines written from now on, one per text frame."))
+)]
 async fn live(
     State(ctl): Ctl,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -104,11 +108,25 @@ async fn feed(mut socket: WebSocket, mut rx: broadcast::Receiver<Arc<str>>) {
     }
 }
 
+#[utoipa::path(
+    get, path = "/deployment-engine/download", operation_id = "list_log_files", tag = "logs",
+    responses((status = 200, description = "The log files' names, sorted.", body = Vec<String>))
+)]
 async fn list(State(ctl): Ctl) -> Result<axum::Json<LogFiles>, ApiError> {
     ctl.logs
         .files()
         .map(axum::Json)
         .map_err(|e| ApiError::internal("could not list the log files", &e))
+}
+
+/// `GET /api/v1/logs`: the same list as `GET /deployment-engine/download`
+/// (a handler of its own so that the OpenAPI document has both paths).
+#[utoipa::path(
+    get, path = "/api/v1/logs", operation_id = "list_logs", tag = "logs",
+    responses((status = 200, description = "The log files' names, sorted.", body = Vec<String>))
+)]
+async fn list_native(ctl: Ctl) -> Result<axum::Json<LogFiles>, ApiError> {
+    list(ctl).await
 }
 
 /// The file name in a `PUT /deployment-engine/download` body: plain
@@ -141,6 +159,11 @@ pub(crate) fn name_in_body(body: &[u8]) -> Result<String, ApiError> {
     Ok(inner.to_owned())
 }
 
+#[utoipa::path(
+    put, path = "/deployment-engine/download", tag = "logs",
+    request_body(content = String, content_type = "text/plain", description = "The file's name, plain or as a JSON string."),
+    responses((status = 200, description = "The file.", body = String, content_type = "text/plain"))
+)]
 async fn download_named_in_body(State(ctl): Ctl, body: Bytes) -> Result<Response, ApiError> {
     let name = name_in_body(&body)?;
     download(&ctl, &name)
@@ -151,6 +174,14 @@ pub(crate) const MAX_TAIL_LINES: usize = 10_000;
 
 /// `GET /api/v1/logs/{name}`: the whole file, or with `?tail=N` its last N
 /// lines (1..=10000, and at most 4 MiB), read from the end of the file.
+#[utoipa::path(
+    get, path = "/api/v1/logs/{name}", tag = "logs",
+    params(
+        ("name" = String, Path, description = "The log file's name (`GET /api/v1/logs` lists them)."),
+        ("tail" = Option<u64>, Query, minimum = 1, maximum = 10000, description = "Only the last N lines.")
+    ),
+    responses((status = 200, description = "The file, or its last lines.", body = String, content_type = "text/plain"))
+)]
 async fn download_by_path(
     State(ctl): Ctl,
     Path(name): Path<String>,
@@ -204,6 +235,11 @@ fn download(ctl: &Controller, name: &str) -> Result<Response, ApiError> {
     )
         .into_response())
 }
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(live, list, list_native, download_named_in_body, download_by_path))]
+pub(super) struct Doc;
 
 #[cfg(test)]
 mod tests {

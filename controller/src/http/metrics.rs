@@ -31,9 +31,18 @@ pub fn metrics_app(ctl: Arc<Controller>) -> Router {
         .with_state(ctl)
 }
 
+#[utoipa::path(
+    get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "The Prometheus text exposition format (0.0.4); docs/METRICS.md lists every metric.", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"))
+)]
 async fn metrics(State(ctl): State<Arc<Controller>>) -> Response {
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&ctl)).into_response()
 }
+
+/// This module's route in the OpenAPI document (`openapi.rs` merges it).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(metrics))]
+pub(super) struct Doc;
 
 /// Counts each request under its method, the route the router matched
 /// (its template, never the path asked) and the status answered, with the

@@ -8,7 +8,8 @@
 //! tails), `compat` and `operate` (the original `/deployment-engine`
 //! routes), `console` (the web console at `/`), `join` (`/join.sh` and
 //! `/packages/`, what a fresh node fetches), `metrics` (`/metrics`, and the
-//! counting of every request), `tls` (HTTPS). `error` is the one error
+//! counting of every request), `tls` (HTTPS), `openapi`
+//! (`/api/v1/openapi.json`, the OpenAPI document of all of them). `error` is the one error
 //! layer every route answers through.
 //!
 //! Invariants: the HTTP layer uses the domain, never the reverse; every
@@ -26,6 +27,7 @@ mod join;
 pub(crate) mod logs;
 mod metrics;
 mod native;
+mod openapi;
 pub(crate) mod operate;
 mod pki;
 mod plan;
@@ -53,6 +55,7 @@ pub fn app(ctl: Arc<Controller>) -> Router {
         .merge(access::routes())
         .merge(artifacts::routes())
         .merge(pki::routes())
+        .merge(openapi::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             ctl.clone(),
             require_token,
@@ -84,9 +87,18 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such route; the API is under /api/v1 and /deployment-engine")
 }
 
+#[utoipa::path(
+    get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The controller is up.", body = Health))
+)]
 async fn healthz() -> axum::Json<Health> {
     axum::Json(Health {
         status: "ok".to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     })
 }
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(healthz))]
+pub(super) struct Doc;

@@ -14,7 +14,7 @@ use axum::{Extension, Router};
 
 use de_common::api::{
     AuditAction, CodeView, DeploymentView, ExecRequest, ExecResult, FailedCodeAttempt,
-    InstallCodeState, NewCode, NodeUpdate, NodeView, StepRequest,
+    InstallCodeState, NewCode, NodeUpdate, NodeView, StepRecordView, StepRequest,
 };
 
 use de_common::{DeploymentId, NodeId, StepId};
@@ -96,6 +96,11 @@ fn code_view(ctl: &Controller, status: &de_install_codes::CodeStatus) -> CodeVie
     }
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/install-codes", tag = "install codes",
+    request_body(content = Option<NewCode>, description = "Optional: how long the code lives (1 s to 7 days, 1 h when absent) and how many nodes it admits."),
+    responses((status = 201, description = "The new install code (it replaces the previous one).", body = CodeView))
+)]
 async fn post_code(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -129,6 +134,10 @@ async fn post_code(
 
 /// The open code, or a burned or used-up one (so the operator sees where the
 /// guesses came from); 404 when none was issued, or it was ended or expired.
+#[utoipa::path(
+    get, path = "/api/v1/install-codes", tag = "install codes",
+    responses((status = 200, description = "The open code, or a burned or used-up one.", body = CodeView))
+)]
 async fn get_code(State(ctl): Ctl) -> Result<axum::Json<CodeView>, ApiError> {
     use de_install_codes::CodeState;
     let status = ctl
@@ -148,6 +157,10 @@ async fn get_code(State(ctl): Ctl) -> Result<axum::Json<CodeView>, ApiError> {
     Ok(axum::Json(code_view(&ctl, &status)))
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/install-codes", tag = "install codes",
+    responses((status = 204, description = "The code is ended."))
+)]
 async fn delete_code(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -157,10 +170,19 @@ async fn delete_code(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/nodes", tag = "nodes",
+    responses((status = 200, description = "Every enrolled node, revoked ones too.", body = Vec<NodeView>))
+)]
 async fn list_nodes(State(ctl): Ctl) -> axum::Json<Vec<NodeView>> {
     axum::Json(ctl.nodes.list())
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/nodes/{id}", tag = "nodes",
+    params(("id" = String, Path, description = "The node's id.")),
+    responses((status = 200, description = "The node.", body = NodeView))
+)]
 async fn get_node(
     State(ctl): Ctl,
     Path(id): Path<NodeId>,
@@ -172,6 +194,12 @@ async fn get_node(
 }
 
 /// An operator's change of a node's IPs or NAT allowance.
+#[utoipa::path(
+    put, path = "/api/v1/nodes/{id}", tag = "nodes",
+    params(("id" = String, Path, description = "The node's id.")),
+    request_body = NodeUpdate,
+    responses((status = 200, description = "The node as changed.", body = NodeView))
+)]
 async fn put_node(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -205,6 +233,11 @@ async fn put_node(
     }
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/nodes/{id}", tag = "nodes",
+    params(("id" = String, Path, description = "The node's id.")),
+    responses((status = 204, description = "The node is revoked: its certificate is refused from now on."))
+)]
 async fn delete_node(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -288,6 +321,11 @@ fn exec_result(
     }
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/exec", tag = "nodes",
+    request_body = ExecRequest,
+    responses((status = 200, description = "One result per target node, in the order of the targets.", body = Vec<ExecResult>))
+)]
 async fn exec(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -380,11 +418,20 @@ async fn exec(
     Ok(axum::Json(out))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/deployments", tag = "deployments",
+    responses((status = 200, description = "Every deployment, without its steps (`steps` is null).", body = Vec<DeploymentView>))
+)]
 async fn list_deployments(State(ctl): Ctl) -> Result<axum::Json<Vec<DeploymentView>>, ApiError> {
     let all = crate::Deployer::list(&ctl)?;
     Ok(axum::Json(all.iter().map(|d| d.view(false)).collect()))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/deployments/{id}", tag = "deployments",
+    params(("id" = String, Path, description = "The deployment's id.")),
+    responses((status = 200, description = "The deployment with its steps.", body = DeploymentView))
+)]
 async fn get_deployment(
     State(ctl): Ctl,
     Path(id): Path<DeploymentId>,
@@ -399,6 +446,11 @@ async fn get_deployment(
 }
 
 /// The deployment's log as text: every step in order with its state and the end of its output.
+#[utoipa::path(
+    get, path = "/api/v1/deployments/{id}/log", tag = "deployments",
+    params(("id" = String, Path, description = "The deployment's id.")),
+    responses((status = 200, description = "The deployment's log.", body = String, content_type = "text/plain"))
+)]
 async fn get_deployment_log(
     State(ctl): Ctl,
     Path(id): Path<DeploymentId>,
@@ -418,6 +470,11 @@ async fn get_deployment_log(
 /// Cancels a running deployment: 200 with the deployment as it ended
 /// (`cancelled`), durable when answered; 404 for no such deployment, 409 for
 /// one that is not running.
+#[utoipa::path(
+    post, path = "/api/v1/deployments/{id}/cancel", tag = "deployments",
+    params(("id" = String, Path, description = "The deployment's id.")),
+    responses((status = 200, description = "The deployment as it ended (`cancelled`).", body = DeploymentView))
+)]
 async fn cancel_deployment(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -436,6 +493,11 @@ async fn cancel_deployment(
 /// starts. 200 with the deployment (`paused: true`), durable when answered;
 /// pausing a paused one changes nothing. 404 for no such deployment, 409
 /// for one that is not running.
+#[utoipa::path(
+    post, path = "/api/v1/deployments/{id}/pause", tag = "deployments",
+    params(("id" = String, Path, description = "The deployment's id.")),
+    responses((status = 200, description = "The deployment (`paused: true`).", body = DeploymentView))
+)]
 async fn pause_deployment(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -446,6 +508,11 @@ async fn pause_deployment(
 
 /// Resumes a paused deployment: 200 with the deployment (`paused: false`);
 /// resuming one that is not paused changes nothing. 404, 409 as for pause.
+#[utoipa::path(
+    post, path = "/api/v1/deployments/{id}/resume", tag = "deployments",
+    params(("id" = String, Path, description = "The deployment's id.")),
+    responses((status = 200, description = "The deployment (`paused: false`).", body = DeploymentView))
+)]
 async fn resume_deployment(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -475,6 +542,15 @@ async fn set_paused(
 
 /// Queues one raw step for a node and waits (bounded) for it: 200 with the
 /// finished record, or 202 with the record as it stands.
+#[utoipa::path(
+    post, path = "/api/v1/nodes/{id}/steps", tag = "nodes",
+    params(("id" = String, Path, description = "The node's id or one of its IPs.")),
+    request_body = StepRequest,
+    responses(
+        (status = 200, description = "The step finished within `wait_secs`.", body = StepRecordView),
+        (status = 202, description = "The step as it stands after `wait_secs`.", body = StepRecordView)
+    )
+)]
 async fn post_step(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -532,6 +608,11 @@ fn step_answer(ctl: &Controller, rec: &StepRecord) -> axum::Json<serde_json::Val
     axum::Json(rec.redacted(&secrets))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/steps/{id}", tag = "nodes",
+    params(("id" = String, Path, description = "The step's id.")),
+    responses((status = 200, description = "The step record (secrets of the plan read `******`).", body = StepRecordView))
+)]
 async fn get_step(
     State(ctl): Ctl,
     Path(id): Path<StepId>,
@@ -541,6 +622,28 @@ async fn get_step(
         .map(|r| step_answer(&ctl, &r))
         .ok_or_else(|| ApiError::not_found(format!("no step {id:?}")))
 }
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    post_code,
+    get_code,
+    delete_code,
+    list_nodes,
+    get_node,
+    put_node,
+    delete_node,
+    exec,
+    list_deployments,
+    get_deployment,
+    get_deployment_log,
+    cancel_deployment,
+    pause_deployment,
+    resume_deployment,
+    post_step,
+    get_step
+))]
+pub(super) struct Doc;
 
 #[cfg(test)]
 mod tests {

@@ -70,6 +70,10 @@ fn row(comp: &str, ip: &str, node: Option<&NodeView>) -> StatusRow {
     }
 }
 
+#[utoipa::path(
+    get, path = "/deployment-engine/status", tag = "original",
+    responses((status = 200, description = "One row per component instance of the plan.", body = Vec<StatusRow>))
+)]
 async fn status(State(ctl): Ctl) -> Result<axum::Json<Vec<StatusRow>>, ApiError> {
     let plan = ctl.plans.current().ok_or_else(ApiError::no_plan)?;
     let nodes = ctl.nodes.list();
@@ -232,6 +236,11 @@ async fn operate(
     Ok(axum::Json(rows).into_response())
 }
 
+#[utoipa::path(
+    put, path = "/deployment-engine/restart", tag = "original",
+    request_body(content = OperateRequest, description = "A component and one of its IPs; `all` / `0.0.0.0` match everything."),
+    responses((status = 200, description = "One row per instance named.", body = Vec<OperateRow>))
+)]
 async fn restart(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -240,6 +249,11 @@ async fn restart(
     operate(ctl, caller, body, MonitOp::Restart).await
 }
 
+#[utoipa::path(
+    put, path = "/deployment-engine/stop", tag = "original",
+    request_body(content = OperateRequest, description = "A component and one of its IPs; `all` / `0.0.0.0` match everything."),
+    responses((status = 200, description = "One row per instance named.", body = Vec<OperateRow>))
+)]
 async fn stop(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -250,6 +264,11 @@ async fn stop(
 
 /// Starts what `stop` stopped (and ends the operator's stop, so deployments
 /// run it again).
+#[utoipa::path(
+    put, path = "/deployment-engine/start", tag = "original",
+    request_body(content = OperateRequest, description = "A component and one of its IPs; `all` / `0.0.0.0` match everything."),
+    responses((status = 200, description = "One row per instance named.", body = Vec<OperateRow>))
+)]
 async fn start(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -257,6 +276,11 @@ async fn start(
 ) -> Result<Response, ApiError> {
     operate(ctl, caller, body, MonitOp::Start).await
 }
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(status, restart, stop, start))]
+pub(super) struct Doc;
 
 #[cfg(test)]
 mod tests {

@@ -26,10 +26,18 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
         .route("/pki/retire-old-ca", post(retire_old_ca))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/pki", tag = "pki",
+    responses((status = 200, description = "The controller's keys, as fingerprints.", body = PkiView))
+)]
 async fn show(State(ctl): Ctl) -> Json<PkiView> {
     Json(rotation::view(&ctl))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/pki/rotate-step-key", tag = "pki",
+    responses((status = 200, description = "The keys after the rotation.", body = PkiView))
+)]
 async fn rotate_step_key(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -50,6 +58,10 @@ async fn rotate_step_key(
     Ok(Json(view))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/pki/rotate-ca", tag = "pki",
+    responses((status = 200, description = "The keys after the rotation.", body = PkiView))
+)]
 async fn rotate_ca(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -63,6 +75,11 @@ async fn rotate_ca(
     Ok(Json(view))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/pki/retire-old-ca", tag = "pki",
+    request_body(content = Option<RetireCa>, description = "Optional: force the retirement."),
+    responses((status = 200, description = "The keys once the old CA is no longer trusted.", body = PkiView))
+)]
 async fn retire_old_ca(
     State(ctl): Ctl,
     Extension(caller): Extension<Caller>,
@@ -82,3 +99,8 @@ async fn retire_old_ca(
         .record(&format!("old CA retired: only CA {} is trusted", view.ca));
     Ok(Json(view))
 }
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(show, rotate_step_key, rotate_ca, retire_old_ca))]
+pub(super) struct Doc;

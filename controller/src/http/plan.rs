@@ -34,6 +34,10 @@ pub(crate) fn routes() -> Router<Arc<Controller>> {
 
 /// What `GET /deployment-engine/deploy` would do now, per instance, with why
 /// (compared with the last applied plan and with what the nodes report).
+#[utoipa::path(
+    get, path = "/api/v1/plan/diff", tag = "plans",
+    responses((status = 200, description = "What a deployment would do now.", body = api::PlanDiff))
+)]
 async fn diff(State(ctl): Ctl) -> Result<axum::Json<de_common::api::PlanDiff>, ApiError> {
     Ok(axum::Json(crate::Deployer::diff(&ctl)?))
 }
@@ -142,6 +146,11 @@ fn plan_doc(plan: &Plan) -> Value {
     serde_json::to_value(plan.redacted()).unwrap_or_default()
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/plan/validate", tag = "plans",
+    request_body = super::openapi::PlanDoc,
+    responses((status = 200, description = "The plan is valid; nothing was stored.", body = api::PlanCheck<super::openapi::PlanDoc>))
+)]
 async fn validate(
     State(ctl): Ctl,
     body: Bytes,
@@ -158,6 +167,10 @@ async fn validate(
     }))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/plan", tag = "plans",
+    responses((status = 200, description = "The stored plan (secrets read `******`).", body = api::StoredPlanView<super::openapi::PlanDoc>))
+)]
 async fn get_plan(State(ctl): Ctl) -> Result<axum::Json<api::StoredPlanView<Value>>, ApiError> {
     let cur = ctl.plans.current().ok_or_else(|| {
         ApiError::not_found(
@@ -219,10 +232,19 @@ fn summary(c: &Catalog) -> api::CatalogSummary {
     }
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/catalogs", tag = "plans",
+    responses((status = 200, description = "Every loaded catalog.", body = Vec<api::CatalogSummary>))
+)]
 async fn list_catalogs(State(ctl): Ctl) -> axum::Json<Vec<api::CatalogSummary>> {
     axum::Json(ctl.catalogs.iter().map(|c| summary(c)).collect())
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/catalogs/{name}", tag = "plans",
+    params(("name" = String, Path, description = "The catalog's name.")),
+    responses((status = 200, description = "The catalog, with `properties`, `prepare` and each component's steps and templates.", body = api::CatalogSummary))
+)]
 async fn get_catalog(
     State(ctl): Ctl,
     Path(name): Path<String>,
@@ -257,6 +279,11 @@ pub(crate) fn created_body(a: &Accepted) -> api::PlanCreated {
 pub(crate) fn created(a: &Accepted) -> (StatusCode, axum::Json<api::PlanCreated>) {
     (StatusCode::CREATED, axum::Json(created_body(a)))
 }
+
+/// This module's routes in the OpenAPI document (`openapi.rs` merges them).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(diff, validate, get_plan, list_catalogs, get_catalog))]
+pub(super) struct Doc;
 
 #[cfg(test)]
 mod tests {
