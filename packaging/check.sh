@@ -8,10 +8,13 @@
 # join.sh and the agent package from the controller over the pinned
 # connection and enrols, the package opens monit's HTTP interface with its
 # drop-in (de-agent monit-setup), debian-demo's nats is deployed, restarted (new pid), stopped and
-# uninstalled, the node revoked; then install-agent.sh's argument errors,
+# uninstalled, the node revoked; the shell completions and man pages work,
+# and root's dectl config written by the package lets `dectl nodes` run with
+# no flags; then install-agent.sh's argument errors,
 # and both packages removed and purged so the machine is left as it was
 # (/etc/monit byte for byte; monit, if installed here, stays; the system
-# user deployment-engine is deleted if this run created it).
+# user deployment-engine is deleted if this run created it; root's dectl
+# config, put aside for the run, is put back).
 #
 #   bash packaging/check.sh        ends with "packaging: N passed, M failed"
 set -uo pipefail
@@ -48,6 +51,14 @@ cleanup() {
   fi
   if [ "${we_started_monit:-0}" = 1 ]; then
     monit -c /etc/monit/monitrc quit >/dev/null 2>&1 || true
+  fi
+  # Purge keeps root's dectl config (as it may be the operator's): put back
+  # the one there was, or delete the one the package wrote in this run.
+  if [ "${dectl_config_saved:-0}" = 1 ]; then
+    mv -f "$work/dectl-config.saved" "$dectl_config"
+  elif [ "${dectl_config_ours:-0}" = 1 ]; then
+    rm -f "$dectl_config"
+    for d in "${dectl_dirs_made[@]}"; do rmdir "$d" 2>/dev/null || true; done
   fi
   # Purge keeps the system user (as Debian does); drop it if this run made it.
   if [ "${user_existed:-1}" = 0 ] && getent passwd deployment-engine >/dev/null; then
@@ -131,16 +142,37 @@ check "controller: install-agent.sh in /usr/share/deployment-engine, 0755" has "
 check "controller: INSTALL.md" has "$ctl_deb" -rw-r--r-- usr/share/doc/$ctl_pkg/INSTALL.md
 check "controller: depends on adduser" sh -c "dpkg-deb -f '$ctl_deb' Depends | grep -qw adduser"
 check "controller: its config is a conffile" sh -c "dpkg-deb -I '$ctl_deb' conffiles | grep -qx /etc/deployment-engine/controller.toml"
+# shipped DEB NAME: NAME's completions for bash, zsh and fish and its man page (gzipped), 0644.
+shipped() {
+  has "$1" -rw-r--r-- "usr/share/bash-completion/completions/$2" &&
+    has "$1" -rw-r--r-- "usr/share/zsh/vendor-completions/_$2" &&
+    has "$1" -rw-r--r-- "usr/share/fish/vendor_completions.d/$2.fish" &&
+    has "$1" -rw-r--r-- "usr/share/man/man1/$2.1.gz"
+}
+check "controller: de-controller's completions (bash, zsh, fish) and man page" shipped "$ctl_deb" de-controller
+check "controller: dectl's completions (bash, zsh, fish) and man page" shipped "$ctl_deb" dectl
+check "controller: a man page per dectl subcommand (dectl-deploy-pause.1.gz, ...)" has "$ctl_deb" -rw-r--r-- usr/share/man/man1/dectl-deploy-pause.1.gz
 check "agent: /usr/bin/de-agent, 0755" has "$agent_deb" -rwxr-xr-x usr/bin/de-agent
 check "agent: its systemd unit" has "$agent_deb" -rw-r--r-- usr/lib/systemd/system/$agent_pkg.service
 check "agent: the unit is packaging/'s" same "$agent_deb" usr/lib/systemd/system/$agent_pkg.service packaging/agent/$agent_pkg.service
 check "agent: /etc/deployment-engine/agent.toml, 0644" has "$agent_deb" -rw-r--r-- etc/deployment-engine/agent.toml
 check "agent: the config is packaging/'s" same "$agent_deb" etc/deployment-engine/agent.toml packaging/agent/agent.toml
 check "agent: INSTALL.md" has "$agent_deb" -rw-r--r-- usr/share/doc/$agent_pkg/INSTALL.md
+check "agent: de-agent's completions (bash, zsh, fish) and man page" shipped "$agent_deb" de-agent
 check "agent: depends on monit" sh -c "dpkg-deb -f '$agent_deb' Depends | grep -qw monit"
 check "agent: its config is a conffile" sh -c "dpkg-deb -I '$agent_deb' conffiles | grep -qx /etc/deployment-engine/agent.toml"
 
 echo "== install the controller (dpkg -i); the node gets the agent from it"
+# root's dectl config: the package writes one where there is none, so one
+# that is there is put aside for the run (cleanup puts it back).
+root_home=$(getent passwd root | cut -d: -f6)
+dectl_config=$root_home/.config/dectl/config.toml
+dectl_dirs_made=()
+for d in "$root_home/.config/dectl" "$root_home/.config"; do [ -d "$d" ] || dectl_dirs_made+=("$d"); done
+if [ -e "$dectl_config" ] || [ -L "$dectl_config" ]; then
+  mv "$dectl_config" "$work/dectl-config.saved" && dectl_config_saved=1
+fi
+dectl_config_ours=1
 we_installed=1
 if ! out=$(dpkg -i "$ctl_deb" 2>&1); then
   bad "dpkg -i installs the controller package" "$out"
@@ -155,6 +187,42 @@ owned() { [ "$(stat -c '%a %U:%G' "$3")" = "$1 $2" ] || { stat -c '%a %U:%G %n' 
 check "controller data dir: deployment-engine, 0700" owned 700 deployment-engine:deployment-engine /var/lib/deployment-engine/controller
 check "the controller package carries the agent package it was built with" \
   sh -c "cmp /usr/share/deployment-engine/packages/$(basename "$agent_deb") '$agent_deb'"
+data=/var/lib/deployment-engine/controller
+# The packaged config: api_listen 0.0.0.0:50000 (the default), api_tls on.
+dectl_expected="controller = \"https://127.0.0.1:50000\"
+token_file = \"$data/admin.token\"
+ca_cert = \"$data/ca.pem\""
+dectl_config_written() {
+  owned 644 root:root "$dectl_config" && [ "$(grep -v '^#' "$dectl_config")" = "$dectl_expected" ] ||
+    { cat "$dectl_config"; return 1; }
+}
+check "the package wrote root's dectl config ($dectl_config, root, 0644): the packaged API, token and CA" dectl_config_written
+echo "== shell completions and man pages, installed"
+# completes NAME WORD EXPECTED: bash, with NAME's installed completions
+# (sourced; `complete -p NAME` names their function), offers EXPECTED for `NAME WORD<Tab>`.
+completes() {
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  bash -c 'source "/usr/share/bash-completion/completions/$1" && spec=$(complete -p "$1") && echo "$spec" &&
+    fn=${spec##* -F } && fn=${fn%% *} && COMP_WORDS=("$1" "$2") && COMP_CWORD=1 &&
+    "$fn" "$1" "$2" "$1" && echo "offered: ${COMPREPLY[*]}"' completes "$1" "$2" >"$work/complete.out" 2>&1 &&
+    grep -q "^offered: .*\b$3\b" "$work/complete.out" || { cat "$work/complete.out"; return 1; }
+}
+# man_page NAME: the installed page is gzipped roff with a NAME section, and man finds it.
+man_page() {
+  local page=/usr/share/man/man1/$1.1.gz
+  zcat "$page" | grep -qx '\.SH NAME' || { echo "$page has no NAME section"; return 1; }
+  if command -v man >/dev/null; then [ "$(man -w "$1")" = "$page" ] || { echo "man -w $1: $(man -w "$1" 2>&1)"; return 1; }; fi
+}
+if grep -rqs '^path-exclude=*/usr/share/man' /etc/dpkg/dpkg.cfg /etc/dpkg/dpkg.cfg.d; then
+  echo "skip man pages installed: dpkg excludes /usr/share/man on this machine"
+else
+  check "man -w dectl finds /usr/share/man/man1/dectl.1.gz, with its NAME section" man_page dectl
+  check "man -w de-controller finds its page, with its NAME section" man_page de-controller
+fi
+check "bash: source dectl's completions, complete -p dectl; 'dectl deploy<Tab>' offers deployments" completes dectl deploy deployments
+check "bash: 'de-controller s<Tab>' offers serve" completes de-controller s serve
+check "zsh and fish completions installed for dectl and de-controller" sh -c \
+  'for n in dectl de-controller; do [ -s /usr/share/zsh/vendor-completions/_$n ] && [ -s /usr/share/fish/vendor_completions.d/$n.fish ] || exit 1; done'
 
 echo "== a stock Debian node joins with the one line shown with a code, and runs debian-demo under the system monit"
 # The system monit as its service runs it (no systemd as PID 1 here, so by
@@ -176,15 +244,15 @@ vcap_existed=0
 installed nats-server && nats_was_installed=1 || nats_was_installed=0
 
 # The controller as its unit would run it (its user, the packaged config:
-# HTTPS on), on loopback ports the kernel picks.
+# HTTPS on), on loopback: the API on the packaged port 50000 (where root's
+# dectl config points), QUIC on a port the kernel picks.
 setpriv --reuid=deployment-engine --regid=deployment-engine --init-groups -- /usr/bin/de-controller serve --config /etc/deployment-engine/controller.toml \
-  --api-listen 127.0.0.1:0 --quic-listen 127.0.0.1:0 >"$work/ctl.out" 2>"$work/ctl.err" &
+  --api-listen 127.0.0.1:50000 --quic-listen 127.0.0.1:0 >"$work/ctl.out" 2>"$work/ctl.err" &
 ctl_pid=$!
 pids+=("$ctl_pid")
 for _ in $(seq 1 200); do grep -q '^quic listening' "$work/ctl.out" 2>/dev/null && break; sleep 0.1; done
 api=$(sed -n 's/^api listening on //p' "$work/ctl.out")
 pin=$(sed -n 's/^api https pin //p' "$work/ctl.out")
-data=/var/lib/deployment-engine/controller
 token_file=$data/admin.token
 if [ -z "$api" ] || [ -z "$pin" ] || [ ! -f "$token_file" ]; then
   bad "the packaged controller starts as deployment-engine, serving HTTPS" "$(cat "$work/ctl.out" "$work/ctl.err")"
@@ -202,6 +270,9 @@ else
     sh -c "dectl --controller https://$api --token-file $token_file nodes"
   check "dectl shows the pin the controller printed" \
     sh -c "dectl --controller https://$api --token-file $token_file ca | grep -Fqx 'API key pin:    $pin'"
+  # Root with the package's config only: no flags, no DECTL_* variables.
+  check "dectl nodes, as root, with no flags (root's dectl config from the package)" \
+    env -u XDG_CONFIG_HOME -u DECTL_CONFIG -u DECTL_CONTROLLER -u DECTL_TOKEN_FILE -u DECTL_CA_CERT HOME="$root_home" dectl nodes
   answer=$(c -X POST "https://$api/api/v1/install-codes")
   code=$(echo "$answer" | sed -E 's/.*"code":"([0-9]{4})".*/\1/')
   line=$(echo "$answer" | sed -E 's/.*"agent_command":"([^"]*)".*/\1/')
@@ -218,6 +289,10 @@ else
   fi
   check "de-agent --version runs from /usr/bin (installed from the controller's copy)" sh -c '[ "$(command -v de-agent)" = /usr/bin/de-agent ] && de-agent --version | grep -Eqx "de-agent [0-9]+\.[0-9]+\.[0-9]+"'
   check "agent state dir: root, 0700" owned 700 root:root /var/lib/deployment-engine/agent
+  check "bash: 'de-agent e<Tab>' offers enroll (the agent package's completions)" completes de-agent e enroll
+  if ! grep -rqs '^path-exclude=*/usr/share/man' /etc/dpkg/dpkg.cfg /etc/dpkg/dpkg.cfg.d; then
+    check "man -w de-agent finds its page, with its NAME section" man_page de-agent
+  fi
   check "/etc/deployment-engine/*.toml: root, 0644" sh -c 'for f in controller agent; do [ "$(stat -c "%a %U" /etc/deployment-engine/$f.toml)" = "644 root" ] || exit 1; done'
   quic=$(sed -n 's/^quic listening on //p' "$work/ctl.out")
   check "agent.toml names the controller and keeps its comments" \
@@ -376,6 +451,12 @@ if [ "$we_started_monit" = 1 ]; then
 fi
 if [ "${nats_was_installed:-1}" = 0 ]; then apt-get purge -y -qq nats-server >/dev/null 2>&1 || true; fi
 
+echo "== root's dectl config, once changed, is the operator's: a reinstall and purge leave it"
+echo "# changed by the operator" >>"$dectl_config"
+dectl_sum=$(sha256sum "$dectl_config")
+check "dpkg -i again (as an upgrade does) leaves root's changed dectl config as it is" \
+  sh -c "dpkg -i '$ctl_deb' >/dev/null && [ \"\$(sha256sum '$dectl_config')\" = '$dectl_sum' ]"
+
 echo "== remove keeps the controller's data, purge deletes it"
 check "dpkg -r removes the controller package" dpkg -r "$ctl_pkg"
 check "after remove: binaries gone, data kept" sh -c \
@@ -384,6 +465,7 @@ check "dpkg --purge purges the controller package" dpkg --purge "$ctl_pkg"
 we_installed=0
 check "after purge: /var/lib/deployment-engine and /etc/deployment-engine are gone" sh -c \
   '! [ -e /var/lib/deployment-engine ] && ! [ -e /etc/deployment-engine ]'
+check "after purge: root's dectl config is kept (it may be the operator's)" sh -c "[ \"\$(sha256sum '$dectl_config')\" = '$dectl_sum' ]"
 check "after purge: no package left in dpkg's database" sh -c "! dpkg-query -W $ctl_pkg $agent_pkg >/dev/null 2>&1"
 
 echo "== took $((SECONDS - start)) s"

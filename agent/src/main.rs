@@ -162,7 +162,8 @@ impl Settings {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Also writes the completions and man pages (hidden `completions`, `man`).
+    let cli = de_common::cli_docs::parse::<Cli>();
     let (file, from) =
         match de_common::load_config::<Config>(cli.config.as_deref(), Path::new(PACKAGED_PATH)) {
             Ok(loaded) => loaded,
@@ -344,5 +345,46 @@ async fn async_main(command: Command, file: Config) -> ExitCode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use de_common::cli_docs::{Shell, completions, man_pages};
+
+    /// What the package ships: a completion script per shell and a man page
+    /// per command, each naming every subcommand.
+    #[test]
+    fn completions_and_man_pages_name_every_subcommand() {
+        let subcommands = ["enroll", "run", "monit-setup"];
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let text = String::from_utf8(completions(Cli::command(), shell)).expect("utf-8");
+            for name in subcommands {
+                assert!(text.contains(name), "{shell}: no {name}");
+            }
+        }
+        let pages = man_pages(Cli::command());
+        let names: Vec<&str> = pages.iter().map(|p| p.file_name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "de-agent.1",
+                "de-agent-enroll.1",
+                "de-agent-run.1",
+                "de-agent-monit-setup.1"
+            ]
+        );
+        let top = String::from_utf8_lossy(&pages[0].roff);
+        for name in subcommands {
+            let name = name.replace('-', "\\-");
+            assert!(top.contains(&format!("de\\-agent\\-{name}(1)")), "{top}");
+        }
+        let run = String::from_utf8_lossy(&pages[2].roff);
+        assert!(
+            run.contains(".SH NAME") && run.contains("\\-\\-heartbeat\\-secs"),
+            "{run}"
+        );
     }
 }

@@ -2,13 +2,15 @@
 //! and controller, their framing, the types both sides agree on, how both
 //! binaries read their config files and how both print an error's chain;
 //! and, in [`api`], the HTTP API's request and answer bodies the
-//! controller, `dectl` and the tests share.
+//! controller, `dectl` and the tests share; and, in [`cli_docs`], the
+//! binaries' shell completions and man pages.
 //!
 //! Architecture invariant: this is the only crate that knows the wire format.
 //! It does no network I/O of its own (framing works on any `AsyncRead` /
 //! `AsyncWrite`) and holds no sled, axum or quinn types.
 
 pub mod api;
+pub mod cli_docs;
 mod clock;
 mod config;
 mod error;

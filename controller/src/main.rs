@@ -247,7 +247,8 @@ impl Settings {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // Also writes the completions and man pages (hidden `completions`, `man`).
+    let cli = de_common::cli_docs::parse::<Cli>();
     let (file, from) =
         match de_common::load_config::<Config>(cli.config.as_deref(), Path::new(PACKAGED_PATH)) {
             Ok(loaded) => loaded,
@@ -573,6 +574,33 @@ mod tests {
                 PathBuf::from("d/packages")
             ]
         );
+    }
+
+    /// What the package ships: a completion script per shell and a man page
+    /// per command, each naming the subcommand.
+    #[test]
+    fn completions_and_man_pages_name_every_subcommand() {
+        use clap::CommandFactory;
+        use de_common::cli_docs::{Shell, completions, man_pages};
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let text = String::from_utf8(completions(Cli::command(), shell)).expect("utf-8");
+            assert!(
+                text.contains("serve") && text.contains("api-listen"),
+                "{shell}: {text}"
+            );
+        }
+        let pages = man_pages(Cli::command());
+        let names: Vec<&str> = pages.iter().map(|p| p.file_name.as_str()).collect();
+        assert_eq!(names, ["de-controller.1", "de-controller-serve.1"]);
+        let top = String::from_utf8_lossy(&pages[0].roff);
+        assert!(top.contains("de\\-controller\\-serve(1)"), "{top}");
+        let serve = String::from_utf8_lossy(&pages[1].roff);
+        assert!(
+            serve.contains(".SH NAME") && serve.contains("\\-\\-api\\-listen"),
+            "{serve}"
+        );
+        // The test-only flags stay out of the pages.
+        assert!(!serve.contains("test\\-node"), "{serve}");
     }
 
     #[test]

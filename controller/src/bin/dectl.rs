@@ -1173,7 +1173,8 @@ fn act_on_deployment(api: &Api, verb: &str, id: Option<String>, json: bool) -> O
 }
 
 /// Shows a deployment's progress until it ends: one bar per component
-/// instance on a terminal, else a line per change.
+/// instance on a terminal, else a line per change; and a line when it is
+/// paused or resumed ([`pause_line`]).
 fn follow_deployment(api: &Api, id: &str) -> Outcome {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     let multi = MultiProgress::new();
@@ -1184,8 +1185,14 @@ fn follow_deployment(api: &Api, id: &str) -> Outcome {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut printed: std::collections::HashSet<String> = std::collections::HashSet::new();
     let started = Instant::now();
+    let mut paused = false;
     loop {
         let d: DeploymentView = api.get(&format!("/api/v1/deployments/{id}"))?.parse()?;
+        if let Some(line) = pause_line(paused, &d) {
+            // Above the bars, which are drawn again under it.
+            multi.suspend(|| println!("{line}"));
+        }
+        paused = d.paused && d.state == DeployState::Running;
         // One bar per component instance (component and node).
         let mut groups: Vec<(String, u64, u64, String)> = Vec::new();
         for st in d.steps.iter().flatten() {
@@ -1254,6 +1261,26 @@ fn follow_deployment(api: &Api, id: &str) -> Outcome {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// The line `deploy --follow` prints when the deployment `d` has been
+/// paused or resumed since the previous look (`was_paused`); `None` when
+/// that did not change or the deployment ended.
+fn pause_line(was_paused: bool, d: &DeploymentView) -> Option<String> {
+    if d.state != DeployState::Running || d.paused == was_paused {
+        return None;
+    }
+    Some(if d.paused {
+        format!(
+            "deployment {} paused ({}/{} steps done): the steps in flight finish, no new one starts until `dectl deploy resume {}`",
+            d.id, d.steps_done, d.steps_total, d.id
+        )
+    } else {
+        format!(
+            "deployment {} resumed ({}/{} steps done)",
+            d.id, d.steps_done, d.steps_total
+        )
+    })
 }
 
 /// Every deployment, or one (`id`) with its steps.
@@ -1662,7 +1689,8 @@ fn ca_of(t: &Target) -> Result<Option<Ca>, Failure> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Also writes the completions and man pages (hidden `completions`, `man`).
+    let cli = de_common::cli_docs::parse::<Cli>();
     let target = match target_of(&cli) {
         Ok(t) => t,
         Err(Failure(msg, code)) => {
@@ -1768,6 +1796,76 @@ mod tests {
         Cli::try_parse_from(std::iter::once("dectl").chain(args.iter().copied()))
             .map(|c| c.command)
             .map_err(|e| e.to_string())
+    }
+
+    /// Every subcommand, at every depth, as its path of names (`["codes", "new"]`).
+    fn subcommand_paths(cmd: &clap::Command, above: &[String], out: &mut Vec<Vec<String>>) {
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            let mut path = above.to_vec();
+            path.push(sub.get_name().to_owned());
+            subcommand_paths(sub, &path, out);
+            out.push(path);
+        }
+    }
+
+    /// What the package ships: a completion script per shell and a man page
+    /// per command and subcommand, each naming every subcommand.
+    #[test]
+    fn completions_and_man_pages_name_every_subcommand() {
+        use clap::CommandFactory;
+        use de_common::cli_docs::{Shell, completions, man_pages};
+        let mut paths = Vec::new();
+        subcommand_paths(&Cli::command(), &[], &mut paths);
+        // The ones users see first, and a few nested ones.
+        for path in [
+            "codes",
+            "nodes",
+            "revoke",
+            "plan",
+            "deploy",
+            "deployments",
+            "status",
+            "start",
+            "restart",
+            "stop",
+            "logs",
+            "exec",
+            "ca",
+            "artifacts",
+            "tokens",
+            "pki",
+            "codes new",
+            "nodes set-ip",
+            "deploy pause",
+            "pki retire-old-ca",
+        ] {
+            assert!(
+                paths.iter().any(|p| p.join(" ") == path),
+                "{path} missing from {paths:?}"
+            );
+        }
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let text = String::from_utf8(completions(Cli::command(), shell)).expect("utf-8");
+            for path in &paths {
+                let name = path.last().map(String::as_str).unwrap_or_default();
+                assert!(text.contains(name), "{shell}: no {name}");
+            }
+            assert!(!text.contains("completions"), "{shell}");
+        }
+        let pages = man_pages(Cli::command());
+        assert_eq!(pages.len(), paths.len() + 1);
+        for path in &paths {
+            let file = format!("dectl-{}.1", path.join("-"));
+            let page = pages
+                .iter()
+                .find(|p| p.file_name == file)
+                .map(|p| String::from_utf8_lossy(&p.roff).into_owned())
+                .unwrap_or_else(|| panic!("no page {file}"));
+            assert!(page.contains(".SH NAME"), "{file}: {page}");
+            assert!(page.contains("\\-\\-token\\-file"), "{file}: global flags");
+        }
+        let top = String::from_utf8_lossy(&pages[0].roff);
+        assert!(top.contains("dectl\\-deployments(1)"), "{top}");
     }
 
     #[test]
@@ -1928,6 +2026,31 @@ mod tests {
             rollout: Vec::new(),
             watches: Vec::new(),
         }
+    }
+
+    #[test]
+    fn follow_says_when_the_deployment_is_paused_and_resumed_once_each() {
+        let mut d = listed("d-7", DeployState::Running);
+        (d.steps_done, d.steps_total) = (3, 8);
+        assert_eq!(pause_line(false, &d), None, "running, as before");
+        d.paused = true;
+        assert_eq!(
+            pause_line(false, &d).as_deref(),
+            Some(
+                "deployment d-7 paused (3/8 steps done): the steps in flight finish, no new one starts until `dectl deploy resume d-7`"
+            )
+        );
+        assert_eq!(pause_line(true, &d), None, "still paused: said once");
+        d.paused = false;
+        d.steps_done = 4;
+        assert_eq!(
+            pause_line(true, &d).as_deref(),
+            Some("deployment d-7 resumed (4/8 steps done)")
+        );
+        // A deployment cancelled while paused ends with its own line.
+        d.paused = true;
+        d.state = DeployState::Cancelled;
+        assert_eq!(pause_line(false, &d), None);
     }
 
     #[test]
