@@ -9,6 +9,7 @@ mod deploy;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod group_commit;
 pub mod http;
 mod metrics;
 mod oplog;

@@ -2,12 +2,22 @@
 //!
 //! Invariant: `put` and `remove` return only once the change is flushed to
 //! disk, so an API that answers 2xx after them has made the change durable.
+//! `apply` writes without waiting, and its caller waits for the mark it got
+//! (`sync`, or `synced` on the runtime) before it answers anyone: the
+//! flushes are group commits on the store's flusher thread
+//! (`group_commit.rs`), one for every writer waiting at that moment.
 //! Values are JSON so records can gain fields (with serde defaults) across
 //! versions, and a person can read a dump.
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use serde::{Serialize, de::DeserializeOwned};
+
+use crate::group_commit::GroupCommit;
+pub(crate) use crate::group_commit::Written;
 
 /// The key spaces of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +43,18 @@ pub enum Tree {
 }
 
 impl Tree {
+    const ALL: [Tree; 9] = [
+        Tree::Meta,
+        Tree::Nodes,
+        Tree::Steps,
+        Tree::StepIds,
+        Tree::Plans,
+        Tree::Deployments,
+        Tree::Tokens,
+        Tree::Audit,
+        Tree::Artifacts,
+    ];
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Tree::Meta => "meta",
@@ -76,7 +98,17 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
+    #[error("could not flush the store's writes to disk")]
+    Flush {
+        #[source]
+        source: Arc<sled::Error>,
+    },
+    #[error("could not start the store's flusher thread")]
+    Flusher(#[source] std::io::Error),
 }
+
+/// A wait for the disk that holds no thread.
+pub(crate) type Synced<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
 
 /// Durable key/value storage. Implementations must make `put`/`put_many`/`remove` durable before returning.
 pub trait Store: Send + Sync + 'static {
@@ -86,6 +118,16 @@ pub trait Store: Send + Sync + 'static {
     /// one flush for the lot, where `put` would flush each.
     fn put_many(&self, records: &[(Tree, String, Vec<u8>)]) -> Result<(), StoreError>;
     fn remove(&self, tree: Tree, key: &str) -> Result<(), StoreError>;
+    /// Writes every record in order without waiting for the disk; durable
+    /// once the mark it answers is synced ([`Store::sync`], [`Store::synced`]).
+    /// Others may read the records at once.
+    fn apply(&self, records: &[(Tree, String, Vec<u8>)]) -> Result<Written, StoreError>;
+    /// The mark of every write applied so far.
+    fn mark(&self) -> Written;
+    /// Blocks until every write up to `upto` is on disk.
+    fn sync(&self, upto: Written) -> Result<(), StoreError>;
+    /// Waits, without holding a thread, until every write up to `upto` is on disk.
+    fn synced(&self, upto: Written) -> Synced<'_>;
     fn list(&self, tree: Tree) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Records whose key starts with `prefix` and is >= `from`, in key order, at most `limit`.
     fn scan(
@@ -119,12 +161,17 @@ pub(crate) trait StoreExt: Store {
     }
 
     fn put_json<T: Serialize>(&self, tree: Tree, key: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Encode {
-            tree: tree.name(),
-            key: key.to_owned(),
-            source,
-        })?;
-        self.put(tree, key, &bytes)
+        self.put(tree, key, &encode(tree, key, value)?)
+    }
+
+    /// [`Store::apply`] of one record: written, durable once its mark is synced.
+    fn apply_json<T: Serialize>(
+        &self,
+        tree: Tree,
+        key: &str,
+        value: &T,
+    ) -> Result<Written, StoreError> {
+        self.apply(&[(tree, key.to_owned(), encode(tree, key, value)?)])
     }
 
     fn list_json<T: DeserializeOwned>(&self, tree: Tree) -> Result<Vec<(String, T)>, StoreError> {
@@ -143,6 +190,14 @@ pub(crate) trait StoreExt: Store {
 }
 
 impl<S: Store + ?Sized> StoreExt for S {}
+
+fn encode<T: Serialize>(tree: Tree, key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+        tree: tree.name(),
+        key: key.to_owned(),
+        source,
+    })
+}
 
 /// Typed JSON scan on any [`Store`].
 pub(crate) fn scan_json<T: DeserializeOwned>(
@@ -166,12 +221,22 @@ pub(crate) fn scan_json<T: DeserializeOwned>(
         .collect()
 }
 
-/// [`Store`] on sled: one sled tree per [`Tree`], flushed on every write.
+/// [`Store`] on sled: one sled tree per [`Tree`]; writers wait for a
+/// group commit on the flusher thread.
 #[derive(Debug, Clone)]
 pub(crate) struct SledStore {
-    db: sled::Db,
+    inner: Arc<SledInner>,
+}
+
+#[derive(Debug)]
+struct SledInner {
+    /// In the order of [`Tree::ALL`].
+    trees: Vec<sled::Tree>,
+    /// Holds its own handle of the engine; stopped (after a last flush) when
+    /// the store is dropped.
+    commit: GroupCommit,
     /// How long each flush took (`de_store_flush_duration_seconds`).
-    flushes: std::sync::Arc<crate::metrics::Histogram>,
+    flush_times: Arc<crate::metrics::Histogram>,
 }
 
 impl SledStore {
@@ -184,37 +249,59 @@ impl SledStore {
                 path: path.display().to_string(),
                 source,
             })?;
+        let mut trees = Vec::with_capacity(Tree::ALL.len());
+        for tree in Tree::ALL {
+            trees.push(
+                db.open_tree(tree.name())
+                    .map_err(|source| StoreError::Engine {
+                        tree: tree.name(),
+                        source,
+                    })?,
+            );
+        }
+        let flush_times = Arc::new(crate::metrics::Histogram::new(crate::metrics::FLUSH_BOUNDS));
+        let timed = flush_times.clone();
+        let commit = GroupCommit::start(move || {
+            let started = std::time::Instant::now();
+            let flushed = db.flush().map(|_| ());
+            timed.observe(started.elapsed());
+            flushed
+        })
+        .map_err(StoreError::Flusher)?;
         Ok(SledStore {
-            db,
-            flushes: std::sync::Arc::new(crate::metrics::Histogram::new(
-                crate::metrics::FLUSH_BOUNDS,
-            )),
+            inner: Arc::new(SledInner {
+                trees,
+                commit,
+                flush_times,
+            }),
         })
     }
 
-    /// The histogram of this store's flush times, for the metrics.
-    pub(crate) fn flush_times(&self) -> std::sync::Arc<crate::metrics::Histogram> {
-        self.flushes.clone()
+    /// The histogram of this store's flush times (one per group commit), for
+    /// the metrics.
+    pub(crate) fn flush_times(&self) -> Arc<crate::metrics::Histogram> {
+        self.inner.flush_times.clone()
     }
 
-    fn tree(&self, tree: Tree) -> Result<sled::Tree, StoreError> {
-        self.db
-            .open_tree(tree.name())
-            .map_err(|source| StoreError::Engine {
+    fn tree(&self, tree: Tree) -> Result<&sled::Tree, StoreError> {
+        Tree::ALL
+            .iter()
+            .position(|t| *t == tree)
+            .and_then(|i| self.inner.trees.get(i))
+            .ok_or(StoreError::Engine {
                 tree: tree.name(),
-                source,
+                source: sled::Error::ReportableBug(format!("tree {} not open", tree.name())),
             })
     }
 
-    fn flush(&self, tree: Tree) -> Result<(), StoreError> {
-        let started = std::time::Instant::now();
-        let flushed = self.db.flush();
-        self.flushes.observe(started.elapsed());
-        flushed.map(|_| ()).map_err(|source| StoreError::Engine {
-            tree: tree.name(),
-            source,
-        })
+    #[cfg(test)]
+    pub(crate) fn flushes(&self) -> u64 {
+        self.inner.commit.flushes()
     }
+}
+
+fn flush_failed(source: Arc<sled::Error>) -> StoreError {
+    StoreError::Flush { source }
 }
 
 impl Store for SledStore {
@@ -229,28 +316,14 @@ impl Store for SledStore {
     }
 
     fn put(&self, tree: Tree, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.tree(tree)?
-            .insert(key.as_bytes(), value)
-            .map_err(|source| StoreError::Engine {
-                tree: tree.name(),
-                source,
-            })?;
-        self.flush(tree)
+        self.sync(self.apply(&[(tree, key.to_owned(), value.to_vec())])?)
     }
 
     fn put_many(&self, records: &[(Tree, String, Vec<u8>)]) -> Result<(), StoreError> {
-        let Some((first, _, _)) = records.first() else {
+        if records.is_empty() {
             return Ok(());
-        };
-        for (tree, key, value) in records {
-            self.tree(*tree)?
-                .insert(key.as_bytes(), value.as_slice())
-                .map_err(|source| StoreError::Engine {
-                    tree: tree.name(),
-                    source,
-                })?;
         }
-        self.flush(*first)
+        self.sync(self.apply(records)?)
     }
 
     fn remove(&self, tree: Tree, key: &str) -> Result<(), StoreError> {
@@ -260,7 +333,34 @@ impl Store for SledStore {
                 tree: tree.name(),
                 source,
             })?;
-        self.flush(tree)
+        self.sync(self.inner.commit.applied())
+    }
+
+    fn apply(&self, records: &[(Tree, String, Vec<u8>)]) -> Result<Written, StoreError> {
+        if records.is_empty() {
+            return Ok(self.mark());
+        }
+        for (tree, key, value) in records {
+            self.tree(*tree)?
+                .insert(key.as_bytes(), value.as_slice())
+                .map_err(|source| StoreError::Engine {
+                    tree: tree.name(),
+                    source,
+                })?;
+        }
+        Ok(self.inner.commit.applied())
+    }
+
+    fn mark(&self) -> Written {
+        self.inner.commit.mark()
+    }
+
+    fn sync(&self, upto: Written) -> Result<(), StoreError> {
+        self.inner.commit.sync(upto).map_err(flush_failed)
+    }
+
+    fn synced(&self, upto: Written) -> Synced<'_> {
+        Box::pin(async move { self.inner.commit.synced(upto).await.map_err(flush_failed) })
     }
 
     fn list(&self, tree: Tree) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
@@ -339,6 +439,50 @@ mod tests {
         assert_eq!(keys("a/", "a/2", 10), ["a/2", "a/3"]);
         assert_eq!(keys("a/", "a/2", 1), ["a/2"]);
         assert!(keys("c/", "", 10).is_empty());
+    }
+
+    #[test]
+    fn concurrent_writers_share_flushes_and_every_write_survives() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = SledStore::open(dir.path()).expect("open");
+            std::thread::scope(|scope| {
+                for i in 0..16 {
+                    let s = &s;
+                    scope.spawn(move || {
+                        for j in 0..8 {
+                            s.put(Tree::Nodes, &format!("n{i:02}-{j}"), b"1")
+                                .expect("put");
+                        }
+                    });
+                }
+            });
+            assert!(
+                s.flushes() < 128,
+                "128 writes by 16 writers took {} flushes",
+                s.flushes()
+            );
+        }
+        let s = crate::testkit::reopen(|| SledStore::open(dir.path()));
+        assert_eq!(s.list(Tree::Nodes).expect("list").len(), 128);
+    }
+
+    #[tokio::test]
+    async fn an_applied_write_is_read_at_once_and_durable_once_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = SledStore::open(dir.path()).expect("open");
+            let w = s.apply_json(Tree::Steps, "a/1", &"queued").expect("apply");
+            assert_eq!(
+                s.get(Tree::Steps, "a/1").expect("get"),
+                Some(b"\"queued\"".to_vec())
+            );
+            assert!(s.mark() >= w);
+            s.synced(w).await.expect("synced");
+        }
+        let s = crate::testkit::reopen(|| SledStore::open(dir.path()));
+        let got: Option<String> = s.get_json(Tree::Steps, "a/1").expect("get");
+        assert_eq!(got.as_deref(), Some("queued"));
     }
 
     #[test]

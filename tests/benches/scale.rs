@@ -94,7 +94,7 @@ fn run(n: usize, idle: Duration) -> Result<()> {
         "description = \"bench\"\nentry = \"app\"\n",
         &[("app", APP)],
     )?;
-    let ctl = TestController::start_on(&data, "127.0.30.1:0", "127.0.30.1:0")?;
+    let ctl = TestController::start_on(&data, "127.0.31.1:0", "127.0.31.1:0")?;
     let code = ctl.new_code(None)?;
     println!(
         "== {n} simulated agents (load average at start: {})",

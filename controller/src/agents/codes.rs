@@ -1,4 +1,6 @@
-//! The install-code book, persisted: every change is flushed before it is acknowledged.
+//! The install-code book, persisted: every change is flushed before it is
+//! acknowledged. A guess is written under the book's lock and flushed after
+//! it, so concurrent enrolments share one flush.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -8,7 +10,7 @@ use de_install_codes::{
     Attempt, Challenge, ChannelBinding, CodeBook, CodeStatus, IssuedCode, Refusal,
 };
 
-use crate::store::{Store, StoreError, StoreExt, Tree};
+use crate::store::{Store, StoreError, StoreExt, Tree, Written};
 
 const KEY: &str = "install-codes";
 
@@ -58,6 +60,11 @@ impl Codes {
         self.store.put_json(Tree::Meta, KEY, book)
     }
 
+    /// Writes `book`; durable once the mark is synced.
+    fn apply(&self, book: &CodeBook) -> Result<Written, StoreError> {
+        self.store.apply_json(Tree::Meta, KEY, book)
+    }
+
     /// A new code replacing any other, admitting `nodes` nodes (`None`: any
     /// number until it expires or is ended); durable when this returns.
     pub fn issue(&self, ttl: Duration, nodes: Option<u32>) -> Result<IssuedCode, CodesError> {
@@ -96,12 +103,20 @@ impl Codes {
         binding: ChannelBinding,
         msg_a: &[u8],
     ) -> Result<Challenge, AttemptError> {
-        let mut book = self.lock();
-        let challenge = book
-            .challenge(source, SystemTime::now(), binding, msg_a)
-            .map_err(AttemptError::Refused)?;
-        if challenge.attempt.counted() {
-            self.persist(&book).map_err(AttemptError::Store)?;
+        let (challenge, written) = {
+            let mut book = self.lock();
+            let challenge = book
+                .challenge(source, SystemTime::now(), binding, msg_a)
+                .map_err(AttemptError::Refused)?;
+            let written = if challenge.attempt.counted() {
+                Some(self.apply(&book).map_err(AttemptError::Store)?)
+            } else {
+                None
+            };
+            (challenge, written)
+        };
+        if let Some(w) = written {
+            self.store.sync(w).map_err(AttemptError::Store)?;
         }
         Ok(challenge)
     }

@@ -10,6 +10,9 @@
 //! `records` write lock and starts from the record as it is then, so a
 //! revoke is never overwritten by a stale copy; a connection is registered
 //! under the same lock, so a revoke closes every connection that was let in.
+//! A link's record is written under the lock but flushed after it (a group
+//! commit shared with other writers), before the link is answered. The
+//! nodes are indexed by IP, so finding the node of an IP does not scan them.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -25,7 +28,7 @@ use de_common::{
 };
 
 use crate::agents::clock::ClockSkews;
-use crate::store::{Store, StoreError, StoreExt, Tree};
+use crate::store::{Store, StoreError, StoreExt, Tree, Written};
 use crate::util::rfc3339;
 
 /// What the store keeps about a node.
@@ -186,6 +189,8 @@ pub struct Nodes {
     started: SystemTime,
     store: Arc<dyn Store>,
     records: RwLock<HashMap<NodeId, NodeRecord>>,
+    /// The records by IP; changed only under the `records` write lock.
+    by_ip: RwLock<IpIndex>,
     live: Mutex<HashMap<NodeId, Live>>,
     checks: Mutex<HashMap<NodeId, AddressCheck>>,
     revoked: RevokedSet,
@@ -253,20 +258,55 @@ fn address_mismatch(
     ))
 }
 
-/// The owner of the first of `ips` that a live node other than `except` has.
+/// The nodes that have each address (as [`addr`] reads their IPs), revoked
+/// ones included.
+#[derive(Debug, Default)]
+struct IpIndex(HashMap<IpAddr, Vec<NodeId>>);
+
+impl IpIndex {
+    fn add(&mut self, rec: &NodeRecord) {
+        for a in addr_set(&rec.ips) {
+            let ids = self.0.entry(a).or_default();
+            if !ids.contains(&rec.id) {
+                ids.push(rec.id.clone());
+            }
+        }
+    }
+
+    fn remove(&mut self, rec: &NodeRecord) {
+        for a in addr_set(&rec.ips) {
+            if let Some(ids) = self.0.get_mut(&a) {
+                ids.retain(|id| *id != rec.id);
+                if ids.is_empty() {
+                    self.0.remove(&a);
+                }
+            }
+        }
+    }
+
+    fn with(&self, a: &IpAddr) -> &[NodeId] {
+        self.0.get(a).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The owner of the first of `ips` that a live node other than `except` has
+/// (of several, the lowest id).
 fn taken_by(
     records: &HashMap<NodeId, NodeRecord>,
+    index: &IpIndex,
     ips: &[IpAddr],
     except: Option<&NodeId>,
 ) -> Option<(IpAddr, NodeId)> {
-    let mut holders: Vec<&NodeRecord> = records
-        .values()
-        .filter(|r| !r.revoked && Some(&r.id) != except)
-        .collect();
-    holders.sort_by(|a, b| a.id.cmp(&b.id));
     for ip in ips {
-        if let Some(r) = holders.iter().find(|r| addr_set(&r.ips).contains(ip)) {
-            return Some((*ip, r.id.clone()));
+        let owner = index
+            .with(ip)
+            .iter()
+            .filter_map(|id| records.get(id))
+            .filter(|r| !r.revoked && Some(&r.id) != except)
+            .map(|r| &r.id)
+            .min();
+        if let Some(owner) = owner {
+            return Some((*ip, owner.clone()));
         }
     }
     None
@@ -276,17 +316,20 @@ impl Nodes {
     pub fn load(store: Arc<dyn Store>) -> Result<Nodes, StoreError> {
         let mut records = HashMap::new();
         let mut revoked = HashSet::new();
+        let mut by_ip = IpIndex::default();
         for (id, rec) in store.list_json::<NodeRecord>(Tree::Nodes)? {
             let id = NodeId::from(id);
             if rec.revoked {
                 revoked.insert(id.clone());
             }
+            by_ip.add(&rec);
             records.insert(id, rec);
         }
         Ok(Nodes {
             started: SystemTime::now(),
             store,
             records: RwLock::new(records),
+            by_ip: RwLock::new(by_ip),
             live: Mutex::new(HashMap::new()),
             checks: Mutex::new(HashMap::new()),
             revoked: Arc::new(RwLock::new(revoked)),
@@ -319,15 +362,37 @@ impl Nodes {
         self.records.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores `rec` and keeps it; the caller holds the `records` write lock.
+    fn by_ip(&self) -> std::sync::RwLockReadGuard<'_, IpIndex> {
+        self.by_ip.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores `rec` and keeps it, durable when this returns; the caller
+    /// holds the `records` write lock.
     fn put(
         &self,
         records: &mut HashMap<NodeId, NodeRecord>,
         rec: NodeRecord,
     ) -> Result<(), StoreError> {
-        self.store.put_json(Tree::Nodes, rec.id.as_str(), &rec)?;
+        let written = self.apply(records, rec)?;
+        self.store.sync(written)
+    }
+
+    /// Writes `rec` and keeps it, durable once the mark is synced; the
+    /// caller holds the `records` write lock (and need not hold it while it
+    /// waits for the disk).
+    fn apply(
+        &self,
+        records: &mut HashMap<NodeId, NodeRecord>,
+        rec: NodeRecord,
+    ) -> Result<Written, StoreError> {
+        let written = self.store.apply_json(Tree::Nodes, rec.id.as_str(), &rec)?;
+        let mut by_ip = self.by_ip.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = records.get(&rec.id) {
+            by_ip.remove(old);
+        }
+        by_ip.add(&rec);
         records.insert(rec.id.clone(), rec);
-        Ok(())
+        Ok(written)
     }
 
     /// Records a newly enrolled node, with the IPs it enrolled with; durable
@@ -338,14 +403,17 @@ impl Nodes {
         if let Some(bad) = rec.ips.iter().find(|i| addr(i).is_none()) {
             return Err(NodeError::BadIp(bad.clone()));
         }
-        let mut records = self.records_mut();
-        if let Some((ip, owner)) = taken_by(&records, &ips, Some(&rec.id)) {
-            return Err(NodeError::Taken {
-                ip: ip.to_string(),
-                owner,
-            });
-        }
-        self.put(&mut records, rec)?;
+        let written = {
+            let mut records = self.records_mut();
+            if let Some((ip, owner)) = taken_by(&records, &self.by_ip(), &ips, Some(&rec.id)) {
+                return Err(NodeError::Taken {
+                    ip: ip.to_string(),
+                    owner,
+                });
+            }
+            self.apply(&mut records, rec)?
+        };
+        self.store.sync(written)?;
         Ok(())
     }
 
@@ -366,16 +434,35 @@ impl Nodes {
 
     /// An agent said Hello on a new connection from `source`: checks its
     /// addresses against the node's IPs, refreshes what the agent reports
-    /// (never the IPs, never `revoked`) and takes its link. Refused for a
-    /// revoked or unknown node, and for a link from an address that is not
-    /// the node's when NAT is not allowed for it.
-    pub fn connected(
+    /// (never the IPs, never `revoked`) and takes its link, durably when
+    /// this returns. Refused for a revoked or unknown node, and for a link
+    /// from an address that is not the node's when NAT is not allowed for
+    /// it. The records lock is not held while the record goes to disk.
+    pub async fn connected(
         &self,
         conn: quinn::Connection,
         source: IpAddr,
         hello: &Hello,
         link: &LinkFacts,
     ) -> Result<(), NodeError> {
+        let (written, taken) = self.take_link(conn.clone(), source, hello, link)?;
+        if let Err(e) = self.store.synced(written).await {
+            self.disconnected(&hello.node_id, &conn);
+            return Err(e.into());
+        }
+        taken
+    }
+
+    /// [`Nodes::connected`] up to the flush: the record written (the mark
+    /// to sync before answering), and whether the link was taken.
+    #[allow(clippy::type_complexity)]
+    fn take_link(
+        &self,
+        conn: quinn::Connection,
+        source: IpAddr,
+        hello: &Hello,
+        link: &LinkFacts,
+    ) -> Result<(Written, Result<(), NodeError>), NodeError> {
         let now = SystemTime::now();
         let id = &hello.node_id;
         let mut records = self.records_mut();
@@ -408,14 +495,13 @@ impl Nodes {
             ..current.clone()
         };
         if let Some(refused) = self.claim_conflict(&mut rec, source, link.machine.as_deref(), now) {
-            self.put(&mut records, rec)?;
-            return Err(refused);
+            return Ok((self.apply(&mut records, rec)?, Err(refused)));
         }
         if let Some((not_after, ca)) = &link.cert {
             rec.cert_not_after = Some(not_after.clone());
             rec.cert_ca = Some(ca.clone());
         }
-        self.put(&mut records, rec)?;
+        let written = self.apply(&mut records, rec)?;
         // Registered while `records` is held: a revoke after this closes it.
         let old = self.live().insert(
             id.clone(),
@@ -440,7 +526,7 @@ impl Nodes {
                 b"replaced by a newer connection",
             );
         }
-        Ok(())
+        Ok((written, Ok(())))
     }
 
     /// Whether a link from `source` by `machine` may take node `rec`'s
@@ -651,7 +737,7 @@ impl Nodes {
             if set.is_empty() {
                 return Err(NodeError::NoIps);
             }
-            if let Some((ip, owner)) = taken_by(&records, &set, Some(id)) {
+            if let Some((ip, owner)) = taken_by(&records, &self.by_ip(), &set, Some(id)) {
                 return Err(NodeError::Taken {
                     ip: ip.to_string(),
                     owner,
@@ -777,9 +863,28 @@ impl Nodes {
 
     /// The one live node `target` (its id or one of its IPs) names, by the
     /// API's rule ([`resolve`]); None when no node, only revoked ones, or
-    /// several live ones have it.
+    /// several live ones have it. Looks only at the nodes the index names.
     pub fn find(&self, target: &str) -> Option<NodeView> {
-        resolve(&self.list(), target).node().cloned()
+        let now = SystemTime::now();
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        let mut ids: Vec<&NodeId> = records
+            .get_key_value(target)
+            .map(|(id, _)| id)
+            .into_iter()
+            .collect();
+        let by_ip = self.by_ip();
+        if let Some(a) = addr(target) {
+            ids.extend(by_ip.with(&a));
+        }
+        ids.sort();
+        ids.dedup();
+        let live = self.live();
+        let named: Vec<NodeView> = ids
+            .into_iter()
+            .filter_map(|id| records.get(id))
+            .map(|r| self.view(r, &live, now))
+            .collect();
+        resolve(&named, target).node().cloned()
     }
 
     /// How long node `id` has been silent at `now`: since its last

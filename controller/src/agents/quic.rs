@@ -540,6 +540,7 @@ async fn link(conn: quinn::Connection, ctl: Arc<Controller>) {
     if let Err(e) = ctl
         .nodes
         .connected(conn.clone(), remote.ip(), &hello, &link_facts)
+        .await
     {
         let (refusal, code, why): (LinkRefusal, u32, &[u8]) = match &e {
             NodeError::Conflict(text) => {
@@ -913,7 +914,7 @@ async fn serve_stream(
                 let step_id = ev.step_id.clone();
                 let finished = matches!(ev.kind, de_common::StepEventKind::Finished(_))
                     .then_some((ev.lane, ev.seq));
-                match ctl.steps.on_event(&node_id, ev) {
+                match ctl.steps.on_event(&node_id, ev).await {
                     Ok(true) => {
                         // A result: a report is fresh once it counts this step done.
                         if let Some((lane, seq)) = finished {

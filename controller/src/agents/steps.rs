@@ -2,10 +2,11 @@
 //! lane), signed with the step key, stored, and handed to the node's agent
 //! when it long-polls; the agent's events update them.
 //!
-//! Invariants: a step is on disk before any agent can pull it (`enqueue_many`
-//! holds the allocation lock until its one flush, and `next_for` takes that
-//! lock before it looks), and its result
-//! is on disk before the agent gets its `Ack`. Sequence numbers per (node,
+//! Invariants: a step is on disk before any agent can pull it (every write
+//! to the steps tree is applied and marked under the allocation lock, and a
+//! pull waits until the mark it read under that lock, after its scan, is
+//! flushed), and its result is on disk before the agent gets its `Ack`. No
+//! lock is held while the disk works: writers share group commits. Sequence numbers per (node,
 //! lane) only grow (and are raised to what an agent reports having done, so a
 //! controller restored from an older backup resynchronises).
 
@@ -25,7 +26,7 @@ use de_common::{
 };
 
 use crate::agents::clock::ClockSkews;
-use crate::store::{Store, StoreError, StoreExt, Tree, scan_json};
+use crate::store::{Store, StoreError, StoreExt, Tree, Written, scan_json};
 use crate::util::random_hex;
 use crate::util::rfc3339;
 
@@ -572,9 +573,9 @@ impl StepQueue {
         let mut records = Vec::with_capacity(steps.len());
         let mut writes: Vec<(Tree, String, Vec<u8>)> = Vec::new();
         let mut nodes: Vec<NodeId> = Vec::new();
-        {
-            // Held until the writes are flushed: `next_for` takes it too, so
-            // no pull can see a step that is not on disk yet.
+        let written = {
+            // Held until the writes are applied and marked: a pull reads the
+            // mark under it after its scan, and waits until that is on disk.
             let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
             let mut seqs: HashMap<(NodeId, Lane), u64> = HashMap::new();
             let mut batch: HashMap<StepId, usize> = HashMap::new();
@@ -665,8 +666,9 @@ impl StepQueue {
                     nodes.push(node);
                 }
             }
-            self.store.put_many(&writes)?;
-        }
+            self.store.apply(&writes)?
+        };
+        self.store.sync(written)?;
         for node in &nodes {
             self.waker(node).notify_waiters();
         }
@@ -690,8 +692,6 @@ impl StepQueue {
         lane: Lane,
         after_seq: u64,
     ) -> Result<Option<StepRecord>, StoreError> {
-        // Not while an enqueue is between its writes and its flush.
-        drop(self.alloc.lock().unwrap_or_else(|p| p.into_inner()));
         let prefix = prefix_of(node, lane);
         let from = key_of(node, lane, after_seq.saturating_add(1));
         let mut start = from;
@@ -724,6 +724,13 @@ impl StepQueue {
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(r) = self.next_for(node, lane, after_seq)? {
+                // Every write the scan saw was marked under the lock before
+                // it was let go: handed out only once that is on disk.
+                let seen = {
+                    let _alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+                    self.store.mark()
+                };
+                self.store.synced(seen).await?;
                 return Ok(Some(r.signed));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -732,11 +739,13 @@ impl StepQueue {
         }
     }
 
-    fn update(
+    /// Changes step `step_id`'s record with `f` under the allocation lock;
+    /// durable once the mark is synced.
+    fn apply_update(
         &self,
         step_id: &StepId,
         f: impl FnOnce(&mut StepRecord),
-    ) -> Result<Option<StepRecord>, StoreError> {
+    ) -> Result<Option<(StepRecord, Written)>, StoreError> {
         let Some(key) = self
             .store
             .get_json::<String>(Tree::StepIds, step_id.as_str())?
@@ -749,23 +758,52 @@ impl StepQueue {
         };
         let was = r.state;
         f(&mut r);
-        self.store.put_json(Tree::Steps, &key, &r)?;
+        let written = self.store.apply_json(Tree::Steps, &key, &r)?;
         self.metrics.moved(&r, was);
+        Ok(Some((r, written)))
+    }
+
+    /// [`StepQueue::apply_update`], durable when this returns.
+    fn update(
+        &self,
+        step_id: &StepId,
+        f: impl FnOnce(&mut StepRecord),
+    ) -> Result<Option<StepRecord>, StoreError> {
+        let Some((r, written)) = self.apply_update(step_id, f)? else {
+            return Ok(None);
+        };
+        self.store.sync(written)?;
+        Ok(Some(r))
+    }
+
+    /// [`StepQueue::update`] for the runtime: it waits for the disk without
+    /// holding a thread.
+    async fn update_synced(
+        &self,
+        step_id: &StepId,
+        f: impl FnOnce(&mut StepRecord),
+    ) -> Result<Option<StepRecord>, StoreError> {
+        let Some((r, written)) = self.apply_update(step_id, f)? else {
+            return Ok(None);
+        };
+        self.store.synced(written).await?;
         Ok(Some(r))
     }
 
     /// Applies an agent's event. Returns whether it must be acknowledged
-    /// (Finished/Refused, once durable).
-    pub fn on_event(&self, node: &NodeId, ev: StepEvent) -> Result<bool, StoreError> {
+    /// (Finished/Refused, once durable: it returns only then).
+    pub async fn on_event(&self, node: &NodeId, ev: StepEvent) -> Result<bool, StoreError> {
         let now = rfc3339(SystemTime::now());
         match ev.kind {
             StepEventKind::Started => {
-                let r = self.update(&ev.step_id, |r| {
-                    if r.step.node_id == *node && !r.state.is_final() {
-                        r.state = StepState::Running;
-                        r.started_at = Some(now);
-                    }
-                })?;
+                let r = self
+                    .update_synced(&ev.step_id, |r| {
+                        if r.step.node_id == *node && !r.state.is_final() {
+                            r.state = StepState::Running;
+                            r.started_at = Some(now);
+                        }
+                    })
+                    .await?;
                 if let Some(a) = self.active_index().get_mut(&ev.step_id) {
                     a.started.get_or_insert_with(Instant::now);
                 }
@@ -792,13 +830,15 @@ impl StepQueue {
                 } else {
                     StepState::Failed
                 };
-                let r = self.update(&ev.step_id, |r| {
-                    if r.step.node_id == *node && !r.state.is_final() {
-                        r.state = state;
-                        r.finished_at = Some(now);
-                        r.outcome = Some(outcome);
-                    }
-                })?;
+                let r = self
+                    .update_synced(&ev.step_id, |r| {
+                        if r.step.node_id == *node && !r.state.is_final() {
+                            r.state = state;
+                            r.finished_at = Some(now);
+                            r.outcome = Some(outcome);
+                        }
+                    })
+                    .await?;
                 self.forget_if_final(&ev.step_id, r.as_ref());
                 if let Some(r) = r {
                     let _ = self.updates.send(StepUpdate::Finished {
@@ -810,13 +850,15 @@ impl StepQueue {
                 Ok(true)
             }
             StepEventKind::Refused(why) => {
-                let r = self.update(&ev.step_id, |r| {
-                    if r.step.node_id == *node && !r.state.is_final() {
-                        r.state = StepState::Refused;
-                        r.finished_at = Some(now);
-                        r.refusal = Some(why.to_string());
-                    }
-                })?;
+                let r = self
+                    .update_synced(&ev.step_id, |r| {
+                        if r.step.node_id == *node && !r.state.is_final() {
+                            r.state = StepState::Refused;
+                            r.finished_at = Some(now);
+                            r.refusal = Some(why.to_string());
+                        }
+                    })
+                    .await?;
                 self.forget_if_final(&ev.step_id, r.as_ref());
                 tracing::warn!(node = node.as_str(), step = %ev.step_id, reason = %why, "agent refused a step");
                 if let Some(r) = r {
@@ -841,19 +883,31 @@ impl StepQueue {
         let now = rfc3339(SystemTime::now());
         let mut cancelled = Vec::new();
         let mut per_node: Vec<(NodeId, Vec<StepId>)> = Vec::new();
+        let mut changes = Vec::new();
+        let mut last = None;
         for id in ids {
             let mut changed = false;
-            let r = self.update(id, |r| {
+            let r = self.apply_update(id, |r| {
                 if !r.state.is_final() {
                     r.state = StepState::Cancelled;
                     r.finished_at = Some(now.clone());
                     changed = true;
                 }
             })?;
+            if let Some((r, written)) = r {
+                last = last.max(Some(written));
+                changes.push((id, r, changed));
+            }
             self.active_index().remove(id);
-            let Some(r) = r.filter(|_| changed) else {
+        }
+        // One flush for them all, before anyone hears of them.
+        if let Some(written) = last {
+            self.store.sync(written)?;
+        }
+        for (id, r, changed) in changes {
+            if !changed {
                 continue;
-            };
+            }
             match per_node.iter_mut().find(|(n, _)| *n == r.step.node_id) {
                 Some((_, v)) => v.push(id.clone()),
                 None => per_node.push((r.step.node_id.clone(), vec![id.clone()])),
@@ -1079,6 +1133,7 @@ mod tests {
                 }),
             },
         )
+        .await
         .expect("event");
         let second = q
             .pull(&n1(), Lane::Deploy, 1, Duration::from_millis(10))
@@ -1311,6 +1366,7 @@ mod tests {
                 }),
             },
         )
+        .await
         .expect("event");
         let s = q.get(&s.step.id).expect("get").expect("stored");
 
@@ -1400,6 +1456,7 @@ mod tests {
                     }),
                 },
             )
+            .await
             .expect("event");
         assert!(ack);
         assert_eq!(

@@ -511,11 +511,22 @@ fn apply(ctl: &Controller, d: &Deployment, effects: Vec<Effect>) -> Result<(), P
 async fn drive(ctl: Arc<Controller>, id: DeploymentId) {
     let mut updates = ctl.steps.subscribe();
     loop {
-        match pass(&ctl, &id) {
-            Ok(Some(DeployState::Running)) => {}
-            Ok(_) => break,
-            Err(e) => {
+        // Off the runtime's threads: a pass reads and writes the store and
+        // waits for the disk, which would starve the agents' links.
+        let passed = {
+            let (ctl, id) = (ctl.clone(), id.clone());
+            tokio::task::spawn_blocking(move || pass(&ctl, &id)).await
+        };
+        match passed {
+            Ok(Ok(Some(DeployState::Running))) => {}
+            Ok(Ok(_)) => break,
+            Ok(Err(e)) => {
                 warn!(deployment = %id, error = %de_common::ErrorChain(&e), "deployment pass failed; retrying");
+                tokio::time::sleep(RETRY_AFTER).await;
+                continue;
+            }
+            Err(e) => {
+                warn!(deployment = %id, error = %e, "deployment pass did not finish; retrying");
                 tokio::time::sleep(RETRY_AFTER).await;
                 continue;
             }

@@ -27,7 +27,7 @@ use super::record::{
 use crate::agents::NodeView;
 use crate::plan::render::{NodeContext, RenderedComponent};
 use crate::plan::rollout::RolloutSpec;
-use crate::plan::validate::find_node;
+use crate::plan::validate::NodeIndex;
 use crate::plan::{Catalog, StoredPlan};
 
 fn fingerprint(actions: &[StepAction]) -> String {
@@ -199,8 +199,9 @@ pub(crate) fn plan_changes(
 ) -> Result<Planned, DeployError> {
     let (plan, revision) = (&stored.plan, stored.revision);
     let mut offline = Vec::new();
+    let index = NodeIndex::new(nodes);
     let mut node_of = |ip: &str| -> Option<NodeView> {
-        match find_node(nodes, ip) {
+        match index.find(ip) {
             Some(n) => {
                 if !n.online {
                     offline.push(format!("{ip} ({})", n.id));

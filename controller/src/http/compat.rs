@@ -24,7 +24,7 @@ use super::error::{ApiError, ErrorCode, parse_optional_json};
 use super::plan::{created, submit};
 use crate::Controller;
 use crate::access::Caller;
-use crate::plan::validate::find_node;
+use crate::plan::validate::NodeIndex;
 use crate::plan::{NO_PLAN, StoredPlan};
 
 type Ctl = State<Arc<Controller>>;
@@ -113,12 +113,12 @@ fn row(comp: &str, ip: &str, node: &NodeView) -> HardwareRow {
 }
 
 fn lookup(
-    nodes: &[NodeView],
+    nodes: &NodeIndex<'_>,
     plan: &StoredPlan,
     comp: &str,
     ip: &str,
 ) -> Result<HardwareRow, ApiError> {
-    let node = find_node(nodes, ip).ok_or_else(|| {
+    let node = nodes.find(ip).ok_or_else(|| {
         ApiError::new(
             ErrorCode::Conflict,
             format!(
@@ -158,6 +158,7 @@ pub(crate) fn hardware_answer(
     });
     let comp = req.comp.trim();
     let ip = req.ip.trim();
+    let nodes = &NodeIndex::new(nodes);
     if comp == "all" && ip == "0.0.0.0" {
         let rows = plan
             .plan

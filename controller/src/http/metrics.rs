@@ -226,6 +226,7 @@ mod tests {
         };
         ctl.steps
             .on_event(&node, event(StepEventKind::Started))
+            .await
             .expect("started");
         let body = scrape().await;
         assert_eq!(
@@ -239,10 +240,12 @@ mod tests {
         };
         ctl.steps
             .on_event(&node, event(StepEventKind::Finished(outcome.clone())))
+            .await
             .expect("finished");
         // The agent sends a result again after a reconnect: counted once.
         ctl.steps
             .on_event(&node, event(StepEventKind::Finished(outcome)))
+            .await
             .expect("again");
         let body = scrape().await;
         assert_eq!(

@@ -20,7 +20,7 @@ use crate::Controller;
 use crate::access::Caller;
 use crate::agents::steps::StepState;
 use crate::plan::StoredPlan;
-use crate::plan::validate::find_node;
+use crate::plan::validate::NodeIndex;
 
 type Ctl = State<Arc<Controller>>;
 
@@ -77,10 +77,11 @@ fn row(comp: &str, ip: &str, node: Option<&NodeView>) -> StatusRow {
 async fn status(State(ctl): Ctl) -> Result<axum::Json<Vec<StatusRow>>, ApiError> {
     let plan = ctl.plans.current().ok_or_else(ApiError::no_plan)?;
     let nodes = ctl.nodes.list();
+    let index = NodeIndex::new(&nodes);
     Ok(axum::Json(
         plan.plan
             .instances()
-            .map(|(c, ip)| row(c, ip, find_node(&nodes, ip)))
+            .map(|(c, ip)| row(c, ip, index.find(ip)))
             .collect(),
     ))
 }
@@ -133,6 +134,7 @@ async fn operate(
         .collect();
     crate::deploy::intent::set_stopped(&*ctl.store, &keys, op == MonitOp::Stop)?;
     let nodes = ctl.nodes.list();
+    let index = NodeIndex::new(&nodes);
     let verb = match op {
         MonitOp::Restart => "restart",
         MonitOp::Stop => "stop",
@@ -142,7 +144,7 @@ async fn operate(
     // (row, step) for the instances whose node is asked; queued together below.
     let mut asked: Vec<(usize, crate::agents::steps::NewStep)> = Vec::new();
     for (comp, ip) in picked {
-        let node = find_node(&nodes, &ip);
+        let node = index.find(&ip);
         match node {
             Some(n) if n.online => {
                 asked.push((

@@ -18,7 +18,7 @@ use crate::plan::rollout::RolloutSpec;
 use crate::plan::{DnsRecord, Plan, Properties, REDACTED, Secret};
 
 pub(crate) use de_common::api::Problem;
-use de_common::api::{ProblemKind, Resolved, resolve};
+use de_common::api::{ProblemKind, Resolved};
 
 /// A plan that passed every check.
 #[derive(Debug, Clone)]
@@ -718,34 +718,72 @@ fn check_minimum(
     }
 }
 
-/// Enrolled nodes by IP.
-struct NodeIndex<'a> {
-    by_ip: HashMap<IpAddr, Vec<&'a NodeView>>,
+/// Enrolled nodes by IP and by id (as [`NodeView::is_named`] reads them),
+/// so that looking up every instance of a plan does not scan every node
+/// for each.
+pub(crate) struct NodeIndex<'a> {
+    nodes: &'a [NodeView],
+    /// Positions in `nodes`, in order.
+    by_ip: HashMap<IpAddr, Vec<usize>>,
+    by_id: HashMap<&'a str, Vec<usize>>,
 }
 
 impl<'a> NodeIndex<'a> {
-    fn new(nodes: &'a [NodeView]) -> NodeIndex<'a> {
-        let mut by_ip: HashMap<IpAddr, Vec<&NodeView>> = HashMap::with_capacity(nodes.len());
-        for n in nodes {
+    pub(crate) fn new(nodes: &'a [NodeView]) -> NodeIndex<'a> {
+        let mut by_ip: HashMap<IpAddr, Vec<usize>> = HashMap::with_capacity(nodes.len());
+        let mut by_id: HashMap<&str, Vec<usize>> = HashMap::with_capacity(nodes.len());
+        for (i, n) in nodes.iter().enumerate() {
+            by_id.entry(n.id.as_str()).or_default().push(i);
             for ip in &n.ips {
                 if let Ok(ip) = ip.parse() {
-                    by_ip.entry(ip).or_default().push(n);
+                    let at = by_ip.entry(ip).or_default();
+                    if at.last() != Some(&i) {
+                        at.push(i);
+                    }
                 }
             }
         }
-        NodeIndex { by_ip }
+        NodeIndex {
+            nodes,
+            by_ip,
+            by_id,
+        }
+    }
+
+    /// The nodes with the IP `ip`, in the given order.
+    fn with_ip(&self, ip: &str) -> impl Iterator<Item = &'a NodeView> + '_ {
+        ip.parse::<IpAddr>()
+            .ok()
+            .and_then(|a| self.by_ip.get(&a))
+            .into_iter()
+            .flatten()
+            .map(|i| &self.nodes[*i])
+    }
+
+    /// The enrolled node `target` (an IP or id) names now, by the API's
+    /// rule ([`de_common::api::resolve`]), or, failing that, the first node
+    /// that ever had it (a revoked one still has its last reported hardware).
+    pub(crate) fn find(&self, target: &str) -> Option<&'a NodeView> {
+        let mut at: Vec<usize> = self.by_id.get(target).cloned().unwrap_or_default();
+        if let Some(ips) = target
+            .parse::<IpAddr>()
+            .ok()
+            .and_then(|a| self.by_ip.get(&a))
+        {
+            at.extend(ips);
+        }
+        at.sort_unstable();
+        at.dedup();
+        let named: Vec<&NodeView> = at.into_iter().map(|i| &self.nodes[i]).collect();
+        Resolved::among(named.iter().copied())
+            .node()
+            .or_else(|| named.first().copied())
     }
 
     /// The node a plan IP names, by the API's rule ([`Resolved`]), or the
     /// problem that says why there is none.
     fn resolve(&self, ip: &str) -> Result<&'a NodeView, Box<Problem>> {
-        let named = ip
-            .parse::<IpAddr>()
-            .ok()
-            .and_then(|a| self.by_ip.get(&a))
-            .into_iter()
-            .flatten()
-            .copied();
+        let named = self.with_ip(ip);
         let ids = |ns: &[&NodeView]| {
             ns.iter()
                 .map(|n| n.id.as_str())
@@ -783,15 +821,6 @@ impl<'a> NodeIndex<'a> {
             .needed("exactly one node"))),
         }
     }
-}
-
-/// The enrolled node a plan IP refers to now (as validation resolves it),
-/// or, failing that, any node that ever had the IP (a revoked one still has
-/// its last reported hardware).
-pub(crate) fn find_node<'a>(nodes: &'a [NodeView], ip: &str) -> Option<&'a NodeView> {
-    resolve(nodes, ip)
-        .node()
-        .or_else(|| nodes.iter().find(|n| n.is_named(ip)))
 }
 
 /// The plan's optional `"rollout"`: component -> [`RolloutSpec`] overriding
@@ -883,6 +912,37 @@ mod tests {
             a,
             b,
         ]
+    }
+
+    #[test]
+    fn the_index_names_the_node_the_api_rule_names() {
+        let mut all = nodes();
+        let mut c = node("10.0.0.2", "10.0.0.9", 1, 1, 1);
+        c.online = false;
+        all.push(c);
+        let index = NodeIndex::new(&all);
+        let found = |t: &str| index.find(t).map(|n| n.id.as_str());
+        // The one live node; by id too; of an IP and an id, the online one.
+        assert_eq!(found("10.0.0.1"), Some("n-big1"));
+        assert_eq!(found("n-big3"), Some("n-big3"));
+        assert_eq!(found("10.0.0.2"), Some("n-big2"));
+        // Only revoked, or ambiguous: the first that ever had it.
+        assert_eq!(found("10.0.0.30"), Some("n-old"));
+        assert_eq!(found("10.0.0.40"), Some("n-a"));
+        assert_eq!(found("10.0.0.99"), None);
+        for t in [
+            "10.0.0.1",
+            "n-big3",
+            "10.0.0.2",
+            "10.0.0.30",
+            "10.0.0.40",
+            "x",
+        ] {
+            let by_scan = de_common::api::resolve(&all, t)
+                .node()
+                .or_else(|| all.iter().find(|n| n.is_named(t)));
+            assert_eq!(index.find(t).map(|n| &n.id), by_scan.map(|n| &n.id), "{t}");
+        }
     }
 
     fn run(body: &str, stored: Option<&Plan>) -> Result<ValidPlan, Vec<Problem>> {
