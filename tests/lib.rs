@@ -7,14 +7,17 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use de_common::AGENT_ALPN;
 use de_common::api::{
     CodeView, DeployStarted, DeployState, DeploymentView, ExecRequest, ExecResult, NodeView,
-    StatusRow,
+    StatusRow, StepRecordView, StepRequest,
 };
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::DeserializeOwned;
 
 pub mod bench;
@@ -389,6 +392,18 @@ impl TestController {
     /// An authenticated request.
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Result<Answer> {
         self.request(method, path, Some(&self.token), body)
+    }
+
+    /// Queues a raw step on `node` (`POST /api/v1/nodes/{node}/steps`); the
+    /// answer must have status `want` (200 once the step is final, 202 while
+    /// it still runs).
+    pub fn post_step(&self, node: &str, req: &StepRequest, want: u16) -> Result<StepRecordView> {
+        self.api(
+            "POST",
+            &format!("/api/v1/nodes/{node}/steps"),
+            Some(&serde_json::to_string(req)?),
+        )?
+        .expect(want)
     }
 
     /// Creates an install code, returning its digits.
@@ -881,6 +896,27 @@ pub fn sha256_hex(b: &[u8]) -> String {
         .iter()
         .map(|x| format!("{x:02x}"))
         .collect()
+}
+
+/// The mutual-TLS QUIC client config of an enrolled agent, from its state
+/// dir (`ca.pem` may be a bundle, as during a CA rotation): for tests that
+/// speak the link themselves with a real node identity.
+pub fn agent_quic_config(state: &Path) -> Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(state.join("ca.pem"))? {
+        roots.add(ca?)?;
+    }
+    let cert = CertificateDer::from_pem_file(state.join("node.pem"))?;
+    let key = PrivateKeyDer::from_pem_file(state.join("node.key"))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert], key)?;
+    tls.alpn_protocols = vec![AGENT_ALPN.to_vec()];
+    Ok(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    )))
 }
 
 #[cfg(test)]

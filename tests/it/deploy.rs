@@ -184,13 +184,7 @@ fn lane_probe(ctl: &TestController, node: &str) -> Result<u64> {
         lane: Some(Lane::Deploy),
         wait_secs: Some(60),
     };
-    let rec: StepRecordView = ctl
-        .api(
-            "POST",
-            &format!("/api/v1/nodes/{node}/steps"),
-            Some(&serde_json::to_string(&req)?),
-        )?
-        .expect(200)?;
+    let rec: StepRecordView = ctl.post_step(node, &req, 200)?;
     assert_eq!(rec.state, StepState::Done, "{rec:?}");
     Ok(rec.step.seq)
 }

@@ -8,43 +8,21 @@
 //! runs each step once and succeeds.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use de_common::api::{DeployState, PhaseState, StepRecordView, StepState};
 use de_common::{
-    AGENT_ALPN, AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, Hardware, Heartbeat, Hello, Lane,
-    NodeId, Step, StepEvent, StepEventKind, StepId, StepOutcome, Usage, decode_step_unverified,
-    read_frame, write_frame,
+    AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, Hardware, Heartbeat, Hello, Lane, NodeId,
+    Step, StepEvent, StepEventKind, StepId, StepOutcome, Usage, decode_step_unverified, read_frame,
+    write_frame,
 };
 use de_tests::{TestAgent, TestController, script_component, wait_until, write_catalog};
 use serde_json::json;
 
 const IP: &str = "127.0.29.21";
 const ANSWER: Duration = Duration::from_secs(30);
-
-/// The mutual-TLS client config of an enrolled agent, from its state dir.
-fn agent_config(state: &std::path::Path) -> Result<quinn::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(state.join("ca.pem"))? {
-        roots.add(ca?)?;
-    }
-    let cert = CertificateDer::from_pem_file(state.join("node.pem"))?;
-    let key = PrivateKeyDer::from_pem_file(state.join("node.key"))?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![cert], key)?;
-    tls.alpn_protocols = vec![AGENT_ALPN.to_vec()];
-    Ok(quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
-    )))
-}
 
 /// One link of the hand-built agent: `Hello`, heartbeats every second (so
 /// the node is online), pulls and an events stream.
@@ -201,7 +179,7 @@ fn a_result_sent_twice_or_whose_ack_was_lost_is_recorded_once_and_nothing_runs_t
     let out = agent.enroll(&ctl.quic, &code)?;
     anyhow::ensure!(out.status.success(), "enrol: {}", out.stderr);
     let node = NodeId::from(agent.node_id()?);
-    let cfg = agent_config(&agent.state_dir)?;
+    let cfg = de_tests::agent_quic_config(&agent.state_dir)?;
     let plan = json!({
         "components": {"twice": [IP]},
         "properties": {"domain": "dup.test", "catalog": "dup"},

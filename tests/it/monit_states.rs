@@ -26,13 +26,7 @@ fn step(ctl: &TestController, node: &str, action: StepAction) -> Result<()> {
         lane: None,
         wait_secs: Some(90),
     };
-    let rec: StepRecordView = ctl
-        .api(
-            "POST",
-            &format!("/api/v1/nodes/{node}/steps"),
-            Some(&serde_json::to_string(&req)?),
-        )?
-        .expect(200)?;
+    let rec: StepRecordView = ctl.post_step(node, &req, 200)?;
     anyhow::ensure!(rec.state == StepState::Done, "{rec:?}");
     Ok(())
 }

@@ -156,13 +156,7 @@ fn a_result_made_while_the_link_was_timed_out_arrives_once_over_the_next_link() 
         lane: None,
         wait_secs: Some(0),
     };
-    let queued: StepRecordView = ctl
-        .api(
-            "POST",
-            &format!("/api/v1/nodes/{id}/steps"),
-            Some(&serde_json::to_string(&req)?),
-        )?
-        .expect(202)?;
+    let queued: StepRecordView = ctl.post_step(&id, &req, 202)?;
     let step_id = queued.step.id.to_string();
     wait_until(Duration::from_secs(30), "the step to run", || {
         runs.exists().then_some(())

@@ -5,17 +5,14 @@
 //! exec as a step that has not expired on its clock, which it runs.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use anyhow::Result;
 
 use de_common::api::{ExecRequest, NodeView};
 use de_common::{
-    AGENT_ALPN, AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, Hello, Lane, StepEvent,
-    StepEventKind, StepOutcome, check_step, read_frame, unix_ms, write_frame,
+    AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, Hello, Lane, StepEvent, StepEventKind,
+    StepOutcome, check_step, read_frame, unix_ms, write_frame,
 };
 use de_tests::{TestAgent, TestController, wait_until};
 
@@ -26,24 +23,6 @@ const FAST_MS: u64 = 90_000;
 fn node(ctl: &TestController, id: &str) -> Result<NodeView> {
     ctl.api("GET", &format!("/api/v1/nodes/{id}"), None)?
         .expect(200)
-}
-
-/// The agent's mutual-TLS client configuration, from its state dir.
-fn client_config(state: &std::path::Path) -> Result<quinn::ClientConfig> {
-    let read = |f: &str| std::fs::read(state.join(f)).with_context(|| f.to_owned());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(&read("ca.pem")?)?)?;
-    let cert = CertificateDer::from_pem_slice(&read("node.pem")?)?;
-    let key = PrivateKeyDer::from_pem_slice(&read("node.key")?)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![cert], key)?;
-    tls.alpn_protocols = vec![AGENT_ALPN.to_vec()];
-    Ok(quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
-    )))
 }
 
 /// The raw agent: links as `node_id`, answers the clock query with a clock
@@ -57,7 +36,7 @@ async fn fast_agent(
 ) -> Result<(u64, u64)> {
     let fast_ms = || unix_ms(SystemTime::now()) + FAST_MS;
     let mut endpoint = quinn::Endpoint::client(SocketAddr::new(IP.parse()?, 0))?;
-    endpoint.set_default_client_config(client_config(&state)?);
+    endpoint.set_default_client_config(de_tests::agent_quic_config(&state)?);
     let conn = endpoint
         .connect(controller, CONTROLLER_SERVER_NAME)?
         .await?;
