@@ -117,10 +117,23 @@ fn refusal(r: EnrollRefusal) -> EnrollError {
 
 /// Enrols this node and saves its identity in `state_dir`.
 pub async fn enroll(opts: &EnrollOptions, state_dir: &Path) -> Result<Identity, EnrollError> {
+    InstallCode::parse(&opts.code)?;
+    let addr = net::resolve(&opts.controller)?;
+    let endpoint = net::endpoint(addr, opts.advertise_ip)?;
+    enroll_on(&endpoint, opts, state_dir).await
+}
+
+/// [`enroll`] from an endpoint the caller keeps (the simulator enrols each
+/// agent from the endpoint its link then uses, rather than opening and
+/// dropping one more per agent). Waits until `endpoint` is idle.
+pub async fn enroll_on(
+    endpoint: &quinn::Endpoint,
+    opts: &EnrollOptions,
+    state_dir: &Path,
+) -> Result<Identity, EnrollError> {
     let code = InstallCode::parse(&opts.code)?;
     let addr = net::resolve(&opts.controller)?;
     let ip = net::node_ip(addr, opts.advertise_ip);
-    let endpoint = net::endpoint(addr, opts.advertise_ip)?;
     let unreachable = |reason: String| EnrollError::Unreachable {
         addr: opts.controller.clone(),
         port: addr.port(),

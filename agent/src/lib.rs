@@ -17,7 +17,7 @@ mod net;
 mod steps;
 
 pub use applied::AppliedError;
-pub use enroll::{EnrollError, EnrollOptions, enroll};
+pub use enroll::{EnrollError, EnrollOptions, enroll, enroll_on};
 pub use fetch::DEFAULT_CACHE_MAX_MB;
 pub use hardware::{HardwareError, Sampler, hostname};
 pub use identity::{Identity, IdentityError, IdentityMeta};

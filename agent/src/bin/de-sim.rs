@@ -632,7 +632,12 @@ fn load_lanes(dir: &Path) -> BTreeMap<Lane, u64> {
 
 /// The agent's identity: loaded from its directory, else enrolled (a few
 /// at a time, transient refusals retried with backoff).
-async fn identity(sim: &Sim, ip: Ipv4Addr, dir: &Path) -> Result<Identity, String> {
+async fn identity(
+    sim: &Sim,
+    endpoint: &quinn::Endpoint,
+    ip: Ipv4Addr,
+    dir: &Path,
+) -> Result<Identity, String> {
     if Identity::exists(dir) {
         return Identity::load(dir).map_err(|e| ErrorChain(&e).to_string());
     }
@@ -651,7 +656,7 @@ async fn identity(sim: &Sim, ip: Ipv4Addr, dir: &Path) -> Result<Identity, Strin
             };
             tokio::select! {
                 _ = sim.shutdown.cancelled() => return Err("stopping".into()),
-                r = de_agent::enroll(&opts, dir) => r,
+                r = de_agent::enroll_on(endpoint, &opts, dir) => r,
             }
         };
         let e = match result {
@@ -683,10 +688,43 @@ async fn identity(sim: &Sim, ip: Ipv4Addr, dir: &Path) -> Result<Identity, Strin
     }
 }
 
+/// The largest UDP payload a simulated agent's endpoint takes in. quinn
+/// gives every endpoint a receive buffer of 32 times this (about 2 MiB at
+/// its default of 65,527): one endpoint per agent made that the simulator's
+/// bulk once glibc, having freed an enrolment endpoint's buffer, stopped
+/// mapping them lazily and zeroed each one on its heap. Datagrams stay
+/// below it: quinn's path MTU discovery stops at 1,452 bytes.
+const MAX_UDP_PAYLOAD: u16 = 1472;
+
+/// A client endpoint like `de_agent::endpoint` (bound to `ip` when it is an
+/// address of this machine), with the smaller receive buffer.
+fn link_endpoint(controller: SocketAddr, ip: Ipv4Addr) -> std::io::Result<quinn::Endpoint> {
+    let any: IpAddr = if controller.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket =
+        std::net::UdpSocket::bind((ip, 0)).or_else(|_| std::net::UdpSocket::bind((any, 0)))?;
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(std::io::Error::other)?;
+    quinn::Endpoint::new(config, None, socket, Arc::new(quinn::TokioRuntime))
+}
+
 /// One agent from start to shutdown: identity, then the link, kept up.
 async fn run_agent(sim: Arc<Sim>, ip: Ipv4Addr, state_dir: PathBuf) {
     let dir = state_dir.join(ip.to_string());
-    let identity = match identity(&sim, ip, &dir).await {
+    // One endpoint per agent, for its enrolment and then its link.
+    let endpoint = match link_endpoint(sim.addr, ip) {
+        Ok(e) => e,
+        Err(e) => {
+            error!(%ip, error = %format!("could not open a UDP socket on {ip}: {e}"), "this agent cannot link; it stays offline");
+            return;
+        }
+    };
+    let identity = match identity(&sim, &endpoint, ip, &dir).await {
         Ok(i) => i,
         Err(why) => {
             if !sim.shutdown.is_cancelled() {
@@ -697,15 +735,9 @@ async fn run_agent(sim: Arc<Sim>, ip: Ipv4Addr, state_dir: PathBuf) {
         }
     };
     sim.counts.enrolled.fetch_add(1, Ordering::Relaxed);
-    let setup = Identity::machine_id(&dir, IpAddr::V4(ip))
-        .map_err(|e| ErrorChain(&e).to_string())
-        .and_then(|machine| {
-            de_agent::endpoint(sim.addr, Some(IpAddr::V4(ip)))
-                .map(|endpoint| (machine, endpoint))
-                .map_err(|e| ErrorChain(&e).to_string())
-        });
-    let (machine, endpoint) = match setup {
-        Ok(s) => s,
+    let setup = Identity::machine_id(&dir, IpAddr::V4(ip)).map_err(|e| ErrorChain(&e).to_string());
+    let machine = match setup {
+        Ok(m) => m,
         Err(why) => {
             error!(%ip, error = %why, "this agent cannot link; it stays offline");
             return;
