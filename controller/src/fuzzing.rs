@@ -291,12 +291,20 @@ impl Fixture {
                 );
             }
         }
+        // The install order holds every component placed on a node; one
+        // given no IPs (`"nginx": []`, scaled in to none) has nothing to install.
         let mut order = valid.order.clone();
         order.sort();
-        let names: Vec<String> = valid.plan.components.keys().cloned().collect();
+        let names: Vec<String> = valid
+            .plan
+            .components
+            .iter()
+            .filter(|(_, ips)| !ips.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
         assert_eq!(
             order, names,
-            "the install order is not the plan's components"
+            "the install order is not the plan's placed components"
         );
         let again = serde_json::to_vec(&valid.plan)
             .unwrap_or_else(|e| panic!("a valid plan does not serialize: {e}"));
@@ -504,5 +512,15 @@ mod tests {
         f.client_cert(f.server_cert_der());
         assert_eq!(f.catalog(b"--- catalog.toml\nname = 1\n"), None);
         f.enroll_request(&[0, 1, 0]);
+    }
+
+    /// Found by the fuzzer: a component given no IPs is in the plan but has
+    /// nothing to install, so it is not in the install order.
+    #[test]
+    fn a_component_placed_nowhere_validates_and_is_not_installed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = Fixture::new(dir.path()).expect("fixture");
+        let plan = br#"{"components":{"haproxy":["10.0.0.1"],"nats":["10.0.0.4","10.0.0.5","10.0.0.6"],"nginx":[]},"properties":{"catalog":"debian-demo","checkdisk":1,"disksize":1,"domain":"demo.test","nginx_user":"root"}}"#;
+        assert!(f.plan(plan));
     }
 }
