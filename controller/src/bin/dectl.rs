@@ -363,6 +363,25 @@ struct Reply {
 }
 
 impl Reply {
+    /// The answer to `request` (sent to `url`), its body read whole.
+    fn read(
+        request: String,
+        url: &str,
+        mut resp: ureq::http::Response<ureq::Body>,
+    ) -> Result<Reply, Failure> {
+        let status = resp.status().as_u16();
+        let mut text = String::new();
+        resp.body_mut()
+            .as_reader()
+            .read_to_string(&mut text)
+            .map_err(|e| Failure(format!("reading the answer from {url}: {e}"), 2))?;
+        Ok(Reply {
+            request,
+            status,
+            text,
+        })
+    }
+
     /// The API's own words for a refusal.
     fn check(self) -> Result<Reply, Failure> {
         if self.status < 300 {
@@ -415,7 +434,7 @@ impl Api {
             None => req.body(String::new()),
         }
         .map_err(|e| Failure(format!("bad request to {url}: {e}"), 2))?;
-        let mut resp = self.agent.run(req).map_err(|e| {
+        let resp = self.agent.run(req).map_err(|e| {
             // ureq reports a refused certificate as TLS or as I/O wrapping rustls' error.
             let tls = matches!(e, ureq::Error::Tls(_) | ureq::Error::Rustls(_))
                 || e.to_string().contains("peer certificate");
@@ -434,17 +453,7 @@ impl Api {
                 2,
             )
         })?;
-        let status = resp.status().as_u16();
-        let mut text = String::new();
-        resp.body_mut()
-            .as_reader()
-            .read_to_string(&mut text)
-            .map_err(|e| Failure(format!("reading the answer from {url}: {e}"), 2))?;
-        Ok(Reply {
-            request: format!("{method} {path}"),
-            status,
-            text,
-        })
+        Reply::read(format!("{method} {path}"), &url, resp)
     }
 
     /// A request whose refusal is a failure.
@@ -668,7 +677,7 @@ fn upload_one(api: &Api, file: &std::path::Path, name: Option<String>) -> Result
         })
         .collect();
     let url = format!("{}/api/v1/artifacts?name={escaped}&sha256={sha}", api.base);
-    let mut resp = api
+    let resp = api
         .agent
         .post(&url)
         .header("Authorization", format!("Bearer {}", api.token))
@@ -680,18 +689,7 @@ fn upload_one(api: &Api, file: &std::path::Path, name: Option<String>) -> Result
                 2,
             )
         })?;
-    let status = resp.status().as_u16();
-    let mut text = String::new();
-    resp.body_mut()
-        .as_reader()
-        .read_to_string(&mut text)
-        .map_err(|e| Failure(format!("reading the answer from {url}: {e}"), 2))?;
-    Reply {
-        request: "POST /api/v1/artifacts".to_owned(),
-        status,
-        text,
-    }
-    .check()
+    Reply::read("POST /api/v1/artifacts".to_owned(), &url, resp)?.check()
 }
 
 /// `dectl ca`: the CA dectl trusts and the key the controller presents.
