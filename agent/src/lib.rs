@@ -21,7 +21,7 @@ pub use enroll::{EnrollError, EnrollOptions, enroll, enroll_on};
 pub use fetch::DEFAULT_CACHE_MAX_MB;
 pub use hardware::{HardwareError, Sampler, hostname};
 pub use identity::{Identity, IdentityError, IdentityMeta};
-pub use link::{LinkError, LinkOptions, backoff, check_pulled, run};
+pub use link::{LinkError, LinkOptions, backoff, check_pulled, reconnect_delay, run};
 pub use monit::{Monit, MonitError, parse_status};
 pub use net::{DEFAULT_QUIC_PORT, NetError, endpoint, link_config, resolve};
 pub use steps::{Ledger, LedgerError};

@@ -3,7 +3,6 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -99,8 +98,8 @@ fn provider() -> Arc<CryptoProvider> {
 
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
+    t.keep_alive_interval(Some(de_common::LINK_KEEP_ALIVE));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(de_common::LINK_IDLE_TIMEOUT).ok());
     Arc::new(t)
 }
 

@@ -39,6 +39,6 @@ pub use step::{
 pub use wire::{
     AGENT_ALPN, AgentMsg, CONTROLLER_SERVER_NAME, ControllerMsg, ENROLL_ALPN, EnrollClientMsg,
     EnrollGrant, EnrollRefusal, EnrollRequest, EnrollServerMsg, Heartbeat, Hello, InstanceState,
-    LinkRefusal, OutStream, PROTOCOL_VERSION, PreviousStepKey, StepEvent, StepEventKind,
-    StepOutcome, Trust, Welcome, close_codes, renewal_due,
+    LINK_IDLE_TIMEOUT, LINK_KEEP_ALIVE, LinkRefusal, OutStream, PROTOCOL_VERSION, PreviousStepKey,
+    StepEvent, StepEventKind, StepOutcome, Trust, Welcome, close_codes, renewal_due,
 };

@@ -239,11 +239,19 @@ struct SledInner {
     flush_times: Arc<crate::metrics::Histogram>,
 }
 
+/// The engine's page cache. sled's default (1 GiB) let the controller's
+/// RSS follow the store's size: 941 MiB idle under 10,000 agents with a
+/// 570 MB store of past steps, against 608 MiB with a new one. What is
+/// read often (nodes, the steps not final, the lanes' recent keys) is far
+/// smaller.
+const CACHE_BYTES: u64 = 256 << 20;
+
 impl SledStore {
     pub(crate) fn open(path: &Path) -> Result<SledStore, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|source| StoreError::Open {
                 path: path.display().to_string(),

@@ -1,4 +1,4 @@
-//! Scale, for correctness: 300 simulated agents (`de-sim`, 127.24.x.y)
+//! Scale, for correctness: 500 simulated agents (`de-sim`, 127.24.x.y)
 //! against a real controller (127.0.24.1) enrol and come online, answer an
 //! exec, take a deployment to every node, and come back online after the
 //! controller is SIGKILLed and restarted on the same ports and data.
@@ -11,7 +11,7 @@ use de_common::api::{DeployState, ExecRequest, PhaseState};
 use de_tests::{TestController, command, script_component, spawn, wait_until, write_catalog};
 use serde_json::json;
 
-const AGENTS: usize = 300;
+const AGENTS: usize = 500;
 const WAIT: Duration = Duration::from_secs(240);
 
 /// How many nodes the controller lists as online.
@@ -42,7 +42,7 @@ fn exec_all(ctl: &TestController) -> Result<()> {
 }
 
 #[test]
-fn three_hundred_simulated_agents_enrol_run_a_deployment_and_survive_a_controller_restart()
+fn five_hundred_simulated_agents_enrol_run_a_deployment_and_survive_a_controller_restart()
 -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use de_agent::{EnrollError, EnrollOptions, Identity, Sampler, backoff, check_pulled};
+use de_agent::{
+    EnrollError, EnrollOptions, Identity, Sampler, backoff, check_pulled, reconnect_delay,
+};
 use de_common::{
     AgentMsg, ControllerMsg, ErrorChain, Hardware, Heartbeat, Hello, InstanceState, Lane,
     LinkRefusal, NodeId, PreviousStepKey, SignedStep, StepAction, StepEvent, StepEventKind, StepId,
@@ -44,6 +46,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// The per-agent file that keeps the lanes' last done sequences.
 const LANES_FILE: &str = "sim-lanes.json";
+/// How often, at most, an agent saves its lanes while steps finish.
+const LANES_SAVE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -205,6 +209,9 @@ struct Agent {
     identity: Mutex<Identity>,
     state: Mutex<NodeState>,
     welcomed_once: AtomicBool,
+    /// When the lanes were last saved, and whether they moved since.
+    lanes_saved: Mutex<Option<Instant>>,
+    lanes_dirty: AtomicBool,
 }
 
 /// Why one connection ended.
@@ -273,11 +280,38 @@ impl Agent {
                 .map(|(l, s)| (*l, *s))
                 .collect::<Vec<_>>()
         };
-        // Kept so that a rerun pulls after them; not synced (a simulator
-        // killed mid-step loses at most that step, which the controller's
-        // watchdog then fails).
-        if let Err(e) = save_lanes(&self.dir, &lanes) {
+        self.lanes_dirty.store(true, Ordering::Relaxed);
+        let due = lock(&self.lanes_saved).is_none_or(|t| t.elapsed() >= LANES_SAVE_EVERY);
+        if due {
+            self.save_lanes(&lanes);
+        }
+    }
+
+    /// Keeps the lanes so that a rerun pulls after them: at most once per
+    /// [`LANES_SAVE_EVERY`] while steps finish, the rest at the next
+    /// heartbeat or on the way out; not synced. A simulator killed loses
+    /// the last second's positions at most: a rerun then pulls after an
+    /// older sequence, and the controller hands out only steps not final
+    /// (the real agent, one per machine, saves every result before it
+    /// reports it; 10,000 renames a second in one directory would measure
+    /// this machine's disk, not the controller).
+    fn save_lanes(&self, lanes: &[(Lane, u64)]) {
+        self.lanes_dirty.store(false, Ordering::Relaxed);
+        *lock(&self.lanes_saved) = Some(Instant::now());
+        if let Err(e) = save_lanes(&self.dir, lanes) {
             debug!(ip = %self.ip, error = %e, "could not save the lanes");
+        }
+    }
+
+    /// [`Agent::save_lanes`] if a step finished since the last save.
+    fn save_lanes_if_dirty(&self) {
+        if self.lanes_dirty.load(Ordering::Relaxed) {
+            let lanes: Vec<(Lane, u64)> = lock(&self.state)
+                .last_done
+                .iter()
+                .map(|(l, s)| (*l, *s))
+                .collect();
+            self.save_lanes(&lanes);
         }
     }
 
@@ -415,6 +449,7 @@ impl Agent {
                     other => debug!(ip = %self.ip, ?other, "ignored on the control stream"),
                 },
                 _ = tick.tick() => {
+                    self.save_lanes_if_dirty();
                     let last_done = self.last_done_all();
                     let hb = AgentMsg::Heartbeat(Heartbeat {
                         usage: sim.usage.borrow().clone(),
@@ -755,6 +790,8 @@ async fn run_agent(sim: Arc<Sim>, ip: Ipv4Addr, state_dir: PathBuf) {
         }),
         dir,
         welcomed_once: AtomicBool::new(false),
+        lanes_saved: Mutex::new(None),
+        lanes_dirty: AtomicBool::new(false),
         sim: sim.clone(),
     });
     let mut failures: u32 = 0;
@@ -767,7 +804,7 @@ async fn run_agent(sim: Arc<Sim>, ip: Ipv4Addr, state_dir: PathBuf) {
                 debug!(%ip, reason = %why, "link lost; reconnecting");
                 sim.note_error(format!("{ip}: link lost: {why}"));
                 failures = 0;
-                backoff(MIN_BACKOFF, MAX_BACKOFF, 0)
+                reconnect_delay(MIN_BACKOFF, sim.heartbeat)
             }
             SessionEnd::Failed(why) => {
                 debug!(%ip, reason = %why, "cannot link");
@@ -789,6 +826,7 @@ async fn run_agent(sim: Arc<Sim>, ip: Ipv4Addr, state_dir: PathBuf) {
             _ = tokio::time::sleep(delay) => {}
         }
     }
+    agent.save_lanes_if_dirty();
     agent
         .endpoint
         .close(close_codes::SHUTDOWN.into(), b"agent stopping");

@@ -908,6 +908,23 @@ impl Nodes {
         Some((now.duration_since(since).unwrap_or_default(), heartbeat))
     }
 
+    /// What the step watchdog needs of node `id` at `now`: whether it is
+    /// revoked, its first IP, and [`Nodes::silence`]; without building the
+    /// node's whole view (the watchdog asks once per open step each second).
+    pub(crate) fn watch(
+        &self,
+        id: &NodeId,
+        now: SystemTime,
+    ) -> Option<(bool, Option<String>, Duration, Duration)> {
+        let (revoked, ip) = {
+            let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+            let r = records.get(id)?;
+            (r.revoked, r.ips.first().cloned())
+        };
+        let (silent, heartbeat) = self.silence(id, now)?;
+        Some((revoked, ip, silent, heartbeat))
+    }
+
     /// Closes every live link (controller shutdown).
     pub fn close_all(&self) {
         for l in self.live().values_mut() {

@@ -35,10 +35,10 @@ use crate::agents::steps::ResyncError;
 use crate::util::random_hex;
 use crate::util::rfc3339;
 
+/// The least time between two stateless resets the endpoint sends: none
+/// (see [`endpoint`]).
+const RESET_INTERVAL: Duration = Duration::ZERO;
 /// How long one enrolment exchange may take before the controller gives up on it.
-/// The least time between two stateless resets the endpoint sends (see
-/// [`endpoint`]).
-const RESET_INTERVAL: Duration = Duration::from_micros(200);
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an agent has to send its Hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -160,8 +160,8 @@ impl rustls::server::ResolvesServerCert for CurrentCert {
 /// not known yet (`link` raises them for an enrolled agent).
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
+    t.keep_alive_interval(Some(de_common::LINK_KEEP_ALIVE));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(de_common::LINK_IDLE_TIMEOUT).ok());
     t.max_concurrent_bidi_streams(UNAUTHENTICATED_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window(UNAUTHENTICATED_STREAM_WINDOW.into());
@@ -198,14 +198,19 @@ pub fn endpoint(
     server.transport_config(transport());
     let bind = |source| QuicSetupError::Bind { addr, source };
     let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    grow_receive_buffer(&socket);
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, pki.reset_secret());
     let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
     // After a restart every linked agent learns that its connection is gone
     // from the stateless reset its next packet draws. quinn sends at most one
-    // reset per `min_reset_interval` (20 ms by default: 50 a second), so
-    // 1,000 agents took 20 s to hear and 10,000 would wait out the 30 s idle
-    // timeout. A reset is always smaller than the packet that drew it (no
-    // amplification); 200 µs still bounds what a spoofed flood can reflect.
+    // reset per `min_reset_interval` (20 ms by default: 50 a second), and
+    // reads the clock once per batch of datagrams it receives, so any
+    // interval above zero also means one reset per batch. With 10,000 agents
+    // most packets of the first seconds drew none; their senders then waited
+    // out doubling probe timeouts, and the last came back 40 s after a
+    // restart. A reset is always smaller than the packet that drew it, so
+    // sending one for every such packet amplifies nothing; the endpoint's
+    // own receive limit bounds the work a flood of them causes.
     config.min_reset_interval(RESET_INTERVAL);
     // Connection ids are validated with a keyed hash; the key must survive a
     // restart too, or packets of old connections are dropped instead of reset.
@@ -217,6 +222,35 @@ pub fn endpoint(
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
     quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime)).map_err(bind)
+}
+
+/// The receive buffer the QUIC socket asks for.
+const RECV_BUFFER: usize = 8 << 20;
+
+/// Grows the QUIC socket's receive buffer to [`RECV_BUFFER`]. Linux gives a
+/// UDP socket 208 KiB by default; after a restart every agent's packets
+/// arrive at once (a reset each, then a handshake each), and with 10,000
+/// agents most of them overflowed it: dropped packets wait out the
+/// senders' doubling probe timeouts. As root the size is forced past
+/// `net.core.rmem_max`; otherwise it is capped there, and a small cap is
+/// named in a warning.
+fn grow_receive_buffer(socket: &std::net::UdpSocket) {
+    use rustix::net::sockopt;
+    if sockopt::set_socket_recv_buffer_size_force(socket, RECV_BUFFER).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(socket, RECV_BUFFER);
+    }
+    // Linux reports twice what it grants (the other half is its bookkeeping).
+    match sockopt::socket_recv_buffer_size(socket) {
+        Ok(got) if got / 2 >= RECV_BUFFER / 4 => {
+            tracing::debug!(bytes = got / 2, "QUIC receive buffer");
+        }
+        Ok(got) => tracing::warn!(
+            bytes = got / 2,
+            wanted = RECV_BUFFER,
+            "the QUIC socket's receive buffer is small: with thousands of agents, reconnects after a restart are dropped and retried slowly; raise net.core.rmem_max (sysctl -w net.core.rmem_max=8388608) or run the controller as root"
+        ),
+        Err(e) => tracing::debug!(error = %e, "could not read the QUIC receive buffer size"),
+    }
 }
 
 /// Accepts connections until `shutdown` fires.

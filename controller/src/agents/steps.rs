@@ -10,7 +10,7 @@
 //! lane) only grow (and are raised to what an agent reports having done, so a
 //! controller restored from an older backup resynchronises).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -344,6 +344,40 @@ fn unix(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// The records of the steps in `store` not final yet. Pages through the
+/// tree and reads only each record's state until one is open: the tree
+/// keeps every step ever run (hundreds of thousands after a few scale
+/// runs), and decoding all of them at once left their memory to the
+/// controller's RSS for good.
+fn open_steps(store: &dyn Store) -> Result<Vec<StepRecord>, StoreError> {
+    #[derive(Deserialize)]
+    struct State {
+        state: StepState,
+    }
+    const PAGE: usize = 1024;
+    let mut open = Vec::new();
+    let mut from = String::new();
+    loop {
+        let page = store.scan(Tree::Steps, "", &from, PAGE)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(open);
+        };
+        let next = format!("{last}\u{0}");
+        for (key, bytes) in page {
+            let corrupt = |source| StoreError::Corrupt {
+                tree: Tree::Steps.name(),
+                key: key.clone(),
+                source,
+            };
+            let State { state } = serde_json::from_slice(&bytes).map_err(corrupt)?;
+            if !state.is_final() {
+                open.push(serde_json::from_slice::<StepRecord>(&bytes).map_err(corrupt)?);
+            }
+        }
+        from = next;
+    }
+}
+
 impl StepQueue {
     /// The queues in `store`, with the index of the steps not final yet
     /// rebuilt from it (one scan of the steps tree).
@@ -355,20 +389,18 @@ impl StepQueue {
         let (updates, _) = broadcast::channel(4096);
         let now = Instant::now();
         let mut active = HashMap::new();
-        for (_, r) in store.list_json::<StepRecord>(Tree::Steps)? {
-            if !r.state.is_final() {
-                active.insert(
-                    r.step.id.clone(),
-                    ActiveStep {
-                        id: r.step.id.clone(),
-                        node: r.step.node_id.clone(),
-                        lane: r.step.lane,
-                        started: (r.state == StepState::Running).then_some(now),
-                        budget: budget_of(&r.step.action),
-                        fetch: fetch_of(&r.step.action),
-                    },
-                );
-            }
+        for r in open_steps(&*store)? {
+            active.insert(
+                r.step.id.clone(),
+                ActiveStep {
+                    id: r.step.id.clone(),
+                    node: r.step.node_id.clone(),
+                    lane: r.step.lane,
+                    started: (r.state == StepState::Running).then_some(now),
+                    budget: budget_of(&r.step.action),
+                    fetch: fetch_of(&r.step.action),
+                },
+            );
         }
         Ok(StepQueue {
             store,
@@ -572,7 +604,7 @@ impl StepQueue {
         let now = SystemTime::now();
         let mut records = Vec::with_capacity(steps.len());
         let mut writes: Vec<(Tree, String, Vec<u8>)> = Vec::new();
-        let mut nodes: Vec<NodeId> = Vec::new();
+        let mut nodes: HashSet<NodeId> = HashSet::new();
         let written = {
             // Held until the writes are applied and marked: a pull reads the
             // mark under it after its scan, and waits until that is on disk.
@@ -580,21 +612,28 @@ impl StepQueue {
             let mut seqs: HashMap<(NodeId, Lane), u64> = HashMap::new();
             let mut batch: HashMap<StepId, usize> = HashMap::new();
             for new in steps {
+                // Only a given id is looked up: a fresh one (64 random bits)
+                // is new, and finding an unrelated step under it would be
+                // no answer either.
                 let id = match new.id {
-                    Some(id) => id,
+                    Some(id) => {
+                        if let Some(i) = batch.get(&id) {
+                            let again: &StepRecord = &records[*i];
+                            records.push(again.clone());
+                            continue;
+                        }
+                        if let Some(key) =
+                            self.store.get_json::<String>(Tree::StepIds, id.as_str())?
+                            && let Some(existing) =
+                                self.store.get_json::<StepRecord>(Tree::Steps, &key)?
+                        {
+                            records.push(existing);
+                            continue;
+                        }
+                        id
+                    }
                     None => StepQueue::new_id()?,
                 };
-                if let Some(i) = batch.get(&id) {
-                    let again: &StepRecord = &records[*i];
-                    records.push(again.clone());
-                    continue;
-                }
-                if let Some(key) = self.store.get_json::<String>(Tree::StepIds, id.as_str())?
-                    && let Some(existing) = self.store.get_json::<StepRecord>(Tree::Steps, &key)?
-                {
-                    records.push(existing);
-                    continue;
-                }
                 let NewStep {
                     node,
                     lane,
@@ -662,9 +701,7 @@ impl StepQueue {
                 );
                 batch.insert(id, records.len());
                 records.push(record);
-                if !nodes.contains(&node) {
-                    nodes.push(node);
-                }
+                nodes.insert(node);
             }
             self.store.apply(&writes)?
         };
@@ -1009,39 +1046,59 @@ impl StepQueue {
                     ));
                     self.store.put_json(Tree::Steps, &key, &r)?;
                     self.metrics.moved(&r, StepState::Queued);
+                    let _ = self.updates.send(StepUpdate::Finished {
+                        step_id: r.step.id.clone(),
+                        node_id: node.clone(),
+                        state: r.state,
+                    });
                 }
             }
         }
         Ok(())
     }
 
-    /// Waits until every step in `ids` is final or `deadline` passes; returns the records as they are then.
+    /// Waits until every step in `ids` is final or `deadline` passes;
+    /// returns the records as they are then, in the order of `ids` (`None`
+    /// for an id this queue does not know).
+    ///
+    /// Linear in `ids`: each `Finished` update ticks one step off a set, and
+    /// only a lagging receiver re-reads the steps still open. (Re-reading
+    /// every record on every update made an exec to 10,000 nodes quadratic:
+    /// it did not finish within the exec's own deadline.)
     pub async fn wait_all(
         &self,
         ids: &[StepId],
         deadline: tokio::time::Instant,
-    ) -> Result<Vec<StepRecord>, StoreError> {
+    ) -> Result<Vec<Option<StepRecord>>, StoreError> {
         let mut rx = self.subscribe();
+        // Subscribed first: a step that ends from here on is either seen
+        // final by the read below or announced on `rx`.
+        let mut open: HashSet<StepId> = ids.iter().cloned().collect();
+        let mut reread = true;
         loop {
-            let mut records = Vec::with_capacity(ids.len());
-            for id in ids {
-                if let Some(r) = self.get(id)? {
-                    records.push(r);
+            if reread {
+                let mut still = HashSet::with_capacity(open.len());
+                for id in open {
+                    if matches!(self.get(&id)?, Some(r) if !r.state.is_final()) {
+                        still.insert(id);
+                    }
                 }
+                open = still;
+                reread = false;
             }
-            if records.iter().all(|r| r.state.is_final()) {
-                return Ok(records);
+            if open.is_empty() {
+                break;
             }
-            loop {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Err(_) => return Ok(records),
-                    Ok(Ok(StepUpdate::Finished { step_id, .. })) if ids.contains(&step_id) => break,
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(records),
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
+                Ok(Ok(StepUpdate::Finished { step_id, .. })) => {
+                    open.remove(&step_id);
                 }
+                Ok(Ok(_)) => {}
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => reread = true,
             }
         }
+        ids.iter().map(|id| self.get(id)).collect()
     }
 }
 
@@ -1091,6 +1148,71 @@ mod tests {
             env: vec![],
             timeout_secs: 5,
         }
+    }
+
+    fn finished(step: &StepRecord) -> StepEvent {
+        StepEvent {
+            step_id: step.step.id.clone(),
+            lane: step.step.lane,
+            seq: step.step.seq,
+            kind: StepEventKind::Finished(StepOutcome {
+                exit_code: Some(0),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn wait_all_answers_in_the_order_asked_once_all_are_final_or_time_is_up() {
+        let (_d, q, _) = queue();
+        let q = Arc::new(q);
+        let [a, b, c] = [n1(), n2(), n1()].map(|n| {
+            q.enqueue(&n, Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+                .expect("enqueue")
+        });
+        // `a` ends before the wait; `b` while it waits (or just before it
+        // subscribes: either way it must be seen).
+        q.on_event(&n1(), finished(&a)).await.expect("a");
+        let ended = {
+            let (q, b) = (q.clone(), b.clone());
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                q.on_event(&n2(), finished(&b)).await.expect("b")
+            })
+        };
+        let unknown = StepId::from("s-unknown");
+        let ids = [b.step.id.clone(), unknown.clone(), a.step.id.clone()];
+        let far = tokio::time::Instant::now() + Duration::from_secs(30);
+        let got = q.wait_all(&ids, far).await.expect("wait");
+        assert!(ended.await.expect("join"), "the result was acknowledged");
+        let states: Vec<Option<(StepId, StepState)>> = got
+            .iter()
+            .map(|r| r.as_ref().map(|r| (r.step.id.clone(), r.state)))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                Some((b.step.id.clone(), StepState::Done)),
+                None,
+                Some((a.step.id.clone(), StepState::Done)),
+            ]
+        );
+        // `c` never ends: the deadline answers with it as it is.
+        let soon = tokio::time::Instant::now() + Duration::from_millis(100);
+        let got = q
+            .wait_all(&[a.step.id.clone(), c.step.id.clone()], soon)
+            .await
+            .expect("wait");
+        assert_eq!(
+            got.iter()
+                .map(|r| r.as_ref().map(|r| r.state))
+                .collect::<Vec<_>>(),
+            vec![Some(StepState::Done), Some(StepState::Queued)]
+        );
+        assert!(
+            tokio::time::Instant::now() >= soon,
+            "it waited for the deadline"
+        );
     }
 
     #[tokio::test]

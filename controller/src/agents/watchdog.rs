@@ -84,18 +84,18 @@ pub(crate) fn sweep(ctl: &Controller, grace: Duration) -> usize {
     let wall = SystemTime::now();
     let mut failed = 0;
     for step in ctl.steps.active() {
-        let node = ctl.nodes.get(&step.node).map(|n| {
-            let (silent_for, heartbeat) = ctl.nodes.silence(&step.node, wall).unwrap_or_default();
-            NodeState {
-                label: match n.ips.first() {
-                    Some(ip) => format!("{} ({ip})", n.id),
-                    None => n.id.clone(),
+        let node = ctl
+            .nodes
+            .watch(&step.node, wall)
+            .map(|(revoked, ip, silent_for, heartbeat)| NodeState {
+                label: match ip {
+                    Some(ip) => format!("{} ({ip})", step.node),
+                    None => step.node.to_string(),
                 },
-                revoked: n.revoked,
+                revoked,
                 silent_for,
                 heartbeat,
-            }
-        });
+            });
         let Some(reason) = judge(&step, node.as_ref(), grace, now) else {
             continue;
         };

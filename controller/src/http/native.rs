@@ -410,10 +410,8 @@ async fn exec(
     let out = nodes
         .iter()
         .zip(&ids)
-        .map(|(n, id)| {
-            let rec = records.iter().find(|r| &r.step.id == id);
-            exec_result(n, rec, id, ttl.as_secs())
-        })
+        .zip(&records)
+        .map(|((n, id), rec)| exec_result(n, rec.as_ref(), id, ttl.as_secs()))
         .collect();
     Ok(axum::Json(out))
 }
@@ -588,7 +586,7 @@ async fn post_step(
             tokio::time::Instant::now() + wait,
         )
         .await?;
-    let rec = records.into_iter().next().unwrap_or(r);
+    let rec = records.into_iter().next().flatten().unwrap_or(r);
     let status = if rec.state.is_final() {
         StatusCode::OK
     } else {

@@ -216,8 +216,8 @@ async fn operate(
         .steps
         .wait_all(&ids, tokio::time::Instant::now() + OPERATE_WAIT)
         .await?;
-    for (i, id) in waiting {
-        let result = match records.iter().find(|r| r.step.id == id) {
+    for ((i, _), rec) in waiting.into_iter().zip(records) {
+        let result = match rec {
             Some(r) if r.state == StepState::Done => "ok".to_owned(),
             Some(r) if r.state.is_final() => {
                 let o = r.outcome.clone().unwrap_or_default();
