@@ -139,6 +139,7 @@ check "controller: the unit is packaging/'s" same "$ctl_deb" usr/lib/systemd/sys
 check "controller: /etc/deployment-engine/controller.toml, 0644" has "$ctl_deb" -rw-r--r-- etc/deployment-engine/controller.toml
 check "controller: the config is packaging/'s" same "$ctl_deb" etc/deployment-engine/controller.toml packaging/controller/controller.toml
 check "controller: install-agent.sh in /usr/share/deployment-engine, 0755" has "$ctl_deb" -rwxr-xr-x usr/share/deployment-engine/install-agent.sh
+check "controller: its sysctl.d file (the QUIC receive buffer), 0644" has "$ctl_deb" -rw-r--r-- usr/lib/sysctl.d/60-deployment-engine-controller.conf
 check "controller: INSTALL.md" has "$ctl_deb" -rw-r--r-- usr/share/doc/$ctl_pkg/INSTALL.md
 check "controller: depends on adduser" sh -c "dpkg-deb -f '$ctl_deb' Depends | grep -qw adduser"
 check "controller: its config is a conffile" sh -c "dpkg-deb -I '$ctl_deb' conffiles | grep -qx /etc/deployment-engine/controller.toml"
@@ -185,6 +186,7 @@ check "the system user deployment-engine exists, with no login shell" sh -c 'u=$
 # mode OWNER:GROUP PATH
 owned() { [ "$(stat -c '%a %U:%G' "$3")" = "$1 $2" ] || { stat -c '%a %U:%G %n' "$3"; return 1; }; }
 check "controller data dir: deployment-engine, 0700" owned 700 deployment-engine:deployment-engine /var/lib/deployment-engine/controller
+check "net.core.rmem_max is at least 8 MiB after the install (the QUIC socket's receive buffer)" sh -c '[ "$(sysctl -n net.core.rmem_max)" -ge 8388608 ]'
 check "the controller package carries the agent package it was built with" \
   sh -c "cmp /usr/share/deployment-engine/packages/$(basename "$agent_deb") '$agent_deb'"
 data=/var/lib/deployment-engine/controller
