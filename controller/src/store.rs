@@ -199,6 +199,40 @@ fn encode<T: Serialize>(tree: Tree, key: &str, value: &T) -> Result<Vec<u8>, Sto
     })
 }
 
+/// Calls `f` with each record of `tree` in key order, read `page` at a
+/// time: for a tree too large to hold at once (every step ever run).
+pub(crate) fn for_each_paged(
+    store: &dyn Store,
+    tree: Tree,
+    page: usize,
+    mut f: impl FnMut(String, Vec<u8>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut from = String::new();
+    loop {
+        let records = store.scan(tree, "", &from, page)?;
+        let Some((last, _)) = records.last() else {
+            return Ok(());
+        };
+        from = format!("{last}\u{0}");
+        for (key, bytes) in records {
+            f(key, bytes)?;
+        }
+    }
+}
+
+/// `bytes`, the record `key` of `tree`, decoded as JSON.
+pub(crate) fn decode_json<T: DeserializeOwned>(
+    tree: Tree,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        tree: tree.name(),
+        key: key.to_owned(),
+        source,
+    })
+}
+
 /// Typed JSON scan on any [`Store`].
 pub(crate) fn scan_json<T: DeserializeOwned>(
     store: &dyn Store,
@@ -210,14 +244,7 @@ pub(crate) fn scan_json<T: DeserializeOwned>(
     store
         .scan(tree, prefix, from, limit)?
         .into_iter()
-        .map(|(key, bytes)| match serde_json::from_slice(&bytes) {
-            Ok(v) => Ok((key, v)),
-            Err(source) => Err(StoreError::Corrupt {
-                tree: tree.name(),
-                key,
-                source,
-            }),
-        })
+        .map(|(key, bytes)| decode_json(tree, &key, &bytes).map(|v| (key, v)))
         .collect()
 }
 

@@ -26,7 +26,9 @@ use de_common::{
 };
 
 use crate::agents::clock::ClockSkews;
-use crate::store::{Store, StoreError, StoreExt, Tree, Written, scan_json};
+use crate::store::{
+    Store, StoreError, StoreExt, Tree, Written, decode_json, for_each_paged, scan_json,
+};
 use crate::util::random_hex;
 use crate::util::rfc3339;
 
@@ -354,28 +356,15 @@ fn open_steps(store: &dyn Store) -> Result<Vec<StepRecord>, StoreError> {
     struct State {
         state: StepState,
     }
-    const PAGE: usize = 1024;
     let mut open = Vec::new();
-    let mut from = String::new();
-    loop {
-        let page = store.scan(Tree::Steps, "", &from, PAGE)?;
-        let Some((last, _)) = page.last() else {
-            return Ok(open);
-        };
-        let next = format!("{last}\u{0}");
-        for (key, bytes) in page {
-            let corrupt = |source| StoreError::Corrupt {
-                tree: Tree::Steps.name(),
-                key: key.clone(),
-                source,
-            };
-            let State { state } = serde_json::from_slice(&bytes).map_err(corrupt)?;
-            if !state.is_final() {
-                open.push(serde_json::from_slice::<StepRecord>(&bytes).map_err(corrupt)?);
-            }
+    for_each_paged(store, Tree::Steps, 1024, |key, bytes| {
+        let State { state } = decode_json(Tree::Steps, &key, &bytes)?;
+        if !state.is_final() {
+            open.push(decode_json(Tree::Steps, &key, &bytes)?);
         }
-        from = next;
-    }
+        Ok(())
+    })?;
+    Ok(open)
 }
 
 impl StepQueue {

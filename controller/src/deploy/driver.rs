@@ -27,7 +27,7 @@ use crate::agents::NodeView;
 use crate::agents::nodes::Report;
 use crate::agents::steps::{NewStep, StepQueue, StepRecord, StepState, StepUpdate};
 use crate::plan::{Catalog, StoredPlan};
-use crate::store::{StoreError, StoreExt, Tree};
+use crate::store::{StoreError, StoreExt, Tree, decode_json, for_each_paged};
 use crate::util::{NoRandomness, random_hex, rfc3339};
 
 /// Deploy steps may wait this long for their node.
@@ -208,39 +208,27 @@ impl Deployer {
         struct State {
             state: DeployState,
         }
-        let mut from = String::new();
-        loop {
-            let page = ctl.store.scan(Tree::Deployments, "", &from, 16)?;
-            let Some((last, _)) = page.last() else {
-                break;
-            };
-            from = format!("{last}\u{0}");
-            for (id, bytes) in page {
-                let corrupt = |source| StoreError::Corrupt {
-                    tree: Tree::Deployments.name(),
-                    key: id.clone(),
-                    source,
-                };
-                let State { state } = serde_json::from_slice(&bytes).map_err(corrupt)?;
-                ctl.metrics.deployments.loaded(state);
-                if state != DeployState::Running {
-                    continue;
-                }
-                let mut d: Deployment = serde_json::from_slice(&bytes).map_err(corrupt)?;
-                let id = DeploymentId::from(id);
-                info!(deployment = %id, "resuming deployment");
-                let (text, ms) = now();
-                let effects = resumed(&mut d, Now { text: &text, ms });
-                // A save that fails leaves the watches to restart from their
-                // old start: the next pass still judges them from fresh reports.
-                if let Err(e) = apply(ctl, &d, effects) {
-                    warn!(deployment = %id, error = %de_common::ErrorChain(&e), "could not record the resumed deployment");
-                }
-                *ctl.deployer.lock_running() = Some(id.clone());
-                let ctl2 = ctl.clone();
-                tokio::spawn(async move { drive(ctl2, id).await });
+        for_each_paged(&*ctl.store, Tree::Deployments, 16, |id, bytes| {
+            let State { state } = decode_json(Tree::Deployments, &id, &bytes)?;
+            ctl.metrics.deployments.loaded(state);
+            if state != DeployState::Running {
+                return Ok(());
             }
-        }
+            let mut d: Deployment = decode_json(Tree::Deployments, &id, &bytes)?;
+            let id = DeploymentId::from(id);
+            info!(deployment = %id, "resuming deployment");
+            let (text, ms) = now();
+            let effects = resumed(&mut d, Now { text: &text, ms });
+            // A save that fails leaves the watches to restart from their
+            // old start: the next pass still judges them from fresh reports.
+            if let Err(e) = apply(ctl, &d, effects) {
+                warn!(deployment = %id, error = %de_common::ErrorChain(&e), "could not record the resumed deployment");
+            }
+            *ctl.deployer.lock_running() = Some(id.clone());
+            let ctl2 = ctl.clone();
+            tokio::spawn(async move { drive(ctl2, id).await });
+            Ok(())
+        })?;
         let ctl2 = ctl.clone();
         tokio::spawn(async move { forward_output(ctl2).await });
         Ok(())
