@@ -117,10 +117,13 @@ fn components_run_under_monit_and_obey_start_stop_restart() -> Result<()> {
         .args(["-KILL", &victim.to_string()])
         .status()?;
     assert!(killed.success(), "kill -KILL {victim}: {killed}");
-    wait_until(WAIT, "monit to restart the killed component", || {
+    let revived = wait_until(WAIT, "monit to restart the killed component", || {
         component(&ctl, &node, "sleeper")
             .filter(|c| c.status == "RUNNING" && c.pid.is_some_and(|p| p != victim))
     })?;
+    // Its pid, read before the removal: once the removal is done, the next
+    // heartbeat may already report the component gone.
+    let last = revived.pid.context("the pid before the removal")?;
 
     // Removing the check stops it and it disappears from the node's components.
     step(
@@ -130,9 +133,6 @@ fn components_run_under_monit_and_obey_start_stop_restart() -> Result<()> {
             name: "sleeper".to_owned(),
         },
     )?;
-    let last = component(&ctl, &node, "sleeper")
-        .and_then(|c| c.pid)
-        .context("the pid before the removal")?;
     wait_until(WAIT, "sleeper gone", || {
         matches!(component_of(&ctl, &node, "sleeper"), Ok(None)).then_some(())
     })?;
