@@ -256,7 +256,7 @@ impl Agent {
 
     /// Records a finished step: the lane advances, the result waits for its ack.
     fn finished(&self, event: &StepEvent, mark: Option<&StepAction>) {
-        let lanes = {
+        {
             let mut state = lock(&self.state);
             let last = state.last_done.entry(event.lane).or_insert(0);
             *last = (*last).max(event.seq);
@@ -274,44 +274,33 @@ impl Agent {
                 }
                 _ => {}
             }
-            state
-                .last_done
-                .iter()
-                .map(|(l, s)| (*l, *s))
-                .collect::<Vec<_>>()
-        };
+        }
         self.lanes_dirty.store(true, Ordering::Relaxed);
-        let due = lock(&self.lanes_saved).is_none_or(|t| t.elapsed() >= LANES_SAVE_EVERY);
-        if due {
-            self.save_lanes(&lanes);
+        if lock(&self.lanes_saved).is_none_or(|t| t.elapsed() >= LANES_SAVE_EVERY) {
+            self.save_lanes_if_dirty();
         }
     }
 
-    /// Keeps the lanes so that a rerun pulls after them: at most once per
-    /// [`LANES_SAVE_EVERY`] while steps finish, the rest at the next
-    /// heartbeat or on the way out; not synced. A simulator killed loses
-    /// the last second's positions at most: a rerun then pulls after an
-    /// older sequence, and the controller hands out only steps not final
-    /// (the real agent, one per machine, saves every result before it
-    /// reports it; 10,000 renames a second in one directory would measure
-    /// this machine's disk, not the controller).
-    fn save_lanes(&self, lanes: &[(Lane, u64)]) {
-        self.lanes_dirty.store(false, Ordering::Relaxed);
-        *lock(&self.lanes_saved) = Some(Instant::now());
-        if let Err(e) = save_lanes(&self.dir, lanes) {
-            debug!(ip = %self.ip, error = %e, "could not save the lanes");
-        }
-    }
-
-    /// [`Agent::save_lanes`] if a step finished since the last save.
+    /// Keeps the lanes, if a step finished since the last save, so that a
+    /// rerun pulls after them: at most once per [`LANES_SAVE_EVERY`] while
+    /// steps finish, the rest at the next heartbeat or on the way out; not
+    /// synced. A simulator killed loses the last second's positions at
+    /// most: a rerun then pulls after an older sequence, and the controller
+    /// hands out only steps not final (the real agent, one per machine,
+    /// saves every result before it reports it; 10,000 renames a second in
+    /// one directory would measure this machine's disk, not the controller).
     fn save_lanes_if_dirty(&self) {
-        if self.lanes_dirty.load(Ordering::Relaxed) {
-            let lanes: Vec<(Lane, u64)> = lock(&self.state)
-                .last_done
-                .iter()
-                .map(|(l, s)| (*l, *s))
-                .collect();
-            self.save_lanes(&lanes);
+        if !self.lanes_dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        *lock(&self.lanes_saved) = Some(Instant::now());
+        let lanes: Vec<(Lane, u64)> = lock(&self.state)
+            .last_done
+            .iter()
+            .map(|(l, s)| (*l, *s))
+            .collect();
+        if let Err(e) = save_lanes(&self.dir, &lanes) {
+            debug!(ip = %self.ip, error = %e, "could not save the lanes");
         }
     }
 
