@@ -64,22 +64,56 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
     Ok(msg)
 }
 
+/// Appends `msg` to `buf` as one whole frame (length, version, body).
+pub fn append_frame<T: Serialize>(buf: &mut Vec<u8>, msg: &T) -> Result<(), FrameError> {
+    let body = encode(msg)?;
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
+        len: body.len(),
+        max: MAX_FRAME_LEN,
+    })?;
+    buf.reserve(4 + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    Ok(())
+}
+
 /// Writes one frame.
 pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> Result<(), FrameError>
 where
     W: AsyncWrite + Unpin,
     T: Serialize,
 {
-    let body = encode(msg)?;
-    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
-        len: body.len(),
-        max: MAX_FRAME_LEN,
-    })?;
-    let mut buf = Vec::with_capacity(4 + body.len());
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(&body);
+    write_frames(w, std::slice::from_ref(msg)).await
+}
+
+/// Writes `msgs` as consecutive frames in one write, so that QUIC sends
+/// them in as few packets as they fit (an agent's `Started` and
+/// `Finished` of a quick step, the controller's acknowledgements of them):
+/// the reader sees the same frames as from one [`write_frame`] each.
+pub async fn write_frames<W, T>(w: &mut W, msgs: &[T]) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let mut buf = Vec::new();
+    for msg in msgs {
+        append_frame(&mut buf, msg)?;
+    }
     w.write_all(&buf).await.map_err(FrameError::Io)?;
     w.flush().await.map_err(FrameError::Io)
+}
+
+/// Whether `buffered`, the bytes a reader holds already, begins with a
+/// whole frame: reading it then completes without waiting for the peer.
+pub fn holds_frame(buffered: &[u8]) -> bool {
+    match buffered {
+        [a, b, c, d, rest @ ..] => {
+            let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+            // An oversized length is read at once too: into its error.
+            len > MAX_FRAME_LEN || rest.len() >= len
+        }
+        _ => false,
+    }
 }
 
 /// Reads one frame; `Ok(None)` when the stream ended cleanly before a frame began.
@@ -140,6 +174,37 @@ mod tests {
                 mem_kb: Some(2048),
             }],
         })
+    }
+
+    /// Frames written together read back one by one, and a buffered
+    /// reader can tell a whole frame waiting from a partial one.
+    #[tokio::test]
+    async fn frames_written_together_read_back_one_by_one() {
+        use tokio::io::AsyncBufReadExt;
+        let msgs = vec![heartbeat(), heartbeat(), heartbeat()];
+        let mut wire = Vec::new();
+        write_frames(&mut wire, &msgs).await.expect("write");
+        let mut one = Vec::new();
+        write_frame(&mut one, &heartbeat()).await.expect("write");
+        assert_eq!(wire.len(), 3 * one.len(), "the same bytes as three writes");
+        // All but the last byte has arrived: two whole frames, then a part.
+        let mut r = tokio::io::BufReader::new(&wire[..wire.len() - 1]);
+        r.fill_buf().await.expect("fill");
+        for _ in 0..2 {
+            assert!(holds_frame(r.buffer()));
+            let got: Option<AgentMsg> = read_frame(&mut r).await.expect("frame");
+            assert_eq!(got, Some(heartbeat()));
+        }
+        assert!(!holds_frame(r.buffer()), "the third is not whole");
+        assert!(!holds_frame(&[0, 0]), "nor is half a length");
+        assert!(
+            holds_frame(&[0xff, 0xff, 0xff, 0xff]),
+            "an oversized one errs at once"
+        );
+        assert!(matches!(
+            read_frame::<_, AgentMsg>(&mut r).await,
+            Err(FrameError::Truncated)
+        ));
     }
 
     #[tokio::test]

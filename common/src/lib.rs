@@ -27,7 +27,10 @@ pub use clock::{CLOCK_SKEW_WARN_SECS, deadline_on_node, skew_secs, unix_ms};
 pub use config::{ConfigError, load_config, load_toml, parse_toml};
 pub use error::ErrorChain;
 pub use files::{ensure_private_dir, write_private};
-pub use frame::{FrameError, MAX_FRAME_LEN, decode, encode, read_frame, write_frame};
+pub use frame::{
+    FrameError, MAX_FRAME_LEN, append_frame, decode, encode, holds_frame, read_frame, write_frame,
+    write_frames,
+};
 pub use hardware::{ComponentStatus, Hardware, Usage};
 pub use ids::{DeploymentId, NodeId, StepId};
 pub use logging::{LogFormat, init_logging};

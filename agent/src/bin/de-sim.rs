@@ -28,6 +28,7 @@ use de_common::{
     AgentMsg, ControllerMsg, ErrorChain, Hardware, Heartbeat, Hello, InstanceState, Lane,
     LinkRefusal, NodeId, PreviousStepKey, SignedStep, StepAction, StepEvent, StepEventKind, StepId,
     StepOutcome, StepRefusal, Trust, Usage, close_codes, read_frame, unix_ms, write_frame,
+    write_frames,
 };
 
 /// Enrolments in flight at once. The controller counts an attempt as a
@@ -44,9 +45,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often progress goes to stderr.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// The per-agent file that keeps the lanes' last done sequences.
+/// The file in the state dir that keeps every agent's lanes (their last
+/// done sequences), keyed by address; older runs kept one per agent's
+/// directory, still read when the shared one has no entry.
 const LANES_FILE: &str = "sim-lanes.json";
-/// How often, at most, an agent saves its lanes while steps finish.
+/// How often the lanes are saved while steps finish.
 const LANES_SAVE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Parser, Debug)]
@@ -159,6 +162,10 @@ struct Sim {
     counts: Counts,
     /// The newest reason a link failed, for the progress line.
     last_error: Mutex<Option<String>>,
+    /// Every agent's lanes, as last reported, for [`LANES_FILE`].
+    lanes: Mutex<BTreeMap<Ipv4Addr, Vec<(Lane, u64)>>>,
+    lanes_dirty: AtomicBool,
+    state_dir: PathBuf,
 }
 
 #[derive(Debug, Default)]
@@ -182,6 +189,33 @@ struct Counts {
 impl Sim {
     fn note_error(&self, why: String) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// Saves every agent's lanes in one file, if a step finished since the
+    /// last save: once per [`LANES_SAVE_EVERY`] while steps finish, and on
+    /// the way out; not synced. A simulator killed loses the last second's
+    /// positions at most: a rerun then pulls after an older sequence, and
+    /// the controller hands out only steps not final. (The real agent, one
+    /// per machine, saves every result before it reports it; a file per
+    /// simulated agent cost 10,000 renames a second, a third of the
+    /// simulator's CPU in an exec to 10,000, which measured this machine's
+    /// disk, not the controller.)
+    fn save_lanes_if_dirty(&self) {
+        if !self.lanes_dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let text = {
+            let lanes = lock(&self.lanes);
+            serde_json::to_vec(&*lanes)
+        };
+        let saved = text.map_err(std::io::Error::other).and_then(|text| {
+            let tmp = self.state_dir.join(format!("{LANES_FILE}.tmp"));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(tmp, self.state_dir.join(LANES_FILE))
+        });
+        if let Err(e) = saved {
+            warn!(error = %e, "could not save the agents' lanes");
+        }
     }
 }
 
@@ -209,9 +243,6 @@ struct Agent {
     identity: Mutex<Identity>,
     state: Mutex<NodeState>,
     welcomed_once: AtomicBool,
-    /// When the lanes were last saved, and whether they moved since.
-    lanes_saved: Mutex<Option<Instant>>,
-    lanes_dirty: AtomicBool,
 }
 
 /// Why one connection ended.
@@ -256,7 +287,7 @@ impl Agent {
 
     /// Records a finished step: the lane advances, the result waits for its ack.
     fn finished(&self, event: &StepEvent, mark: Option<&StepAction>) {
-        {
+        let lanes = {
             let mut state = lock(&self.state);
             let last = state.last_done.entry(event.lane).or_insert(0);
             *last = (*last).max(event.seq);
@@ -274,34 +305,10 @@ impl Agent {
                 }
                 _ => {}
             }
-        }
-        self.lanes_dirty.store(true, Ordering::Relaxed);
-        if lock(&self.lanes_saved).is_none_or(|t| t.elapsed() >= LANES_SAVE_EVERY) {
-            self.save_lanes_if_dirty();
-        }
-    }
-
-    /// Keeps the lanes, if a step finished since the last save, so that a
-    /// rerun pulls after them: at most once per [`LANES_SAVE_EVERY`] while
-    /// steps finish, the rest at the next heartbeat or on the way out; not
-    /// synced. A simulator killed loses the last second's positions at
-    /// most: a rerun then pulls after an older sequence, and the controller
-    /// hands out only steps not final (the real agent, one per machine,
-    /// saves every result before it reports it; 10,000 renames a second in
-    /// one directory would measure this machine's disk, not the controller).
-    fn save_lanes_if_dirty(&self) {
-        if !self.lanes_dirty.swap(false, Ordering::Relaxed) {
-            return;
-        }
-        *lock(&self.lanes_saved) = Some(Instant::now());
-        let lanes: Vec<(Lane, u64)> = lock(&self.state)
-            .last_done
-            .iter()
-            .map(|(l, s)| (*l, *s))
-            .collect();
-        if let Err(e) = save_lanes(&self.dir, &lanes) {
-            debug!(ip = %self.ip, error = %e, "could not save the lanes");
-        }
+            state.last_done.iter().map(|(l, s)| (*l, *s)).collect()
+        };
+        lock(&self.sim.lanes).insert(self.ip, lanes);
+        self.sim.lanes_dirty.store(true, Ordering::Relaxed);
     }
 
     fn inventory(&self) -> Vec<InstanceState> {
@@ -398,7 +405,7 @@ impl Agent {
         self.welcomed();
         let _linked = Linked::new(&sim.counts.linked);
         let mut tasks = JoinSet::new();
-        let (events_tx, events_rx) = mpsc::channel::<StepEvent>(64);
+        let (events_tx, events_rx) = mpsc::channel::<Vec<StepEvent>>(64);
         tasks.spawn(self.clone().report(conn.clone(), events_rx));
         for lane in Lane::ALL {
             tasks.spawn(self.clone().pull(lane, conn.clone(), events_tx.clone()));
@@ -438,7 +445,6 @@ impl Agent {
                     other => debug!(ip = %self.ip, ?other, "ignored on the control stream"),
                 },
                 _ = tick.tick() => {
-                    self.save_lanes_if_dirty();
                     let last_done = self.last_done_all();
                     let hb = AgentMsg::Heartbeat(Heartbeat {
                         usage: sim.usage.borrow().clone(),
@@ -470,11 +476,14 @@ impl Agent {
     }
 
     /// The events stream of one connection: the unacknowledged results
-    /// first, then each new event; acknowledgements drop results.
+    /// first, then each new event; acknowledgements drop results. Events
+    /// waiting together go in one write (a quick step's `Started` and
+    /// `Finished` in one packet, as a real agent's would for a step that
+    /// ends before its `Started` is sent).
     async fn report(
         self: Arc<Self>,
         conn: quinn::Connection,
-        mut events: mpsc::Receiver<StepEvent>,
+        mut events: mpsc::Receiver<Vec<StepEvent>>,
     ) {
         let Ok((mut send, mut recv)) = conn.open_bi().await else {
             return;
@@ -487,14 +496,21 @@ impl Agent {
                 lock(&me.state).unacked.retain(|e| e.step_id != step_id);
             }
         }));
-        let unacked = lock(&self.state).unacked.clone();
-        for ev in unacked {
-            if write_frame(&mut send, &AgentMsg::Event(ev)).await.is_err() {
-                return;
-            }
+        let unacked: Vec<AgentMsg> = lock(&self.state)
+            .unacked
+            .iter()
+            .cloned()
+            .map(AgentMsg::Event)
+            .collect();
+        if write_frames(&mut send, &unacked).await.is_err() {
+            return;
         }
-        while let Some(ev) = events.recv().await {
-            if write_frame(&mut send, &AgentMsg::Event(ev)).await.is_err() {
+        while let Some(first) = events.recv().await {
+            let mut batch: Vec<AgentMsg> = first.into_iter().map(AgentMsg::Event).collect();
+            while let Ok(more) = events.try_recv() {
+                batch.extend(more.into_iter().map(AgentMsg::Event));
+            }
+            if write_frames(&mut send, &batch).await.is_err() {
                 break;
             }
         }
@@ -506,7 +522,7 @@ impl Agent {
         self: Arc<Self>,
         lane: Lane,
         conn: quinn::Connection,
-        events: mpsc::Sender<StepEvent>,
+        events: mpsc::Sender<Vec<StepEvent>>,
     ) {
         loop {
             let Ok((mut send, mut recv)) = conn.open_bi().await else {
@@ -547,7 +563,7 @@ impl Agent {
         lane: Lane,
         after_seq: u64,
         signed: &SignedStep,
-        events: &mpsc::Sender<StepEvent>,
+        events: &mpsc::Sender<Vec<StepEvent>>,
     ) -> bool {
         let checked = check_pulled(
             signed,
@@ -582,7 +598,7 @@ impl Agent {
                     kind: StepEventKind::Refused(refusal),
                 };
                 lock(&self.state).unacked.push(ev.clone());
-                let sent = events.send(ev).await.is_ok();
+                let sent = events.send(vec![ev]).await.is_ok();
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 return sent;
             }
@@ -594,10 +610,12 @@ impl Agent {
             seq: step.seq,
             kind: StepEventKind::Started,
         };
-        if events.send(begun).await.is_err() {
-            return false;
-        }
+        // A step that takes no time reports its start with its end.
+        let mut pending = vec![begun];
         if !self.sim.step_time.is_zero() {
+            if events.send(std::mem::take(&mut pending)).await.is_err() {
+                return false;
+            }
             tokio::time::sleep(self.sim.step_time).await;
         }
         let fail = self.sim.fail_rate > 0.0 && random() < self.sim.fail_rate;
@@ -619,7 +637,8 @@ impl Agent {
             kind: StepEventKind::Finished(outcome),
         };
         self.finished(&ev, (!fail).then_some(&step.action));
-        events.send(ev).await.is_ok()
+        pending.push(ev);
+        events.send(pending).await.is_ok()
     }
 }
 
@@ -639,17 +658,24 @@ impl Drop for Linked<'_> {
     }
 }
 
-fn save_lanes(dir: &Path, lanes: &[(Lane, u64)]) -> std::io::Result<()> {
-    let text = serde_json::to_vec(lanes).map_err(std::io::Error::other)?;
-    let tmp = dir.join(format!("{LANES_FILE}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, dir.join(LANES_FILE))
+/// Every agent's saved lanes, from the state dir's [`LANES_FILE`].
+fn load_all_lanes(state_dir: &Path) -> BTreeMap<Ipv4Addr, Vec<(Lane, u64)>> {
+    std::fs::read(state_dir.join(LANES_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
-fn load_lanes(dir: &Path) -> BTreeMap<Lane, u64> {
-    std::fs::read(dir.join(LANES_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Vec<(Lane, u64)>>(&b).ok())
+/// An agent's saved lanes: from the shared file, else from the file an
+/// older simulator kept in the agent's own directory.
+fn load_lanes(sim: &Sim, ip: Ipv4Addr, dir: &Path) -> BTreeMap<Lane, u64> {
+    let shared = lock(&sim.lanes).get(&ip).cloned();
+    shared
+        .or_else(|| {
+            std::fs::read(dir.join(LANES_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Vec<(Lane, u64)>>(&b).ok())
+        })
         .map(|v| v.into_iter().collect())
         .unwrap_or_default()
 }
@@ -774,13 +800,11 @@ async fn run_agent(sim: Arc<Sim>, ip: Ipv4Addr, state_dir: PathBuf) {
         endpoint,
         identity: Mutex::new(identity),
         state: Mutex::new(NodeState {
-            last_done: load_lanes(&dir),
+            last_done: load_lanes(&sim, ip, &dir),
             ..NodeState::default()
         }),
         dir,
         welcomed_once: AtomicBool::new(false),
-        lanes_saved: Mutex::new(None),
-        lanes_dirty: AtomicBool::new(false),
         sim: sim.clone(),
     });
     let mut failures: u32 = 0;
@@ -815,7 +839,6 @@ async fn run_agent(sim: Arc<Sim>, ip: Ipv4Addr, state_dir: PathBuf) {
             _ = tokio::time::sleep(delay) => {}
         }
     }
-    agent.save_lanes_if_dirty();
     agent
         .endpoint
         .close(close_codes::SHUTDOWN.into(), b"agent stopping");
@@ -847,6 +870,20 @@ async fn progress(sim: Arc<Sim>) {
             last_error = last_error.as_deref().unwrap_or(""),
             "progress"
         );
+    }
+}
+
+/// Saves the agents' lanes once per [`LANES_SAVE_EVERY`] while steps
+/// finish (the last save is `run`'s, once every agent stopped).
+async fn save_lanes(sim: Arc<Sim>) {
+    let mut tick = tokio::time::interval(LANES_SAVE_EVERY);
+    loop {
+        tokio::select! {
+            _ = sim.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sim = sim.clone();
+        let _ = tokio::task::spawn_blocking(move || sim.save_lanes_if_dirty()).await;
     }
 }
 
@@ -914,11 +951,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         counts: Counts::default(),
         last_error: Mutex::new(None),
+        lanes: Mutex::new(load_all_lanes(&cli.state_dir)),
+        lanes_dirty: AtomicBool::new(false),
+        state_dir: cli.state_dir.clone(),
     });
     info!(agents = sim.agents, first = %cli.first_ip, controller = %addr, "starting simulated agents");
     let tasks = TaskTracker::new();
     tasks.spawn(sample(sampler, usage_tx, heartbeat, shutdown.clone()));
     tasks.spawn(progress(sim.clone()));
+    tasks.spawn(save_lanes(sim.clone()));
     for ip in ips {
         tasks.spawn(run_agent(sim.clone(), ip, cli.state_dir.clone()));
     }
@@ -932,6 +973,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     {
         warn!("some agents did not stop within 10 s");
     }
+    sim.save_lanes_if_dirty();
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use de_common::{
     AGENT_ALPN, AgentMsg, ControllerMsg, ENROLL_ALPN, EnrollClientMsg, EnrollGrant, EnrollRefusal,
     EnrollRequest, EnrollServerMsg, ErrorChain, LinkRefusal, NodeId, Trust, Welcome, close_codes,
-    decode, encode, read_frame, skew_secs, unix_ms, write_frame,
+    decode, encode, holds_frame, read_frame, skew_secs, unix_ms, write_frame, write_frames,
 };
 use de_install_codes::{ChannelBinding, EKM_LABEL, Refusal};
 
@@ -888,6 +888,28 @@ async fn throttled_copy(
     }
 }
 
+/// The next message on an agent's work stream; `None` when the stream
+/// ended (a malformed frame closes the connection).
+async fn next_msg(
+    recv: &mut tokio::io::BufReader<quinn::RecvStream>,
+    node_id: &NodeId,
+    conn: &quinn::Connection,
+) -> Option<AgentMsg> {
+    match read_frame::<_, AgentMsg>(recv).await {
+        Ok(m) => m,
+        Err(e) => {
+            debug!(node = %node_id, error = %ErrorChain(&e), "agent stream ended");
+            if !matches!(
+                e,
+                de_common::FrameError::Io(_) | de_common::FrameError::Truncated
+            ) {
+                conn.close(close_codes::PROTOCOL.into(), b"malformed frame");
+            }
+            None
+        }
+    }
+}
+
 /// How long a pull waits for a step before answering `Idle`.
 const PULL_WINDOW: Duration = Duration::from_secs(20);
 
@@ -907,27 +929,27 @@ async fn accept_streams(conn: quinn::Connection, node_id: NodeId, ctl: Arc<Contr
     tasks.wait().await;
 }
 
+/// Events read and applied together, at most: what one link has sent
+/// while the last batch was on its way to disk.
+const MAX_EVENT_BATCH: usize = 256;
+
 async fn serve_stream(
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     node_id: NodeId,
     ctl: Arc<Controller>,
     conn: quinn::Connection,
 ) {
+    // Buffered, so that the frames that arrived together are seen together.
+    let mut recv = tokio::io::BufReader::with_capacity(16 * 1024, recv);
+    let mut carried: Option<AgentMsg> = None;
     loop {
-        let msg = match read_frame::<_, AgentMsg>(&mut recv).await {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(e) => {
-                debug!(node = %node_id, error = %ErrorChain(&e), "agent stream ended");
-                if !matches!(
-                    e,
-                    de_common::FrameError::Io(_) | de_common::FrameError::Truncated
-                ) {
-                    conn.close(close_codes::PROTOCOL.into(), b"malformed frame");
-                }
-                return;
-            }
+        let msg = match carried.take() {
+            Some(m) => m,
+            None => match next_msg(&mut recv, &node_id, &conn).await {
+                Some(m) => m,
+                None => return,
+            },
         };
         // Checked on every message: a revoked node gets nothing more.
         if ctl.nodes.is_revoked(&node_id) {
@@ -955,27 +977,34 @@ async fn serve_stream(
                 }
             }
             AgentMsg::Event(ev) => {
-                let step_id = ev.step_id.clone();
-                let finished = matches!(ev.kind, de_common::StepEventKind::Finished(_))
-                    .then_some((ev.lane, ev.seq));
-                match ctl.steps.on_event(&node_id, ev).await {
-                    Ok(true) => {
-                        // A result: a report is fresh once it counts this step done.
-                        if let Some((lane, seq)) = finished {
-                            ctl.nodes.step_ended(&node_id, lane, seq);
+                // The events that came with it: applied with one wait for
+                // the disk, acknowledged in one write.
+                let mut batch = vec![ev];
+                while batch.len() < MAX_EVENT_BATCH && holds_frame(recv.buffer()) {
+                    match next_msg(&mut recv, &node_id, &conn).await {
+                        Some(AgentMsg::Event(ev)) => batch.push(ev),
+                        Some(other) => {
+                            carried = Some(other);
+                            break;
                         }
-                        if write_frame(&mut send, &ControllerMsg::Ack { step_id })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
+                        None => break,
                     }
-                    Ok(false) => {}
+                }
+                let applied = ctl.steps.on_events(&node_id, batch).await;
+                let mut acks = Vec::with_capacity(applied.acks.len());
+                for (step_id, result) in applied.acks {
+                    // A report is fresh once it counts this step done.
+                    if let Some((lane, seq)) = result {
+                        ctl.nodes.step_ended(&node_id, lane, seq);
+                    }
+                    acks.push(ControllerMsg::Ack { step_id });
+                }
+                if let Some((step_id, e)) = applied.error {
                     // No Ack: the agent sends the result again after reconnecting.
-                    Err(e) => {
-                        warn!(node = %node_id, step = %step_id, error = %ErrorChain(&e), "cannot record a step event")
-                    }
+                    warn!(node = %node_id, step = %step_id, error = %ErrorChain(&e), "cannot record a step event");
+                }
+                if !acks.is_empty() && write_frames(&mut send, &acks).await.is_err() {
+                    return;
                 }
             }
             AgentMsg::Fetch { sha256, offset } => {

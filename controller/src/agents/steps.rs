@@ -10,7 +10,7 @@
 //! lane) only grow (and are raised to what an agent reports having done, so a
 //! controller restored from an older backup resynchronises).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -217,6 +217,9 @@ pub enum StepUpdate {
         step_id: StepId,
         node_id: NodeId,
         state: StepState,
+        /// Where the record is: read it with [`StepQueue::get_at`].
+        lane: Lane,
+        seq: u64,
     },
 }
 
@@ -273,8 +276,17 @@ pub struct StepQueue {
     store: Arc<dyn Store>,
     /// Signs every step queued; replaced by a rotation ([`StepQueue::rotate_key`]).
     key: std::sync::RwLock<Arc<ring::signature::Ed25519KeyPair>>,
-    alloc: Mutex<()>,
-    wakers: Mutex<HashMap<NodeId, Arc<Notify>>>,
+    /// The allocation lock, over each queue's last sequence number issued
+    /// as far as read or written since the start (the store's counter is
+    /// the truth; this spares reading it for every step queued).
+    alloc: Mutex<LastSeqs>,
+    /// Per node and lane, the pulls waiting for a step.
+    wakers: Mutex<HashMap<(NodeId, Lane), Arc<Notify>>>,
+    /// Per node and lane, its steps not final yet (sequence number and
+    /// signed step), changed only under the allocation lock and after the
+    /// store: a pull answers from here, so the long-polls of 10,000 idle
+    /// agents cost no store reads however long the steps' history grows.
+    open_seqs: Mutex<HashMap<(NodeId, Lane), OpenSteps>>,
     updates: broadcast::Sender<StepUpdate>,
     /// Every step not final yet, for the watchdog (`watchdog.rs`): small,
     /// and rebuilt from the store at start.
@@ -299,6 +311,30 @@ pub(crate) struct ActiveStep {
     pub(crate) budget: Duration,
     /// The artifact a `Fetch` step lets its node download.
     pub(crate) fetch: Option<String>,
+}
+
+/// One queue's steps not final yet, by sequence number.
+type OpenSteps = BTreeMap<u64, SignedStep>;
+
+/// Per node and lane, the last sequence number issued.
+type LastSeqs = HashMap<(NodeId, Lane), u64>;
+
+/// The last sequence number issued on (`node`, `lane`): from `known`,
+/// else from the store's counter (then kept in `known`).
+fn last_seq(
+    store: &dyn Store,
+    known: &mut LastSeqs,
+    node: &NodeId,
+    lane: Lane,
+) -> Result<u64, StoreError> {
+    if let Some(last) = known.get(&(node.clone(), lane)) {
+        return Ok(*last);
+    }
+    let last: u64 = store
+        .get_json(Tree::Meta, &seq_key(node, lane))?
+        .unwrap_or(0);
+    known.insert((node.clone(), lane), last);
+    Ok(last)
 }
 
 fn fetch_of(action: &StepAction) -> Option<String> {
@@ -326,6 +362,57 @@ impl std::fmt::Debug for StepQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StepQueue").finish_non_exhaustive()
     }
+}
+
+/// The news that the step of `r` ended.
+fn finished_update(r: &StepRecord) -> StepUpdate {
+    StepUpdate::Finished {
+        step_id: r.step.id.clone(),
+        node_id: r.step.node_id.clone(),
+        state: r.state,
+        lane: r.step.lane,
+        seq: r.step.seq,
+    }
+}
+
+/// Changes `r` as the event `kind` from `node` says, unless the step is
+/// another node's or already final.
+fn apply_event(r: &mut StepRecord, node: &NodeId, kind: &StepEventKind, now: &str) {
+    if r.step.node_id != *node || r.state.is_final() {
+        return;
+    }
+    match kind {
+        StepEventKind::Started => {
+            r.state = StepState::Running;
+            r.started_at = Some(now.to_owned());
+        }
+        StepEventKind::Output { .. } => {}
+        StepEventKind::Finished(outcome) => {
+            r.state = if outcome.succeeded() {
+                StepState::Done
+            } else {
+                StepState::Failed
+            };
+            r.finished_at = Some(now.to_owned());
+            r.outcome = Some(outcome.clone());
+        }
+        StepEventKind::Refused(why) => {
+            r.state = StepState::Refused;
+            r.finished_at = Some(now.to_owned());
+            r.refusal = Some(why.to_string());
+        }
+    }
+}
+
+/// What [`StepQueue::on_events`] did with a batch of an agent's events.
+#[derive(Debug, Default)]
+pub struct EventsApplied {
+    /// The results and refusals now on disk, to acknowledge, in order;
+    /// with the lane and number of each result (`Finished`).
+    pub acks: Vec<(StepId, Option<(Lane, u64)>)>,
+    /// Why the events from the one named on were not applied (the agent
+    /// sends its results again after reconnecting).
+    pub error: Option<(StepId, StoreError)>,
 }
 
 fn key_of(node: &NodeId, lane: Lane, seq: u64) -> String {
@@ -378,7 +465,16 @@ impl StepQueue {
         let (updates, _) = broadcast::channel(4096);
         let now = Instant::now();
         let mut active = HashMap::new();
+        let mut open_seqs: HashMap<(NodeId, Lane), OpenSteps> = HashMap::new();
         for r in open_steps(&*store)? {
+            open_seqs
+                .entry((r.step.node_id.clone(), r.step.lane))
+                .or_default()
+                .insert(r.step.seq, r.signed.clone());
+            if matches!(r.step.action, StepAction::Cancel { .. }) {
+                // A notice, not work to wait for: the watchdog does not track it.
+                continue;
+            }
             active.insert(
                 r.step.id.clone(),
                 ActiveStep {
@@ -394,8 +490,9 @@ impl StepQueue {
         Ok(StepQueue {
             store,
             key: std::sync::RwLock::new(key),
-            alloc: Mutex::new(()),
+            alloc: Mutex::new(LastSeqs::default()),
             wakers: Mutex::new(HashMap::new()),
+            open_seqs: Mutex::new(open_seqs),
             updates,
             active: Mutex::new(active),
             clocks,
@@ -496,11 +593,7 @@ impl StepQueue {
         })?;
         self.active_index().remove(step_id);
         if changed && let Some(r) = &r {
-            let _ = self.updates.send(StepUpdate::Finished {
-                step_id: step_id.clone(),
-                node_id: r.step.node_id.clone(),
-                state: r.state,
-            });
+            let _ = self.updates.send(finished_update(r));
         }
         Ok(r)
     }
@@ -528,13 +621,30 @@ impl StepQueue {
         self.updates.subscribe()
     }
 
-    fn waker(&self, node: &NodeId) -> Arc<Notify> {
+    fn waker(&self, node: &NodeId, lane: Lane) -> Arc<Notify> {
         self.wakers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(node.clone())
+            .entry((node.clone(), lane))
             .or_default()
             .clone()
+    }
+
+    fn open_seqs(&self) -> std::sync::MutexGuard<'_, HashMap<(NodeId, Lane), OpenSteps>> {
+        self.open_seqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that step `seq` of (`node`, `lane`) is final: pulls no
+    /// longer look for it. Called under the allocation lock.
+    fn closed(&self, node: &NodeId, lane: Lane, seq: u64) {
+        let mut open = self.open_seqs();
+        let key = (node.clone(), lane);
+        if let Some(seqs) = open.get_mut(&key) {
+            seqs.remove(&seq);
+            if seqs.is_empty() {
+                open.remove(&key);
+            }
+        }
     }
 
     /// A fresh step id.
@@ -593,11 +703,11 @@ impl StepQueue {
         let now = SystemTime::now();
         let mut records = Vec::with_capacity(steps.len());
         let mut writes: Vec<(Tree, String, Vec<u8>)> = Vec::new();
-        let mut nodes: HashSet<NodeId> = HashSet::new();
+        let mut queues: HashSet<(NodeId, Lane)> = HashSet::new();
         let written = {
             // Held until the writes are applied and marked: a pull reads the
             // mark under it after its scan, and waits until that is on disk.
-            let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+            let mut known = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
             let mut seqs: HashMap<(NodeId, Lane), u64> = HashMap::new();
             let mut batch: HashMap<StepId, usize> = HashMap::new();
             for new in steps {
@@ -633,13 +743,7 @@ impl StepQueue {
                 } = new;
                 let seq = match seqs.get(&(node.clone(), lane)) {
                     Some(last) => last + 1,
-                    None => {
-                        let last: u64 = self
-                            .store
-                            .get_json(Tree::Meta, &seq_key(&node, lane))?
-                            .unwrap_or(0);
-                        last + 1
-                    }
+                    None => last_seq(&*self.store, &mut known, &node, lane)? + 1,
                 };
                 seqs.insert((node.clone(), lane), seq);
                 let step = Step {
@@ -690,13 +794,24 @@ impl StepQueue {
                 );
                 batch.insert(id, records.len());
                 records.push(record);
-                nodes.insert(node);
+                queues.insert((node, lane));
             }
-            self.store.apply(&writes)?
+            let written = self.store.apply(&writes)?;
+            known.extend(seqs);
+            // After the store, under the lock: a pull that finds a number
+            // here finds its record (and waits for the flush before handing it out).
+            let mut open = self.open_seqs();
+            for (_, i) in batch {
+                let r = &records[i];
+                open.entry((r.step.node_id.clone(), r.step.lane))
+                    .or_default()
+                    .insert(r.step.seq, r.signed.clone());
+            }
+            written
         };
         self.store.sync(written)?;
-        for node in &nodes {
-            self.waker(node).notify_waiters();
+        for (node, lane) in &queues {
+            self.waker(node, *lane).notify_waiters();
         }
         Ok(records)
     }
@@ -711,28 +826,16 @@ impl StepQueue {
         }
     }
 
-    /// The next step of (`node`, `lane`) after `after_seq` still to run.
-    pub fn next_for(
-        &self,
-        node: &NodeId,
-        lane: Lane,
-        after_seq: u64,
-    ) -> Result<Option<StepRecord>, StoreError> {
-        let prefix = prefix_of(node, lane);
-        let from = key_of(node, lane, after_seq.saturating_add(1));
-        let mut start = from;
-        loop {
-            let batch: Vec<(String, StepRecord)> =
-                scan_json(&*self.store, Tree::Steps, &prefix, &start, 64)?;
-            let Some((last, _)) = batch.last() else {
-                return Ok(None);
-            };
-            let next_start = format!("{last}\u{0}");
-            if let Some((_, r)) = batch.into_iter().find(|(_, r)| !r.state.is_final()) {
-                return Ok(Some(r));
-            }
-            start = next_start;
-        }
+    /// The next step of (`node`, `lane`) after `after_seq` still to run,
+    /// with its sequence number, from the index of open steps (no store
+    /// read). Durable only once the store's mark taken after this is
+    /// synced: [`StepQueue::pull`] waits for that.
+    pub fn next_for(&self, node: &NodeId, lane: Lane, after_seq: u64) -> Option<(u64, SignedStep)> {
+        self.open_seqs()
+            .get(&(node.clone(), lane))?
+            .range(after_seq.saturating_add(1)..)
+            .next()
+            .map(|(seq, signed)| (*seq, signed.clone()))
     }
 
     /// Long-poll: waits up to `window` for a step of (`node`, `lane`) after `after_seq`.
@@ -743,21 +846,21 @@ impl StepQueue {
         after_seq: u64,
         window: Duration,
     ) -> Result<Option<SignedStep>, StoreError> {
-        let waker = self.waker(node);
+        let waker = self.waker(node, lane);
         let deadline = tokio::time::Instant::now() + window;
         loop {
             let notified = waker.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(r) = self.next_for(node, lane, after_seq)? {
-                // Every write the scan saw was marked under the lock before
-                // it was let go: handed out only once that is on disk.
+            if let Some((_, signed)) = self.next_for(node, lane, after_seq) {
+                // The index gained the step under the lock, after its write
+                // was marked: handed out only once that is on disk.
                 let seen = {
                     let _alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
                     self.store.mark()
                 };
                 self.store.synced(seen).await?;
-                return Ok(Some(r.signed));
+                return Ok(Some(signed));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Ok(None);
@@ -772,21 +875,69 @@ impl StepQueue {
         step_id: &StepId,
         f: impl FnOnce(&mut StepRecord),
     ) -> Result<Option<(StepRecord, Written)>, StoreError> {
+        self.apply_update_at(step_id, None, f)
+    }
+
+    /// [`StepQueue::apply_update`], reading the record where `at` (node,
+    /// lane, sequence number, as an agent's event names them) says it is,
+    /// without the id index, when it is there; by its id otherwise.
+    fn apply_update_at(
+        &self,
+        step_id: &StepId,
+        at: Option<(&NodeId, Lane, u64)>,
+        f: impl FnOnce(&mut StepRecord),
+    ) -> Result<Option<(StepRecord, Written)>, StoreError> {
+        let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((key, mut r)) = self.find(step_id, at)? else {
+            return Ok(None);
+        };
+        let was = r.state;
+        f(&mut r);
+        let written = self.store.apply_json(Tree::Steps, &key, &r)?;
+        if r.state.is_final() {
+            self.closed(&r.step.node_id, r.step.lane, r.step.seq);
+        }
+        self.metrics.moved(&r, was);
+        Ok(Some((r, written)))
+    }
+
+    /// Step `step_id`'s key and record: read where `at` says when the
+    /// record there is that step's, else through the id index.
+    fn find(
+        &self,
+        step_id: &StepId,
+        at: Option<(&NodeId, Lane, u64)>,
+    ) -> Result<Option<(String, StepRecord)>, StoreError> {
+        if let Some((node, lane, seq)) = at {
+            let key = key_of(node, lane, seq);
+            if let Some(r) = self.store.get_json::<StepRecord>(Tree::Steps, &key)?
+                && r.step.id == *step_id
+            {
+                return Ok(Some((key, r)));
+            }
+        }
         let Some(key) = self
             .store
             .get_json::<String>(Tree::StepIds, step_id.as_str())?
         else {
             return Ok(None);
         };
-        let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mut r) = self.store.get_json::<StepRecord>(Tree::Steps, &key)? else {
-            return Ok(None);
-        };
-        let was = r.state;
-        f(&mut r);
-        let written = self.store.apply_json(Tree::Steps, &key, &r)?;
-        self.metrics.moved(&r, was);
-        Ok(Some((r, written)))
+        Ok(self
+            .store
+            .get_json::<StepRecord>(Tree::Steps, &key)?
+            .map(|r| (key, r)))
+    }
+
+    /// Step `step_id`'s record, read where a [`StepUpdate::Finished`] said
+    /// it is (through the id index if it is not there).
+    pub fn get_at(
+        &self,
+        step_id: &StepId,
+        node: &NodeId,
+        lane: Lane,
+        seq: u64,
+    ) -> Result<Option<StepRecord>, StoreError> {
+        Ok(self.find(step_id, Some((node, lane, seq)))?.map(|(_, r)| r))
     }
 
     /// [`StepQueue::apply_update`], durable when this returns.
@@ -802,101 +953,125 @@ impl StepQueue {
         Ok(Some(r))
     }
 
-    /// [`StepQueue::update`] for the runtime: it waits for the disk without
-    /// holding a thread.
-    async fn update_synced(
-        &self,
-        step_id: &StepId,
-        f: impl FnOnce(&mut StepRecord),
-    ) -> Result<Option<StepRecord>, StoreError> {
-        let Some((r, written)) = self.apply_update(step_id, f)? else {
-            return Ok(None);
-        };
-        self.store.synced(written).await?;
-        Ok(Some(r))
+    /// Applies one of an agent's events ([`StepQueue::on_events`]).
+    /// Returns whether it must be acknowledged (Finished/Refused, once
+    /// durable: it returns only then).
+    pub async fn on_event(&self, node: &NodeId, ev: StepEvent) -> Result<bool, StoreError> {
+        let applied = self.on_events(node, vec![ev]).await;
+        match applied.error {
+            Some((_, e)) => Err(e),
+            None => Ok(!applied.acks.is_empty()),
+        }
     }
 
-    /// Applies an agent's event. Returns whether it must be acknowledged
-    /// (Finished/Refused, once durable: it returns only then).
-    pub async fn on_event(&self, node: &NodeId, ev: StepEvent) -> Result<bool, StoreError> {
+    /// Applies a batch of an agent's events, in order, with one wait for
+    /// the disk for them all: what a link reads at once (a quick step's
+    /// `Started` and `Finished` come together, and a start followed by its
+    /// end in one batch is one write). News of each goes out once the
+    /// batch is durable; results and refusals are then acknowledged
+    /// ([`EventsApplied::acks`]), even for a step this controller does not
+    /// know (the agent may drop it). A store error stops the batch there:
+    /// what came before it still goes out and is acknowledged.
+    pub async fn on_events(&self, node: &NodeId, events: Vec<StepEvent>) -> EventsApplied {
         let now = rfc3339(SystemTime::now());
-        match ev.kind {
-            StepEventKind::Started => {
-                let r = self
-                    .update_synced(&ev.step_id, |r| {
-                        if r.step.node_id == *node && !r.state.is_final() {
-                            r.state = StepState::Running;
-                            r.started_at = Some(now);
-                        }
-                    })
-                    .await?;
-                if let Some(a) = self.active_index().get_mut(&ev.step_id) {
-                    a.started.get_or_insert_with(Instant::now);
-                }
-                if r.is_some() {
-                    let _ = self.updates.send(StepUpdate::Started {
-                        step_id: ev.step_id,
-                        node_id: node.clone(),
-                    });
-                }
-                Ok(false)
+        let mut out = EventsApplied::default();
+        let mut applied: Vec<(StepEvent, Option<Arc<StepRecord>>)> =
+            Vec::with_capacity(events.len());
+        let mut last: Option<Written> = None;
+        let mut events = events.into_iter().peekable();
+        while let Some(ev) = events.next() {
+            if matches!(ev.kind, StepEventKind::Output { .. }) {
+                applied.push((ev, None));
+                continue;
             }
-            StepEventKind::Output { stream, lines } => {
-                let _ = self.updates.send(StepUpdate::Output {
-                    step_id: ev.step_id,
-                    node_id: node.clone(),
-                    stream,
-                    lines: Arc::new(lines),
-                });
-                Ok(false)
-            }
-            StepEventKind::Finished(outcome) => {
-                let state = if outcome.succeeded() {
-                    StepState::Done
-                } else {
-                    StepState::Failed
-                };
-                let r = self
-                    .update_synced(&ev.step_id, |r| {
-                        if r.step.node_id == *node && !r.state.is_final() {
-                            r.state = state;
-                            r.finished_at = Some(now);
-                            r.outcome = Some(outcome);
-                        }
-                    })
-                    .await?;
-                self.forget_if_final(&ev.step_id, r.as_ref());
-                if let Some(r) = r {
-                    let _ = self.updates.send(StepUpdate::Finished {
-                        step_id: ev.step_id,
-                        node_id: node.clone(),
-                        state: r.state,
-                    });
+            let end = match events.peek() {
+                Some(next)
+                    if matches!(ev.kind, StepEventKind::Started)
+                        && next.step_id == ev.step_id
+                        && matches!(
+                            next.kind,
+                            StepEventKind::Finished(_) | StepEventKind::Refused(_)
+                        ) =>
+                {
+                    events.next()
                 }
-                Ok(true)
-            }
-            StepEventKind::Refused(why) => {
-                let r = self
-                    .update_synced(&ev.step_id, |r| {
-                        if r.step.node_id == *node && !r.state.is_final() {
-                            r.state = StepState::Refused;
-                            r.finished_at = Some(now);
-                            r.refusal = Some(why.to_string());
-                        }
-                    })
-                    .await?;
-                self.forget_if_final(&ev.step_id, r.as_ref());
-                tracing::warn!(node = node.as_str(), step = %ev.step_id, reason = %why, "agent refused a step");
-                if let Some(r) = r {
-                    let _ = self.updates.send(StepUpdate::Finished {
-                        step_id: ev.step_id,
-                        node_id: node.clone(),
-                        state: r.state,
-                    });
+                _ => None,
+            };
+            let change = self.apply_update_at(&ev.step_id, Some((node, ev.lane, ev.seq)), |r| {
+                apply_event(r, node, &ev.kind, &now);
+                if let Some(end) = &end {
+                    apply_event(r, node, &end.kind, &now);
                 }
-                Ok(true)
+            });
+            match change {
+                Ok(r) => {
+                    let r = r.map(|(r, written)| {
+                        last = last.max(Some(written));
+                        Arc::new(r)
+                    });
+                    if let Some(end) = end {
+                        applied.push((ev, r.clone()));
+                        applied.push((end, r));
+                    } else {
+                        applied.push((ev, r));
+                    }
+                }
+                Err(e) => {
+                    out.error = Some((ev.step_id, e));
+                    break;
+                }
             }
         }
+        if let Some(written) = last
+            && let Err(e) = self.store.synced(written).await
+        {
+            // Nothing of the batch is known to be on disk: no news, no acks.
+            let first = applied
+                .into_iter()
+                .next()
+                .map(|(ev, _)| ev.step_id)
+                .unwrap_or_else(|| StepId::from(String::new()));
+            out.error = Some((first, e));
+            return out;
+        }
+        for (ev, r) in applied {
+            match ev.kind {
+                StepEventKind::Started => {
+                    if let Some(a) = self.active_index().get_mut(&ev.step_id) {
+                        a.started.get_or_insert_with(Instant::now);
+                    }
+                    if r.is_some() {
+                        let _ = self.updates.send(StepUpdate::Started {
+                            step_id: ev.step_id,
+                            node_id: node.clone(),
+                        });
+                    }
+                }
+                StepEventKind::Output { stream, lines } => {
+                    let _ = self.updates.send(StepUpdate::Output {
+                        step_id: ev.step_id,
+                        node_id: node.clone(),
+                        stream,
+                        lines: Arc::new(lines),
+                    });
+                }
+                StepEventKind::Finished(_) | StepEventKind::Refused(_) => {
+                    self.forget_if_final(&ev.step_id, r.as_deref());
+                    if let StepEventKind::Refused(why) = &ev.kind {
+                        tracing::warn!(node = node.as_str(), step = %ev.step_id, reason = %why, "agent refused a step");
+                    }
+                    // Only a step that did end: an agent's result for
+                    // another node's step changes nothing and says nothing.
+                    if let Some(r) = r.as_deref().filter(|r| r.state.is_final()) {
+                        let _ = self.updates.send(finished_update(r));
+                    }
+                    let result =
+                        matches!(ev.kind, StepEventKind::Finished(_)).then_some((ev.lane, ev.seq));
+                    out.acks.push((ev.step_id, result));
+                }
+            }
+        }
+        out
     }
 
     /// Cancels the steps `ids` that are not final yet: each is marked
@@ -938,11 +1113,7 @@ impl StepQueue {
                 Some((_, v)) => v.push(id.clone()),
                 None => per_node.push((r.step.node_id.clone(), vec![id.clone()])),
             }
-            let _ = self.updates.send(StepUpdate::Finished {
-                step_id: id.clone(),
-                node_id: r.step.node_id.clone(),
-                state: StepState::Cancelled,
-            });
+            let _ = self.updates.send(finished_update(&r));
             cancelled.push(r);
         }
         let notices = per_node
@@ -986,10 +1157,10 @@ impl StepQueue {
     /// issued on any lane is refused as a whole, and nothing changes.
     pub fn resync(&self, node: &NodeId, last_done: &[(Lane, u64)]) -> Result<(), ResyncError> {
         for (lane, done) in last_done {
-            let issued: u64 = self
-                .store
-                .get_json(Tree::Meta, &seq_key(node, *lane))?
-                .unwrap_or(0);
+            let issued = {
+                let mut known = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+                last_seq(&*self.store, &mut known, node, *lane)?
+            };
             if *done > issued.saturating_add(MAX_RESYNC_AHEAD) {
                 return Err(ResyncError::Implausible {
                     lane: lane.as_str(),
@@ -999,11 +1170,8 @@ impl StepQueue {
             }
         }
         for (lane, done) in last_done {
-            let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
-            let last: u64 = self
-                .store
-                .get_json(Tree::Meta, &seq_key(node, *lane))?
-                .unwrap_or(0);
+            let mut known = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+            let last = last_seq(&*self.store, &mut known, node, *lane)?;
             if *done <= last {
                 continue;
             }
@@ -1016,6 +1184,7 @@ impl StepQueue {
             );
             self.store
                 .put_json(Tree::Meta, &seq_key(node, *lane), done)?;
+            known.insert((node.clone(), *lane), *done);
             // Every step this controller knows on the lane has seq <= last < done.
             let stale: Vec<(String, StepRecord)> = scan_json(
                 &*self.store,
@@ -1034,12 +1203,9 @@ impl StepQueue {
                         lane.as_str()
                     ));
                     self.store.put_json(Tree::Steps, &key, &r)?;
+                    self.closed(node, *lane, r.step.seq);
                     self.metrics.moved(&r, StepState::Queued);
-                    let _ = self.updates.send(StepUpdate::Finished {
-                        step_id: r.step.id.clone(),
-                        node_id: node.clone(),
-                        state: r.state,
-                    });
+                    let _ = self.updates.send(finished_update(&r));
                 }
             }
         }
@@ -1050,10 +1216,14 @@ impl StepQueue {
     /// returns the records as they are then, in the order of `ids` (`None`
     /// for an id this queue does not know).
     ///
-    /// Linear in `ids`: each `Finished` update ticks one step off a set, and
-    /// only a lagging receiver re-reads the steps still open. (Re-reading
-    /// every record on every update made an exec to 10,000 nodes quadratic:
-    /// it did not finish within the exec's own deadline.)
+    /// Linear in `ids`, and no store read until the end: each `Finished`
+    /// update ticks one step off a set, and a receiver that lagged behind
+    /// the updates keeps only the steps the in-memory index still holds
+    /// open (a step leaves it once its end is on disk). Each record is
+    /// read once, at the end, where its update said it is. (Re-reading
+    /// every record on every update made an exec to 10,000 nodes
+    /// quadratic; re-reading the open ones from the store on every lag
+    /// still cost a second of an exec's 2.)
     pub async fn wait_all(
         &self,
         ids: &[StepId],
@@ -1061,18 +1231,15 @@ impl StepQueue {
     ) -> Result<Vec<Option<StepRecord>>, StoreError> {
         let mut rx = self.subscribe();
         // Subscribed first: a step that ends from here on is either seen
-        // final by the read below or announced on `rx`.
+        // gone from the index below or announced on `rx`.
         let mut open: HashSet<StepId> = ids.iter().cloned().collect();
+        // Where the steps announced final are, to read them without the id index.
+        let mut ended: HashMap<StepId, (NodeId, Lane, u64)> = HashMap::new();
         let mut reread = true;
         loop {
             if reread {
-                let mut still = HashSet::with_capacity(open.len());
-                for id in open {
-                    if matches!(self.get(&id)?, Some(r) if !r.state.is_final()) {
-                        still.insert(id);
-                    }
-                }
-                open = still;
+                let active = self.active_index();
+                open.retain(|id| active.contains_key(id));
                 reread = false;
             }
             if open.is_empty() {
@@ -1080,14 +1247,27 @@ impl StepQueue {
             }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
-                Ok(Ok(StepUpdate::Finished { step_id, .. })) => {
-                    open.remove(&step_id);
+                Ok(Ok(StepUpdate::Finished {
+                    step_id,
+                    node_id,
+                    lane,
+                    seq,
+                    ..
+                })) => {
+                    if open.remove(&step_id) {
+                        ended.insert(step_id, (node_id, lane, seq));
+                    }
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) => reread = true,
             }
         }
-        ids.iter().map(|id| self.get(id)).collect()
+        ids.iter()
+            .map(|id| match ended.get(id) {
+                Some((node, lane, seq)) => self.get_at(id, node, *lane, *seq),
+                None => self.get(id),
+            })
+            .collect()
     }
 }
 
@@ -1330,6 +1510,134 @@ mod tests {
             .enqueue(&n1(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
             .expect("after");
         assert_eq!(after.step.seq, 4);
+    }
+
+    /// A batch of events as a link reads them: a start and its end become
+    /// one record change, news goes out in the order of the events, each
+    /// result is acknowledged (a step this queue does not know too), an
+    /// event naming the wrong place is still found by its id, and another
+    /// node's step is left alone.
+    #[tokio::test]
+    async fn a_batch_of_events_is_applied_in_order_and_each_result_acknowledged() {
+        let (_d, q, _) = queue();
+        let [a, b] = [0, 1].map(|_| {
+            q.enqueue(&n1(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+                .expect("enqueue")
+        });
+        let theirs = q
+            .enqueue(&n2(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .expect("enqueue");
+        let mut rx = q.subscribe();
+        let started = |r: &StepRecord| StepEvent {
+            kind: StepEventKind::Started,
+            ..finished(r)
+        };
+        // `b` names the wrong sequence number; `theirs` is n2's step.
+        let misplaced = StepEvent {
+            seq: 99,
+            ..finished(&b)
+        };
+        let unknown = StepEvent {
+            step_id: StepId::from("s-unknown"),
+            ..finished(&a)
+        };
+        let applied = q
+            .on_events(
+                &n1(),
+                vec![
+                    started(&a),
+                    finished(&a),
+                    misplaced,
+                    finished(&theirs),
+                    unknown,
+                ],
+            )
+            .await;
+        assert!(applied.error.is_none(), "{:?}", applied.error);
+        let acked: Vec<StepId> = applied.acks.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(
+            acked,
+            vec![
+                a.step.id.clone(),
+                b.step.id.clone(),
+                theirs.step.id.clone(),
+                StepId::from("s-unknown")
+            ]
+        );
+        assert_eq!(applied.acks[0].1, Some((Lane::Adhoc, 1)));
+        let a_now = q.get(&a.step.id).expect("get").expect("a");
+        assert_eq!(a_now.state, StepState::Done);
+        assert!(a_now.started_at.is_some() && a_now.finished_at.is_some());
+        assert_eq!(
+            q.get(&b.step.id).expect("get").map(|r| r.state),
+            Some(StepState::Done)
+        );
+        assert_eq!(
+            q.get(&theirs.step.id).expect("get").map(|r| r.state),
+            Some(StepState::Queued),
+            "another node's result changes nothing"
+        );
+        let mut news = Vec::new();
+        while let Ok(u) = rx.try_recv() {
+            news.push(match u {
+                StepUpdate::Started { step_id, .. } => format!("started {step_id}"),
+                StepUpdate::Finished { step_id, state, .. } => format!("{state:?} {step_id}"),
+                StepUpdate::Output { step_id, .. } => format!("output {step_id}"),
+            });
+        }
+        assert_eq!(
+            news,
+            vec![
+                format!("started {}", a.step.id),
+                format!("Done {}", a.step.id),
+                format!("Done {}", b.step.id),
+            ],
+            "another node's step is not announced as ended"
+        );
+    }
+
+    /// Pulls look in the index of open steps, not the store's history: a
+    /// step that ended is skipped wherever it lies, the index is rebuilt
+    /// from the store on reopening (cancel notices included), and a pull
+    /// on one lane is not answered with another lane's step.
+    #[tokio::test]
+    async fn pulls_hand_out_exactly_the_open_steps_before_and_after_a_reopen() {
+        let (dir, q, _) = queue();
+        let steps: Vec<StepRecord> = (0..5)
+            .map(|_| {
+                q.enqueue(&n1(), Lane::Deploy, echo(), None, DEFAULT_STEP_TTL)
+                    .expect("enqueue")
+            })
+            .collect();
+        // Steps 1, 2 and 4 end (done, failed, cancelled); 3 and 5 stay open.
+        q.on_event(&n1(), finished(&steps[0])).await.expect("done");
+        q.fail(&steps[1].step.id, "node silent").expect("fail");
+        let notices = q.cancel(&[steps[3].step.id.clone()]).expect("cancel");
+        assert_eq!(notices.len(), 1);
+        let next = |q: &StepQueue, lane, after| q.next_for(&n1(), lane, after).map(|(seq, _)| seq);
+        let expect_open = |q: &StepQueue| {
+            assert_eq!(next(q, Lane::Deploy, 0), Some(3));
+            assert_eq!(next(q, Lane::Deploy, 3), Some(5));
+            assert_eq!(next(q, Lane::Deploy, 5), None);
+            assert_eq!(next(q, Lane::Adhoc, 0), None, "no step on that lane");
+            // The cancel notice for step 4 waits on the control lane.
+            assert_eq!(next(q, Lane::Control, 0), Some(1));
+        };
+        expect_open(&q);
+        drop(q);
+        let (q, _) = queue_on(dir.path());
+        expect_open(&q);
+        // Ending the rest leaves nothing to hand out, and the watchdog
+        // tracks no cancel notice.
+        for s in [&steps[2], &steps[4]] {
+            q.on_event(&n1(), finished(s)).await.expect("done");
+        }
+        assert_eq!(next(&q, Lane::Deploy, 0), None);
+        assert!(
+            q.active().iter().all(|a| a.lane != Lane::Control),
+            "{:?}",
+            q.active()
+        );
     }
 
     #[tokio::test]
@@ -1698,12 +2006,7 @@ mod tests {
             r.outcome.and_then(|o| o.error).as_deref(),
             Some("the node was revoked")
         );
-        assert_eq!(
-            q.next_for(&n1(), Lane::Deploy, 0)
-                .expect("next")
-                .map(|r| r.step.id),
-            None
-        );
+        assert_eq!(q.next_for(&n1(), Lane::Deploy, 0).map(|(seq, _)| seq), None);
         assert_eq!(
             q.get(&other.step.id).expect("get").expect("rec").state,
             StepState::Queued
