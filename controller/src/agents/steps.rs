@@ -2,10 +2,11 @@
 //! lane), signed with the step key, stored, and handed to the node's agent
 //! when it long-polls; the agent's events update them.
 //!
-//! Invariants: a step is on disk before any agent can pull it (every write
-//! to the steps tree is applied and marked under the allocation lock, and a
-//! pull waits until the mark it read under that lock, after its scan, is
-//! flushed), and its result is on disk before the agent gets its `Ack`. No
+//! Invariants: a step is on disk before any agent can pull it (a pull
+//! answers from the in-memory index of open steps, whose entries are added
+//! under the allocation lock after the store took the write, each with the
+//! mark of that write, and waits until that mark is flushed), and its result
+//! is on disk before the agent gets its `Ack`. No
 //! lock is held while the disk works: writers share group commits. Sequence numbers per (node,
 //! lane) only grow (and are raised to what an agent reports having done, so a
 //! controller restored from an older backup resynchronises).
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, mpsc};
 
 use de_common::api::StepRecordView;
 /// A step record's state: the API's words, also what the store keeps.
@@ -217,7 +218,7 @@ pub enum StepUpdate {
         step_id: StepId,
         node_id: NodeId,
         state: StepState,
-        /// Where the record is: read it with [`StepQueue::get_at`].
+        /// Where the record is: `key_of(node_id, lane, seq)` in the steps tree.
         lane: Lane,
         seq: u64,
     },
@@ -282,11 +283,15 @@ pub struct StepQueue {
     alloc: Mutex<LastSeqs>,
     /// Per node and lane, the pulls waiting for a step.
     wakers: Mutex<HashMap<(NodeId, Lane), Arc<Notify>>>,
-    /// Per node and lane, its steps not final yet (sequence number and
-    /// signed step), changed only under the allocation lock and after the
-    /// store: a pull answers from here, so the long-polls of 10,000 idle
-    /// agents cost no store reads however long the steps' history grows.
+    /// Per node and lane, its steps not final yet with their records,
+    /// changed only under the allocation lock and after the store: a pull
+    /// answers from here, so the long-polls of 10,000 idle agents cost no
+    /// store reads however long the steps' history grows, and an agent's
+    /// events change these records without reading them back.
     open_seqs: Mutex<HashMap<(NodeId, Lane), OpenSteps>>,
+    /// The callers of [`StepQueue::wait_all`], per step they wait for: each
+    /// is handed the record once the step's end is on disk.
+    waiters: Mutex<HashMap<StepId, Vec<mpsc::UnboundedSender<Arc<StepRecord>>>>>,
     updates: broadcast::Sender<StepUpdate>,
     /// Every step not final yet, for the watchdog (`watchdog.rs`): small,
     /// and rebuilt from the store at start.
@@ -314,7 +319,18 @@ pub(crate) struct ActiveStep {
 }
 
 /// One queue's steps not final yet, by sequence number.
-type OpenSteps = BTreeMap<u64, SignedStep>;
+type OpenSteps = BTreeMap<u64, OpenStep>;
+
+/// A step not final yet, as the store holds it.
+#[derive(Debug, Clone)]
+struct OpenStep {
+    /// The record as last written: events change it without reading the
+    /// store.
+    record: Arc<StepRecord>,
+    /// The mark of the write that queued it: a pull hands it out once that
+    /// is on disk, and waits for no other write.
+    queued: Written,
+}
 
 /// Per node and lane, the last sequence number issued.
 type LastSeqs = HashMap<(NodeId, Lane), u64>;
@@ -466,11 +482,19 @@ impl StepQueue {
         let now = Instant::now();
         let mut active = HashMap::new();
         let mut open_seqs: HashMap<(NodeId, Lane), OpenSteps> = HashMap::new();
+        // What the store holds at opening: on disk, or at the first flush.
+        let opened = store.mark();
         for r in open_steps(&*store)? {
             open_seqs
                 .entry((r.step.node_id.clone(), r.step.lane))
                 .or_default()
-                .insert(r.step.seq, r.signed.clone());
+                .insert(
+                    r.step.seq,
+                    OpenStep {
+                        record: Arc::new(r.clone()),
+                        queued: opened,
+                    },
+                );
             if matches!(r.step.action, StepAction::Cancel { .. }) {
                 // A notice, not work to wait for: the watchdog does not track it.
                 continue;
@@ -493,6 +517,7 @@ impl StepQueue {
             alloc: Mutex::new(LastSeqs::default()),
             wakers: Mutex::new(HashMap::new()),
             open_seqs: Mutex::new(open_seqs),
+            waiters: Mutex::new(HashMap::new()),
             updates,
             active: Mutex::new(active),
             clocks,
@@ -593,7 +618,7 @@ impl StepQueue {
         })?;
         self.active_index().remove(step_id);
         if changed && let Some(r) = &r {
-            let _ = self.updates.send(finished_update(r));
+            self.announce_end(&Arc::new(r.clone()));
         }
         Ok(r)
     }
@@ -643,6 +668,47 @@ impl StepQueue {
             seqs.remove(&seq);
             if seqs.is_empty() {
                 open.remove(&key);
+            }
+        }
+    }
+
+    /// The open step `step_id`'s record, from the index: at `at` when
+    /// given, else wherever the active index places it. `None` when it is
+    /// not open (or not there).
+    fn open_record(
+        &self,
+        step_id: &StepId,
+        at: Option<(&NodeId, Lane, u64)>,
+    ) -> Option<Arc<StepRecord>> {
+        let (queue, seq) = match at {
+            Some((node, lane, seq)) => ((node.clone(), lane), Some(seq)),
+            None => {
+                let active = self.active_index();
+                let a = active.get(step_id)?;
+                ((a.node.clone(), a.lane), None)
+            }
+        };
+        let open = self.open_seqs();
+        let seqs = open.get(&queue)?;
+        match seq {
+            Some(seq) => seqs.get(&seq).filter(|o| o.record.step.id == *step_id),
+            None => seqs.values().find(|o| o.record.step.id == *step_id),
+        }
+        .map(|o| o.record.clone())
+    }
+
+    /// Tells that the step of `r` ended, once that is on disk: on the
+    /// updates, and to the callers waiting for it.
+    fn announce_end(&self, r: &Arc<StepRecord>) {
+        let _ = self.updates.send(finished_update(r));
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if waiters.is_empty() {
+            return;
+        }
+        if let Some(list) = waiters.get_mut(&r.step.id) {
+            list.retain(|tx| tx.send(r.clone()).is_ok());
+            if list.is_empty() {
+                waiters.remove(&r.step.id);
             }
         }
     }
@@ -805,7 +871,13 @@ impl StepQueue {
                 let r = &records[i];
                 open.entry((r.step.node_id.clone(), r.step.lane))
                     .or_default()
-                    .insert(r.step.seq, r.signed.clone());
+                    .insert(
+                        r.step.seq,
+                        OpenStep {
+                            record: Arc::new(r.clone()),
+                            queued: written,
+                        },
+                    );
             }
             written
         };
@@ -831,11 +903,22 @@ impl StepQueue {
     /// read). Durable only once the store's mark taken after this is
     /// synced: [`StepQueue::pull`] waits for that.
     pub fn next_for(&self, node: &NodeId, lane: Lane, after_seq: u64) -> Option<(u64, SignedStep)> {
+        self.next_open(node, lane, after_seq)
+            .map(|(seq, signed, _)| (seq, signed))
+    }
+
+    /// [`StepQueue::next_for`], with the mark of the write that queued it.
+    fn next_open(
+        &self,
+        node: &NodeId,
+        lane: Lane,
+        after_seq: u64,
+    ) -> Option<(u64, SignedStep, Written)> {
         self.open_seqs()
             .get(&(node.clone(), lane))?
             .range(after_seq.saturating_add(1)..)
             .next()
-            .map(|(seq, signed)| (*seq, signed.clone()))
+            .map(|(seq, open)| (*seq, open.record.signed.clone(), open.queued))
     }
 
     /// Long-poll: waits up to `window` for a step of (`node`, `lane`) after `after_seq`.
@@ -852,14 +935,10 @@ impl StepQueue {
             let notified = waker.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some((_, signed)) = self.next_for(node, lane, after_seq) {
-                // The index gained the step under the lock, after its write
-                // was marked: handed out only once that is on disk.
-                let seen = {
-                    let _alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
-                    self.store.mark()
-                };
-                self.store.synced(seen).await?;
+            if let Some((_, signed, written)) = self.next_open(node, lane, after_seq) {
+                // Handed out only once the write that queued it is on disk
+                // (usually already: the queueing waited for it).
+                self.store.synced(written).await?;
                 return Ok(Some(signed));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -888,14 +967,29 @@ impl StepQueue {
         f: impl FnOnce(&mut StepRecord),
     ) -> Result<Option<(StepRecord, Written)>, StoreError> {
         let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((key, mut r)) = self.find(step_id, at)? else {
+        // An open step's record is in memory, as last written.
+        let found = match self.open_record(step_id, at) {
+            Some(r) => {
+                let (node, lane, seq) = (&r.step.node_id, r.step.lane, r.step.seq);
+                Some((key_of(node, lane, seq), StepRecord::clone(&r)))
+            }
+            None => self.find(step_id, at)?,
+        };
+        let Some((key, mut r)) = found else {
             return Ok(None);
         };
         let was = r.state;
         f(&mut r);
         let written = self.store.apply_json(Tree::Steps, &key, &r)?;
+        let (node, lane, seq) = (&r.step.node_id, r.step.lane, r.step.seq);
         if r.state.is_final() {
-            self.closed(&r.step.node_id, r.step.lane, r.step.seq);
+            self.closed(node, lane, seq);
+        } else if let Some(open) = self
+            .open_seqs()
+            .get_mut(&(node.clone(), lane))
+            .and_then(|seqs| seqs.get_mut(&seq))
+        {
+            open.record = Arc::new(r.clone());
         }
         self.metrics.moved(&r, was);
         Ok(Some((r, written)))
@@ -926,18 +1020,6 @@ impl StepQueue {
             .store
             .get_json::<StepRecord>(Tree::Steps, &key)?
             .map(|r| (key, r)))
-    }
-
-    /// Step `step_id`'s record, read where a [`StepUpdate::Finished`] said
-    /// it is (through the id index if it is not there).
-    pub fn get_at(
-        &self,
-        step_id: &StepId,
-        node: &NodeId,
-        lane: Lane,
-        seq: u64,
-    ) -> Result<Option<StepRecord>, StoreError> {
-        Ok(self.find(step_id, Some((node, lane, seq)))?.map(|(_, r)| r))
     }
 
     /// [`StepQueue::apply_update`], durable when this returns.
@@ -1062,8 +1144,8 @@ impl StepQueue {
                     }
                     // Only a step that did end: an agent's result for
                     // another node's step changes nothing and says nothing.
-                    if let Some(r) = r.as_deref().filter(|r| r.state.is_final()) {
-                        let _ = self.updates.send(finished_update(r));
+                    if let Some(r) = r.as_ref().filter(|r| r.state.is_final()) {
+                        self.announce_end(r);
                     }
                     let result =
                         matches!(ev.kind, StepEventKind::Finished(_)).then_some((ev.lane, ev.seq));
@@ -1113,7 +1195,7 @@ impl StepQueue {
                 Some((_, v)) => v.push(id.clone()),
                 None => per_node.push((r.step.node_id.clone(), vec![id.clone()])),
             }
-            let _ = self.updates.send(finished_update(&r));
+            self.announce_end(&Arc::new(r.clone()));
             cancelled.push(r);
         }
         let notices = per_node
@@ -1205,7 +1287,7 @@ impl StepQueue {
                     self.store.put_json(Tree::Steps, &key, &r)?;
                     self.closed(node, *lane, r.step.seq);
                     self.metrics.moved(&r, StepState::Queued);
-                    let _ = self.updates.send(finished_update(&r));
+                    self.announce_end(&Arc::new(r.clone()));
                 }
             }
         }
@@ -1216,58 +1298,79 @@ impl StepQueue {
     /// returns the records as they are then, in the order of `ids` (`None`
     /// for an id this queue does not know).
     ///
-    /// Linear in `ids`, and no store read until the end: each `Finished`
-    /// update ticks one step off a set, and a receiver that lagged behind
-    /// the updates keeps only the steps the in-memory index still holds
-    /// open (a step leaves it once its end is on disk). Each record is
-    /// read once, at the end, where its update said it is. (Re-reading
-    /// every record on every update made an exec to 10,000 nodes
-    /// quadratic; re-reading the open ones from the store on every lag
-    /// still cost a second of an exec's 2.)
+    /// Linear in `ids`, and no store read for a step that ends while it
+    /// waits: it registers for the ids, and each step's record is handed
+    /// to it once its end is on disk. Only the steps already ended when it
+    /// began, and those still open at the deadline, are read from the
+    /// store. (Re-reading every record on every update made an exec to
+    /// 10,000 nodes quadratic; reading each once at the end still cost a
+    /// tenth of the controller's CPU in one.)
     pub async fn wait_all(
         &self,
         ids: &[StepId],
         deadline: tokio::time::Instant,
     ) -> Result<Vec<Option<StepRecord>>, StoreError> {
-        let mut rx = self.subscribe();
-        // Subscribed first: a step that ends from here on is either seen
-        // gone from the index below or announced on `rx`.
-        let mut open: HashSet<StepId> = ids.iter().cloned().collect();
-        // Where the steps announced final are, to read them without the id index.
-        let mut ended: HashMap<StepId, (NodeId, Lane, u64)> = HashMap::new();
-        let mut reread = true;
-        loop {
-            if reread {
-                let active = self.active_index();
-                open.retain(|id| active.contains_key(id));
-                reread = false;
-            }
-            if open.is_empty() {
-                break;
-            }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _registered = Waiting::register(self, ids, tx);
+        // Registered first: a step that ends from here on is either gone
+        // from the active index below or handed over on `rx`.
+        let mut open: HashSet<&StepId> = {
+            let active = self.active_index();
+            ids.iter().filter(|id| active.contains_key(*id)).collect()
+        };
+        let mut ended: HashMap<StepId, Arc<StepRecord>> = HashMap::new();
+        while !open.is_empty() {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
-                Ok(Ok(StepUpdate::Finished {
-                    step_id,
-                    node_id,
-                    lane,
-                    seq,
-                    ..
-                })) => {
-                    if open.remove(&step_id) {
-                        ended.insert(step_id, (node_id, lane, seq));
-                    }
+                Ok(Some(r)) => {
+                    open.remove(&r.step.id);
+                    ended.insert(r.step.id.clone(), r);
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(broadcast::error::RecvError::Lagged(_))) => reread = true,
+                Ok(None) | Err(_) => break,
             }
         }
         ids.iter()
             .map(|id| match ended.get(id) {
-                Some((node, lane, seq)) => self.get_at(id, node, *lane, *seq),
+                Some(r) => Ok(Some(StepRecord::clone(r))),
                 None => self.get(id),
             })
             .collect()
+    }
+}
+
+/// A caller of [`StepQueue::wait_all`] registered for its steps' ends,
+/// until it is dropped.
+struct Waiting<'a> {
+    queue: &'a StepQueue,
+    ids: &'a [StepId],
+    tx: mpsc::UnboundedSender<Arc<StepRecord>>,
+}
+
+impl<'a> Waiting<'a> {
+    fn register(
+        queue: &'a StepQueue,
+        ids: &'a [StepId],
+        tx: mpsc::UnboundedSender<Arc<StepRecord>>,
+    ) -> Waiting<'a> {
+        let mut waiters = queue.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            waiters.entry(id.clone()).or_default().push(tx.clone());
+        }
+        drop(waiters);
+        Waiting { queue, ids, tx }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut waiters = self.queue.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for id in self.ids {
+            if let Some(list) = waiters.get_mut(id) {
+                list.retain(|tx| !tx.same_channel(&self.tx));
+                if list.is_empty() {
+                    waiters.remove(id);
+                }
+            }
+        }
     }
 }
 
@@ -1382,6 +1485,38 @@ mod tests {
             tokio::time::Instant::now() >= soon,
             "it waited for the deadline"
         );
+        // Two callers waiting for one step both get its end; neither
+        // stays registered.
+        let both = {
+            let (q1, q2) = (q.clone(), q.clone());
+            let (id1, id2) = (c.step.id.clone(), c.step.id.clone());
+            let far = tokio::time::Instant::now() + Duration::from_secs(30);
+            (
+                tokio::spawn(async move { q1.wait_all(&[id1], far).await }),
+                tokio::spawn(async move { q2.wait_all(&[id2], far).await }),
+            )
+        };
+        wait_for_waiters(&q, 1, 2).await;
+        q.on_event(&n1(), finished(&c)).await.expect("c");
+        for h in [both.0, both.1] {
+            let got = h.await.expect("join").expect("wait");
+            assert_eq!(got[0].as_ref().map(|r| r.state), Some(StepState::Done));
+        }
+        assert!(q.waiters.lock().expect("lock").is_empty());
+    }
+
+    /// Waits (bounded) until `steps` steps have `callers` registered callers each.
+    async fn wait_for_waiters(q: &StepQueue, steps: usize, callers: usize) {
+        for _ in 0..1000 {
+            {
+                let w = q.waiters.lock().expect("lock");
+                if w.len() == steps && w.values().all(|l| l.len() == callers) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the callers never registered");
     }
 
     #[tokio::test]
