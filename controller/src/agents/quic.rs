@@ -21,8 +21,8 @@ use tracing::{debug, info, warn};
 
 use de_common::{
     AGENT_ALPN, AgentMsg, ControllerMsg, ENROLL_ALPN, EnrollClientMsg, EnrollGrant, EnrollRefusal,
-    EnrollRequest, EnrollServerMsg, ErrorChain, LinkRefusal, NodeId, Trust, Welcome, close_codes,
-    decode, encode, holds_frame, read_frame, skew_secs, unix_ms, write_frame, write_frames,
+    EnrollRequest, EnrollServerMsg, ErrorChain, FrameReader, LinkRefusal, NodeId, Trust, Welcome,
+    close_codes, decode, encode, read_frame, skew_secs, unix_ms, write_frame, write_frames,
 };
 use de_install_codes::{ChannelBinding, EKM_LABEL, Refusal};
 
@@ -891,11 +891,11 @@ async fn throttled_copy(
 /// The next message on an agent's work stream; `None` when the stream
 /// ended (a malformed frame closes the connection).
 async fn next_msg(
-    recv: &mut tokio::io::BufReader<quinn::RecvStream>,
+    recv: &mut FrameReader<quinn::RecvStream>,
     node_id: &NodeId,
     conn: &quinn::Connection,
 ) -> Option<AgentMsg> {
-    match read_frame::<_, AgentMsg>(recv).await {
+    match recv.next::<AgentMsg>().await {
         Ok(m) => m,
         Err(e) => {
             debug!(node = %node_id, error = %ErrorChain(&e), "agent stream ended");
@@ -940,8 +940,9 @@ async fn serve_stream(
     ctl: Arc<Controller>,
     conn: quinn::Connection,
 ) {
-    // Buffered, so that the frames that arrived together are seen together.
-    let mut recv = tokio::io::BufReader::with_capacity(16 * 1024, recv);
+    // Through a frame reader, so that the frames that arrived together are
+    // seen together.
+    let mut recv = FrameReader::new(recv);
     let mut carried: Option<AgentMsg> = None;
     loop {
         let msg = match carried.take() {
@@ -980,7 +981,7 @@ async fn serve_stream(
                 // The events that came with it: applied with one wait for
                 // the disk, acknowledged in one write.
                 let mut batch = vec![ev];
-                while batch.len() < MAX_EVENT_BATCH && holds_frame(recv.buffer()) {
+                while batch.len() < MAX_EVENT_BATCH && recv.holds_frame() {
                     match next_msg(&mut recv, &node_id, &conn).await {
                         Some(AgentMsg::Event(ev)) => batch.push(ev),
                         Some(other) => {
