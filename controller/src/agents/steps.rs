@@ -218,9 +218,6 @@ pub enum StepUpdate {
         step_id: StepId,
         node_id: NodeId,
         state: StepState,
-        /// Where the record is: `key_of(node_id, lane, seq)` in the steps tree.
-        lane: Lane,
-        seq: u64,
     },
 }
 
@@ -386,8 +383,6 @@ fn finished_update(r: &StepRecord) -> StepUpdate {
         step_id: r.step.id.clone(),
         node_id: r.step.node_id.clone(),
         state: r.state,
-        lane: r.step.lane,
-        seq: r.step.seq,
     }
 }
 
