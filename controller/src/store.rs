@@ -85,6 +85,8 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("key {key:?} in tree {tree} is not of the form this version writes")]
+    BadKey { tree: &'static str, key: String },
     #[error("could not encode record {key:?} for tree {tree}")]
     Encode {
         tree: &'static str,
@@ -137,6 +139,8 @@ pub trait Store: Send + Sync + 'static {
         from: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// The last key of `tree` that starts with `prefix`, if any.
+    fn last_key(&self, tree: Tree, prefix: &str) -> Result<Option<String>, StoreError>;
 }
 
 /// Typed JSON access on any [`Store`].
@@ -433,6 +437,19 @@ impl Store for SledStore {
             out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
         }
         Ok(out)
+    }
+
+    fn last_key(&self, tree: Tree, prefix: &str) -> Result<Option<String>, StoreError> {
+        match self.tree(tree)?.scan_prefix(prefix.as_bytes()).next_back() {
+            None => Ok(None),
+            Some(item) => {
+                let (k, _) = item.map_err(|source| StoreError::Engine {
+                    tree: tree.name(),
+                    source,
+                })?;
+                Ok(Some(String::from_utf8_lossy(&k).into_owned()))
+            }
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 //! lane) only grow (and are raised to what an agent reports having done, so a
 //! controller restored from an older backup resynchronises).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,6 +43,10 @@ const CANCEL_TTL: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRecord {
     pub step: Step,
+    /// In the store as base64 texts (a third of the record's bytes fewer
+    /// than JSON's arrays of numbers); records written as arrays by
+    /// earlier versions are read as they are.
+    #[serde(with = "signed_text")]
     pub signed: SignedStep,
     pub state: StepState,
     pub created_at: String,
@@ -84,6 +88,72 @@ impl StepRecord {
             refusal,
         };
         serde_json::to_value(view).unwrap_or_default()
+    }
+}
+
+/// A [`SignedStep`] in a stored record: `{"body": "<base64>",
+/// "signature": "<base64>"}`, read also from arrays of numbers.
+mod signed_text {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use de_common::SignedStep;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize)]
+    struct Out {
+        body: String,
+        signature: String,
+    }
+
+    #[derive(Deserialize)]
+    struct In {
+        body: Bytes,
+        signature: Bytes,
+    }
+
+    /// Bytes as base64 text or as an array of numbers.
+    struct Bytes(Vec<u8>);
+
+    impl<'de> Deserialize<'de> for Bytes {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Bytes;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("base64 text or an array of bytes")
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Bytes, E> {
+                    STANDARD.decode(v).map(Bytes).map_err(E::custom)
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<Bytes, A::Error> {
+                    let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                    while let Some(b) = seq.next_element::<u8>()? {
+                        out.push(b);
+                    }
+                    Ok(Bytes(out))
+                }
+            }
+            d.deserialize_any(Visit)
+        }
+    }
+
+    pub(super) fn serialize<S: Serializer>(s: &SignedStep, ser: S) -> Result<S::Ok, S::Error> {
+        Out {
+            body: STANDARD.encode(&s.body),
+            signature: STANDARD.encode(&s.signature),
+        }
+        .serialize(ser)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SignedStep, D::Error> {
+        let In { body, signature } = In::deserialize(d)?;
+        Ok(SignedStep {
+            body: body.0,
+            signature: signature.0,
+        })
     }
 }
 
@@ -251,6 +321,10 @@ pub enum ResyncError {
 /// from an older backup); beyond it, the report is refused.
 pub(crate) const MAX_RESYNC_AHEAD: u64 = 1_000_000;
 
+/// Steps signed and written together by [`StepQueue::enqueue_many`] before
+/// their pulls are woken.
+const ENQUEUE_CHUNK: usize = 500;
+
 /// One step for [`StepQueue::enqueue_many`]; `id` None picks a fresh one.
 #[derive(Debug, Clone)]
 pub struct NewStep {
@@ -278,6 +352,12 @@ pub struct StepQueue {
     /// as far as read or written since the start (the store's counter is
     /// the truth; this spares reading it for every step queued).
     alloc: Mutex<LastSeqs>,
+    /// The record lock: every read-modify-write of a step record, and the
+    /// write and publishing of a chunk of new steps, hold it. Taken after
+    /// the allocation lock, never before it, and only for a short while:
+    /// an agent's events for the first chunks of a large fan-out go on
+    /// while its later chunks are signed.
+    records: Mutex<()>,
     /// Per node and lane, the pulls waiting for a step.
     wakers: Mutex<HashMap<(NodeId, Lane), Arc<Notify>>>,
     /// Per node and lane, its steps not final yet with their records,
@@ -333,7 +413,12 @@ struct OpenStep {
 type LastSeqs = HashMap<(NodeId, Lane), u64>;
 
 /// The last sequence number issued on (`node`, `lane`): from `known`,
-/// else from the store's counter (then kept in `known`).
+/// else from the store (then kept in `known`): the highest of the lane's
+/// last step record and its counter. The counter is written only when a
+/// resync raises it past every record; a queued step is one write, its
+/// record (with the id index), and a number whose record a crash lost was
+/// never handed out (a pull waits for the flush), so issuing it again is
+/// safe.
 fn last_seq(
     store: &dyn Store,
     known: &mut LastSeqs,
@@ -343,9 +428,21 @@ fn last_seq(
     if let Some(last) = known.get(&(node.clone(), lane)) {
         return Ok(*last);
     }
-    let last: u64 = store
+    let counter: u64 = store
         .get_json(Tree::Meta, &seq_key(node, lane))?
         .unwrap_or(0);
+    let prefix = prefix_of(node, lane);
+    let recorded = match store.last_key(Tree::Steps, &prefix)? {
+        None => 0,
+        Some(key) => key
+            .strip_prefix(&prefix)
+            .and_then(|seq| seq.parse::<u64>().ok())
+            .ok_or_else(|| StoreError::BadKey {
+                tree: Tree::Steps.name(),
+                key: key.clone(),
+            })?,
+    };
+    let last = counter.max(recorded);
     known.insert((node.clone(), lane), last);
     Ok(last)
 }
@@ -510,6 +607,7 @@ impl StepQueue {
             store,
             key: std::sync::RwLock::new(key),
             alloc: Mutex::new(LastSeqs::default()),
+            records: Mutex::new(()),
             wakers: Mutex::new(HashMap::new()),
             open_seqs: Mutex::new(open_seqs),
             waiters: Mutex::new(HashMap::new()),
@@ -538,26 +636,53 @@ impl StepQueue {
     where
         E: From<StoreError>,
     {
-        let _alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
         let mut last: std::collections::BTreeMap<String, Vec<(Lane, u64)>> = Default::default();
-        for (key, bytes) in self.store.list(Tree::Meta)? {
-            let Some(rest) = key.strip_prefix("seq/") else {
-                continue;
-            };
-            let Ok(seq) = serde_json::from_slice::<u64>(&bytes) else {
-                continue;
-            };
-            let Some((node, lane)) = rest.rsplit_once('/') else {
-                continue;
-            };
-            let Some(lane) = Lane::ALL.into_iter().find(|l| l.as_str() == lane) else {
-                continue;
-            };
-            last.entry(node.to_owned()).or_default().push((lane, seq));
+        for (node, lane) in self.queues_in_store()? {
+            let seq = last_seq(&*self.store, &mut known, &node, lane)?;
+            last.entry(node.to_string()).or_default().push((lane, seq));
         }
         let key = rotate(last)?;
         *self.key.write().unwrap_or_else(|p| p.into_inner()) = key;
         Ok(())
+    }
+
+    /// Every (node, lane) with a step record or a counter in the store:
+    /// the counters, and one skip through the steps tree per queue (its
+    /// first key, then on past its prefix), not a read of every step.
+    fn queues_in_store(&self) -> Result<BTreeSet<(NodeId, Lane)>, StoreError> {
+        let lane_of = |name: &str| Lane::ALL.into_iter().find(|l| l.as_str() == name);
+        let mut queues = BTreeSet::new();
+        for (key, _) in self.store.list(Tree::Meta)? {
+            if let Some((node, lane)) = key
+                .strip_prefix("seq/")
+                .and_then(|rest| rest.rsplit_once('/'))
+                && let Some(lane) = lane_of(lane)
+            {
+                queues.insert((NodeId::from(node.to_owned()), lane));
+            }
+        }
+        let mut from = String::new();
+        while let Some((key, _)) = self.store.scan(Tree::Steps, "", &from, 1)?.pop() {
+            // Keys are `node/lane/seq`; node ids hold no '/'.
+            let mut parts = key.splitn(3, '/');
+            let (Some(node), Some(lane)) = (parts.next(), parts.next()) else {
+                return Err(StoreError::BadKey {
+                    tree: Tree::Steps.name(),
+                    key,
+                });
+            };
+            let Some(lane) = lane_of(lane) else {
+                return Err(StoreError::BadKey {
+                    tree: Tree::Steps.name(),
+                    key,
+                });
+            };
+            // The first key past the prefix `node/lane/`: '0' follows '/'.
+            from = format!("{node}/{}0", lane.as_str());
+            queues.insert((NodeId::from(node.to_owned()), lane));
+        }
+        Ok(queues)
     }
 
     fn active_index(&self) -> std::sync::MutexGuard<'_, HashMap<StepId, ActiveStep>> {
@@ -756,141 +881,172 @@ impl StepQueue {
     }
 
     /// Queues several steps (an exec's fan-out, a deployment's next steps)
-    /// with one flush of the store for all of them instead of three each;
-    /// the records come back in the order given. Durable, and only then
-    /// pullable, when this returns. As [`StepQueue::enqueue_with_id`], a step
-    /// whose id exists already is returned as it is, not queued again.
+    /// with one flush of the store for all of them instead of one each; the
+    /// records come back in the order given. Durable when this returns; each
+    /// step is pullable once its own write is on disk, which for a large
+    /// batch is before the whole batch is written: the steps are signed and
+    /// written [`ENQUEUE_CHUNK`] at a time, and the pulls of one chunk are
+    /// woken while the next is signed, so that the agents start on a
+    /// fan-out to 10,000 nodes without waiting for all of it. As
+    /// [`StepQueue::enqueue_with_id`], a step whose id exists already is
+    /// returned as it is, not queued again.
     pub fn enqueue_many(&self, steps: Vec<NewStep>) -> Result<Vec<StepRecord>, StepsError> {
         let now = SystemTime::now();
-        let mut records = Vec::with_capacity(steps.len());
-        let mut writes: Vec<(Tree, String, Vec<u8>)> = Vec::new();
-        let mut queues: HashSet<(NodeId, Lane)> = HashSet::new();
-        let written = {
-            // Held until the writes are applied and marked: a pull reads the
-            // mark under it after its scan, and waits until that is on disk.
+        let mut records: Vec<StepRecord> = Vec::with_capacity(steps.len());
+        let mut last = None;
+        {
+            // The allocation lock, held until every chunk is applied and in
+            // the open index: batches queue their numbers one after another.
             let mut known = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
-            let mut seqs: HashMap<(NodeId, Lane), u64> = HashMap::new();
             let mut batch: HashMap<StepId, usize> = HashMap::new();
-            for new in steps {
-                // Only a given id is looked up: a fresh one (64 random bits)
-                // is new, and finding an unrelated step under it would be
-                // no answer either.
-                let id = match new.id {
-                    Some(id) => {
-                        if let Some(i) = batch.get(&id) {
-                            let again: &StepRecord = &records[*i];
-                            records.push(again.clone());
-                            continue;
+            let mut steps = steps.into_iter().peekable();
+            while steps.peek().is_some() {
+                let chunk: Vec<NewStep> = steps.by_ref().take(ENQUEUE_CHUNK).collect();
+                let first = records.len();
+                let queued = self.enqueue_chunk(chunk, now, &mut known, &mut batch, &mut records);
+                let (written, queues) = match queued {
+                    Ok(q) => q,
+                    Err(e) => {
+                        // Some of the chunk may be in the store: its
+                        // queues' numbers are read from there again.
+                        for r in &records[first..] {
+                            known.remove(&(r.step.node_id.clone(), r.step.lane));
                         }
-                        if let Some(key) =
-                            self.store.get_json::<String>(Tree::StepIds, id.as_str())?
-                            && let Some(existing) =
-                                self.store.get_json::<StepRecord>(Tree::Steps, &key)?
-                        {
-                            records.push(existing);
-                            continue;
-                        }
-                        id
+                        return Err(e);
                     }
-                    None => StepQueue::new_id()?,
                 };
-                let NewStep {
-                    node,
-                    lane,
-                    action,
-                    deployment_id,
-                    ttl,
-                    ..
-                } = new;
-                let seq = match seqs.get(&(node.clone(), lane)) {
-                    Some(last) => last + 1,
-                    None => last_seq(&*self.store, &mut known, &node, lane)? + 1,
-                };
-                seqs.insert((node.clone(), lane), seq);
-                let step = Step {
-                    id: id.clone(),
-                    deployment_id,
-                    node_id: node.clone(),
-                    lane,
-                    seq,
-                    issued_at: unix(now),
-                    // The agent checks it with its own clock: give the step
-                    // its whole TTL there (a skew measured later does not
-                    // change a step already signed).
-                    not_after: deadline_on_node(
-                        unix(now),
-                        ttl.as_secs(),
-                        self.clocks.of(&node).unwrap_or(0),
-                    ),
-                    action,
-                };
-                let signed = sign_step(&step, &self.signing_key())?;
-                let record = StepRecord {
-                    step,
-                    signed,
-                    state: StepState::Queued,
-                    created_at: rfc3339(now),
-                    started_at: None,
-                    finished_at: None,
-                    outcome: None,
-                    refusal: None,
-                };
-                let key = key_of(&node, lane, seq);
-                // Order matters: the counter first (a crash then leaves a gap,
-                // never a reused number), the id index next, and the step
-                // itself last, so that the agent's events find it by id.
-                writes.push((Tree::Meta, seq_key(&node, lane), json(Tree::Meta, &seq)?));
-                writes.push((Tree::StepIds, id.to_string(), json(Tree::StepIds, &key)?));
-                writes.push((Tree::Steps, key, json(Tree::Steps, &record)?));
-                self.active_index().insert(
-                    id.clone(),
-                    ActiveStep {
-                        id: id.clone(),
-                        node: node.clone(),
-                        lane,
-                        started: None,
-                        budget: budget_of(&record.step.action),
-                        fetch: fetch_of(&record.step.action),
-                    },
-                );
-                batch.insert(id, records.len());
-                records.push(record);
-                queues.insert((node, lane));
+                for (node, lane) in &queues {
+                    self.waker(node, *lane).notify_waiters();
+                }
+                last = Some(written);
             }
-            let written = self.store.apply(&writes)?;
-            known.extend(seqs);
-            // After the store, under the lock: a pull that finds a number
-            // here finds its record (and waits for the flush before handing it out).
-            let mut open = self.open_seqs();
-            for (_, i) in batch {
-                let r = &records[i];
-                open.entry((r.step.node_id.clone(), r.step.lane))
-                    .or_default()
-                    .insert(
-                        r.step.seq,
-                        OpenStep {
-                            record: Arc::new(r.clone()),
-                            queued: written,
-                        },
-                    );
-            }
-            written
-        };
-        self.store.sync(written)?;
-        for (node, lane) in &queues {
-            self.waker(node, *lane).notify_waiters();
+        }
+        if let Some(written) = last {
+            self.store.sync(written)?;
         }
         Ok(records)
     }
 
-    pub fn get(&self, step_id: &StepId) -> Result<Option<StepRecord>, StoreError> {
-        match self
-            .store
-            .get_json::<String>(Tree::StepIds, step_id.as_str())?
-        {
-            None => Ok(None),
-            Some(key) => self.store.get_json(Tree::Steps, &key),
+    /// Signs and writes one chunk of [`StepQueue::enqueue_many`] under the
+    /// allocation lock (`known`), then puts its steps in the open index
+    /// with the mark of their write; answers that mark and the queues that
+    /// got steps. `batch` holds the ids queued by the earlier chunks.
+    fn enqueue_chunk(
+        &self,
+        steps: Vec<NewStep>,
+        now: SystemTime,
+        known: &mut LastSeqs,
+        batch: &mut HashMap<StepId, usize>,
+        records: &mut Vec<StepRecord>,
+    ) -> Result<(Written, HashSet<(NodeId, Lane)>), StepsError> {
+        let mut writes: Vec<(Tree, String, Vec<u8>)> = Vec::with_capacity(2 * steps.len());
+        let mut queues: HashSet<(NodeId, Lane)> = HashSet::new();
+        let mut fresh: Vec<usize> = Vec::with_capacity(steps.len());
+        for new in steps {
+            // Only a given id is looked up: a fresh one (64 random bits)
+            // is new, and finding an unrelated step under it would be
+            // no answer either.
+            let id = match new.id {
+                Some(id) => {
+                    if let Some(i) = batch.get(&id) {
+                        let again: StepRecord = records[*i].clone();
+                        records.push(again);
+                        continue;
+                    }
+                    if let Some((_, existing)) = self.by_id(&id)? {
+                        records.push(existing);
+                        continue;
+                    }
+                    id
+                }
+                None => StepQueue::new_id()?,
+            };
+            let NewStep {
+                node,
+                lane,
+                action,
+                deployment_id,
+                ttl,
+                ..
+            } = new;
+            let seq = last_seq(&*self.store, known, &node, lane)? + 1;
+            known.insert((node.clone(), lane), seq);
+            let step = Step {
+                id: id.clone(),
+                deployment_id,
+                node_id: node.clone(),
+                lane,
+                seq,
+                issued_at: unix(now),
+                // The agent checks it with its own clock: give the step
+                // its whole TTL there (a skew measured later does not
+                // change a step already signed).
+                not_after: deadline_on_node(
+                    unix(now),
+                    ttl.as_secs(),
+                    self.clocks.of(&node).unwrap_or(0),
+                ),
+                action,
+            };
+            let signed = sign_step(&step, &self.signing_key())?;
+            let record = StepRecord {
+                step,
+                signed,
+                state: StepState::Queued,
+                created_at: rfc3339(now),
+                started_at: None,
+                finished_at: None,
+                outcome: None,
+                refusal: None,
+            };
+            let key = key_of(&node, lane, seq);
+            // The id index first, the step itself next: the store keeps
+            // its writes in order through a crash, so an index entry
+            // may outlive its record (lookups check the record's id), but
+            // a record never lacks its index entry (a deployment that
+            // queues the same id again finds it instead of queueing the
+            // work twice).
+            writes.push((Tree::StepIds, id.to_string(), json(Tree::StepIds, &key)?));
+            writes.push((Tree::Steps, key, json(Tree::Steps, &record)?));
+            batch.insert(id, records.len());
+            fresh.push(records.len());
+            records.push(record);
+            queues.insert((node, lane));
         }
+        let _records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let written = self.store.apply(&writes)?;
+        // After the store: a pull that finds a step here finds its record,
+        // and waits for the flush of `written` before handing it out.
+        let mut active = self.active_index();
+        let mut open = self.open_seqs();
+        for i in fresh {
+            let r = &records[i];
+            active.insert(
+                r.step.id.clone(),
+                ActiveStep {
+                    id: r.step.id.clone(),
+                    node: r.step.node_id.clone(),
+                    lane: r.step.lane,
+                    started: None,
+                    budget: budget_of(&r.step.action),
+                    fetch: fetch_of(&r.step.action),
+                },
+            );
+            open.entry((r.step.node_id.clone(), r.step.lane))
+                .or_default()
+                .insert(
+                    r.step.seq,
+                    OpenStep {
+                        record: Arc::new(r.clone()),
+                        queued: written,
+                    },
+                );
+        }
+        Ok((written, queues))
+    }
+
+    pub fn get(&self, step_id: &StepId) -> Result<Option<StepRecord>, StoreError> {
+        Ok(self.by_id(step_id)?.map(|(_, r)| r))
     }
 
     /// The next step of (`node`, `lane`) after `after_seq` still to run,
@@ -961,7 +1117,7 @@ impl StepQueue {
         at: Option<(&NodeId, Lane, u64)>,
         f: impl FnOnce(&mut StepRecord),
     ) -> Result<Option<(StepRecord, Written)>, StoreError> {
-        let _guard = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.records.lock().unwrap_or_else(|p| p.into_inner());
         // An open step's record is in memory, as last written.
         let found = match self.open_record(step_id, at) {
             Some(r) => {
@@ -1005,6 +1161,14 @@ impl StepQueue {
                 return Ok(Some((key, r)));
             }
         }
+        self.by_id(step_id)
+    }
+
+    /// Step `step_id`'s key and record through the id index. The record
+    /// found must carry that id: an index entry can outlive a step record
+    /// lost with the writes after the last flush (a crash), and the
+    /// sequence number it named is then issued again to another step.
+    fn by_id(&self, step_id: &StepId) -> Result<Option<(String, StepRecord)>, StoreError> {
         let Some(key) = self
             .store
             .get_json::<String>(Tree::StepIds, step_id.as_str())?
@@ -1014,6 +1178,7 @@ impl StepQueue {
         Ok(self
             .store
             .get_json::<StepRecord>(Tree::Steps, &key)?
+            .filter(|r| r.step.id == *step_id)
             .map(|r| (key, r)))
     }
 
@@ -1270,6 +1435,7 @@ impl StepQueue {
                 "",
                 usize::MAX,
             )?;
+            let _records = self.records.lock().unwrap_or_else(|p| p.into_inner());
             for (key, mut r) in stale {
                 if r.state == StepState::Queued {
                     self.active_index().remove(&r.step.id);
@@ -1512,6 +1678,115 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the callers never registered");
+    }
+
+    /// A queued step is one record (with its id index entry), no counter:
+    /// after a reopen the numbers go on from the lane's last record; a
+    /// record lost in a crash frees its number, and its id index entry,
+    /// which outlived it, answers neither for the step that gets the
+    /// number next nor for a queueing of its own id again.
+    #[tokio::test]
+    async fn numbers_go_on_from_the_records_and_an_index_entry_without_its_record_answers_nothing()
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lost = StepId::from("s-lost".to_owned());
+        {
+            let (q, _) = queue_on(dir.path());
+            for _ in 0..3 {
+                q.enqueue(&n1(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+                    .expect("queue");
+            }
+            let r = q
+                .enqueue_with_id(
+                    lost.clone(),
+                    &n1(),
+                    Lane::Adhoc,
+                    echo(),
+                    None,
+                    DEFAULT_STEP_TTL,
+                )
+                .expect("queue");
+            assert_eq!(r.step.seq, 4);
+            assert!(
+                q.store
+                    .get(Tree::Meta, &seq_key(&n1(), Lane::Adhoc))
+                    .expect("read")
+                    .is_none()
+            );
+            // The crash: the record is gone, its index entry stays.
+            q.store
+                .remove(Tree::Steps, &key_of(&n1(), Lane::Adhoc, 4))
+                .expect("remove");
+        }
+        let (q, _) = queue_on(dir.path());
+        let other = q
+            .enqueue(&n1(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .expect("queue");
+        assert_eq!(other.step.seq, 4, "the lost number is issued again");
+        assert!(
+            q.get(&lost).expect("read").is_none(),
+            "the old id names nothing"
+        );
+        let again = q
+            .enqueue_with_id(
+                lost.clone(),
+                &n1(),
+                Lane::Adhoc,
+                echo(),
+                None,
+                DEFAULT_STEP_TTL,
+            )
+            .expect("queue");
+        assert_eq!((again.step.id.clone(), again.step.seq), (lost.clone(), 5));
+        assert_eq!(q.get(&lost).expect("read").map(|r| r.step.seq), Some(5));
+        assert_eq!(
+            q.get(&other.step.id).expect("read").map(|r| r.step.seq),
+            Some(4)
+        );
+        // A rotation hands the old key the last numbers from the records.
+        q.rotate_key(|last| {
+            assert_eq!(last.get(n1().as_str()), Some(&vec![(Lane::Adhoc, 5)]));
+            Ok::<_, StoreError>(Arc::new(
+                ring::signature::Ed25519KeyPair::from_pkcs8(
+                    ring::signature::Ed25519KeyPair::generate_pkcs8(
+                        &ring::rand::SystemRandom::new(),
+                    )
+                    .expect("gen")
+                    .as_ref(),
+                )
+                .expect("key"),
+            ))
+        })
+        .expect("rotate");
+    }
+
+    /// The signed bytes are stored as base64 texts; a record an earlier
+    /// version wrote with arrays of numbers reads the same.
+    #[tokio::test]
+    async fn a_record_stores_its_signed_bytes_as_text_and_reads_the_older_arrays() {
+        let (_d, q, _) = queue();
+        let r = q
+            .enqueue(&n1(), Lane::Adhoc, echo(), None, DEFAULT_STEP_TTL)
+            .expect("queue");
+        let stored: serde_json::Value = serde_json::from_slice(
+            &q.store
+                .get(Tree::Steps, &key_of(&n1(), Lane::Adhoc, 1))
+                .expect("read")
+                .expect("there"),
+        )
+        .expect("json");
+        assert!(stored["signed"]["body"].is_string(), "{stored}");
+        assert!(stored["signed"]["signature"].is_string(), "{stored}");
+        let mut older = stored.clone();
+        older["signed"] = serde_json::json!({
+            "body": r.signed.body,
+            "signature": r.signed.signature,
+        });
+        assert!(older["signed"]["body"].is_array());
+        let read: StepRecord = serde_json::from_value(older).expect("older form");
+        assert_eq!(read.signed, r.signed);
+        let read: StepRecord = serde_json::from_value(stored).expect("this form");
+        assert_eq!(read.signed, r.signed);
     }
 
     #[tokio::test]
