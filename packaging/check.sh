@@ -186,7 +186,7 @@ check "the system user deployment-engine exists, with no login shell" sh -c 'u=$
 # mode OWNER:GROUP PATH
 owned() { [ "$(stat -c '%a %U:%G' "$3")" = "$1 $2" ] || { stat -c '%a %U:%G %n' "$3"; return 1; }; }
 check "controller data dir: deployment-engine, 0700" owned 700 deployment-engine:deployment-engine /var/lib/deployment-engine/controller
-check "net.core.rmem_max is at least 8 MiB after the install (the QUIC socket's receive buffer)" sh -c '[ "$(sysctl -n net.core.rmem_max)" -ge 8388608 ]'
+check "net.core.rmem_max is at least 32 MiB after the install (the QUIC socket's receive buffer)" sh -c '[ "$(sysctl -n net.core.rmem_max)" -ge 33554432 ]'
 check "the controller package carries the agent package it was built with" \
   sh -c "cmp /usr/share/deployment-engine/packages/$(basename "$agent_deb") '$agent_deb'"
 data=/var/lib/deployment-engine/controller

@@ -4,12 +4,14 @@
 //!
 //! Invariants: a step is on disk before any agent can pull it (a pull
 //! answers from the in-memory index of open steps, whose entries are added
-//! under the allocation lock after the store took the write, each with the
-//! mark of that write, and waits until that mark is flushed), and its result
-//! is on disk before the agent gets its `Ack`. No
-//! lock is held while the disk works: writers share group commits. Sequence numbers per (node,
-//! lane) only grow (and are raised to what an agent reports having done, so a
-//! controller restored from an older backup resynchronises).
+//! under the allocation and record locks after the store took the write,
+//! each with the mark of that write, and waits until that mark is flushed),
+//! and its result is on disk before the agent gets its `Ack`. No lock is
+//! held while the disk works: writers share group commits. The sequence
+//! numbers handed out per (node, lane) only grow (a number whose record a
+//! crash lost was never handed out, and may be issued again; numbers are
+//! raised to what an agent reports having done, so a controller restored
+//! from an older backup resynchronises).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -349,8 +351,11 @@ pub struct StepQueue {
     /// Signs every step queued; replaced by a rotation ([`StepQueue::rotate_key`]).
     key: std::sync::RwLock<Arc<ring::signature::Ed25519KeyPair>>,
     /// The allocation lock, over each queue's last sequence number issued
-    /// as far as read or written since the start (the store's counter is
-    /// the truth; this spares reading it for every step queued).
+    /// as far as read or written since the start (the store's records and
+    /// counters are the truth; this spares reading them for every step
+    /// queued). Held by a whole [`StepQueue::enqueue_many`], so that the
+    /// steps of a lane appear in the open index in the order of their
+    /// numbers.
     alloc: Mutex<LastSeqs>,
     /// The record lock: every read-modify-write of a step record, and the
     /// write and publishing of a chunk of new steps, hold it. Taken after
@@ -1556,14 +1561,18 @@ mod tests {
     /// [`queue_on`], issuing steps with the node clock skews in `clocks`.
     fn queue_with(dir: &std::path::Path, clocks: ClockSkews) -> (StepQueue, Vec<u8>) {
         let store: Arc<dyn Store> = Arc::new(crate::testkit::reopen(|| SledStore::open(dir)));
-        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-            .expect("gen");
-        let key = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
+        let key = new_key();
         let pk = key.public_key().as_ref().to_vec();
         (
             StepQueue::open(store, Arc::new(key), clocks).expect("open"),
             pk,
         )
+    }
+
+    fn new_key() -> ring::signature::Ed25519KeyPair {
+        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .expect("gen");
+        ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key")
     }
 
     fn n1() -> NodeId {
@@ -1746,16 +1755,7 @@ mod tests {
         // A rotation hands the old key the last numbers from the records.
         q.rotate_key(|last| {
             assert_eq!(last.get(n1().as_str()), Some(&vec![(Lane::Adhoc, 5)]));
-            Ok::<_, StoreError>(Arc::new(
-                ring::signature::Ed25519KeyPair::from_pkcs8(
-                    ring::signature::Ed25519KeyPair::generate_pkcs8(
-                        &ring::rand::SystemRandom::new(),
-                    )
-                    .expect("gen")
-                    .as_ref(),
-                )
-                .expect("key"),
-            ))
+            Ok::<_, StoreError>(Arc::new(new_key()))
         })
         .expect("rotate");
     }
