@@ -366,7 +366,7 @@ pub struct StepQueue {
     /// Per node and lane, the pulls waiting for a step.
     wakers: Mutex<HashMap<(NodeId, Lane), Arc<Notify>>>,
     /// Per node and lane, its steps not final yet with their records,
-    /// changed only under the allocation lock and after the store: a pull
+    /// changed only under the record lock and after the store: a pull
     /// answers from here, so the long-polls of 10,000 idle agents cost no
     /// store reads however long the steps' history grows, and an agent's
     /// events change these records without reading them back.
@@ -785,7 +785,7 @@ impl StepQueue {
     }
 
     /// Records that step `seq` of (`node`, `lane`) is final: pulls no
-    /// longer look for it. Called under the allocation lock.
+    /// longer look for it. Called under the record lock.
     fn closed(&self, node: &NodeId, lane: Lane, seq: u64) {
         let mut open = self.open_seqs();
         let key = (node.clone(), lane);
@@ -1103,7 +1103,7 @@ impl StepQueue {
         }
     }
 
-    /// Changes step `step_id`'s record with `f` under the allocation lock;
+    /// Changes step `step_id`'s record with `f` under the record lock;
     /// durable once the mark is synced.
     fn apply_update(
         &self,

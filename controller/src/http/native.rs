@@ -397,7 +397,8 @@ async fn exec(
         nodes.iter().map(|n| n.id.clone()).collect(),
         &req.script,
     )?;
-    // One flush for the whole fan-out.
+    // Queued in chunks that agents pull as each is on disk; all of it is
+    // on disk when this returns.
     let ids: Vec<StepId> = ctl
         .steps
         .enqueue_many(steps)?
