@@ -1225,10 +1225,16 @@ fn kill_leftovers(ids: &[&StepId]) {
                     pid,
                     "killing a process left by a step the agent's stop interrupted"
                 );
-                let _ = std::process::Command::new("kill")
+                match std::process::Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
                     .stderr(Stdio::null())
-                    .status();
+                    .status()
+                {
+                    Ok(st) if st.success() => {}
+                    // Gone between the scan and the kill: the next pass says.
+                    Ok(st) => tracing::warn!(pid, %st, "kill -KILL failed"),
+                    Err(e) => tracing::warn!(pid, error = %e, "could not run kill"),
+                }
                 found += 1;
             }
         }
@@ -2137,8 +2143,18 @@ mod tests {
                 break st;
             }
             if Instant::now() >= deadline {
+                // Say what the scan would have seen, so a failure can be read.
+                let environ = std::fs::read(format!("/proc/{}/environ", left.id()));
+                let carries = environ.as_ref().map(|e| {
+                    e.split(|b| *b == 0)
+                        .any(|v| v == format!("DE_STEP_ID={}", s.id.as_str()).as_bytes())
+                });
                 let _ = left.kill();
-                panic!("the interrupted step's script still runs after the reload");
+                panic!(
+                    "the interrupted step's script (pid {}) still runs after the reload; \
+                     its environ carries the step id: {carries:?}",
+                    left.id()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
