@@ -398,10 +398,14 @@ async fn exec(
         &req.script,
     )?;
     // Queued in chunks that agents pull as each is on disk; all of it is
-    // on disk when this returns.
-    let ids: Vec<StepId> = ctl
-        .steps
-        .enqueue_many(steps)?
+    // on disk when this returns. Off the runtime's threads: signing and
+    // writing 10,000 steps takes most of a second, and the QUIC endpoint's
+    // receive task, polled late, lets the socket's buffer overflow with the
+    // answers to the chunks already out.
+    let c = ctl.clone();
+    let ids: Vec<StepId> = tokio::task::spawn_blocking(move || c.steps.enqueue_many(steps))
+        .await
+        .map_err(|e| ApiError::internal("queueing the command did not finish", &e))??
         .into_iter()
         .map(|r| r.step.id)
         .collect();

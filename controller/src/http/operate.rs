@@ -199,7 +199,11 @@ async fn operate(
         targets,
         &format!("{} on {}", target.name.trim(), target.ip.trim()),
     )?;
-    let queued = ctl.steps.enqueue_many(steps)?;
+    // Off the runtime's threads, as an exec's fan-out (http/native.rs).
+    let c = ctl.clone();
+    let queued = tokio::task::spawn_blocking(move || c.steps.enqueue_many(steps))
+        .await
+        .map_err(|e| ApiError::internal("queueing the steps did not finish", &e))??;
     let waiting: Vec<(usize, StepId)> = indexes
         .into_iter()
         .zip(queued)
