@@ -36,6 +36,10 @@ pub(crate) const NODE_GRACE: RangeInclusive<u64> = 1..=86_400;
 /// Days a node certificate is valid (at most 5 years); agents renew it in its last third.
 pub(crate) const NODE_CERT_DAYS: RangeInclusive<u32> = 1..=1825;
 pub(crate) const ARTIFACT_MAX_MB: RangeInclusive<u64> = 1..=1_048_576;
+/// Days the records of ended steps are kept (at most 10 years).
+pub(crate) const STEP_HISTORY_DAYS: RangeInclusive<u64> = 1..=3650;
+/// Records of steps kept per node and lane.
+pub(crate) const STEP_HISTORY_PER_LANE: RangeInclusive<usize> = 1..=1_000_000;
 
 /// The controller's config file; every field is optional and falls back to the built-in default.
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -72,6 +76,12 @@ pub(crate) struct Config {
     pub(crate) artifact_max_mb: Option<u64>,
     /// `text` or `json`.
     pub(crate) log_format: Option<de_common::LogFormat>,
+    /// Days an ended step's record is kept ([`STEP_HISTORY_DAYS`]).
+    #[serde(default, deserialize_with = "step_history_days")]
+    pub(crate) step_history_days: Option<u64>,
+    /// Step records kept per node and lane, the newest ([`STEP_HISTORY_PER_LANE`]).
+    #[serde(default, deserialize_with = "step_history_per_lane")]
+    pub(crate) step_history_per_lane: Option<usize>,
 }
 
 fn in_file<'de, D, T>(d: D, range: &RangeInclusive<T>) -> Result<Option<T>, D::Error>
@@ -113,6 +123,14 @@ fn node_cert_days<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Err
 
 fn artifact_max_mb<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     in_file(d, &ARTIFACT_MAX_MB)
+}
+
+fn step_history_days<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    in_file(d, &STEP_HISTORY_DAYS)
+}
+
+fn step_history_per_lane<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    in_file(d, &STEP_HISTORY_PER_LANE)
 }
 
 /// A flag's (or its environment variable's) value: a number in `range`.
@@ -208,6 +226,12 @@ mod tests {
             all.artifact_max_mb,
             Some(de_controller::artifacts::DEFAULT_ARTIFACT_MAX_MB)
         );
+        let history = de_controller::agents::history::StepHistory::default();
+        assert_eq!(
+            all.step_history_days.map(|d| d * 86_400),
+            Some(history.max_age.as_secs())
+        );
+        assert_eq!(all.step_history_per_lane, Some(history.per_lane));
     }
 
     #[test]
@@ -251,6 +275,16 @@ mod tests {
                 "node_cert_days = 1826",
                 "node_cert_days",
                 "between 1 and 1825, got 1826",
+            ),
+            (
+                "step_history_days = 0",
+                "step_history_days",
+                "between 1 and 3650, got 0",
+            ),
+            (
+                "step_history_per_lane = 0",
+                "step_history_per_lane",
+                "between 1 and 1000000, got 0",
             ),
         ] {
             let e = parse(&format!("data_dir = \"/x\"\n{text}\n")).expect_err(text);

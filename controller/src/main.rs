@@ -12,11 +12,12 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use de_controller::agents::history::{self, StepHistory};
 use de_controller::{Controller, PublicAddr, TokenOrigin, http, quic};
 
 use crate::config::{
     ARTIFACT_MAX_MB, Config, LOG_KEEP, LOG_MAX_MB, NODE_CERT_DAYS, NODE_GRACE, PACKAGED_PATH,
-    STEP_ATTEMPTS,
+    STEP_ATTEMPTS, STEP_HISTORY_DAYS, STEP_HISTORY_PER_LANE,
 };
 
 const DEFAULT_DATA_DIR: &str = "./de-data";
@@ -114,6 +115,15 @@ enum Command {
         /// Days a node certificate is valid; agents renew it in its last third, 1-1825 [default: 90].
         #[arg(long, env = "DE_NODE_CERT_DAYS", value_parser = |s: &str| config::flag(s, &NODE_CERT_DAYS))]
         node_cert_days: Option<u32>,
+        /// Days the record of an ended step (an exec's answer, a deployment
+        /// step's output) is kept, 1-3650 [default: 7]. Steps of a running
+        /// deployment, and the last step of each node's queue, are kept longer.
+        #[arg(long, env = "DE_STEP_HISTORY_DAYS", value_parser = |s: &str| config::flag(s, &STEP_HISTORY_DAYS))]
+        step_history_days: Option<u64>,
+        /// At most this many step records are kept per node and lane (the
+        /// newest), 1-1000000 [default: 100].
+        #[arg(long, env = "DE_STEP_HISTORY_PER_LANE", value_parser = |s: &str| config::flag(s, &STEP_HISTORY_PER_LANE))]
+        step_history_per_lane: Option<usize>,
         /// Test only: node certificates valid this many seconds (overrides
         /// --node-cert-days), so that tests see renewals in seconds.
         #[arg(long, env = "DE_TEST_NODE_CERT_SECS", hide = true, value_parser = |s: &str| config::flag(s, &(10..=86_400u64)))]
@@ -139,6 +149,7 @@ struct Settings {
     public_addr: Option<PublicAddr>,
     step_attempts: u32,
     node_grace: Duration,
+    step_history: StepHistory,
     log_limits: de_controller::LogLimits,
     /// `None`: plain HTTP.
     api_tls: Option<ApiTlsSetting>,
@@ -176,6 +187,8 @@ impl Settings {
             api_names,
             packages_dir,
             node_cert_days,
+            step_history_days,
+            step_history_per_lane,
             test_node_cert_secs,
             artifact_max_mb,
             test_artifact_kibps,
@@ -217,6 +230,16 @@ impl Settings {
                 .or(file.node_grace)
                 .map(Duration::from_secs)
                 .unwrap_or(de_controller::agents::watchdog::DEFAULT_NODE_GRACE),
+            step_history: StepHistory {
+                max_age: step_history_days
+                    .or(file.step_history_days)
+                    .map_or(history::DEFAULT_MAX_AGE, |d| {
+                        Duration::from_secs(d * 86_400)
+                    }),
+                per_lane: step_history_per_lane
+                    .or(file.step_history_per_lane)
+                    .unwrap_or(history::DEFAULT_PER_LANE),
+            },
             log_limits: de_controller::LogLimits {
                 max_bytes: log_max_mb
                     .or(file.log_max_mb)
@@ -296,6 +319,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         public_addr,
         step_attempts,
         node_grace,
+        step_history,
         log_limits,
         api_tls,
         packages_dirs,
@@ -416,6 +440,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         node_grace,
         shutdown.clone(),
     ));
+    let history_task = tokio::spawn(history::run(ctl.clone(), step_history, shutdown.clone()));
     let http_shutdown = shutdown.clone();
     let app = http::app(ctl.clone());
     let http_task = match &tls {
@@ -439,6 +464,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(grace, quic_task).await;
     let _ = tokio::time::timeout(grace, http_task).await;
     let _ = tokio::time::timeout(grace, watchdog).await;
+    let _ = tokio::time::timeout(grace, history_task).await;
     if let Some(task) = metrics_task {
         let _ = tokio::time::timeout(grace, task).await;
     }
@@ -601,6 +627,36 @@ mod tests {
         );
         // The test-only flags stay out of the pages.
         assert!(!serve.contains("test\\-node"), "{serve}");
+    }
+
+    #[test]
+    fn step_history_comes_from_the_flag_then_the_file_then_the_defaults() {
+        let file = |text: &str| -> Config {
+            de_common::parse_toml(Path::new("controller.toml"), text).expect("config")
+        };
+        let s = |args: &[&str], f: Config| {
+            Settings::resolve(serve(args).expect("args").command, f)
+                .expect("settings")
+                .step_history
+        };
+        assert_eq!(s(&[], Config::default()), StepHistory::default());
+        let f = || file("step_history_days = 2\nstep_history_per_lane = 10");
+        assert_eq!(
+            s(&[], f()),
+            StepHistory {
+                max_age: Duration::from_secs(2 * 86_400),
+                per_lane: 10
+            }
+        );
+        assert_eq!(
+            s(&["--step-history-per-lane", "3"], f()),
+            StepHistory {
+                max_age: Duration::from_secs(2 * 86_400),
+                per_lane: 3
+            },
+            "the flag wins"
+        );
+        assert!(serve(&["--step-history-days", "0"]).is_err());
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub trait Store: Send + Sync + 'static {
     /// one flush for the lot, where `put` would flush each.
     fn put_many(&self, records: &[(Tree, String, Vec<u8>)]) -> Result<(), StoreError>;
     fn remove(&self, tree: Tree, key: &str) -> Result<(), StoreError>;
+    /// Removes every record in order, then makes that durable at once: one
+    /// flush for the lot, where `remove` would flush each.
+    fn remove_many(&self, keys: &[(Tree, String)]) -> Result<(), StoreError>;
     /// Writes every record in order without waiting for the disk; durable
     /// once the mark it answers is synced ([`Store::sync`], [`Store::synced`]).
     /// Others may read the records at once.
@@ -376,6 +379,21 @@ impl Store for SledStore {
         self.sync(self.inner.commit.applied())
     }
 
+    fn remove_many(&self, keys: &[(Tree, String)]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        for (tree, key) in keys {
+            self.tree(*tree)?
+                .remove(key.as_bytes())
+                .map_err(|source| StoreError::Engine {
+                    tree: tree.name(),
+                    source,
+                })?;
+        }
+        self.sync(self.inner.commit.applied())
+    }
+
     fn apply(&self, records: &[(Tree, String, Vec<u8>)]) -> Result<Written, StoreError> {
         if records.is_empty() {
             return Ok(self.mark());
@@ -465,6 +483,10 @@ mod tests {
             s.put_json(Tree::Nodes, "n1", &vec!["a", "b"]).expect("put");
             s.put_json(Tree::Nodes, "n2", &vec!["c"]).expect("put");
             s.remove(Tree::Nodes, "n2").expect("remove");
+            s.put_json(Tree::Nodes, "n3", &vec!["d"]).expect("put");
+            s.put_json(Tree::Steps, "n3/x", &vec!["e"]).expect("put");
+            s.remove_many(&[(Tree::Nodes, "n3".into()), (Tree::Steps, "n3/x".into())])
+                .expect("remove_many");
         }
         let s = crate::testkit::reopen(|| SledStore::open(dir.path()));
         let got: Option<Vec<String>> = s.get_json(Tree::Nodes, "n1").expect("get");
@@ -472,6 +494,7 @@ mod tests {
         let all: Vec<(String, Vec<String>)> = s.list_json(Tree::Nodes).expect("list");
         assert_eq!(all.len(), 1);
         assert_eq!(s.get(Tree::Meta, "n1").expect("get"), None);
+        assert_eq!(s.get(Tree::Steps, "n3/x").expect("get"), None);
     }
 
     #[test]
