@@ -121,7 +121,7 @@ enum Command {
         #[arg(long, env = "DE_STEP_HISTORY_DAYS", value_parser = |s: &str| config::flag(s, &STEP_HISTORY_DAYS))]
         step_history_days: Option<u64>,
         /// At most this many step records are kept per node and lane (the
-        /// newest), 1-1000000 [default: 100].
+        /// newest), 1-1000000 [default: 20].
         #[arg(long, env = "DE_STEP_HISTORY_PER_LANE", value_parser = |s: &str| config::flag(s, &STEP_HISTORY_PER_LANE))]
         step_history_per_lane: Option<usize>,
         /// Test only: node certificates valid this many seconds (overrides

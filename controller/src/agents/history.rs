@@ -39,7 +39,7 @@ use crate::store::{Store, StoreError, StoreExt, Tree, decode_json, for_each_page
 /// The default `step_history_days`.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The default `step_history_per_lane`.
-pub const DEFAULT_PER_LANE: usize = 100;
+pub const DEFAULT_PER_LANE: usize = 20;
 /// A step that ended less than this ago is kept.
 pub const MIN_KEEP: Duration = Duration::from_secs(600);
 /// How often a pass runs.
