@@ -2135,6 +2135,24 @@ mod tests {
             .process_group(0)
             .spawn()
             .expect("spawn");
+        // `spawn` returns once the exec began, but the kernel sets a new
+        // program's environment up after that: until then its environ
+        // reads empty, and a scan finds nothing (the CI failure this
+        // test once had). A stopped agent's leftovers are long past it.
+        let marker = format!("DE_STEP_ID={}", s.id.as_str());
+        let environ = format!("/proc/{}/environ", left.id());
+        let ready = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read(&environ)
+            .unwrap_or_default()
+            .split(|b| *b == 0)
+            .any(|v| v == marker.as_bytes())
+        {
+            assert!(
+                Instant::now() < ready,
+                "the script never showed its environment"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         drop(l);
         let mut l = Ledger::load(dir.path()).expect("reload");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -2144,11 +2162,8 @@ mod tests {
             }
             if Instant::now() >= deadline {
                 // Say what the scan would have seen, so a failure can be read.
-                let environ = std::fs::read(format!("/proc/{}/environ", left.id()));
-                let carries = environ.as_ref().map(|e| {
-                    e.split(|b| *b == 0)
-                        .any(|v| v == format!("DE_STEP_ID={}", s.id.as_str()).as_bytes())
-                });
+                let carries = std::fs::read(&environ)
+                    .map(|e| e.split(|b| *b == 0).any(|v| v == marker.as_bytes()));
                 let _ = left.kill();
                 panic!(
                     "the interrupted step's script (pid {}) still runs after the reload; \
