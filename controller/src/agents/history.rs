@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use de_common::api::DeployState;
-use de_common::{DeploymentId, Lane, NodeId, StepId};
+use de_common::{DeploymentId, StepId};
 
 use super::steps::StepState;
 use crate::Controller;
@@ -88,8 +88,6 @@ struct Brief {
 struct BriefStep {
     id: StepId,
     deployment_id: Option<DeploymentId>,
-    node_id: NodeId,
-    lane: Lane,
     issued_at: u64,
 }
 
@@ -165,7 +163,9 @@ pub fn prune(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let mut done = Pruned::default();
-    let mut queue: Option<(NodeId, Lane)> = None;
+    // The queue is the key's `node/lane/` prefix: a queue's records are
+    // next to each other in key order, oldest first.
+    let mut queue: Option<String> = None;
     let mut lane: Vec<Past> = Vec::new();
     let mut gone: Vec<(Tree, String)> = Vec::new();
     let judge = |lane: &mut Vec<Past>, gone: &mut Vec<(Tree, String)>| -> Result<(), StoreError> {
@@ -187,10 +187,10 @@ pub fn prune(
     for_each_paged(store, Tree::Steps, PAGE, |key, bytes| {
         let b: Brief = decode_json(Tree::Steps, &key, &bytes)?;
         done.read += 1;
-        let this = (b.step.node_id, b.step.lane);
-        if queue.as_ref() != Some(&this) {
+        let this = key.rsplit_once('/').map_or("", |(prefix, _)| prefix);
+        if queue.as_deref() != Some(this) {
             judge(&mut lane, &mut gone)?;
-            queue = Some(this);
+            queue = Some(this.to_owned());
         }
         let ended = b.state.is_final().then(|| {
             b.finished_at
@@ -258,7 +258,7 @@ mod tests {
     use crate::agents::clock::ClockSkews;
     use crate::agents::steps::{DEFAULT_STEP_TTL, StepQueue, StepRecord};
     use crate::store::SledStore;
-    use de_common::{StepAction, StepEvent, StepEventKind, StepOutcome};
+    use de_common::{Lane, NodeId, StepAction, StepEvent, StepEventKind, StepOutcome};
 
     fn past(i: u64, ended: Option<u64>, deployment: Option<&str>) -> Past {
         Past {
