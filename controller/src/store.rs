@@ -370,13 +370,7 @@ impl Store for SledStore {
     }
 
     fn remove(&self, tree: Tree, key: &str) -> Result<(), StoreError> {
-        self.tree(tree)?
-            .remove(key.as_bytes())
-            .map_err(|source| StoreError::Engine {
-                tree: tree.name(),
-                source,
-            })?;
-        self.sync(self.inner.commit.applied())
+        self.remove_many(&[(tree, key.to_owned())])
     }
 
     fn remove_many(&self, keys: &[(Tree, String)]) -> Result<(), StoreError> {
