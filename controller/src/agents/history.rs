@@ -217,6 +217,14 @@ pub fn prune(
     Ok(done)
 }
 
+/// One pass over the controller's store ([`prune`]), counted in
+/// `de_step_records_pruned_total`.
+pub fn pass(ctl: &Controller, history: StepHistory, now: SystemTime) -> Result<Pruned, StoreError> {
+    let p = prune(&*ctl.store, history, now)?;
+    ctl.metrics.step_records_pruned.add(p.removed as u64);
+    Ok(p)
+}
+
 /// Prunes the step history every [`TICK`] until `shutdown`.
 pub async fn run(ctl: Arc<Controller>, history: StepHistory, shutdown: CancellationToken) {
     let mut next = tokio::time::Instant::now() + FIRST;
@@ -226,11 +234,10 @@ pub async fn run(ctl: Arc<Controller>, history: StepHistory, shutdown: Cancellat
             _ = tokio::time::sleep_until(next) => {}
         }
         next = tokio::time::Instant::now() + TICK;
-        let store = ctl.store.clone();
+        let c = ctl.clone();
         let started = std::time::Instant::now();
         // The store is synchronous: keep it off the async workers.
-        match tokio::task::spawn_blocking(move || prune(&*store, history, SystemTime::now())).await
-        {
+        match tokio::task::spawn_blocking(move || pass(&c, history, SystemTime::now())).await {
             Ok(Ok(p)) => {
                 let ms = started.elapsed().as_millis();
                 if p.removed > 0 {
@@ -419,6 +426,33 @@ mod tests {
             .enqueue(&n1, Lane::Adhoc, script(), None, DEFAULT_STEP_TTL)
             .expect("enqueue");
         assert_eq!(after.step.seq, 7);
+    }
+
+    /// Through the controller: what a pass removes is counted in
+    /// `de_step_records_pruned_total`.
+    #[tokio::test]
+    async fn a_pass_is_counted_in_the_metrics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctl, _) = Controller::open(dir.path()).expect("open");
+        let n1 = NodeId::from("n1");
+        for _ in 0..3 {
+            let r = ctl
+                .steps
+                .enqueue(&n1, Lane::Adhoc, script(), None, DEFAULT_STEP_TTL)
+                .expect("enqueue");
+            assert!(ctl.steps.on_event(&n1, done(&r)).await.expect("event"));
+        }
+        let history = StepHistory {
+            max_age: DEFAULT_MAX_AGE,
+            per_lane: 1,
+        };
+        let later = SystemTime::now() + MIN_KEEP + Duration::from_secs(1);
+        assert_eq!(pass(&ctl, history, later).expect("pass").removed, 2);
+        let text = crate::metrics::render(&ctl);
+        assert!(
+            text.lines().any(|l| l == "de_step_records_pruned_total 2"),
+            "{text}"
+        );
     }
 
     /// A step of a deployment the store holds as running stays however old;

@@ -56,6 +56,8 @@ pub(crate) struct Metrics {
     pub(crate) enrolments: Counter,
     /// Install-code proofs that failed (a wrong code) since start.
     pub(crate) code_failures: Counter,
+    /// Step records the step history removed since start.
+    pub(crate) step_records_pruned: Counter,
     /// QUIC connections being handled now (agent links and enrolments).
     quic_open: Arc<AtomicI64>,
     pub(crate) http: HttpMetrics,
@@ -69,6 +71,7 @@ impl Metrics {
         Metrics {
             enrolments: Counter::default(),
             code_failures: Counter::default(),
+            step_records_pruned: Counter::default(),
             quic_open: Arc::default(),
             http: HttpMetrics::default(),
             deployments: DeploymentMetrics::default(),
@@ -488,6 +491,16 @@ pub(crate) fn render(ctl: &Controller) -> String {
         "Nodes enrolled with an install code since the controller started.",
     );
     t.sample("de_enrolments_total", &[], m.enrolments.get() as f64);
+    t.family(
+        "de_step_records_pruned_total",
+        Kind::Counter,
+        "Records of ended steps the step history removed since the controller started (step_history_days, step_history_per_lane).",
+    );
+    t.sample(
+        "de_step_records_pruned_total",
+        &[],
+        m.step_records_pruned.get() as f64,
+    );
     t.family(
         "de_install_code_failures_total",
         Kind::Counter,
