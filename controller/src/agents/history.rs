@@ -17,7 +17,8 @@
 //!
 //! Every [`TICK`] (and once a minute after the start) one pass reads the
 //! steps tree a page at a time, a few fields of each record, and removes
-//! what it selects with one flush per page. The id index entry goes first,
+//! what it selects with one flush per page; a shutdown stops it between
+//! pages (a pass over a million records takes tens of seconds). The id index entry goes first,
 //! then the record: a crash between them leaves a record no id finds, which
 //! the next pass removes.
 
@@ -154,6 +155,7 @@ pub fn prune(
     store: &dyn Store,
     history: StepHistory,
     now: SystemTime,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Pruned, StoreError> {
     // Read first: a deployment started after this queues new steps only,
     // which are too young to go.
@@ -184,33 +186,48 @@ pub fn prune(
         lane.clear();
         Ok(())
     };
-    for_each_paged(store, Tree::Steps, PAGE, |key, bytes| {
-        let b: Brief = decode_json(Tree::Steps, &key, &bytes)?;
-        done.read += 1;
-        let this = key.rsplit_once('/').map_or("", |(prefix, _)| prefix);
-        if queue.as_deref() != Some(this) {
-            judge(&mut lane, &mut gone)?;
-            queue = Some(this.to_owned());
+    let mut from = String::new();
+    loop {
+        if stop() {
+            // What was selected so far goes; the rest waits for the next pass.
+            break;
         }
-        let ended = b.state.is_final().then(|| {
-            b.finished_at
-                .as_deref()
-                .and_then(unix_of)
-                .unwrap_or(b.step.issued_at)
-        });
-        lane.push(Past {
-            key,
-            id: b.step.id,
-            ended,
-            deployment: b.step.deployment_id,
-        });
-        if gone.len() >= PAGE {
-            store.remove_many(&gone)?;
-            done.removed += gone.iter().filter(|(t, _)| *t == Tree::Steps).count();
-            gone.clear();
+        let page = store.scan(Tree::Steps, "", &from, PAGE)?;
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        from = format!("{last}\u{0}");
+        for (key, bytes) in page {
+            let b: Brief = decode_json(Tree::Steps, &key, &bytes)?;
+            done.read += 1;
+            let this = key.rsplit_once('/').map_or("", |(prefix, _)| prefix);
+            if queue.as_deref() != Some(this) {
+                judge(&mut lane, &mut gone)?;
+                queue = Some(this.to_owned());
+            }
+            let ended = b.state.is_final().then(|| {
+                b.finished_at
+                    .as_deref()
+                    .and_then(unix_of)
+                    .unwrap_or(b.step.issued_at)
+            });
+            lane.push(Past {
+                key,
+                id: b.step.id,
+                ended,
+                deployment: b.step.deployment_id,
+            });
         }
-        Ok(())
-    })?;
+        store.remove_many(&gone)?;
+        done.removed += gone.iter().filter(|(t, _)| *t == Tree::Steps).count();
+        gone.clear();
+    }
+    // The queue the pass ended in is judged only when the tree was read to
+    // its end: a stopped pass saw part of it, and its newest records may be
+    // the ones it did not read.
+    if stop() {
+        return Ok(done);
+    }
     judge(&mut lane, &mut gone)?;
     store.remove_many(&gone)?;
     done.removed += gone.iter().filter(|(t, _)| *t == Tree::Steps).count();
@@ -219,8 +236,13 @@ pub fn prune(
 
 /// One pass over the controller's store ([`prune`]), counted in
 /// `de_step_records_pruned_total`.
-pub fn pass(ctl: &Controller, history: StepHistory, now: SystemTime) -> Result<Pruned, StoreError> {
-    let p = prune(&*ctl.store, history, now)?;
+pub fn pass(
+    ctl: &Controller,
+    history: StepHistory,
+    now: SystemTime,
+    stop: &dyn Fn() -> bool,
+) -> Result<Pruned, StoreError> {
+    let p = prune(&*ctl.store, history, now, stop)?;
     ctl.metrics.step_records_pruned.add(p.removed as u64);
     Ok(p)
 }
@@ -235,9 +257,14 @@ pub async fn run(ctl: Arc<Controller>, history: StepHistory, shutdown: Cancellat
         }
         next = tokio::time::Instant::now() + TICK;
         let c = ctl.clone();
+        let stop = shutdown.clone();
         let started = std::time::Instant::now();
         // The store is synchronous: keep it off the async workers.
-        match tokio::task::spawn_blocking(move || pass(&c, history, SystemTime::now())).await {
+        match tokio::task::spawn_blocking(move || {
+            pass(&c, history, SystemTime::now(), &|| stop.is_cancelled())
+        })
+        .await
+        {
             Ok(Ok(p)) => {
                 let ms = started.elapsed().as_millis();
                 if p.removed > 0 {
@@ -314,6 +341,10 @@ mod tests {
         assert_eq!(select(&lane, keep(1, 7), &running, NOW), vec![0, 3]);
     }
 
+    fn never() -> bool {
+        false
+    }
+
     fn script() -> StepAction {
         StepAction::Script {
             script: "echo".into(),
@@ -377,7 +408,7 @@ mod tests {
         };
         let now = SystemTime::now();
         assert_eq!(
-            prune(&*store, history, now).expect("prune"),
+            prune(&*store, history, now, &never).expect("prune"),
             Pruned {
                 read: 7,
                 removed: 0
@@ -386,7 +417,7 @@ mod tests {
         // Past the minimum: n1's adhoc lane keeps its newest two.
         let later = now + MIN_KEEP + Duration::from_secs(1);
         assert_eq!(
-            prune(&*store, history, later).expect("prune"),
+            prune(&*store, history, later, &never).expect("prune"),
             Pruned {
                 read: 7,
                 removed: 3
@@ -400,7 +431,12 @@ mod tests {
         assert!(q.get(&deploying.step.id).expect("get").is_some());
         assert!(q.get(&n2_step.step.id).expect("get").is_some());
         // A second pass finds nothing more.
-        assert_eq!(prune(&*store, history, later).expect("prune").removed, 0);
+        assert_eq!(
+            prune(&*store, history, later, &never)
+                .expect("prune")
+                .removed,
+            0
+        );
         let next = q
             .enqueue(&n1, Lane::Adhoc, script(), None, DEFAULT_STEP_TTL)
             .expect("enqueue");
@@ -417,7 +453,12 @@ mod tests {
         // Steps 4 and 5 go; 6, ended too, stays as the last.
         assert!(q.on_event(&n1, done(&next)).await.expect("event"));
         let after_that = later + MIN_KEEP + Duration::from_secs(1);
-        assert_eq!(prune(&*store, one, after_that).expect("prune").removed, 2);
+        assert_eq!(
+            prune(&*store, one, after_that, &never)
+                .expect("prune")
+                .removed,
+            2
+        );
         assert!(q.get(&n1_steps[4].step.id).expect("get").is_none());
         assert!(q.get(&next.step.id).expect("get").is_some());
         drop((q, store));
@@ -426,6 +467,57 @@ mod tests {
             .enqueue(&n1, Lane::Adhoc, script(), None, DEFAULT_STEP_TTL)
             .expect("enqueue");
         assert_eq!(after.step.seq, 7);
+    }
+
+    /// A pass stopped (the controller shuts down) removes what it selected
+    /// in the queues it read whole, and leaves the queue it was reading:
+    /// its newest records may be the ones not read.
+    #[tokio::test]
+    async fn a_stopped_pass_leaves_the_queue_it_was_reading() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, q) = open(dir.path());
+        for node in ["n1", "n2"] {
+            let node = NodeId::from(node);
+            for _ in 0..3 {
+                let r = q
+                    .enqueue(&node, Lane::Adhoc, script(), None, DEFAULT_STEP_TTL)
+                    .expect("enqueue");
+                assert!(q.on_event(&node, done(&r)).await.expect("event"));
+            }
+        }
+        let history = StepHistory {
+            max_age: DEFAULT_MAX_AGE,
+            per_lane: 1,
+        };
+        let later = SystemTime::now() + MIN_KEEP + Duration::from_secs(1);
+        // Stopped after the first page (all six records here): n1's queue
+        // was read whole and is pruned, n2's is left.
+        let calls = std::cell::Cell::new(0);
+        let after_one_page = || {
+            calls.set(calls.get() + 1);
+            calls.get() > 1
+        };
+        assert_eq!(
+            prune(&*store, history, later, &after_one_page).expect("prune"),
+            Pruned {
+                read: 6,
+                removed: 2
+            }
+        );
+        let left = |node: &str| {
+            store
+                .scan(Tree::Steps, &format!("{node}/"), "", usize::MAX)
+                .expect("scan")
+                .len()
+        };
+        assert_eq!((left("n1"), left("n2")), (1, 3));
+        assert_eq!(
+            prune(&*store, history, later, &never)
+                .expect("prune")
+                .removed,
+            2
+        );
+        assert_eq!((left("n1"), left("n2")), (1, 1));
     }
 
     /// Through the controller: what a pass removes is counted in
@@ -447,7 +539,7 @@ mod tests {
             per_lane: 1,
         };
         let later = SystemTime::now() + MIN_KEEP + Duration::from_secs(1);
-        assert_eq!(pass(&ctl, history, later).expect("pass").removed, 2);
+        assert_eq!(pass(&ctl, history, later, &never).expect("pass").removed, 2);
         let text = crate::metrics::render(&ctl);
         assert!(
             text.lines().any(|l| l == "de_step_records_pruned_total 2"),
@@ -492,9 +584,19 @@ mod tests {
             per_lane: 1,
         };
         let later = SystemTime::now() + Duration::from_secs(30 * 86_400);
-        assert_eq!(prune(&*store, history, later).expect("prune").removed, 0);
+        assert_eq!(
+            prune(&*store, history, later, &never)
+                .expect("prune")
+                .removed,
+            0
+        );
         put_state("succeeded");
-        assert_eq!(prune(&*store, history, later).expect("prune").removed, 2);
+        assert_eq!(
+            prune(&*store, history, later, &never)
+                .expect("prune")
+                .removed,
+            2
+        );
         assert!(q.get(&ids[0]).expect("get").is_none());
         assert!(q.get(&ids[2]).expect("get").is_some());
     }
