@@ -124,6 +124,10 @@ enum Command {
         /// newest), 1-1000000 [default: 20].
         #[arg(long, env = "DE_STEP_HISTORY_PER_LANE", value_parser = |s: &str| config::flag(s, &STEP_HISTORY_PER_LANE))]
         step_history_per_lane: Option<usize>,
+        /// Test only: a step-history pass every this many seconds, keeping
+        /// steps that ended less than this ago (instead of 600).
+        #[arg(long, env = "DE_TEST_HISTORY_SECS", hide = true, value_parser = |s: &str| config::flag(s, &(1..=3600u64)))]
+        test_history_secs: Option<u64>,
         /// Test only: node certificates valid this many seconds (overrides
         /// --node-cert-days), so that tests see renewals in seconds.
         #[arg(long, env = "DE_TEST_NODE_CERT_SECS", hide = true, value_parser = |s: &str| config::flag(s, &(10..=86_400u64)))]
@@ -189,6 +193,7 @@ impl Settings {
             node_cert_days,
             step_history_days,
             step_history_per_lane,
+            test_history_secs,
             test_node_cert_secs,
             artifact_max_mb,
             test_artifact_kibps,
@@ -239,6 +244,8 @@ impl Settings {
                 per_lane: step_history_per_lane
                     .or(file.step_history_per_lane)
                     .unwrap_or(history::DEFAULT_PER_LANE),
+                min_keep: test_history_secs.map_or(history::MIN_KEEP, Duration::from_secs),
+                every: test_history_secs.map_or(history::TICK, Duration::from_secs),
             },
             log_limits: de_controller::LogLimits {
                 max_bytes: log_max_mb
@@ -645,14 +652,16 @@ mod tests {
             s(&[], f()),
             StepHistory {
                 max_age: Duration::from_secs(2 * 86_400),
-                per_lane: 10
+                per_lane: 10,
+                ..StepHistory::default()
             }
         );
         assert_eq!(
             s(&["--step-history-per-lane", "3"], f()),
             StepHistory {
                 max_age: Duration::from_secs(2 * 86_400),
-                per_lane: 3
+                per_lane: 3,
+                ..StepHistory::default()
             },
             "the flag wins"
         );

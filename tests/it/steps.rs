@@ -199,3 +199,62 @@ fn an_agent_killed_mid_step_neither_repeats_nor_skips() -> Result<()> {
     );
     Ok(())
 }
+
+/// The step history in a running controller, with a real agent: keeping
+/// one step per lane and passing every second, an exec's older steps go
+/// (404, counted in `/metrics`), the newest stays, and the agent still
+/// takes the next exec, so numbering went on from the step kept (an agent
+/// refuses a sequence number it has done).
+#[test]
+fn old_steps_are_pruned_and_the_next_exec_still_runs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ctl = de_tests::TestController::start_with(
+        &dir.path().join("data"),
+        "127.0.3.6:0",
+        "127.0.3.6:0",
+        &["--step-history-per-lane", "1", "--test-history-secs", "1"],
+    )?;
+    let code = ctl.new_code(None)?;
+    let mut agent = TestAgent::new(dir.path(), "127.0.3.7")?;
+    let out = agent.enroll(&ctl.quic, &code)?;
+    anyhow::ensure!(out.status.success(), "enrol: {}", out.stderr);
+    agent.start(1)?;
+    wait_until(Duration::from_secs(30), "the agent online", || {
+        ctl.node_by_ip(&agent.ip)
+            .ok()
+            .flatten()
+            .filter(|n| n.online)
+    })?;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = ctl.exec(&exec_request(&format!("echo run {i}"), None, 30))?;
+        anyhow::ensure!(r.len() == 1 && r[0].exit_code == Some(0), "{r:?}");
+        ids.push(r[0].step_id.clone());
+    }
+    let status = |id: &str| -> Result<u16> {
+        Ok(ctl.api("GET", &format!("/api/v1/steps/{id}"), None)?.status)
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the two older steps pruned",
+        || (status(&ids[0]).ok()? == 404 && status(&ids[1]).ok()? == 404).then_some(()),
+    )?;
+    assert_eq!(status(&ids[2])?, 200, "the newest step stays");
+    let metrics = ctl.api("GET", "/metrics", None)?;
+    let text = metrics.body.as_str().unwrap_or_default();
+    let pruned: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("de_step_records_pruned_total "))
+        .context("no de_step_records_pruned_total")?
+        .trim()
+        .parse()?;
+    assert!(pruned >= 2.0, "{text}");
+    let again = ctl.exec(&exec_request("echo again", None, 30))?;
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].exit_code, again[0].stdout.as_str()),
+        (Some(0), "again\n"),
+        "{again:?}"
+    );
+    Ok(())
+}

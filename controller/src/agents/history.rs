@@ -44,7 +44,7 @@ pub const DEFAULT_PER_LANE: usize = 20;
 /// A step that ended less than this ago is kept.
 pub const MIN_KEEP: Duration = Duration::from_secs(600);
 /// How often a pass runs.
-const TICK: Duration = Duration::from_secs(600);
+pub const TICK: Duration = Duration::from_secs(600);
 /// The first pass, after the start: past the reconnect burst of a restart.
 const FIRST: Duration = Duration::from_secs(60);
 /// Records read (and at most removed) per page of a pass.
@@ -57,6 +57,11 @@ pub struct StepHistory {
     pub max_age: Duration,
     /// Per (node, lane), at most this many steps are kept (the newest).
     pub per_lane: usize,
+    /// A step that ended less than this ago is kept ([`MIN_KEEP`]; shorter
+    /// only in tests).
+    pub min_keep: Duration,
+    /// Between two passes ([`TICK`]; shorter only in tests).
+    pub every: Duration,
 }
 
 impl Default for StepHistory {
@@ -64,6 +69,8 @@ impl Default for StepHistory {
         StepHistory {
             max_age: DEFAULT_MAX_AGE,
             per_lane: DEFAULT_PER_LANE,
+            min_keep: MIN_KEEP,
+            every: TICK,
         }
     }
 }
@@ -113,7 +120,7 @@ fn select(
         return Vec::new();
     };
     let max_age = history.max_age.as_secs();
-    let min_keep = MIN_KEEP.as_secs();
+    let min_keep = history.min_keep.as_secs();
     (0..last)
         .filter(|&i| {
             let p = &lane[i];
@@ -249,13 +256,13 @@ pub fn pass(
 
 /// Prunes the step history every [`TICK`] until `shutdown`.
 pub async fn run(ctl: Arc<Controller>, history: StepHistory, shutdown: CancellationToken) {
-    let mut next = tokio::time::Instant::now() + FIRST;
+    let mut next = tokio::time::Instant::now() + FIRST.min(history.every);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(next) => {}
         }
-        next = tokio::time::Instant::now() + TICK;
+        next = tokio::time::Instant::now() + history.every;
         let c = ctl.clone();
         let stop = shutdown.clone();
         let started = std::time::Instant::now();
@@ -310,6 +317,7 @@ mod tests {
         StepHistory {
             max_age: Duration::from_secs(days * 86_400),
             per_lane,
+            ..StepHistory::default()
         }
     }
 
@@ -405,6 +413,7 @@ mod tests {
         let history = StepHistory {
             max_age: DEFAULT_MAX_AGE,
             per_lane: 2,
+            ..StepHistory::default()
         };
         let now = SystemTime::now();
         assert_eq!(
@@ -449,6 +458,7 @@ mod tests {
         let one = StepHistory {
             max_age: Duration::from_secs(1),
             per_lane: 1,
+            ..StepHistory::default()
         };
         // Steps 4 and 5 go; 6, ended too, stays as the last.
         assert!(q.on_event(&n1, done(&next)).await.expect("event"));
@@ -488,6 +498,7 @@ mod tests {
         let history = StepHistory {
             max_age: DEFAULT_MAX_AGE,
             per_lane: 1,
+            ..StepHistory::default()
         };
         let later = SystemTime::now() + MIN_KEEP + Duration::from_secs(1);
         // Stopped after the first page (all six records here): n1's queue
@@ -537,6 +548,7 @@ mod tests {
         let history = StepHistory {
             max_age: DEFAULT_MAX_AGE,
             per_lane: 1,
+            ..StepHistory::default()
         };
         let later = SystemTime::now() + MIN_KEEP + Duration::from_secs(1);
         assert_eq!(pass(&ctl, history, later, &never).expect("pass").removed, 2);
@@ -582,6 +594,7 @@ mod tests {
         let history = StepHistory {
             max_age: Duration::from_secs(1),
             per_lane: 1,
+            ..StepHistory::default()
         };
         let later = SystemTime::now() + Duration::from_secs(30 * 86_400);
         assert_eq!(
