@@ -18,9 +18,9 @@
 //! Every [`TICK`] (and once a minute after the start) one pass reads the
 //! steps tree a page at a time, a few fields of each record, and removes
 //! what it selects with one flush per page; a shutdown stops it between
-//! pages (a pass over a million records takes tens of seconds). The id index entry goes first,
-//! then the record: a crash between them leaves a record no id finds, which
-//! the next pass removes.
+//! pages (a pass over a million records takes tens of seconds). The id
+//! index entry goes first, then the record: a crash between them leaves a
+//! record no id finds, which the next pass removes.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -196,7 +196,8 @@ pub fn prune(
     let mut from = String::new();
     loop {
         if stop() {
-            // What was selected so far goes; the rest waits for the next pass.
+            // What was selected is gone already; the rest waits for the
+            // next pass.
             break;
         }
         let page = store.scan(Tree::Steps, "", &from, PAGE)?;
