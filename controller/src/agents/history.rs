@@ -375,6 +375,28 @@ mod tests {
         }
     }
 
+    /// A step queued on `node`'s `lane` and reported done.
+    async fn ended(
+        q: &StepQueue,
+        node: &NodeId,
+        lane: Lane,
+        deployment: Option<&DeploymentId>,
+    ) -> StepRecord {
+        let r = q
+            .enqueue(node, lane, script(), deployment.cloned(), DEFAULT_STEP_TTL)
+            .expect("enqueue");
+        assert!(q.on_event(node, done(&r)).await.expect("event"));
+        r
+    }
+
+    /// The default history, keeping `per_lane` steps per lane.
+    fn keeping(per_lane: usize) -> StepHistory {
+        StepHistory {
+            per_lane,
+            ..StepHistory::default()
+        }
+    }
+
     fn open(dir: &std::path::Path) -> (Arc<dyn Store>, StepQueue) {
         let store: Arc<dyn Store> = Arc::new(crate::testkit::reopen(|| SledStore::open(dir)));
         let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
@@ -394,28 +416,17 @@ mod tests {
         let (n1, n2) = (NodeId::from("n1"), NodeId::from("n2"));
         let mut n1_steps = Vec::new();
         for _ in 0..5 {
-            let r = q
-                .enqueue(&n1, Lane::Adhoc, script(), None, DEFAULT_STEP_TTL)
-                .expect("enqueue");
-            assert!(q.on_event(&n1, done(&r)).await.expect("event"));
-            n1_steps.push(r);
+            n1_steps.push(ended(&q, &n1, Lane::Adhoc, None).await);
         }
         // Still running on n1's deploy lane, of a deployment that runs;
         // and one ended step on n2.
         let deploying = q
             .enqueue(&n1, Lane::Deploy, script(), None, DEFAULT_STEP_TTL)
             .expect("enqueue");
-        let n2_step = q
-            .enqueue(&n2, Lane::Adhoc, script(), None, DEFAULT_STEP_TTL)
-            .expect("enqueue");
-        assert!(q.on_event(&n2, done(&n2_step)).await.expect("event"));
+        let n2_step = ended(&q, &n2, Lane::Adhoc, None).await;
 
         // Just ended: nothing goes, whatever the bound.
-        let history = StepHistory {
-            max_age: DEFAULT_MAX_AGE,
-            per_lane: 2,
-            ..StepHistory::default()
-        };
+        let history = keeping(2);
         let now = SystemTime::now();
         assert_eq!(
             prune(&*store, history, now, &never).expect("prune"),
@@ -490,17 +501,10 @@ mod tests {
         for node in ["n1", "n2"] {
             let node = NodeId::from(node);
             for _ in 0..3 {
-                let r = q
-                    .enqueue(&node, Lane::Adhoc, script(), None, DEFAULT_STEP_TTL)
-                    .expect("enqueue");
-                assert!(q.on_event(&node, done(&r)).await.expect("event"));
+                ended(&q, &node, Lane::Adhoc, None).await;
             }
         }
-        let history = StepHistory {
-            max_age: DEFAULT_MAX_AGE,
-            per_lane: 1,
-            ..StepHistory::default()
-        };
+        let history = keeping(1);
         let later = SystemTime::now() + MIN_KEEP + Duration::from_secs(1);
         // Stopped after the first page (all six records here): n1's queue
         // was read whole and is pruned, n2's is left.
@@ -540,17 +544,9 @@ mod tests {
         let (ctl, _) = Controller::open(dir.path()).expect("open");
         let n1 = NodeId::from("n1");
         for _ in 0..3 {
-            let r = ctl
-                .steps
-                .enqueue(&n1, Lane::Adhoc, script(), None, DEFAULT_STEP_TTL)
-                .expect("enqueue");
-            assert!(ctl.steps.on_event(&n1, done(&r)).await.expect("event"));
+            ended(&ctl.steps, &n1, Lane::Adhoc, None).await;
         }
-        let history = StepHistory {
-            max_age: DEFAULT_MAX_AGE,
-            per_lane: 1,
-            ..StepHistory::default()
-        };
+        let history = keeping(1);
         let later = SystemTime::now() + MIN_KEEP + Duration::from_secs(1);
         assert_eq!(pass(&ctl, history, later, &never).expect("pass").removed, 2);
         let text = crate::metrics::render(&ctl);
@@ -570,17 +566,7 @@ mod tests {
         let d = DeploymentId::from("d-1");
         let mut ids = Vec::new();
         for _ in 0..3 {
-            let r = q
-                .enqueue(
-                    &n1,
-                    Lane::Deploy,
-                    script(),
-                    Some(d.clone()),
-                    DEFAULT_STEP_TTL,
-                )
-                .expect("enqueue");
-            assert!(q.on_event(&n1, done(&r)).await.expect("event"));
-            ids.push(r.step.id);
+            ids.push(ended(&q, &n1, Lane::Deploy, Some(&d)).await.step.id);
         }
         let put_state = |state: &str| {
             store
