@@ -2,7 +2,7 @@
 //! one process, each agent on its own loopback address 127.30.x.y, 5 s
 //! heartbeats). Measures, per N: enrolment until all are online; the
 //! controller's RSS and CPU over 60 s idle; `dectl exec 'echo hi'` to all,
-//! whole process; a deployment of 5 steps on each of up to 1,000 nodes
+//! whole process, with the UDP datagrams it took per node; a deployment of 5 steps on each of up to 1,000 nodes
 //! (steps/s); and the controller SIGKILLed and restarted until all are
 //! back online. Run with
 //! `DE_QUIET_LOGS=1 cargo bench -p de-tests --bench scale -- 1000 10000`
@@ -81,6 +81,21 @@ fn online(ctl: &TestController) -> usize {
     ctl.nodes()
         .map(|ns| ns.iter().filter(|n| n.online).count())
         .unwrap_or(0)
+}
+
+/// This machine's UDP counters (`/proc/net/snmp`): datagrams delivered to
+/// a socket, and those dropped because a socket's receive buffer was full.
+/// Only this bench's processes talk UDP on loopback meanwhile, so the
+/// change over an exec is that exec's traffic, both ways.
+fn udp_counters() -> Option<(u64, u64)> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut rows = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (rows.next()?, rows.next()?);
+    let field = |name: &str| {
+        let at = names.split_whitespace().position(|n| n == name)?;
+        values.split_whitespace().nth(at)?.parse::<u64>().ok()
+    };
+    Some((field("InDatagrams")?, field("RcvbufErrors")?))
 }
 
 fn loadavg() -> String {
@@ -192,6 +207,7 @@ fn run(n: usize, idle: Duration) -> Result<()> {
     let token = data.join("admin.token");
     let mut times = Vec::new();
     for _ in 0..3 {
+        let udp = udp_counters();
         let t = Instant::now();
         let out = Command::new(bin("dectl"))
             .arg("--controller")
@@ -200,7 +216,17 @@ fn run(n: usize, idle: Duration) -> Result<()> {
             .arg(&token)
             .args(["exec", "echo hi"])
             .output()?;
-        times.push(t.elapsed());
+        let took = t.elapsed();
+        // Datagrams per node (probe timeouts show up here: a quiet exec
+        // moves 6 to 7 per node) and receive-buffer drops.
+        let traffic = udp.zip(udp_counters()).map_or_else(String::new, |(a, b)| {
+            format!(
+                " ({:.1} datagrams per node, {} dropped)",
+                b.0.saturating_sub(a.0) as f64 / n as f64,
+                b.1.saturating_sub(a.1)
+            )
+        });
+        times.push(format!("{:.0} ms{traffic}", took.as_secs_f64() * 1e3));
         let answered = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.starts_with("== ") && l.contains(": exit 0"))
@@ -213,11 +239,7 @@ fn run(n: usize, idle: Duration) -> Result<()> {
     }
     println!(
         "dectl exec 'echo hi' to all {n}, whole process: {}",
-        times
-            .iter()
-            .map(|t| format!("{:.0} ms", t.as_secs_f64() * 1e3))
-            .collect::<Vec<_>>()
-            .join(", ")
+        times.join(", ")
     );
 
     // A deployment: 5 steps on each of (at most) 1,000 nodes, the issue's

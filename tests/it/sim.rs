@@ -71,8 +71,10 @@ fn five_hundred_simulated_agents_enrol_run_a_deployment_and_survive_a_controller
         "2",
         "--state-dir",
     ])
-    .arg(dir.path().join("sim"));
-    let (mut sim, lines) = spawn("de-sim", cmd, &dir.path().join("sim.log"))?;
+    .arg(dir.path().join("sim"))
+    .env("RUST_LOG", "info,quinn=warn");
+    let sim_log = dir.path().join("sim.log");
+    let (mut sim, lines) = spawn("de-sim", cmd, &sim_log)?;
 
     // All enrolled and linked: de-sim says so, and so does the controller.
     let want = format!("all {AGENTS} agents online");
@@ -124,6 +126,24 @@ fn five_hundred_simulated_agents_enrol_run_a_deployment_and_survive_a_controller
         online(&ctl).filter(|n| *n == AGENTS)
     })?;
     exec_all(&ctl)?;
+
+    // The progress line sums the QUIC figures over every link: all 500
+    // linked again, each new connection past its handshake (at least three
+    // datagrams each way) and holding a round-trip estimate.
+    wait_until(WAIT, "a progress line with all links' QUIC figures", || {
+        let log = std::fs::read_to_string(&sim_log).ok()?;
+        let line = log.lines().rev().find(|l| l.contains(" progress "))?;
+        let field = |name: &str| -> Option<u64> {
+            let at = line.find(&format!(" {name}="))? + name.len() + 2;
+            line[at..].split(' ').next()?.parse().ok()
+        };
+        let want = 3 * AGENTS as u64;
+        (field("linked")? == AGENTS as u64
+            && field("datagrams_sent")? >= want
+            && field("datagrams_received")? >= want
+            && field("rtt_mean_us")? > 0)
+            .then_some(())
+    })?;
     sim.kill();
     Ok(())
 }

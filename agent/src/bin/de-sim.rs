@@ -166,6 +166,9 @@ struct Sim {
     lanes: Mutex<BTreeMap<Ipv4Addr, Vec<(Lane, u64)>>>,
     lanes_dirty: AtomicBool,
     state_dir: PathBuf,
+    /// Every linked agent's connection, for the QUIC figures in the
+    /// progress line.
+    links: Mutex<BTreeMap<Ipv4Addr, quinn::Connection>>,
 }
 
 #[derive(Debug, Default)]
@@ -404,6 +407,7 @@ impl Agent {
         }
         self.welcomed();
         let _linked = Linked::new(&sim.counts.linked);
+        let _registered = Registered::new(sim, self.ip, &conn);
         let mut tasks = JoinSet::new();
         let (events_tx, events_rx) = mpsc::channel::<Vec<StepEvent>>(64);
         tasks.spawn(self.clone().report(conn.clone(), events_rx));
@@ -658,6 +662,69 @@ impl Drop for Linked<'_> {
     }
 }
 
+/// An agent's connection in [`Sim::links`] while its session lasts.
+struct Registered<'a>(&'a Sim, Ipv4Addr);
+
+impl<'a> Registered<'a> {
+    fn new(sim: &'a Sim, ip: Ipv4Addr, conn: &quinn::Connection) -> Registered<'a> {
+        lock(&sim.links).insert(ip, conn.clone());
+        Registered(sim, ip)
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.links).remove(&self.1);
+    }
+}
+
+/// What the linked agents' QUIC connections did, summed over the
+/// connections linked now, each since it began.
+///
+/// A probe timeout (PTO) that finds nothing to resend sends a probe: quinn
+/// 0.11 makes it an IMMEDIATE_ACK frame when the peer supports the ACK
+/// frequency extension (every quinn peer does), a PING otherwise. So the
+/// IMMEDIATE_ACKs sent count probes plus MTU probes (`mtu_probes_sent`, which
+/// carry one too), and the PINGs count keep-alives. A probe fires when an
+/// ACK is later than the smoothed round trip plus four times its variance
+/// plus the peer's 25 ms ACK delay: a peer that is busy answering thousands
+/// of others is late that way, with nothing lost.
+#[derive(Debug, Default)]
+struct QuicFigures {
+    datagrams_sent: u64,
+    datagrams_received: u64,
+    pings_sent: u64,
+    immediate_acks_sent: u64,
+    immediate_acks_received: u64,
+    mtu_probes_sent: u64,
+    lost_packets: u64,
+    rtt_mean: Duration,
+    rtt_max: Duration,
+}
+
+fn quic_figures(links: &[quinn::Connection]) -> QuicFigures {
+    let mut f = QuicFigures::default();
+    let mut rtt_sum = Duration::ZERO;
+    for conn in links {
+        let s = conn.stats();
+        f.datagrams_sent += s.udp_tx.datagrams;
+        f.datagrams_received += s.udp_rx.datagrams;
+        f.pings_sent += s.frame_tx.ping;
+        f.immediate_acks_sent += s.frame_tx.immediate_ack;
+        f.immediate_acks_received += s.frame_rx.immediate_ack;
+        f.mtu_probes_sent += s.path.sent_plpmtud_probes;
+        f.lost_packets += s.path.lost_packets;
+        rtt_sum += s.path.rtt;
+        f.rtt_max = f.rtt_max.max(s.path.rtt);
+    }
+    if let Ok(n) = u32::try_from(links.len())
+        && n > 0
+    {
+        f.rtt_mean = rtt_sum / n;
+    }
+    f
+}
+
 /// Every agent's saved lanes, from the state dir's [`LANES_FILE`].
 fn load_all_lanes(state_dir: &Path) -> BTreeMap<Ipv4Addr, Vec<(Lane, u64)>> {
     std::fs::read(state_dir.join(LANES_FILE))
@@ -856,6 +923,9 @@ async fn progress(sim: Arc<Sim>) {
         }
         let c = &sim.counts;
         let last_error = lock(&sim.last_error).take();
+        // Summed outside the lock: a session ending waits for it.
+        let links: Vec<quinn::Connection> = lock(&sim.links).values().cloned().collect();
+        let quic = quic_figures(&links);
         info!(
             agents = sim.agents,
             enrolled = c.enrolled.load(Ordering::Relaxed),
@@ -867,6 +937,15 @@ async fn progress(sim: Arc<Sim>) {
             steps_done = c.steps_done.load(Ordering::Relaxed),
             steps_failed = c.steps_failed.load(Ordering::Relaxed),
             refused = c.refused.load(Ordering::Relaxed),
+            datagrams_sent = quic.datagrams_sent,
+            datagrams_received = quic.datagrams_received,
+            pings_sent = quic.pings_sent,
+            immediate_acks_sent = quic.immediate_acks_sent,
+            immediate_acks_received = quic.immediate_acks_received,
+            mtu_probes_sent = quic.mtu_probes_sent,
+            lost_packets = quic.lost_packets,
+            rtt_mean_us = u64::try_from(quic.rtt_mean.as_micros()).unwrap_or(u64::MAX),
+            rtt_max_us = u64::try_from(quic.rtt_max.as_micros()).unwrap_or(u64::MAX),
             last_error = last_error.as_deref().unwrap_or(""),
             "progress"
         );
@@ -954,6 +1033,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         lanes: Mutex::new(load_all_lanes(&cli.state_dir)),
         lanes_dirty: AtomicBool::new(false),
         state_dir: cli.state_dir.clone(),
+        links: Mutex::new(BTreeMap::new()),
     });
     info!(agents = sim.agents, first = %cli.first_ip, controller = %addr, "starting simulated agents");
     let tasks = TaskTracker::new();
