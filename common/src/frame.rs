@@ -65,7 +65,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
 }
 
 /// Appends `msg` to `buf` as one whole frame (length, version, body).
-pub fn append_frame<T: Serialize>(buf: &mut Vec<u8>, msg: &T) -> Result<(), FrameError> {
+fn append_frame<T: Serialize>(buf: &mut Vec<u8>, msg: &T) -> Result<(), FrameError> {
     let body = encode(msg)?;
     let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
         len: body.len(),

@@ -28,8 +28,7 @@ pub use config::{ConfigError, load_config, load_toml, parse_toml};
 pub use error::ErrorChain;
 pub use files::{ensure_private_dir, write_private};
 pub use frame::{
-    FrameError, FrameReader, MAX_FRAME_LEN, append_frame, decode, encode, read_frame, write_frame,
-    write_frames,
+    FrameError, FrameReader, MAX_FRAME_LEN, decode, encode, read_frame, write_frame, write_frames,
 };
 pub use hardware::{ComponentStatus, Hardware, Usage};
 pub use ids::{DeploymentId, NodeId, StepId};

@@ -1054,16 +1054,18 @@ impl StepQueue {
         Ok(self.by_id(step_id)?.map(|(_, r)| r))
     }
 
-    /// The next step of (`node`, `lane`) after `after_seq` still to run,
-    /// with its sequence number, from the index of open steps (no store
-    /// read). Durable only once the store's mark taken after this is
-    /// synced: [`StepQueue::pull`] waits for that.
-    pub fn next_for(&self, node: &NodeId, lane: Lane, after_seq: u64) -> Option<(u64, SignedStep)> {
+    /// What a pull of (`node`, `lane`) after `after_seq` would be handed,
+    /// without the write mark (for the tests).
+    #[cfg(test)]
+    fn next_for(&self, node: &NodeId, lane: Lane, after_seq: u64) -> Option<(u64, SignedStep)> {
         self.next_open(node, lane, after_seq)
             .map(|(seq, signed, _)| (seq, signed))
     }
 
-    /// [`StepQueue::next_for`], with the mark of the write that queued it.
+    /// The next step of (`node`, `lane`) after `after_seq` still to run,
+    /// with its sequence number and the mark of the write that queued it,
+    /// from the index of open steps (no store read). Durable only once that
+    /// mark is synced: [`StepQueue::pull`] waits for that.
     fn next_open(
         &self,
         node: &NodeId,
