@@ -40,6 +40,8 @@ pub(crate) const ARTIFACT_MAX_MB: RangeInclusive<u64> = 1..=1_048_576;
 pub(crate) const STEP_HISTORY_DAYS: RangeInclusive<u64> = 1..=3650;
 /// Records of steps kept per node and lane.
 pub(crate) const STEP_HISTORY_PER_LANE: RangeInclusive<usize> = 1..=1_000_000;
+/// Steps handed out to agents and not answered yet, at most.
+pub(crate) const HANDOUT_WINDOW: RangeInclusive<usize> = 1..=1_000_000;
 
 /// The controller's config file; every field is optional and falls back to the built-in default.
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -82,6 +84,9 @@ pub(crate) struct Config {
     /// Step records kept per node and lane, the newest ([`STEP_HISTORY_PER_LANE`]).
     #[serde(default, deserialize_with = "step_history_per_lane")]
     pub(crate) step_history_per_lane: Option<usize>,
+    /// Steps handed out and not answered yet, at most ([`HANDOUT_WINDOW`]).
+    #[serde(default, deserialize_with = "handout_window")]
+    pub(crate) handout_window: Option<usize>,
 }
 
 fn in_file<'de, D, T>(d: D, range: &RangeInclusive<T>) -> Result<Option<T>, D::Error>
@@ -131,6 +136,10 @@ fn step_history_days<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::
 
 fn step_history_per_lane<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
     in_file(d, &STEP_HISTORY_PER_LANE)
+}
+
+fn handout_window<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    in_file(d, &HANDOUT_WINDOW)
 }
 
 /// A flag's (or its environment variable's) value: a number in `range`.
@@ -232,6 +241,10 @@ mod tests {
             Some(history.max_age.as_secs())
         );
         assert_eq!(all.step_history_per_lane, Some(history.per_lane));
+        assert_eq!(
+            all.handout_window,
+            Some(de_controller::agents::handout::DEFAULT_HANDOUT_WINDOW)
+        );
     }
 
     #[test]
@@ -284,6 +297,11 @@ mod tests {
             (
                 "step_history_per_lane = 0",
                 "step_history_per_lane",
+                "between 1 and 1000000, got 0",
+            ),
+            (
+                "handout_window = 0",
+                "handout_window",
                 "between 1 and 1000000, got 0",
             ),
         ] {

@@ -16,8 +16,8 @@ use de_controller::agents::history::{self, StepHistory};
 use de_controller::{Controller, PublicAddr, TokenOrigin, http, quic};
 
 use crate::config::{
-    ARTIFACT_MAX_MB, Config, LOG_KEEP, LOG_MAX_MB, NODE_CERT_DAYS, NODE_GRACE, PACKAGED_PATH,
-    STEP_ATTEMPTS, STEP_HISTORY_DAYS, STEP_HISTORY_PER_LANE,
+    ARTIFACT_MAX_MB, Config, HANDOUT_WINDOW, LOG_KEEP, LOG_MAX_MB, NODE_CERT_DAYS, NODE_GRACE,
+    PACKAGED_PATH, STEP_ATTEMPTS, STEP_HISTORY_DAYS, STEP_HISTORY_PER_LANE,
 };
 
 const DEFAULT_DATA_DIR: &str = "./de-data";
@@ -124,6 +124,12 @@ enum Command {
         /// newest), 1-1000000 [default: 20].
         #[arg(long, env = "DE_STEP_HISTORY_PER_LANE", value_parser = |s: &str| config::flag(s, &STEP_HISTORY_PER_LANE))]
         step_history_per_lane: Option<usize>,
+        /// At most this many steps handed out to agents and not answered
+        /// yet, controller-wide, 1-1000000 [default: 200]. A fan-out to
+        /// thousands of nodes goes out this many at a time; across a WAN
+        /// it bounds steps per round trip, so raise it there.
+        #[arg(long, env = "DE_HANDOUT_WINDOW", value_parser = |s: &str| config::flag(s, &HANDOUT_WINDOW))]
+        handout_window: Option<usize>,
         /// Test only: a step-history pass every this many seconds, keeping
         /// steps that ended less than this ago (instead of 600).
         #[arg(long, env = "DE_TEST_HISTORY_SECS", hide = true, value_parser = |s: &str| config::flag(s, &(1..=3600u64)))]
@@ -154,6 +160,7 @@ struct Settings {
     step_attempts: u32,
     node_grace: Duration,
     step_history: StepHistory,
+    handout_window: usize,
     log_limits: de_controller::LogLimits,
     /// `None`: plain HTTP.
     api_tls: Option<ApiTlsSetting>,
@@ -193,6 +200,7 @@ impl Settings {
             node_cert_days,
             step_history_days,
             step_history_per_lane,
+            handout_window,
             test_history_secs,
             test_node_cert_secs,
             artifact_max_mb,
@@ -247,6 +255,9 @@ impl Settings {
                 min_keep: test_history_secs.map_or(history::MIN_KEEP, Duration::from_secs),
                 every: test_history_secs.map_or(history::TICK, Duration::from_secs),
             },
+            handout_window: handout_window
+                .or(file.handout_window)
+                .unwrap_or(de_controller::agents::handout::DEFAULT_HANDOUT_WINDOW),
             log_limits: de_controller::LogLimits {
                 max_bytes: log_max_mb
                     .or(file.log_max_mb)
@@ -327,6 +338,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         step_attempts,
         node_grace,
         step_history,
+        handout_window,
         log_limits,
         api_tls,
         packages_dirs,
@@ -336,6 +348,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     } = settings;
     let (mut ctl, origin) = Controller::open(&data_dir)
         .with_context(|| format!("could not open the data dir {}", data_dir.display()))?;
+    ctl.steps.set_handout_window(handout_window);
     if let TokenOrigin::Created = origin {
         let path = data_dir.join("admin.token");
         if stdout_is_the_journal() {
@@ -666,6 +679,29 @@ mod tests {
             "the flag wins"
         );
         assert!(serve(&["--step-history-days", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_handout_window_comes_from_the_flag_then_the_file_then_the_default() {
+        let file = |text: &str| -> Config {
+            de_common::parse_toml(Path::new("controller.toml"), text).expect("config")
+        };
+        let w = |args: &[&str], f: Config| {
+            Settings::resolve(serve(args).expect("args").command, f)
+                .expect("settings")
+                .handout_window
+        };
+        assert_eq!(
+            w(&[], Config::default()),
+            de_controller::agents::handout::DEFAULT_HANDOUT_WINDOW
+        );
+        assert_eq!(w(&[], file("handout_window = 5000")), 5000);
+        assert_eq!(
+            w(&["--handout-window", "50"], file("handout_window = 5000")),
+            50,
+            "the flag wins"
+        );
+        assert!(serve(&["--handout-window", "0"]).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub(crate) mod clock;
 pub(crate) mod codes;
+pub mod handout;
 pub mod history;
 pub mod join;
 pub(crate) mod nodes;

@@ -29,6 +29,7 @@ use de_common::{
 };
 
 use crate::agents::clock::ClockSkews;
+use crate::agents::handout::{DEFAULT_HANDOUT_WINDOW, HandOuts};
 use crate::store::{
     Store, StoreError, StoreExt, Tree, Written, decode_json, for_each_paged, scan_json,
 };
@@ -363,6 +364,9 @@ pub struct StepQueue {
     /// an agent's events for the first chunks of a large fan-out go on
     /// while its later chunks are signed.
     records: Mutex<()>,
+    /// The steps handed out and not answered yet, at most `handout_window`
+    /// of them (`handout.rs`).
+    handouts: HandOuts,
     /// Per node and lane, the pulls waiting for a step.
     wakers: Mutex<HashMap<(NodeId, Lane), Arc<Notify>>>,
     /// Per node and lane, its steps not final yet with their records,
@@ -613,6 +617,7 @@ impl StepQueue {
             key: std::sync::RwLock::new(key),
             alloc: Mutex::new(LastSeqs::default()),
             records: Mutex::new(()),
+            handouts: HandOuts::new(DEFAULT_HANDOUT_WINDOW),
             wakers: Mutex::new(HashMap::new()),
             open_seqs: Mutex::new(open_seqs),
             waiters: Mutex::new(HashMap::new()),
@@ -621,6 +626,12 @@ impl StepQueue {
             clocks,
             metrics: Default::default(),
         })
+    }
+
+    /// At most `limit` steps handed out and not answered yet
+    /// (`handout_window`); set once, before the agents link.
+    pub fn set_handout_window(&mut self, limit: usize) {
+        self.handouts = HandOuts::new(limit);
     }
 
     fn signing_key(&self) -> Arc<ring::signature::Ed25519KeyPair> {
@@ -1093,10 +1104,21 @@ impl StepQueue {
             let notified = waker.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some((_, signed, written)) = self.next_open(node, lane, after_seq) {
+            if self.next_open(node, lane, after_seq).is_some() {
+                // Room in the hand-out window first; until the end of this
+                // long-poll at most, then the agent is told Idle and pulls
+                // again.
+                let Some(place) = self.handouts.place(deadline).await else {
+                    return Ok(None);
+                };
+                // Read again: the step may have been cancelled meanwhile.
+                let Some((_, signed, written)) = self.next_open(node, lane, after_seq) else {
+                    continue;
+                };
                 // Handed out only once the write that queued it is on disk
                 // (usually already: the queueing waited for it).
                 self.store.synced(written).await?;
+                self.handouts.handed(node, lane, place);
                 return Ok(Some(signed));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -1222,6 +1244,9 @@ impl StepQueue {
     /// know (the agent may drop it). A store error stops the batch there:
     /// what came before it still goes out and is acknowledged.
     pub async fn on_events(&self, node: &NodeId, events: Vec<StepEvent>) -> EventsApplied {
+        for ev in &events {
+            self.handouts.answered(node, ev.lane);
+        }
         let now = rfc3339(SystemTime::now());
         let mut out = EventsApplied::default();
         let mut applied: Vec<(StepEvent, Option<Arc<StepRecord>>)> =
