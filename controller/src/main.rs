@@ -649,16 +649,20 @@ mod tests {
         assert!(!serve.contains("test\\-node"), "{serve}");
     }
 
+    /// `text` read as `controller.toml`.
+    fn config_file(text: &str) -> Config {
+        de_common::parse_toml(Path::new("controller.toml"), text).expect("config")
+    }
+
+    /// The settings of `serve` with `args` and the config file `f`.
+    fn settings(args: &[&str], f: Config) -> Settings {
+        Settings::resolve(serve(args).expect("args").command, f).expect("settings")
+    }
+
     #[test]
     fn step_history_comes_from_the_flag_then_the_file_then_the_defaults() {
-        let file = |text: &str| -> Config {
-            de_common::parse_toml(Path::new("controller.toml"), text).expect("config")
-        };
-        let s = |args: &[&str], f: Config| {
-            Settings::resolve(serve(args).expect("args").command, f)
-                .expect("settings")
-                .step_history
-        };
+        let file = config_file;
+        let s = |args: &[&str], f: Config| settings(args, f).step_history;
         assert_eq!(s(&[], Config::default()), StepHistory::default());
         let f = || file("step_history_days = 2\nstep_history_per_lane = 10");
         assert_eq!(
@@ -683,14 +687,8 @@ mod tests {
 
     #[test]
     fn the_handout_window_comes_from_the_flag_then_the_file_then_the_default() {
-        let file = |text: &str| -> Config {
-            de_common::parse_toml(Path::new("controller.toml"), text).expect("config")
-        };
-        let w = |args: &[&str], f: Config| {
-            Settings::resolve(serve(args).expect("args").command, f)
-                .expect("settings")
-                .handout_window
-        };
+        let file = config_file;
+        let w = |args: &[&str], f: Config| settings(args, f).handout_window;
         assert_eq!(
             w(&[], Config::default()),
             de_controller::agents::handout::DEFAULT_HANDOUT_WINDOW

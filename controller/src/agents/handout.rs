@@ -122,13 +122,17 @@ mod tests {
         tokio::time::Instant::now() + Duration::from_millis(50)
     }
 
+    /// A step of node `n`'s `lane` handed out, in a place there is room for.
+    async fn hand(h: &HandOuts, n: u8, lane: Lane) {
+        let place = h.place(soon()).await.expect("room");
+        h.handed(&node(n), lane, place);
+    }
+
     #[tokio::test]
     async fn a_full_window_waits_until_an_answer_frees_a_place() {
         let h = HandOuts::new(2);
-        let a = h.place(soon()).await.expect("room");
-        h.handed(&node(1), Lane::Adhoc, a);
-        let b = h.place(soon()).await.expect("room");
-        h.handed(&node(2), Lane::Adhoc, b);
+        hand(&h, 1, Lane::Adhoc).await;
+        hand(&h, 2, Lane::Adhoc).await;
         assert_eq!(h.free(), 0);
         assert!(
             h.place(soon()).await.is_none(),
@@ -147,8 +151,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unanswered_step_frees_its_place_after_the_expiry() {
         let h = HandOuts::new(1);
-        let a = h.place(soon()).await.expect("room");
-        h.handed(&node(1), Lane::Adhoc, a);
+        hand(&h, 1, Lane::Adhoc).await;
         let started = tokio::time::Instant::now();
         let far = started + Duration::from_secs(10);
         let _b = h.place(far).await.expect("the expiry frees the place");
@@ -159,14 +162,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_answered_steps_expiry_does_not_free_the_lanes_next_hand_out() {
         let h = HandOuts::new(1);
-        let a = h.place(soon()).await.expect("room");
-        h.handed(&node(1), Lane::Adhoc, a);
+        hand(&h, 1, Lane::Adhoc).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         h.answered(&node(1), Lane::Adhoc);
         assert_eq!(h.free(), 1);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let b = h.place(soon()).await.expect("room");
-        h.handed(&node(1), Lane::Adhoc, b);
+        hand(&h, 1, Lane::Adhoc).await;
         // The first step's expiry runs at 1 s: the second (handed out at
         // 0.5 s) keeps its place until its own, at 1.5 s.
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -178,10 +179,8 @@ mod tests {
     #[tokio::test]
     async fn a_lane_handed_a_step_again_gives_back_the_place_it_held() {
         let h = HandOuts::new(2);
-        let a = h.place(soon()).await.expect("room");
-        h.handed(&node(1), Lane::Deploy, a);
-        let b = h.place(soon()).await.expect("room");
-        h.handed(&node(1), Lane::Deploy, b);
+        hand(&h, 1, Lane::Deploy).await;
+        hand(&h, 1, Lane::Deploy).await;
         assert_eq!(h.free(), 1, "one lane holds one place");
     }
 }
