@@ -90,11 +90,14 @@ impl HandOuts {
         });
     }
 
-    /// `node` sent an event on `lane`: the step handed out there is
-    /// answered, and its place is free.
-    pub(crate) fn answered(&self, node: &NodeId, lane: Lane) {
+    /// `node` sent events on `lanes`: the steps handed out there are
+    /// answered, and their places are free.
+    pub(crate) fn answered(&self, node: &NodeId, lanes: impl IntoIterator<Item = Lane>) {
         let mut out = self.out();
-        if !out.is_empty() {
+        if out.is_empty() {
+            return;
+        }
+        for lane in lanes {
             out.remove(&(node.clone(), lane));
         }
     }
@@ -139,9 +142,9 @@ mod tests {
             "full: the pull is told Idle"
         );
         // An event on another lane of that node frees nothing.
-        h.answered(&node(1), Lane::Deploy);
+        h.answered(&node(1), [Lane::Deploy]);
         assert!(h.place(soon()).await.is_none());
-        h.answered(&node(1), Lane::Adhoc);
+        h.answered(&node(1), [Lane::Adhoc]);
         assert_eq!(h.free(), 1);
         let c = h.place(soon()).await.expect("room again");
         drop(c);
@@ -164,7 +167,7 @@ mod tests {
         let h = HandOuts::new(1);
         hand(&h, 1, Lane::Adhoc).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        h.answered(&node(1), Lane::Adhoc);
+        h.answered(&node(1), [Lane::Adhoc]);
         assert_eq!(h.free(), 1);
         tokio::time::sleep(Duration::from_millis(300)).await;
         hand(&h, 1, Lane::Adhoc).await;

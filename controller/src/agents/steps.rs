@@ -1090,6 +1090,13 @@ impl StepQueue {
             .map(|(seq, open)| (*seq, open.record.signed.clone(), open.queued))
     }
 
+    /// Whether (`node`, `lane`) has a step after `after_seq` still to run.
+    fn has_open(&self, node: &NodeId, lane: Lane, after_seq: u64) -> bool {
+        self.open_seqs()
+            .get(&(node.clone(), lane))
+            .is_some_and(|open| open.range(after_seq.saturating_add(1)..).next().is_some())
+    }
+
     /// Long-poll: waits up to `window` for a step of (`node`, `lane`) after `after_seq`.
     pub async fn pull(
         &self,
@@ -1104,7 +1111,7 @@ impl StepQueue {
             let notified = waker.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.next_open(node, lane, after_seq).is_some() {
+            if self.has_open(node, lane, after_seq) {
                 // Room in the hand-out window first; until the end of this
                 // long-poll at most, then the agent is told Idle and pulls
                 // again.
@@ -1244,9 +1251,7 @@ impl StepQueue {
     /// know (the agent may drop it). A store error stops the batch there:
     /// what came before it still goes out and is acknowledged.
     pub async fn on_events(&self, node: &NodeId, events: Vec<StepEvent>) -> EventsApplied {
-        for ev in &events {
-            self.handouts.answered(node, ev.lane);
-        }
+        self.handouts.answered(node, events.iter().map(|e| e.lane));
         let now = rfc3339(SystemTime::now());
         let mut out = EventsApplied::default();
         let mut applied: Vec<(StepEvent, Option<Arc<StepRecord>>)> =
