@@ -114,6 +114,15 @@ fn a_frozen_agent_is_offline_after_three_heartbeats_not_before_and_back_when_it_
         offline_at - heard
     );
     assert!(!n.revoked, "{n:?}");
+    // An exec to every node leaves it out: with it the only node, there is
+    // none to run on.
+    let exec = ctl.api("POST", "/api/v1/exec", Some(r#"{"script": "true"}"#))?;
+    assert_eq!(exec.status, 409, "{}", exec.body);
+    assert!(
+        exec.body.to_string().contains("no node is online"),
+        "{}",
+        exec.body
+    );
 
     // It speaks again on the same link (the controller keeps it for the QUIC
     // idle timeout, 30 s): online within a heartbeat or two.

@@ -844,6 +844,23 @@ impl Nodes {
         c
     }
 
+    /// The nodes online now, sorted by id, each with its first IP: what an
+    /// exec to every node needs, read under one lock without building a
+    /// view of each (a view clones hardware, usage and components: at
+    /// 10,000 nodes that was a third of an exec request's CPU).
+    pub fn online(&self) -> Vec<(NodeId, String)> {
+        let now = SystemTime::now();
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        let live = self.live();
+        let mut out: Vec<(NodeId, String)> = records
+            .values()
+            .filter(|r| is_online(r, live.get(&r.id), now))
+            .map(|r| (r.id.clone(), r.ips.first().cloned().unwrap_or_default()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Every node, sorted by id.
     pub fn list(&self) -> Vec<NodeView> {
         let now = SystemTime::now();

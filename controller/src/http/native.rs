@@ -269,15 +269,15 @@ const MAX_EXEC_TIMEOUT: u64 = 3600;
 const EXEC_GRACE: Duration = Duration::from_secs(15);
 
 fn exec_result(
-    node: &NodeView,
+    (node, ip): &(NodeId, String),
     rec: Option<&StepRecord>,
     step_id: &StepId,
     waited: u64,
+    online: impl FnOnce() -> bool,
 ) -> ExecResult {
-    let ip = node.ips.first().cloned().unwrap_or_default();
     let base = ExecResult {
-        node_id: node.id.clone(),
-        ip,
+        node_id: node.to_string(),
+        ip: ip.clone(),
         exit_code: None,
         stdout: String::new(),
         stderr: String::new(),
@@ -310,7 +310,7 @@ fn exec_result(
             timed_out: true,
             error: Some(format!(
                 "no result within {waited} s{}",
-                if node.online {
+                if online() {
                     ""
                 } else {
                     ": the node is offline"
@@ -346,14 +346,17 @@ async fn exec(
             "timeout_secs must be between 1 and {MAX_EXEC_TIMEOUT}, got {timeout}"
         )));
     }
-    let nodes: Vec<NodeView> = match &req.targets {
-        None => ctl.nodes.list().into_iter().filter(|n| n.online).collect(),
+    let nodes: Vec<(NodeId, String)> = match &req.targets {
+        None => ctl.nodes.online(),
         Some(targets) => {
             let mut found = Vec::new();
             let mut unknown = Vec::new();
             for t in targets {
                 match ctl.nodes.find(t) {
-                    Some(n) if !n.revoked => found.push(n),
+                    Some(n) if !n.revoked => {
+                        let ip = n.ips.first().cloned().unwrap_or_default();
+                        found.push((n.node_id(), ip));
+                    }
                     _ => unknown.push(t.clone()),
                 }
             }
@@ -378,7 +381,7 @@ async fn exec(
         .iter()
         .map(|n| crate::agents::steps::NewStep {
             id: None,
-            node: n.node_id(),
+            node: n.0.clone(),
             lane: de_common::Lane::Adhoc,
             action: de_common::StepAction::Script {
                 script: req.script.clone(),
@@ -394,7 +397,7 @@ async fn exec(
         &ctl,
         &caller,
         AuditAction::Exec,
-        nodes.iter().map(|n| n.id.clone()).collect(),
+        nodes.iter().map(|n| n.0.to_string()).collect(),
         &req.script,
     )?;
     // Queued in chunks that agents pull as each is on disk; all of it is
@@ -416,7 +419,11 @@ async fn exec(
         .iter()
         .zip(&ids)
         .zip(&records)
-        .map(|((n, id), rec)| exec_result(n, rec.as_ref(), id, ttl.as_secs()))
+        .map(|((n, id), rec)| {
+            // Whether the node is online now, asked only of one that gave no result.
+            let online = || ctl.nodes.get(&n.0).is_some_and(|v| v.online);
+            exec_result(n, rec.as_ref(), id, ttl.as_secs(), online)
+        })
         .collect();
     Ok(axum::Json(out))
 }
