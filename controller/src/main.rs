@@ -125,7 +125,7 @@ enum Command {
         #[arg(long, env = "DE_STEP_HISTORY_PER_LANE", value_parser = |s: &str| config::flag(s, &STEP_HISTORY_PER_LANE))]
         step_history_per_lane: Option<usize>,
         /// At most this many steps handed out to agents and not answered
-        /// yet, controller-wide, 1-1000000 [default: 200]. A fan-out to
+        /// yet, controller-wide, 1-1000000 [default: 50]. A fan-out to
         /// thousands of nodes goes out this many at a time; across a WAN
         /// it bounds steps per round trip, so raise it there.
         #[arg(long, env = "DE_HANDOUT_WINDOW", value_parser = |s: &str| config::flag(s, &HANDOUT_WINDOW))]
@@ -695,8 +695,8 @@ mod tests {
         );
         assert_eq!(w(&[], file("handout_window = 5000")), 5000);
         assert_eq!(
-            w(&["--handout-window", "50"], file("handout_window = 5000")),
-            50,
+            w(&["--handout-window", "70"], file("handout_window = 5000")),
+            70,
             "the flag wins"
         );
         assert!(serve(&["--handout-window", "0"]).is_err());

@@ -1,5 +1,5 @@
 //! The hand-out window: at most so many steps handed out to agents and not
-//! answered yet, controller-wide (`handout_window`, 200 by default).
+//! answered yet, controller-wide (`handout_window`, 50 by default).
 //!
 //! Why: an idle link's round-trip estimate is that of its heartbeats, about
 //! a millisecond, so QUIC's probe timeout is about 27 ms. A fan-out to
@@ -8,7 +8,9 @@
 //! probes, and probes again after twice the time: more packets for the side
 //! that is already behind. The first exec to 10,000 simulated agents after
 //! enrolment moved 31 datagrams per node and took 5.5 s; with a window of
-//! 200 it moved 14.8 and took 2.9 s (docs/BENCHMARKS.md).
+//! 200 it moved 14.8 and took 2.9 s. After three quiet minutes, a window
+//! of 50 drew a seventh of the probes 200 did, and its execs took 1.7 to
+//! 1.8 s against 1.9 to 3.0 s (docs/BENCHMARKS.md).
 //!
 //! A pull that finds a step waits for room in the window (up to the end of
 //! its long-poll, then it is told `Idle` and pulls again); the room comes
@@ -16,8 +18,9 @@
 //! result, or a refusal), or after [`HANDOUT_EXPIRY`] without one, so a
 //! silent or frozen node holds its place for a second at most and a
 //! long-running step not at all. The window bounds steps per round trip:
-//! across a WAN with 50 ms round trips, 200 is 4,000 steps a second; raise
-//! it there.
+//! across a WAN with 50 ms round trips, 50 is 1,000 steps a second; raise
+//! it there. (A window that adapted to the answers' delay was tried and
+//! not kept: on shared cores the delay does not follow the window.)
 //!
 //! Nothing of this is stored: after a restart the window is empty.
 
@@ -30,7 +33,7 @@ use de_common::{Lane, NodeId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Steps handed out and not answered, at most, by default.
-pub const DEFAULT_HANDOUT_WINDOW: usize = 200;
+pub const DEFAULT_HANDOUT_WINDOW: usize = 50;
 
 /// How long a step handed out holds its place without an answer.
 pub(crate) const HANDOUT_EXPIRY: Duration = Duration::from_secs(1);
