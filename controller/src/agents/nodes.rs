@@ -847,7 +847,7 @@ impl Nodes {
     /// The nodes online now, sorted by id, each with its first IP: what an
     /// exec to every node needs, read under one lock without building a
     /// view of each (a view clones hardware, usage and components: at
-    /// 10,000 nodes that was a third of an exec request's CPU).
+    /// 10,000 nodes that was two fifths of an exec request's CPU).
     pub fn online(&self) -> Vec<(NodeId, String)> {
         let now = SystemTime::now();
         let records = self.records.read().unwrap_or_else(|p| p.into_inner());
